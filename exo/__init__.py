@@ -1,0 +1,1 @@
+"""exo: one cluster from the machines you already own."""

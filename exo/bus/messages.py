@@ -1,0 +1,196 @@
+"""Wire messages: one closed union per topic and one for request/reply.
+
+Every frame is msgpack of one of these Structs. Decoding validates the shape; a frame that fails
+is dropped and counted by the receiving socket's shell, never raised into the node.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+from exo.events import Event, IndexedEvent
+
+
+class _Message(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    pass
+
+
+# --- topic `global_events` (master -> all) ---------------------------------------------------
+
+
+class EventsPublished(_Message, frozen=True):
+    term: int
+    master_node_id: str
+    events: list[IndexedEvent]
+
+
+GlobalEventsMessage = EventsPublished
+
+
+# --- topic `local_events` (node -> master) ----------------------------------------------------
+
+
+class LocalEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    sequence: int
+    event: Event
+
+
+class LocalEventsSent(_Message, frozen=True):
+    node_id: str
+    events: list[LocalEvent]
+
+
+LocalEventsMessage = LocalEventsSent
+
+
+# --- topic `election` ---------------------------------------------------------------------------
+
+
+class Rank(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True, order=True):
+    """Who should win: forced masters first, then the most up-to-date log, then the node id."""
+
+    force_master: bool
+    last_index: int
+    node_id: str
+
+
+class CampaignStarted(_Message, frozen=True):
+    term: int
+    rank: Rank
+
+
+class VictoryDeclared(_Message, frozen=True):
+    term: int
+    rank: Rank
+
+
+ElectionMessage = CampaignStarted | VictoryDeclared
+
+
+# --- topic `connection` -----------------------------------------------------------------------
+
+
+class Heartbeat(_Message, frozen=True):
+    node_id: str
+    term: int
+    master_node_id: str | None
+    rank: Rank
+    bus_port: int
+    memory_total_bytes: int = 0
+    memory_available_bytes: int = 0
+    hostname: str = ""
+    known_peers: list[str] = []
+
+
+ConnectionMessage = Heartbeat
+
+
+# --- topic `commands` (any -> master, fire and forget; answered ones go over request/reply) ---
+
+
+class PlaceInstance(_Message, frozen=True):
+    model_id: str
+    sharding: str = "Pipeline"
+    min_nodes: int = 1
+    instance_id: str | None = None
+
+
+class DeleteInstance(_Message, frozen=True):
+    instance_id: str
+
+
+class LabelNode(_Message, frozen=True):
+    node_id: str
+    key: str
+    value: str
+
+
+Command = PlaceInstance | DeleteInstance | LabelNode
+
+
+# --- request / reply (DEALER -> ROUTER on the bus port) --------------------------------------
+
+
+class HelloRequested(_Message, frozen=True):
+    """`bus_host` empty: the answering node uses the address the request came from."""
+
+    node_id: str
+    bus_port: int
+    bus_host: str = ""
+
+
+class HelloAnswered(_Message, frozen=True):
+    """Ports are on the host the asker connected to: it alone knows which address reached us."""
+
+    node_id: str
+    pub_port: int
+    term: int
+    master_node_id: str | None
+
+
+class EventsRequested(_Message, frozen=True):
+    """Events with index > `since`, at most `limit` of them."""
+
+    since: int
+    limit: int = 10_000
+
+
+class EventsAnswered(_Message, frozen=True):
+    events: list[IndexedEvent]
+    last_index: int
+    first_index: int
+
+
+class SnapshotRequested(_Message, frozen=True):
+    pass
+
+
+class SnapshotAnswered(_Message, frozen=True):
+    index: int
+    state: bytes
+
+
+class CommandRequested(_Message, frozen=True):
+    command: Command
+
+
+class CommandAnswered(_Message, frozen=True):
+    ok: bool
+    result: dict[str, str] = {}
+    error: str | None = None
+    status_code: int = 200
+
+
+class RequestFailed(_Message, frozen=True):
+    reason: str
+
+
+Request = HelloRequested | EventsRequested | SnapshotRequested | CommandRequested
+Reply = HelloAnswered | EventsAnswered | SnapshotAnswered | CommandAnswered | RequestFailed
+
+
+class RequestEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    request_id: int
+    body: Request
+
+
+class ReplyEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    request_id: int
+    body: Reply
+
+
+TOPIC_GLOBAL_EVENTS: Final = b"global_events"
+TOPIC_LOCAL_EVENTS: Final = b"local_events"
+TOPIC_COMMANDS: Final = b"commands"
+TOPIC_ELECTION: Final = b"election"
+TOPIC_CONNECTION: Final = b"connection"
+
+TOPIC_TYPES: Final[dict[bytes, object]] = {
+    TOPIC_GLOBAL_EVENTS: GlobalEventsMessage,
+    TOPIC_LOCAL_EVENTS: LocalEventsMessage,
+    TOPIC_COMMANDS: Command,
+    TOPIC_ELECTION: ElectionMessage,
+    TOPIC_CONNECTION: ConnectionMessage,
+}

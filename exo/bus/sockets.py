@@ -1,0 +1,57 @@
+"""The one place where ZeroMQ sockets are made, so every socket gets the same options and security."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+# Bounded queues: a slow or dead peer costs at most this many frames of memory per socket.
+SEND_HIGH_WATER_MARK = 10_000
+RECEIVE_HIGH_WATER_MARK = 10_000
+# A frame larger than this is refused by ZeroMQ before it reaches Python (protects every socket).
+MAX_FRAME_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BusSecurity:
+    """CURVE keys derived from the cluster secret; None fields mean an open bus."""
+
+    public_key: bytes | None = None
+    secret_key: bytes | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.public_key is not None and self.secret_key is not None
+
+
+class SocketFactory:
+    def __init__(self, context: zmq.asyncio.Context, security: BusSecurity | None = None) -> None:
+        self.context = context
+        self.security = security or BusSecurity()
+
+    def make(self, socket_type: int, *, server: bool) -> zmq.asyncio.Socket:
+        socket = self.context.socket(socket_type)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, SEND_HIGH_WATER_MARK)
+        socket.setsockopt(zmq.RCVHWM, RECEIVE_HIGH_WATER_MARK)
+        socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        if socket_type == zmq.ROUTER:
+            # An unroutable reply (the asker is gone) is dropped instead of raising.
+            socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if self.security.enabled:
+            assert self.security.public_key is not None and self.security.secret_key is not None
+            socket.curve_publickey = self.security.public_key
+            socket.curve_secretkey = self.security.secret_key
+            if server:
+                socket.curve_server = True
+            else:
+                # Every node derives the same key pair from the secret: it is also the server key.
+                socket.curve_serverkey = self.security.public_key
+        return socket
+
+
+def bind_ephemeral(socket: zmq.asyncio.Socket, host: str) -> int:
+    """Bind to a free port on `host` and return it."""
+    return socket.bind_to_random_port(f"tcp://{host}")

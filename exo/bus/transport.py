@@ -1,0 +1,284 @@
+"""The bus shell: ROUTER on the well-known port, PUB on an announced port, SUB and DEALER per peer.
+
+It knows sockets and frames, not cluster logic: decoded messages go to handlers the node
+registers, and every frame that fails to decode is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from exo.bus.codec import DropCounter, decode_reply, decode_request, decode_topic, encode
+from exo.bus.messages import (
+    HelloAnswered,
+    HelloRequested,
+    Reply,
+    ReplyEnvelope,
+    Request,
+    RequestEnvelope,
+    RequestFailed,
+)
+from exo.bus.sockets import SocketFactory, bind_ephemeral
+
+logger = logging.getLogger(__name__)
+
+TopicHandler = Callable[[Any], None]
+RequestHandler = Callable[[Request, str], Awaitable[Reply]]
+PeerHandler = Callable[[str, str], None]
+
+HELLO_RETRY_SECONDS = 0.5
+MAX_PENDING_REQUESTS = 1_000
+
+
+class RequestTimedOut(Exception):
+    pass
+
+
+@dataclass
+class Peer:
+    """A peer as seen through one bus address."""
+
+    address: str
+    dealer: zmq.asyncio.Socket
+    node_id: str | None = None
+    pub_address: str | None = None
+    hello_task: asyncio.Task[None] | None = None
+    reader_task: asyncio.Task[None] | None = None
+    pending: dict[int, asyncio.Future[Reply]] = field(default_factory=dict[int, "asyncio.Future[Reply]"])
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"not a HOST:PORT address: {address!r}")
+    return host.strip("[]"), int(port)
+
+
+class Bus:
+    def __init__(
+        self,
+        node_id: str,
+        factory: SocketFactory,
+        *,
+        bus_port: int,
+        bind_host: str = "0.0.0.0",
+        drops: DropCounter | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.factory = factory
+        self.bind_host = bind_host
+        self.bus_port = bus_port
+        self.pub_port = 0
+        self.drops = drops or DropCounter()
+        self._topic_handlers: dict[bytes, TopicHandler] = {}
+        self._request_handler: RequestHandler | None = None
+        self._peer_handlers: list[PeerHandler] = []
+        self.peers: dict[str, Peer] = {}  # by bus address
+        self._request_ids = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._router: zmq.asyncio.Socket | None = None
+        self._publisher: zmq.asyncio.Socket | None = None
+        self._subscriber: zmq.asyncio.Socket | None = None
+        self._subscribed_to: dict[str, str] = {}  # node id -> pub address connected
+        self.frames_received = 0
+        self._answering: set[asyncio.Task[None]] = set()
+
+    # --- set-up --------------------------------------------------------------------------------
+
+    def on_topic(self, topic: bytes, handler: TopicHandler) -> None:
+        self._topic_handlers[topic] = handler
+
+    def on_request(self, handler: RequestHandler) -> None:
+        self._request_handler = handler
+
+    def on_peer_connected(self, handler: PeerHandler) -> None:
+        """Called with (node_id, bus_address) when a hello completes."""
+        self._peer_handlers.append(handler)
+
+    async def start(self) -> None:
+        self._router = self.factory.make(zmq.ROUTER, server=True)
+        self._router.bind(f"tcp://{self.bind_host}:{self.bus_port}")
+        self._publisher = self.factory.make(zmq.PUB, server=True)
+        self.pub_port = bind_ephemeral(self._publisher, self.bind_host)
+        self._subscriber = self.factory.make(zmq.SUB, server=False)
+        for topic in self._topic_handlers:
+            self._subscriber.setsockopt(zmq.SUBSCRIBE, topic)
+        self._tasks.append(asyncio.create_task(self._serve_requests(), name="bus-router"))
+        self._tasks.append(asyncio.create_task(self._read_subscriptions(), name="bus-sub"))
+
+    async def close(self) -> None:
+        for peer in self.peers.values():
+            for task in (peer.hello_task, peer.reader_task):
+                if task is not None:
+                    task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        tasks = [t for p in self.peers.values() for t in (p.hello_task, p.reader_task) if t is not None]
+        await asyncio.gather(*self._tasks, *tasks, return_exceptions=True)
+        for peer in self.peers.values():
+            peer.dealer.close(linger=0)
+        for socket in (self._router, self._publisher, self._subscriber):
+            if socket is not None:
+                socket.close(linger=0)
+
+    # --- publishing ----------------------------------------------------------------------------
+
+    def publish(self, topic: bytes, message: msgspec.Struct) -> None:
+        assert self._publisher is not None
+        try:
+            self._publisher.send_multipart([topic, encode(message)], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.drops.drop("pub", "send queue full")
+
+    # --- peers ---------------------------------------------------------------------------------
+
+    def add_peer(self, address: str) -> None:
+        """Connect to a peer's bus port and say hello until it answers (idempotent)."""
+        peer = self.peers.get(address)
+        if peer is None:
+            dealer = self.factory.make(zmq.DEALER, server=False)
+            dealer.connect(f"tcp://{address}")
+            peer = Peer(address=address, dealer=dealer)
+            self.peers[address] = peer
+            peer.reader_task = asyncio.create_task(self._read_replies(peer), name=f"bus-dealer-{address}")
+        if peer.hello_task is None or peer.hello_task.done():
+            peer.hello_task = asyncio.create_task(self._hello(peer), name=f"bus-hello-{address}")
+
+    def address_of(self, node_id: str) -> str | None:
+        for peer in self.peers.values():
+            if peer.node_id == node_id:
+                return peer.address
+        return None
+
+    def known_addresses(self) -> list[str]:
+        return sorted(address for address, peer in self.peers.items() if peer.node_id is not None)
+
+    async def _hello(self, peer: Peer) -> None:
+        request = HelloRequested(node_id=self.node_id, bus_port=self.bus_port)
+        while True:
+            try:
+                reply = await self.request_address(peer.address, request, timeout=HELLO_RETRY_SECONDS * 2)
+            except RequestTimedOut:
+                await asyncio.sleep(HELLO_RETRY_SECONDS)
+                continue
+            if isinstance(reply, HelloAnswered):
+                self._hello_answered(peer, reply)
+                return
+            await asyncio.sleep(HELLO_RETRY_SECONDS)
+
+    def _hello_answered(self, peer: Peer, reply: HelloAnswered) -> None:
+        if reply.node_id == self.node_id:
+            return  # an address of our own (a static peer list that names this node)
+        host, _ = split_address(peer.address)
+        pub_address = f"tcp://{host}:{reply.pub_port}"
+        peer.node_id = reply.node_id
+        peer.pub_address = pub_address
+        previous = self._subscribed_to.get(reply.node_id)
+        if previous != pub_address:
+            assert self._subscriber is not None
+            if previous is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    self._subscriber.disconnect(previous)
+            self._subscriber.connect(pub_address)
+            self._subscribed_to[reply.node_id] = pub_address
+        for handler in self._peer_handlers:
+            handler(reply.node_id, peer.address)
+
+    # --- request / reply -----------------------------------------------------------------------
+
+    async def request(self, node_id: str, body: Request, timeout: float = 2.0) -> Reply:
+        address = self.address_of(node_id)
+        if address is None:
+            raise RequestTimedOut(f"no address known for node {node_id}")
+        return await self.request_address(address, body, timeout)
+
+    async def request_address(self, address: str, body: Request, timeout: float = 2.0) -> Reply:
+        peer = self.peers[address]
+        if len(peer.pending) >= MAX_PENDING_REQUESTS:
+            raise RequestTimedOut(f"too many requests in flight to {address}")
+        request_id = next(self._request_ids)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        peer.pending[request_id] = future
+        try:
+            await peer.dealer.send(encode(RequestEnvelope(request_id, body)), flags=zmq.NOBLOCK)
+            return await asyncio.wait_for(future, timeout)
+        except (TimeoutError, zmq.Again) as error:
+            raise RequestTimedOut(f"{type(body).__name__} to {address} unanswered") from error
+        finally:
+            peer.pending.pop(request_id, None)
+
+    async def _read_replies(self, peer: Peer) -> None:
+        while True:
+            frames = await peer.dealer.recv_multipart()
+            self.frames_received += 1
+            if len(frames) != 1:
+                self.drops.drop("dealer", f"{len(frames)} frames")
+                continue
+            envelope = decode_reply(frames[0], self.drops, "dealer")
+            if envelope is None:
+                continue
+            future = peer.pending.get(envelope.request_id)
+            if future is not None and not future.done():
+                future.set_result(envelope.body)
+
+    async def _serve_requests(self) -> None:
+        assert self._router is not None
+        router = self._router
+        while True:
+            frames = await router.recv_multipart(copy=False)
+            self.frames_received += 1
+            if len(frames) != 2:
+                self.drops.drop("router", f"{len(frames)} frames")
+                continue
+            identity, payload = frames
+            envelope = decode_request(payload.bytes, self.drops, "router")
+            if envelope is None:
+                continue
+            if len(self._answering) >= MAX_PENDING_REQUESTS:
+                self.drops.drop("router", "too many requests in flight")
+                continue
+            peer_host = str(payload.get("Peer-Address") or "127.0.0.1")
+            task = asyncio.create_task(self._answer(router, identity.bytes, envelope, peer_host))
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
+
+    async def _answer(
+        self, router: zmq.asyncio.Socket, identity: bytes, envelope: RequestEnvelope, peer_host: str
+    ) -> None:
+        if self._request_handler is None:
+            reply: Reply = RequestFailed("no handler")
+        else:
+            reply = await self._request_handler(envelope.body, peer_host)
+        with contextlib.suppress(zmq.Again, zmq.ZMQError):
+            await router.send_multipart(
+                [identity, encode(ReplyEnvelope(envelope.request_id, reply))], flags=zmq.NOBLOCK
+            )
+
+    # --- subscriptions -------------------------------------------------------------------------
+
+    async def _read_subscriptions(self) -> None:
+        assert self._subscriber is not None
+        subscriber = self._subscriber
+        while True:
+            frames = await subscriber.recv_multipart()
+            self.frames_received += 1
+            if len(frames) != 2:
+                self.drops.drop("sub", f"{len(frames)} frames")
+                continue
+            topic, payload = frames
+            message = decode_topic(topic, payload, self.drops, "sub")
+            if message is None:
+                continue
+            handler = self._topic_handlers.get(topic)
+            if handler is not None:
+                handler(message)

@@ -1,0 +1,455 @@
+"""The cluster member: bus handlers, liveness, election actions, master duties and catch-up.
+
+It wires the sans-IO cores (Liveness, Election, Sequencer, EventOrderer, membership_events) to the
+bus and the store. No inference and no HTTP here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from exo.bus import messages as m
+from exo.bus.liveness import HEARTBEAT_INTERVAL, Liveness
+from exo.bus.transport import Bus, RequestTimedOut
+from exo.events import Event, IndexedEvent, MasterElected
+from exo.roles.election import (
+    Action,
+    AnnounceCampaign,
+    AnnounceVictory,
+    BecomeMaster,
+    Election,
+    FollowMaster,
+    PersistTerm,
+)
+from exo.roles.master import Master, membership_events
+from exo.roles.replica import Replica
+from exo.roles.sequencer import GapRequest, Sequencer
+from exo.state import State, decode_state, encode_state
+
+logger = logging.getLogger(__name__)
+
+RESEND_AFTER_SECONDS = 1.0
+MAX_PENDING_LOCAL_EVENTS = 100_000
+MAX_LOCAL_BATCH = 1024
+FETCH_LIMIT = 10_000
+# A node this far behind with nothing in its log takes a snapshot instead of the whole history.
+SNAPSHOT_CATCH_UP_THRESHOLD = 10_000
+APPLY_QUEUE_BATCHES = 10_000
+PROMOTION_SYNC_SECONDS = 1.0
+CommandHandler = Callable[[m.Command], "asyncio.Future[m.CommandAnswered] | None"]
+
+
+@dataclass
+class PendingLocal:
+    event: m.LocalEvent
+    sent_at: float
+
+
+@dataclass
+class ClusterCounters:
+    stale_term_messages: int = 0
+    local_events_resent: int = 0
+    apply_queue_full: int = 0
+    fetches: int = 0
+    snapshots_installed: int = 0
+    extra: dict[str, int] = field(default_factory=dict[str, int])
+
+
+def read_term(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except FileNotFoundError:
+        return 0
+    except ValueError as error:
+        raise SystemExit(f"exo: {path} does not hold a term number; remove it to start at 0") from error
+
+
+def write_term(path: Path, term: int) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(f"{term}\n")
+    temporary.replace(path)
+
+
+class ClusterMember:
+    def __init__(
+        self,
+        node_id: str,
+        bus: Bus,
+        replica: Replica,
+        term_path: Path,
+        *,
+        force_master: bool = False,
+        interval: float = HEARTBEAT_INTERVAL,
+    ) -> None:
+        self.node_id = node_id
+        self.bus = bus
+        self.replica = replica
+        self.term_path = term_path
+        self.interval = interval
+        self.liveness = Liveness(interval=interval)
+        now = time.monotonic()
+        term = max(read_term(term_path), replica.state.term)
+        self.election = Election(node_id, term, force_master, started_at=now, interval=interval)
+        self.heartbeats: dict[str, m.Heartbeat] = {}
+        self.master: Master | None = None
+        self._master_since = 0.0
+        self._local_sequence = time.time_ns() // 1000
+        self._pending_local: dict[int, PendingLocal] = {}
+        self._outgoing_local: list[m.LocalEvent] = []
+        self._apply_queue: asyncio.Queue[list[IndexedEvent]] = asyncio.Queue(APPLY_QUEUE_BATCHES)
+        self._fetch_task: asyncio.Task[bool] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.counters = ClusterCounters()
+        self.command_handler: Callable[[m.Command], asyncio.Future[m.CommandAnswered]] | None = None
+        self.hostname = socket.gethostname()
+        bus.on_topic(m.TOPIC_CONNECTION, self._on_heartbeat)
+        bus.on_topic(m.TOPIC_ELECTION, self._on_election)
+        bus.on_topic(m.TOPIC_GLOBAL_EVENTS, self._on_global_events)
+        bus.on_topic(m.TOPIC_LOCAL_EVENTS, self._on_local_events)
+        bus.on_topic(m.TOPIC_COMMANDS, self._on_command)
+        bus.on_request(self._on_request)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._tick_loop(), name="cluster-tick"))
+        self._tasks.append(asyncio.create_task(self._apply_loop(), name="cluster-apply"))
+
+    async def close(self) -> None:
+        if self.master is not None:
+            await self.master.stop()
+        if self._fetch_task is not None:
+            self._fetch_task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def is_master(self) -> bool:
+        return self.master is not None
+
+    @property
+    def state(self) -> State:
+        return self.replica.state
+
+    # --- local events --------------------------------------------------------------------------
+
+    def submit(self, events: Sequence[Event]) -> None:
+        """Hand events to the master for sequencing; resent until seen applied."""
+        now = time.monotonic()
+        for event in events:
+            if len(self._pending_local) >= MAX_PENDING_LOCAL_EVENTS:
+                raise OverflowError("too many local events waiting for the master")
+            self._local_sequence += 1
+            local = m.LocalEvent(self._local_sequence, event)
+            self._pending_local[local.sequence] = PendingLocal(local, now)
+            self._outgoing_local.append(local)
+        self._flush_local()
+
+    def _flush_local(self) -> None:
+        while self._outgoing_local:
+            batch = self._outgoing_local[:MAX_LOCAL_BATCH]
+            del self._outgoing_local[:MAX_LOCAL_BATCH]
+            if self.master is not None:
+                self.master.submit_local(self.node_id, batch)
+            else:
+                self.bus.publish(m.TOPIC_LOCAL_EVENTS, m.LocalEventsSent(self.node_id, batch))
+
+    def _forget_applied_local(self, events: Sequence[IndexedEvent]) -> None:
+        if not self._pending_local:
+            return
+        for event in events:
+            if event.origin_node_id == self.node_id:
+                self._pending_local.pop(event.origin_sequence, None)
+
+    def _resend_stale_local(self, now: float) -> None:
+        if self.election.master_node_id is None:
+            return
+        stale = [p for p in self._pending_local.values() if now - p.sent_at > RESEND_AFTER_SECONDS]
+        for pending in stale:
+            pending.sent_at = now
+            self._outgoing_local.append(pending.event)
+        if stale:
+            self.counters.local_events_resent += len(stale)
+            self._outgoing_local.sort(key=lambda local: local.sequence)
+            self._flush_local()
+
+    # --- tick ----------------------------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        last_heartbeat = 0.0
+        while True:
+            now = time.monotonic()
+            for node_id in self.liveness.expire(now):
+                logger.info("no frame from %s for %.1fs", node_id, self.liveness.timeout)
+            alive = self.liveness.alive(now)
+            await self._act(self.election.on_tick(now, self.replica.last_index, alive))
+            if now - last_heartbeat >= self.interval:
+                last_heartbeat = now
+                self._publish_heartbeat()
+                self._reconnect_silent_peers(alive)
+            if self.master is not None:
+                self._master_duties(now, alive)
+            else:
+                self._maybe_fetch(now)
+            self._resend_stale_local(now)
+            await asyncio.sleep(self.interval / 2)
+
+    def _publish_heartbeat(self) -> None:
+        memory = psutil.virtual_memory()
+        self.bus.publish(
+            m.TOPIC_CONNECTION,
+            m.Heartbeat(
+                node_id=self.node_id,
+                term=self.election.term,
+                master_node_id=self.election.master_node_id,
+                rank=self.election.rank(self.replica.last_index),
+                bus_port=self.bus.bus_port,
+                memory_total_bytes=memory.total,
+                memory_available_bytes=memory.available,
+                hostname=self.hostname,
+                known_peers=self.bus.known_addresses(),
+            ),
+        )
+
+    def _reconnect_silent_peers(self, alive: set[str]) -> None:
+        for address, peer in list(self.bus.peers.items()):
+            if peer.node_id is None or peer.node_id not in alive:
+                self.bus.add_peer(address)
+
+    def _master_duties(self, now: float, alive: set[str]) -> None:
+        assert self.master is not None
+        own = self._own_heartbeat_view()
+        heartbeats = {**self.heartbeats, self.node_id: own}
+        addresses = {node_id: address for node_id in heartbeats if (address := self._address_of(node_id))}
+        may_time_out = now - self._master_since > self.liveness.timeout
+        events = membership_events(self.state, heartbeats, alive | {self.node_id}, may_time_out, addresses)
+        # Membership events wait until the previous ones are applied, so none is emitted twice.
+        if events and not self._membership_in_flight():
+            self._membership_sent_at = self.master.sequencer.next_index
+            self.master.submit_own(events)
+
+    def _membership_in_flight(self) -> bool:
+        sent_at = getattr(self, "_membership_sent_at", 0)
+        return self.replica.last_index < sent_at
+
+    def _own_heartbeat_view(self) -> m.Heartbeat:
+        memory = psutil.virtual_memory()
+        return m.Heartbeat(
+            node_id=self.node_id,
+            term=self.election.term,
+            master_node_id=self.node_id,
+            rank=self.election.rank(self.replica.last_index),
+            bus_port=self.bus.bus_port,
+            memory_total_bytes=memory.total,
+            memory_available_bytes=memory.available,
+            hostname=self.hostname,
+        )
+
+    def _address_of(self, node_id: str) -> str | None:
+        if node_id == self.node_id:
+            return f"{self.hostname}:{self.bus.bus_port}"
+        return self.bus.address_of(node_id)
+
+    # --- election ------------------------------------------------------------------------------
+
+    async def _act(self, actions: list[Action]) -> None:
+        for action in actions:
+            match action:
+                case PersistTerm(term):
+                    write_term(self.term_path, term)
+                case AnnounceCampaign(message):
+                    self.bus.publish(m.TOPIC_ELECTION, message)
+                case AnnounceVictory(message):
+                    self.bus.publish(m.TOPIC_ELECTION, message)
+                case BecomeMaster(term):
+                    await self._become_master(term)
+                case FollowMaster(node_id, term):
+                    await self._follow(node_id, term)
+
+    async def _become_master(self, term: int) -> None:
+        logger.info("elected master for term %d", term)
+        await self._sync_from_peers()
+        sequencer = Sequencer(self.node_id, term, self.replica.last_index, self.replica.high_water.copy())
+        self.master = Master(sequencer, self.replica, self._publish_events)
+        self._master_since = time.monotonic()
+        self._membership_sent_at = 0
+        self.master.start()
+        self.master.submit_own([MasterElected(term=term, node_id=self.node_id)])
+        self._flush_local()
+        self._resend_all_local()
+
+    async def _sync_from_peers(self) -> None:
+        """Before sequencing, take any events a live peer applied that this node missed."""
+        deadline = time.monotonic() + PROMOTION_SYNC_SECONDS
+        alive = self.liveness.alive(time.monotonic())
+        ahead = sorted(
+            (hb.rank.last_index, node_id)
+            for node_id, hb in self.heartbeats.items()
+            if node_id in alive and hb.rank.last_index > self.replica.last_index
+        )
+        if not ahead:
+            return
+        target, node_id = ahead[-1]
+        while self.replica.last_index < target and time.monotonic() < deadline:
+            if not await self._fetch_from(node_id, GapRequest(self.replica.last_index, target)):
+                break
+
+    async def _follow(self, node_id: str, term: int) -> None:
+        if self.master is not None:
+            logger.info("stepping down: %s leads term %d", node_id, term)
+            await self.master.stop()
+            self.master = None
+        self._resend_all_local()
+
+    def _resend_all_local(self) -> None:
+        self._outgoing_local = sorted(
+            (p.event for p in self._pending_local.values()), key=lambda e: e.sequence
+        )
+        now = time.monotonic()
+        for pending in self._pending_local.values():
+            pending.sent_at = now
+        self._flush_local()
+
+    def _publish_events(self, events: Sequence[IndexedEvent]) -> None:
+        self._forget_applied_local(events)
+        self.bus.publish(
+            m.TOPIC_GLOBAL_EVENTS, m.EventsPublished(self.election.term, self.node_id, list(events))
+        )
+
+    # --- catch-up ------------------------------------------------------------------------------
+
+    def _maybe_fetch(self, now: float) -> None:
+        master_id = self.election.master_node_id
+        if master_id is None or (self._fetch_task is not None and not self._fetch_task.done()):
+            return
+        master_heartbeat = self.heartbeats.get(master_id)
+        known_last = master_heartbeat.rank.last_index if master_heartbeat is not None else 0
+        gap = self.replica.orderer.gap(now, known_last)
+        if gap is not None:
+            self._fetch_task = asyncio.create_task(self._fetch_from(master_id, gap), name="cluster-fetch")
+
+    async def _fetch_from(self, node_id: str, gap: GapRequest) -> bool:
+        self.counters.fetches += 1
+        try:
+            if gap.since == 0 and gap.until > SNAPSHOT_CATCH_UP_THRESHOLD:
+                return await self._install_snapshot_from(node_id)
+            limit = max(1, min(gap.until - gap.since, FETCH_LIMIT))
+            reply = await self.bus.request(node_id, m.EventsRequested(gap.since, limit))
+        except RequestTimedOut:
+            return False
+        if isinstance(reply, m.EventsAnswered):
+            if reply.first_index > gap.since + 1:
+                return await self._install_snapshot_from(node_id)
+            applied = await self.replica.receive(reply.events)
+            self._forget_applied_local(reply.events)
+            return applied > 0
+        return False
+
+    async def _install_snapshot_from(self, node_id: str) -> bool:
+        reply = await self.bus.request(node_id, m.SnapshotRequested(), timeout=10.0)
+        if not isinstance(reply, m.SnapshotAnswered):
+            return False
+        await self.replica.install_snapshot(reply.index, decode_state(reply.state))
+        self.counters.snapshots_installed += 1
+        return True
+
+    # --- handlers ------------------------------------------------------------------------------
+
+    def _on_heartbeat(self, heartbeat: m.Heartbeat) -> None:
+        now = time.monotonic()
+        if heartbeat.node_id == self.node_id:
+            return
+        self.liveness.heard(heartbeat.node_id, now)
+        self.heartbeats[heartbeat.node_id] = heartbeat
+        for address in heartbeat.known_peers:
+            if address not in self.bus.peers:
+                self.bus.add_peer(address)
+        self._spawn_act(self.election.on_heartbeat(heartbeat, now, self.replica.last_index))
+
+    def _on_election(self, message: m.ElectionMessage) -> None:
+        now = time.monotonic()
+        if message.rank.node_id == self.node_id:
+            return
+        self.liveness.heard(message.rank.node_id, now)
+        match message:
+            case m.CampaignStarted():
+                actions = self.election.on_campaign(message, now, self.replica.last_index)
+            case m.VictoryDeclared():
+                actions = self.election.on_victory(message, now, self.replica.last_index)
+        self._spawn_act(actions)
+
+    def _spawn_act(self, actions: list[Action]) -> None:
+        if actions:
+            task = asyncio.create_task(self._act(actions))
+            self._tasks.append(task)
+            task.add_done_callback(self._tasks_done)
+
+    def _tasks_done(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("election action failed", exc_info=task.exception())
+
+    def _on_global_events(self, message: m.EventsPublished) -> None:
+        self.liveness.heard(message.master_node_id, time.monotonic())
+        if message.term < self.election.term or message.master_node_id == self.node_id:
+            self.counters.stale_term_messages += 1
+            return
+        if self.election.master_node_id != message.master_node_id:
+            # Events from a master this node does not follow yet: catch-up fetches them later.
+            return
+        try:
+            self._apply_queue.put_nowait(message.events)
+        except asyncio.QueueFull:
+            self.counters.apply_queue_full += 1
+
+    async def _apply_loop(self) -> None:
+        while True:
+            events = await self._apply_queue.get()
+            while not self._apply_queue.empty() and len(events) < FETCH_LIMIT:
+                events = events + self._apply_queue.get_nowait()
+            await self.replica.receive(events)
+            self._forget_applied_local(events)
+
+    def _on_local_events(self, message: m.LocalEventsSent) -> None:
+        self.liveness.heard(message.node_id, time.monotonic())
+        if self.master is not None:
+            self.master.submit_local(message.node_id, message.events)
+
+    def _on_command(self, command: m.Command) -> None:
+        if self.master is not None and self.command_handler is not None:
+            self.command_handler(command)
+
+    async def _on_request(self, request: m.Request, peer_host: str) -> m.Reply:
+        match request:
+            case m.HelloRequested():
+                if request.node_id != self.node_id:
+                    self.bus.add_peer(f"{request.bus_host or peer_host}:{request.bus_port}")
+                return m.HelloAnswered(
+                    node_id=self.node_id,
+                    pub_port=self.bus.pub_port,
+                    term=self.election.term,
+                    master_node_id=self.election.master_node_id,
+                )
+            case m.EventsRequested():
+                first = await self.replica.store.first_index()
+                limit = max(1, min(request.limit, FETCH_LIMIT))
+                events = await self.replica.store.read(request.since + 1, limit=limit)
+                return m.EventsAnswered(events, self.replica.last_index, first)
+            case m.SnapshotRequested():
+                state = self.replica.state
+                return m.SnapshotAnswered(state.last_event_index, encode_state(state))
+            case m.CommandRequested():
+                if self.master is None or self.command_handler is None:
+                    return m.RequestFailed(f"not the master; ask {self.election.master_node_id}")
+                return await self.command_handler(request.command)

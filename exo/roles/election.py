@@ -1,0 +1,197 @@
+"""Bully election with a persisted term, sans-IO.
+
+The core takes messages and the time and returns actions; the node's shell publishes, persists and
+switches roles. Ranking is deterministic (`Rank`: forced masters, then the most up-to-date log,
+then the node id), so every node that sees the same campaign picks the same winner.
+
+Rules:
+- A node starts `waiting`: for one liveness window it listens for a sitting master (a heartbeat
+  whose sender claims to be master) and follows it; otherwise it campaigns.
+- Campaigning bumps the term, persists it and announces the node's rank. A node hearing a campaign
+  for a term at least its own joins it, and answers with its own campaign when it outranks the
+  campaigner. When the window closes, the highest rank heard declares victory.
+- Messages of a term below the node's own are dropped. A higher term always wins; in the same
+  term two masters resolve by rank (the lower steps down).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from exo.bus.liveness import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
+from exo.bus.messages import CampaignStarted, Heartbeat, Rank, VictoryDeclared
+
+Phase = Literal["waiting", "follower", "candidate", "master"]
+
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    "waiting": frozenset({"follower", "candidate"}),
+    "follower": frozenset({"follower", "candidate"}),
+    "candidate": frozenset({"candidate", "follower", "master"}),
+    "master": frozenset({"follower", "candidate"}),
+}
+
+
+@dataclass(frozen=True)
+class AnnounceCampaign:
+    message: CampaignStarted
+
+
+@dataclass(frozen=True)
+class AnnounceVictory:
+    message: VictoryDeclared
+
+
+@dataclass(frozen=True)
+class PersistTerm:
+    term: int
+
+
+@dataclass(frozen=True)
+class BecomeMaster:
+    term: int
+
+
+@dataclass(frozen=True)
+class FollowMaster:
+    node_id: str
+    term: int
+
+
+Action = AnnounceCampaign | AnnounceVictory | PersistTerm | BecomeMaster | FollowMaster
+
+
+@dataclass
+class Election:
+    node_id: str
+    term: int
+    force_master: bool
+    started_at: float
+    interval: float = HEARTBEAT_INTERVAL
+    liveness: int = HEARTBEAT_LIVENESS
+    phase: Phase = "waiting"
+    master_node_id: str | None = None
+    _deadline: float = 0.0
+    _campaign_ranks: dict[str, Rank] = field(default_factory=dict[str, Rank])
+    _announced_term: int = -1
+
+    def __post_init__(self) -> None:
+        self._deadline = self.started_at + self.interval * self.liveness
+
+    @property
+    def campaign_window(self) -> float:
+        return self.interval * 3
+
+    def rank(self, last_index: int) -> Rank:
+        return Rank(self.force_master, last_index, self.node_id)
+
+    # --- inputs --------------------------------------------------------------------------------
+
+    def on_tick(self, now: float, last_index: int, alive_peers: set[str]) -> list[Action]:
+        match self.phase:
+            case "waiting":
+                return self._campaign(now, last_index) if now >= self._deadline else []
+            case "follower":
+                if self.master_node_id is None or self.master_node_id not in alive_peers:
+                    return self._campaign(now, last_index)
+                return []
+            case "candidate":
+                if now < self._deadline:
+                    return []
+                best = max(self._campaign_ranks.values())
+                if best.node_id == self.node_id:
+                    return self._win()
+                if now >= self._deadline + 2 * self.campaign_window:
+                    # The winner never declared (died mid-election): start over in a new term.
+                    return self._campaign(now, last_index)
+                return []
+            case "master":
+                return []
+
+    def on_campaign(self, message: CampaignStarted, now: float, last_index: int) -> list[Action]:
+        if message.term < self.term or message.rank.node_id == self.node_id:
+            return []
+        actions: list[Action] = []
+        if message.term > self.term or self.phase not in ("candidate", "master"):
+            if message.term == self.term and self.phase == "follower":
+                # This term already has a master; the late campaigner will hear its heartbeats.
+                return []
+            if message.term > self.term:
+                self.term = message.term
+                actions.append(PersistTerm(self.term))
+                self._campaign_ranks = {}
+            self._move("candidate")
+            self.master_node_id = None
+            self._deadline = now + self.campaign_window
+        if self.phase == "master":
+            # A late campaigner in the term this node already won: tell it again.
+            return [AnnounceVictory(VictoryDeclared(self.term, self.rank(last_index)))]
+        self._campaign_ranks[message.rank.node_id] = message.rank
+        mine = self.rank(last_index)
+        self._campaign_ranks[self.node_id] = mine
+        if mine > message.rank and self._announced_term < self.term:
+            self._announced_term = self.term
+            actions.append(AnnounceCampaign(CampaignStarted(self.term, mine)))
+        return actions
+
+    def on_victory(self, message: VictoryDeclared, now: float, last_index: int) -> list[Action]:
+        if message.term < self.term or message.rank.node_id == self.node_id:
+            return []
+        if self.phase == "master" and message.term == self.term and self.rank(last_index) > message.rank:
+            return [AnnounceVictory(VictoryDeclared(self.term, self.rank(last_index)))]
+        return self._follow(message.rank.node_id, message.term)
+
+    def on_heartbeat(self, heartbeat: Heartbeat, now: float, last_index: int) -> list[Action]:
+        if heartbeat.term < self.term:
+            return []
+        claims_master = heartbeat.master_node_id == heartbeat.node_id
+        if heartbeat.term > self.term:
+            if claims_master:
+                return self._follow(heartbeat.node_id, heartbeat.term)
+            if self.phase == "master" and heartbeat.master_node_id is not None:
+                # The cluster moved on to a newer term without this node: step down.
+                return self._follow(heartbeat.master_node_id, heartbeat.term)
+            return []
+        if not claims_master or self.master_node_id == heartbeat.node_id:
+            return []
+        if self.phase == "master":
+            if heartbeat.rank > self.rank(last_index):
+                return self._follow(heartbeat.node_id, heartbeat.term)
+            return [AnnounceVictory(VictoryDeclared(self.term, self.rank(last_index)))]
+        if self.phase in ("waiting", "follower") or (self.phase == "candidate" and now >= self._deadline):
+            return self._follow(heartbeat.node_id, heartbeat.term)
+        return []
+
+    # --- transitions ---------------------------------------------------------------------------
+
+    def _campaign(self, now: float, last_index: int) -> list[Action]:
+        self._move("candidate")
+        self.term += 1
+        self.master_node_id = None
+        self._deadline = now + self.campaign_window
+        mine = self.rank(last_index)
+        self._campaign_ranks = {self.node_id: mine}
+        self._announced_term = self.term
+        return [PersistTerm(self.term), AnnounceCampaign(CampaignStarted(self.term, mine))]
+
+    def _win(self) -> list[Action]:
+        self._move("master")
+        self.master_node_id = self.node_id
+        mine = self._campaign_ranks[self.node_id]
+        return [AnnounceVictory(VictoryDeclared(self.term, mine)), BecomeMaster(self.term)]
+
+    def _follow(self, node_id: str, term: int) -> list[Action]:
+        actions: list[Action] = []
+        if term > self.term:
+            self.term = term
+            actions.append(PersistTerm(term))
+        self._move("follower")
+        self.master_node_id = node_id
+        self._campaign_ranks = {}
+        actions.append(FollowMaster(node_id, term))
+        return actions
+
+    def _move(self, phase: Phase) -> None:
+        if phase not in TRANSITIONS[self.phase]:
+            raise AssertionError(f"election cannot go from {self.phase} to {phase}")
+        self.phase = phase

@@ -1,0 +1,136 @@
+"""The master: the only sequencer. Next index -> durable in the store -> applied -> published.
+
+`membership_events` is the sans-IO part deciding which node events liveness implies; `Master` is
+the shell that batches local events into group commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+
+from exo.bus.messages import Heartbeat, LocalEvent
+from exo.events import Event, IndexedEvent, NodeJoined, NodeMemoryMeasured, NodeTimedOut
+from exo.roles.replica import Replica
+from exo.roles.sequencer import Sequencer
+from exo.state import State
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH_EVENTS = 1024
+INCOMING_QUEUE_BATCHES = 10_000
+# Memory is re-announced in the log only when it moved by more than this share of the total.
+MEMORY_CHANGE_SHARE = 0.10
+
+
+def membership_events(
+    state: State,
+    heartbeats: dict[str, Heartbeat],
+    alive: set[str],
+    may_time_out: bool,
+    node_addresses: dict[str, str],
+) -> list[Event]:
+    """Node events that the master's view of liveness implies for the current state.
+
+    `may_time_out` is False for the first liveness window after taking office, so the new master
+    has heard everyone before declaring anyone gone.
+    """
+    events: list[Event] = []
+    for node_id in sorted(alive):
+        heartbeat = heartbeats.get(node_id)
+        if heartbeat is None:
+            continue
+        known = state.nodes.get(node_id)
+        if known is None or known.status == "gone":
+            events.append(
+                NodeJoined(
+                    node_id=node_id,
+                    bus_address=node_addresses.get(node_id, ""),
+                    memory_total_bytes=heartbeat.memory_total_bytes,
+                    memory_available_bytes=heartbeat.memory_available_bytes,
+                    hostname=heartbeat.hostname,
+                )
+            )
+        elif (
+            abs(known.memory_available_bytes - heartbeat.memory_available_bytes)
+            > MEMORY_CHANGE_SHARE * max(heartbeat.memory_total_bytes, 1)
+            or known.memory_total_bytes != heartbeat.memory_total_bytes
+        ):
+            events.append(
+                NodeMemoryMeasured(node_id, heartbeat.memory_total_bytes, heartbeat.memory_available_bytes)
+            )
+    if may_time_out:
+        for node_id, node in sorted(state.nodes.items()):
+            if node.status == "alive" and node_id not in alive:
+                events.append(NodeTimedOut(node_id))
+    return events
+
+
+class Master:
+    def __init__(
+        self,
+        sequencer: Sequencer,
+        replica: Replica,
+        publish: Callable[[Sequence[IndexedEvent]], None],
+    ) -> None:
+        self.sequencer = sequencer
+        self.replica = replica
+        self._publish = publish
+        self._incoming: asyncio.Queue[tuple[str, list[LocalEvent]] | list[Event]] = asyncio.Queue(
+            INCOMING_QUEUE_BATCHES
+        )
+        self._task: asyncio.Task[None] | None = None
+        self.dropped_batches = 0
+
+    @property
+    def term(self) -> int:
+        return self.sequencer.term
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="master-sequencer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def submit_local(self, origin: str, events: list[LocalEvent]) -> None:
+        self._offer((origin, events))
+
+    def submit_own(self, events: list[Event]) -> None:
+        if events:
+            self._offer(events)
+
+    def _offer(self, item: tuple[str, list[LocalEvent]] | list[Event]) -> None:
+        try:
+            self._incoming.put_nowait(item)
+        except asyncio.QueueFull:
+            # The origin resends what it does not see applied; the master never blocks the bus.
+            self.dropped_batches += 1
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._incoming.get()
+            batch = self._sequence(first)
+            while len(batch) < MAX_BATCH_EVENTS and not self._incoming.empty():
+                batch.extend(self._sequence(self._incoming.get_nowait()))
+            if not batch:
+                continue
+            try:
+                await self.replica.commit(batch)
+            except Exception:
+                # Not durable: roll the sequencer back so the indices are reused, and let origins resend.
+                logger.exception("could not store %d events; they will be resent", len(batch))
+                self.sequencer.next_index = self.replica.last_index + 1
+                self.sequencer.high_water = self.replica.high_water.copy()
+                continue
+            self._publish(batch)
+
+    def _sequence(self, item: tuple[str, list[LocalEvent]] | list[Event]) -> list[IndexedEvent]:
+        if isinstance(item, tuple):
+            origin, local_events = item
+            return self.sequencer.sequence(origin, local_events)
+        return self.sequencer.sequence_own(item)

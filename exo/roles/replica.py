@@ -1,0 +1,96 @@
+"""The node's copy of the log and state: durable first, then applied, strictly in index order.
+
+Every node (master included) applies through here, so `GET /state` and `exo-replay` of the node's
+own events.db always agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from exo.events import IndexedEvent
+from exo.roles.sequencer import EventOrderer, OriginHighWater
+from exo.state import State, apply
+from exo.store.base import EventStore, Snapshot
+
+
+class Replica:
+    def __init__(self, store: EventStore, state: State) -> None:
+        self.store = store
+        self.state = state
+        self.orderer = EventOrderer(state.last_event_index)
+        self.high_water = OriginHighWater()
+        self._changed = asyncio.Condition()
+        self._write_lock = asyncio.Lock()
+
+    @property
+    def last_index(self) -> int:
+        return self.state.last_event_index
+
+    async def commit(self, events: Sequence[IndexedEvent]) -> None:
+        """Store then apply events that continue the log exactly (the master's own sequencing)."""
+        if not events:
+            return
+        async with self._write_lock:
+            await self.store.append(events)
+            self._fold(events)
+            self.orderer.reset(self.state.last_event_index)
+        await self._notify()
+
+    async def receive(self, events: Sequence[IndexedEvent]) -> int:
+        """Events from the master in any order: release what is contiguous. Returns how many applied."""
+        async with self._write_lock:
+            ready = self.orderer.receive(events)
+            if not ready:
+                return 0
+            try:
+                await self.store.append(ready)
+            except BaseException:
+                # Not durable, so not applied: forget them and fetch again.
+                self.orderer.reset(self.state.last_event_index)
+                raise
+            self._fold(ready)
+        await self._notify()
+        return len(ready)
+
+    async def install_snapshot(self, index: int, state: State) -> None:
+        async with self._write_lock:
+            await self.store.save_snapshot(Snapshot(index, state))
+            self.state = state
+            self.orderer.reset(index)
+        await self._notify()
+
+    async def truncate_after(self, index: int, state: State) -> None:
+        """Drop a divergent tail and continue from `state` (rebuilt at `index`)."""
+        async with self._write_lock:
+            await self.store.truncate_after(index)
+            self.state = state
+            self.orderer.reset(index)
+        await self._notify()
+
+    def _fold(self, events: Sequence[IndexedEvent]) -> None:
+        state = self.state
+        high_water = self.high_water
+        for event in events:
+            state = apply(state, event)
+            high_water.observe(event)
+        self.state = state
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, predicate: object, timeout: float) -> bool:
+        """Wait until `predicate(state)` holds; False on timeout."""
+        assert callable(predicate)
+
+        async def _wait() -> None:
+            async with self._changed:
+                await self._changed.wait_for(lambda: bool(predicate(self.state)))
+
+        try:
+            await asyncio.wait_for(_wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
