@@ -1,0 +1,273 @@
+"""Seeded random-weight models in the real Hugging Face layout.
+
+No model hub is reachable from the machines exo is developed and tested on, so models are made
+locally: config.json, model.safetensors (float32), tokenizer.json (byte-level BPE trained with
+`tokenizers` on a small built-in English corpus, so any text encodes), tokenizer_config.json with a
+ChatML-style chat template. mlx_lm.load and transformers' AutoTokenizer read the folder as they
+would a downloaded one. Same arguments and seed give byte-identical weights.
+
+`python -m exo.inference.synthetic OUT [--arch llama|qwen2] [--layers N] ...`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import numpy as np
+from safetensors.numpy import save_file
+
+from exo.inference.chat_templates import CHATML_TEMPLATE, QWEN2_TOOLS_TEMPLATE
+from exo.inference.corpus import ENGLISH_CORPUS
+
+Architecture = Literal["llama", "qwen2"]
+
+BUILTIN_MODEL_ID = "exo-tiny"
+END_OF_TEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [END_OF_TEXT, IM_START, IM_END]
+# Added (not special) tokens, as in Qwen2: tool calls are text a client can see and parse.
+TOOL_TOKENS = ["<tool_call>", "</tool_call>"]
+
+
+class SyntheticModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    architecture: Architecture = "llama"
+    layers: int = 8
+    hidden: int = 256
+    intermediate: int = 512
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 1024
+    seed: int = 0
+    # Random weights at the usual 0.02 scale give near-flat logits and greedy output that repeats one
+    # token; larger projections make it vary, which exactness tests need.
+    proj_scale: float = 3.0
+    tie_word_embeddings: bool | None = None  # None: the architecture's usual choice
+
+    def validate(self) -> None:
+        if self.architecture not in ("llama", "qwen2"):
+            raise ValueError(f"unknown architecture {self.architecture!r}: use llama or qwen2")
+        for name in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if (self.hidden // self.heads) % 2:
+            raise ValueError("head size (hidden / heads) must be even for rotary embeddings")
+        if self.vocab < 300:
+            raise ValueError("vocab must be at least 300 (256 byte tokens plus merges and specials)")
+
+    @property
+    def tied(self) -> bool:
+        if self.tie_word_embeddings is not None:
+            return self.tie_word_embeddings
+        return self.architecture == "qwen2"
+
+
+def train_tokenizer(vocab_size: int) -> tuple[object, int]:
+    """Byte-level BPE over the built-in corpus; returns (tokenizers.Tokenizer, actual vocab size)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(TOOL_TOKENS),
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(ENGLISH_CORPUS.split("\n"), trainer=trainer)
+    tokenizer.add_tokens(TOOL_TOKENS)
+    return tokenizer, tokenizer.get_vocab_size()
+
+
+def _config(spec: SyntheticModelSpec, vocab_size: int, eos_ids: list[int]) -> dict[str, object]:
+    head_dim = spec.hidden // spec.heads
+    common: dict[str, object] = {
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "tie_word_embeddings": spec.tied,
+        "torch_dtype": "float32",
+        "bos_token_id": None,
+        "eos_token_id": eos_ids,
+        "exo_synthetic": {"seed": spec.seed, "proj_scale": spec.proj_scale},
+    }
+    if spec.architecture == "llama":
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rope_theta": 10000.0, **common}
+    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "rope_theta": 1000000.0, **common}
+
+
+def _weights(spec: SyntheticModelSpec, vocab_size: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(spec.seed)
+    head_dim = spec.hidden // spec.heads
+    std = 0.02
+
+    def normal(shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std * scale)).astype(np.float32)
+
+    projection = spec.proj_scale
+    weights: dict[str, np.ndarray] = {"model.embed_tokens.weight": normal((vocab_size, spec.hidden))}
+    for index in range(spec.layers):
+        prefix = f"model.layers.{index}"
+        weights[f"{prefix}.input_layernorm.weight"] = np.ones(spec.hidden, dtype=np.float32)
+        weights[f"{prefix}.post_attention_layernorm.weight"] = np.ones(spec.hidden, dtype=np.float32)
+        weights[f"{prefix}.self_attn.q_proj.weight"] = normal(
+            (spec.heads * head_dim, spec.hidden), projection
+        )
+        weights[f"{prefix}.self_attn.k_proj.weight"] = normal(
+            (spec.kv_heads * head_dim, spec.hidden), projection
+        )
+        weights[f"{prefix}.self_attn.v_proj.weight"] = normal(
+            (spec.kv_heads * head_dim, spec.hidden), projection
+        )
+        weights[f"{prefix}.self_attn.o_proj.weight"] = normal(
+            (spec.hidden, spec.heads * head_dim), projection
+        )
+        if spec.architecture == "qwen2":
+            weights[f"{prefix}.self_attn.q_proj.bias"] = normal((spec.heads * head_dim,))
+            weights[f"{prefix}.self_attn.k_proj.bias"] = normal((spec.kv_heads * head_dim,))
+            weights[f"{prefix}.self_attn.v_proj.bias"] = normal((spec.kv_heads * head_dim,))
+        weights[f"{prefix}.mlp.gate_proj.weight"] = normal((spec.intermediate, spec.hidden), projection)
+        weights[f"{prefix}.mlp.up_proj.weight"] = normal((spec.intermediate, spec.hidden), projection)
+        weights[f"{prefix}.mlp.down_proj.weight"] = normal((spec.hidden, spec.intermediate), projection)
+    weights["model.norm.weight"] = np.ones(spec.hidden, dtype=np.float32)
+    if not spec.tied:
+        weights["lm_head.weight"] = normal((vocab_size, spec.hidden))
+    return weights
+
+
+def _tokenizer_config(spec: SyntheticModelSpec) -> dict[str, object]:
+    template = QWEN2_TOOLS_TEMPLATE if spec.architecture == "qwen2" else CHATML_TEMPLATE
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": IM_END,
+        "pad_token": END_OF_TEXT,
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 4096,
+        "chat_template": template,
+    }
+
+
+def write_synthetic_model(out: Path, spec: SyntheticModelSpec) -> Path:
+    """Write the model folder at `out` (must not exist); atomic: built beside it, then renamed."""
+    spec.validate()
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        tokenizer, vocab_size = train_tokenizer(spec.vocab)
+        eos_ids = [tokenizer.token_to_id(IM_END), tokenizer.token_to_id(END_OF_TEXT)]  # type: ignore[attr-defined]
+        tokenizer.save(str(building / "tokenizer.json"))  # type: ignore[attr-defined]
+        (building / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(spec), indent=2))
+        (building / "special_tokens_map.json").write_text(
+            json.dumps({"eos_token": IM_END, "pad_token": END_OF_TEXT}, indent=2)
+        )
+        config = _config(spec, vocab_size, eos_ids)
+        (building / "config.json").write_text(json.dumps(config, indent=2))
+        (building / "generation_config.json").write_text(
+            json.dumps({"eos_token_id": eos_ids, "do_sample": False}, indent=2)
+        )
+        save_file(_weights(spec, vocab_size), str(building / "model.safetensors"), metadata={"format": "pt"})
+        # mkdtemp makes a private folder; a model folder is ordinary data that others may read.
+        for written in building.iterdir():
+            written.chmod(0o644)
+        building.chmod(0o755)
+        os.replace(building, out)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return out
+
+
+BUILTIN_SPEC = SyntheticModelSpec(
+    architecture="llama", layers=8, hidden=256, intermediate=512, heads=4, kv_heads=2, vocab=1024, seed=0
+)
+
+
+def ensure_builtin_model(models_dir: Path) -> Path:
+    """The default `exo-tiny` model in `models_dir`, made if missing (safe if two processes race)."""
+    target = Path(models_dir) / BUILTIN_MODEL_ID
+    if (target / "config.json").is_file():
+        return target
+    try:
+        return write_synthetic_model(target, BUILTIN_SPEC)
+    except (FileExistsError, OSError):
+        # Another process renamed its copy into place first; theirs is as good as ours.
+        if (target / "config.json").is_file():
+            return target
+        raise
+
+
+def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModelSpec]:
+    parser = argparse.ArgumentParser(
+        prog="python -m exo.inference.synthetic", description="Write a seeded random-weight model."
+    )
+    parser.add_argument("out", type=Path, help="folder to create (must not exist)")
+    parser.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
+    parser.add_argument("--layers", type=int, default=BUILTIN_SPEC.layers)
+    parser.add_argument("--hidden", type=int, default=BUILTIN_SPEC.hidden)
+    parser.add_argument("--intermediate", type=int, default=BUILTIN_SPEC.intermediate)
+    parser.add_argument("--heads", type=int, default=BUILTIN_SPEC.heads)
+    parser.add_argument("--kv-heads", type=int, default=BUILTIN_SPEC.kv_heads)
+    parser.add_argument("--vocab", type=int, default=BUILTIN_SPEC.vocab)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--proj-scale", type=float, default=BUILTIN_SPEC.proj_scale)
+    tie = parser.add_mutually_exclusive_group()
+    tie.add_argument("--tie", dest="tie", action="store_true", default=None, help="tie lm_head to embeddings")
+    tie.add_argument("--no-tie", dest="tie", action="store_false", help="separate lm_head")
+    arguments = parser.parse_args(argv)
+    spec = SyntheticModelSpec(
+        architecture=arguments.arch,
+        layers=arguments.layers,
+        hidden=arguments.hidden,
+        intermediate=arguments.intermediate,
+        heads=arguments.heads,
+        kv_heads=arguments.kv_heads,
+        vocab=arguments.vocab,
+        seed=arguments.seed,
+        proj_scale=arguments.proj_scale,
+        tie_word_embeddings=arguments.tie,
+    )
+    try:
+        spec.validate()
+    except ValueError as error:
+        parser.error(str(error))
+    return arguments.out, spec
+
+
+def main(argv: list[str] | None = None) -> None:
+    out, spec = parse_arguments(argv)
+    try:
+        written = write_synthetic_model(out, spec)
+    except FileExistsError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(written)
+
+
+if __name__ == "__main__":
+    main()
