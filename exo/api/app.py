@@ -1,0 +1,240 @@
+"""The HTTP API: `create_app(services)` builds the Litestar app the node serves on `--api-port`.
+
+Controllers are thin: parse (Litestar + msgspec), call `NodeServices`, shape the answer. Errors of
+every kind come out as OpenAI error objects (exo/api/errors.py).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Litestar, Request, Response, delete, get, post
+from litestar.config.cors import CORSConfig
+from litestar.connection import ASGIConnection
+from litestar.di import Provide
+from litestar.exceptions import NotAuthorizedException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+from litestar.params import JSONBody, Parameter, SkipValidation
+from litestar.response import Stream
+
+from exo.api.chat import CompletionSettings, collect_completion, prepare_completion, stream_completion
+from exo.api.errors import EXCEPTION_HANDLERS, decode_strictly
+from exo.api.openai_types import ChatCompletion, ChatCompletionRequest, ModelList, ModelObject
+from exo.api.services import InstanceNotFound, NodeServices
+from exo.events import Event, IndexedEvent, Sharding
+from exo.roles.placement import PlacementPreview
+from exo.state import Instance, state_document
+
+MAX_EVENTS_PAGE = 1000
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+PUBLIC = {"public": True}
+
+InstanceId = Annotated[str, Parameter(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$", max_length=128)]
+# Dependencies are ours, not client input: no validation (a Protocol cannot be isinstance-checked).
+Services = SkipValidation[NodeServices]
+Settings = SkipValidation[CompletionSettings]
+ModelId = Annotated[str, Parameter(min_length=1, max_length=256)]
+
+
+class Health(msgspec.Struct, frozen=True):
+    status: str
+
+
+class IndexedEventDocument(msgspec.Struct, frozen=True):
+    """An indexed event as JSON: named fields (the wire form is a msgpack array)."""
+
+    index: int
+    term: int
+    origin_node_id: str
+    origin_sequence: int
+    event: Event
+
+
+class PlaceInstanceRequest(msgspec.Struct, frozen=True, kw_only=True):
+    # Unknown fields are ignored: upstream exo clients send `instance_meta` too.
+    model_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    sharding: Sharding = "Pipeline"
+    min_nodes: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 1
+
+
+class PlacementPreviews(msgspec.Struct, frozen=True):
+    model_id: str
+    previews: list[PlacementPreview]
+
+
+class DeletedInstance(msgspec.Struct, frozen=True):
+    instance_id: str
+    deleted: bool = True
+
+
+@get("/health", opt=PUBLIC)
+async def health() -> Health:
+    return Health("ok")
+
+
+@get("/node_id", media_type="application/json")
+async def node_id(services: Services) -> Response[bytes]:
+    # A JSON string, as upstream exo answers.
+    return Response(msgspec.json.encode(services.node_id), media_type="application/json")
+
+
+@get("/node_status")
+async def node_status(services: Services) -> dict[str, object]:
+    return services.node_status()
+
+
+@get("/state", media_type="application/json")
+async def state(services: Services) -> Response[bytes]:
+    # Exactly state_document's bytes: `exo-replay --json` must be able to match it byte for byte.
+    return Response(state_document(services.state()), media_type="application/json")
+
+
+@get("/events")
+async def events(
+    services: Services,
+    since: Annotated[int, Parameter(ge=0)] = 0,
+    limit: Annotated[int, Parameter(ge=1, le=MAX_EVENTS_PAGE)] = MAX_EVENTS_PAGE,
+) -> list[IndexedEventDocument]:
+    indexed_events = await services.events_since(since, limit)
+    return [_event_document(indexed) for indexed in indexed_events[:limit]]
+
+
+@get(["/models", "/v1/models"])
+async def models(services: Services) -> ModelList:
+    return ModelList(
+        "list",
+        [
+            ModelObject(
+                id=model.model_id,
+                object="model",
+                created=model.created,
+                owned_by="exo",
+                n_layers=model.n_layers,
+                bytes=model.total_bytes,
+                architecture=model.architecture,
+            )
+            for model in services.models()
+        ],
+    )
+
+
+@post("/place_instance", status_code=200)
+async def place_instance(
+    services: Services, request: Request[Any, Any, Any], data: JSONBody[PlaceInstanceRequest]
+) -> Instance:
+    data = await decode_strictly(request, PlaceInstanceRequest)
+    return await services.place_instance(data.model_id, data.sharding, data.min_nodes)
+
+
+@get("/instance/previews")
+async def instance_previews(services: Services, model_id: ModelId) -> PlacementPreviews:
+    return PlacementPreviews(model_id, services.previews(model_id))
+
+
+@get("/instance/{instance_id:str}")
+async def get_instance(services: Services, instance_id: InstanceId) -> Instance:
+    instance = services.state().instances.get(instance_id)
+    if instance is None:
+        raise InstanceNotFound(instance_id)
+    return instance
+
+
+@delete("/instance/{instance_id:str}", status_code=200)
+async def delete_instance(services: Services, instance_id: InstanceId) -> DeletedInstance:
+    await services.delete_instance(instance_id)
+    return DeletedInstance(instance_id)
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(
+    services: Services,
+    settings: Settings,
+    request: Request[Any, Any, Any],
+    data: JSONBody[ChatCompletionRequest],
+) -> ChatCompletion | Stream:
+    data = await decode_strictly(request, ChatCompletionRequest)
+    run = await prepare_completion(services, data, settings)
+    if not data.stream:
+        return await collect_completion(run, data.model)
+    include_usage = data.stream_options is not None and data.stream_options.include_usage
+    return Stream(
+        stream_completion(run, data.model, include_usage),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def create_app(
+    services: Services,
+    api_key: str | None = None,
+    *,
+    completion_settings: CompletionSettings | None = None,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+) -> Litestar:
+    """The API over `services`. With `api_key`, every route but `GET /health` needs it as a bearer token."""
+    settings = completion_settings or CompletionSettings()
+
+    def provide_services() -> NodeServices:
+        return services
+
+    def provide_settings() -> CompletionSettings:
+        return settings
+
+    return Litestar(
+        route_handlers=[
+            health,
+            node_id,
+            node_status,
+            state,
+            events,
+            models,
+            place_instance,
+            instance_previews,
+            get_instance,
+            delete_instance,
+            chat_completions,
+        ],
+        dependencies={
+            "services": Provide(provide_services, sync_to_thread=False),
+            "settings": Provide(provide_settings, sync_to_thread=False),
+        },
+        guards=[] if api_key is None else [_require_api_key(api_key)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        cors_config=CORSConfig(allow_origins=["*"], allow_headers=["*"], allow_methods=["*"]),
+        openapi_config=OpenAPIConfig(title="exo", version="0.1.0", path="/schema"),
+        request_max_body_size=max_request_bytes,
+    )
+
+
+def _require_api_key(api_key: str) -> Any:
+    expected = api_key.encode()
+
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+        if handler.opt.get("public"):
+            return
+        supplied = _supplied_key(connection)
+        if supplied is None or not hmac.compare_digest(supplied.encode(), expected):
+            raise NotAuthorizedException(
+                "missing or invalid API key: send it as 'Authorization: Bearer <key>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return guard
+
+
+def _supplied_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    authorization = connection.headers.get("authorization")
+    if authorization is not None:
+        scheme, _, token = authorization.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else None
+    # Anthropic's SDK sends the key this way.
+    return connection.headers.get("x-api-key")
+
+
+def _event_document(indexed: IndexedEvent) -> IndexedEventDocument:
+    return IndexedEventDocument(
+        indexed.index, indexed.term, indexed.origin_node_id, indexed.origin_sequence, indexed.event
+    )

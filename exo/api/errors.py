@@ -1,0 +1,171 @@
+"""Every error the API returns is OpenAI's error object, with a status that says whose fault it was.
+
+`{"error": {"message", "type", "param", "code"}}`: service errors, Litestar's own exceptions
+(validation, malformed JSON, unknown route, body too large, auth) and bugs alike, so an OpenAI SDK
+raises a readable exception instead of choking on an unexpected body.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, TypeVar
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from litestar.types import ExceptionHandlersMap
+
+from exo.api.services import (
+    ClusterUnavailable,
+    GenerationFailed,
+    InstanceFailed,
+    InstanceNotFound,
+    InstanceNotReady,
+    ModelNotFound,
+    NoCapacity,
+    ServiceError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ErrorDetail(msgspec.Struct, frozen=True):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    """An error raised by a controller itself (bad field, unsupported option)."""
+
+    def __init__(
+        self, status_code: int, message: str, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+# Service error -> (HTTP status, OpenAI error type, code, param).
+_SERVICE_ERRORS: dict[type[ServiceError], tuple[int, str, str, str | None]] = {
+    ModelNotFound: (404, "invalid_request_error", "model_not_found", "model"),
+    InstanceNotFound: (404, "invalid_request_error", "instance_not_found", None),
+    NoCapacity: (503, "server_error", "no_capacity", None),
+    InstanceFailed: (503, "server_error", "instance_failed", None),
+    InstanceNotReady: (504, "server_error", "instance_not_ready", None),
+    ClusterUnavailable: (503, "server_error", "cluster_unavailable", None),
+    GenerationFailed: (500, "server_error", "generation_failed", None),
+}
+
+_HTTP_CODES: dict[int, str] = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+}
+
+
+def error_type_for_status(status_code: int) -> str:
+    if status_code == 401:
+        return "authentication_error"
+    return "invalid_request_error" if status_code < 500 else "server_error"
+
+
+def service_error_body(error: ServiceError) -> tuple[int, ErrorBody]:
+    for error_class in type(error).__mro__:
+        if error_class in _SERVICE_ERRORS:
+            status_code, error_type, code, param = _SERVICE_ERRORS[error_class]
+            return status_code, ErrorBody(ErrorDetail(str(error), error_type, param, code))
+    return 500, ErrorBody(ErrorDetail(str(error), "server_error", None, "service_error"))
+
+
+def _response(status_code: int, body: ErrorBody, headers: dict[str, str] | None = None) -> Response[Any]:
+    return Response(content=body, status_code=status_code, headers=headers)
+
+
+def handle_service_error(_: Request[Any, Any, Any], error: ServiceError) -> Response[Any]:
+    status_code, body = service_error_body(error)
+    return _response(status_code, body)
+
+
+def handle_api_error(_: Request[Any, Any, Any], error: ApiError) -> Response[Any]:
+    detail = ErrorDetail(error.message, error_type_for_status(error.status_code), error.param, error.code)
+    return _response(error.status_code, ErrorBody(detail))
+
+
+_MISSING_FIELD = re.compile(r"Object missing required field `([^`]+)`")
+_MISSING_PARAMETER = re.compile(r"Missing required \w+ parameter '([^']+)'")
+# Litestar names the request body itself `data`.
+_BODY_KEY = "data"
+
+
+def handle_validation_error(_: Request[Any, Any, Any], error: ValidationException) -> Response[Any]:
+    """Litestar's validation failure, reworded to name the offending field as `param`."""
+    problems = error.extra if isinstance(error.extra, list) else []
+    first: dict[str, Any] = problems[0] if problems and isinstance(problems[0], dict) else {}
+    message = str(first.get("message", error.detail))
+    key = str(first.get("key") or "")
+    param = _validation_param(key, message) or _validation_param("", error.detail)
+    text = f"invalid value for '{param}': {message}" if param else f"invalid request: {message}"
+    return _response(400, ErrorBody(ErrorDetail(text, "invalid_request_error", param, "invalid_request")))
+
+
+BodyType = TypeVar("BodyType")
+
+
+async def decode_strictly(request: Request[Any, Any, Any], body_type: type[BodyType]) -> BodyType:
+    """The JSON body decoded with no type coercion: `"min_nodes": "2"` is a 400, not 2.
+
+    Litestar's own body parsing (which also feeds the OpenAPI schema) is lax; this runs after it.
+    """
+    try:
+        return msgspec.json.decode(await request.body(), type=body_type)
+    except msgspec.ValidationError as error:
+        message, _, location = str(error).partition(" - at `$")
+        key = location.rstrip("`").removeprefix(".")
+        param = _validation_param(key, message)
+        text = f"invalid value for '{param}': {message}" if param else f"invalid request: {message}"
+        raise ApiError(400, text, param=param, code="invalid_request") from error
+    except msgspec.DecodeError as error:
+        raise ApiError(400, f"malformed JSON: {error}", code="invalid_request") from error
+
+
+def _validation_param(key: str, message: str) -> str | None:
+    path = "" if key == _BODY_KEY else key
+    missing = _MISSING_FIELD.search(message) or _MISSING_PARAMETER.search(message)
+    if missing is not None:
+        return f"{path}.{missing.group(1)}" if path else missing.group(1)
+    return path or None
+
+
+def handle_http_exception(_: Request[Any, Any, Any], error: HTTPException) -> Response[Any]:
+    status_code = error.status_code
+    code = _HTTP_CODES.get(status_code)
+    detail = ErrorDetail(error.detail, error_type_for_status(status_code), None, code)
+    return _response(status_code, ErrorBody(detail), headers=error.headers)
+
+
+def handle_unexpected_error(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    # A bug: the client still gets an error object, the node log gets the traceback.
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
+    detail = ErrorDetail(f"internal error: {type(error).__name__}", "server_error", None, "internal_error")
+    return _response(HTTP_500_INTERNAL_SERVER_ERROR, ErrorBody(detail))
+
+
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    ServiceError: handle_service_error,
+    ApiError: handle_api_error,
+    ValidationException: handle_validation_error,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected_error,
+}

@@ -1,0 +1,216 @@
+"""An in-memory `NodeServices` with scripted generations, for testing the API without a cluster.
+
+Its tokenizer is character-level (a token id is a code point) with an optional vocabulary of
+multi-character tokens, so tests can split text across tokens exactly where they want.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+
+import msgspec
+
+from exo.api.services import (
+    GeneratedToken,
+    InstanceNotFound,
+    ModelNotFound,
+    ModelSummary,
+    SamplingParameters,
+    ServiceError,
+)
+from exo.events import IndexedEvent, ShardAssignment, Sharding
+from exo.roles.placement import ModelFootprint, PlacementPreview, previews
+from exo.state import Instance, State
+
+END_OF_SEQUENCE = 0
+
+
+class FakeDetokenizer:
+    def __init__(self, vocabulary: dict[int, str]) -> None:
+        self._vocabulary = vocabulary
+        self._text = ""
+        self._offset = 0
+
+    def add_token(self, token: int) -> None:
+        self._text += self._vocabulary.get(token, chr(token))
+
+    def finalize(self) -> None:
+        pass
+
+    @property
+    def last_segment(self) -> str:
+        segment = self._text[self._offset :]
+        self._offset = len(self._text)
+        return segment
+
+
+class FakeTokenizer:
+    def __init__(self, vocabulary: dict[int, str] | None = None) -> None:
+        self.vocabulary = vocabulary or {}
+        self.refuse_with: Exception | None = None
+
+    def apply_chat_template(
+        self, conversation: list[dict[str, str]], *, tokenize: bool, add_generation_prompt: bool
+    ) -> list[int]:
+        if self.refuse_with is not None:
+            raise self.refuse_with
+        text = "".join(f"<{message['role']}>{message['content']}" for message in conversation)
+        if add_generation_prompt:
+            text += "<assistant>"
+        return [ord(character) for character in text]
+
+    @property
+    def detokenizer(self) -> FakeDetokenizer:
+        return FakeDetokenizer(self.vocabulary)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return {END_OF_SEQUENCE}
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids for `text`: vocabulary entries where they match, else one code point each."""
+        by_text = {piece: token for token, piece in self.vocabulary.items()}
+        tokens: list[int] = []
+        position = 0
+        while position < len(text):
+            match = max(
+                (piece for piece in by_text if text.startswith(piece, position)), key=len, default=None
+            )
+            if match is None:
+                tokens.append(ord(text[position]))
+                position += 1
+            else:
+                tokens.append(by_text[match])
+                position += len(match)
+        return tokens
+
+
+class GenerateCall(msgspec.Struct):
+    instance_id: str
+    prompt_tokens: list[int]
+    sampling: SamplingParameters
+    max_tokens: int
+    tokens_sent: int = 0
+    closed_early: bool = False
+    finished: bool = False
+
+
+class FakeNodeServices:
+    """Scripted answers. Set `script` to the tokens the next generations yield (an exception in it
+    is raised at that point), and the `*_error` fields to make a method fail."""
+
+    def __init__(self, node_id: str = "node0", state: State | None = None) -> None:
+        self._node_id = node_id
+        self.current_state = state or State()
+        self.indexed_events: list[IndexedEvent] = []
+        self.model_summaries = [ModelSummary("exo-tiny", n_layers=8, total_bytes=8000, architecture="llama")]
+        self.footprints = {"exo-tiny": ModelFootprint(n_layers=8, layer_bytes=1000)}
+        self.tokenizers = {"exo-tiny": FakeTokenizer()}
+        self.status: dict[str, object] = {"node_id": node_id, "uptime_s": 1.5, "dropped_frames": {"bus": 0}}
+        self.script: list[int | ServiceError] = []
+        # After the script: end with end-of-sequence (True) or stop yielding with no finish reason.
+        self.end_with_eos = True
+        self.place_error: ServiceError | None = None
+        self.ensure_error: ServiceError | None = None
+        self.generate_calls: list[GenerateCall] = []
+        self.ensure_timeouts: list[float] = []
+        self.generation_closed = asyncio.Event()
+        self._next_instance = 1
+
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    def state(self) -> State:
+        return self.current_state
+
+    async def events_since(self, index: int, limit: int) -> list[IndexedEvent]:
+        return [event for event in self.indexed_events if event.index > index][:limit]
+
+    def node_status(self) -> dict[str, object]:
+        return self.status
+
+    def models(self) -> list[ModelSummary]:
+        return self.model_summaries
+
+    async def place_instance(self, model_id: str, sharding: Sharding, min_nodes: int) -> Instance:
+        self._check_model(model_id)
+        if self.place_error is not None:
+            raise self.place_error
+        n_layers = self.footprints[model_id].n_layers
+        instance = Instance(
+            instance_id=f"i-{self._next_instance}",
+            model_id=model_id,
+            sharding=sharding,
+            status="placing",
+            shard_assignments={self._node_id: ShardAssignment(0, n_layers, n_layers)},
+        )
+        self._next_instance += 1
+        self._put_instance(instance)
+        return instance
+
+    def previews(self, model_id: str) -> list[PlacementPreview]:
+        self._check_model(model_id)
+        return previews(self.footprints[model_id], self.current_state.nodes.values())
+
+    async def delete_instance(self, instance_id: str) -> None:
+        if instance_id not in self.current_state.instances:
+            raise InstanceNotFound(instance_id)
+        instances = {key: value for key, value in self.current_state.instances.items() if key != instance_id}
+        self.current_state = msgspec.structs.replace(self.current_state, instances=instances)
+
+    async def ensure_instance(self, model_id: str, timeout_s: float) -> Instance:
+        self._check_model(model_id)
+        self.ensure_timeouts.append(timeout_s)
+        if self.ensure_error is not None:
+            raise self.ensure_error
+        for instance in self.current_state.instances.values():
+            if instance.model_id == model_id and instance.status == "ready":
+                return instance
+        placed = await self.place_instance(model_id, "Pipeline", 1)
+        ready = msgspec.structs.replace(placed, status="ready")
+        self._put_instance(ready)
+        return ready
+
+    def generate(
+        self, instance: Instance, prompt_tokens: Sequence[int], sampling: SamplingParameters, max_tokens: int
+    ) -> AsyncGenerator[GeneratedToken, None]:
+        call = GenerateCall(instance.instance_id, list(prompt_tokens), sampling, max_tokens)
+        self.generate_calls.append(call)
+        return self._generate(call, list(self.script))
+
+    async def tokenizer(self, model_id: str) -> FakeTokenizer:
+        self._check_model(model_id)
+        return self.tokenizers[model_id]
+
+    async def _generate(
+        self, call: GenerateCall, script: list[int | ServiceError]
+    ) -> AsyncGenerator[GeneratedToken, None]:
+        try:
+            for item in script:
+                if isinstance(item, ServiceError):
+                    raise item
+                call.tokens_sent += 1
+                if call.tokens_sent == call.max_tokens:
+                    yield GeneratedToken(item, "length")
+                    call.finished = True
+                    return
+                yield GeneratedToken(item)
+            if self.end_with_eos:
+                call.tokens_sent += 1
+                yield GeneratedToken(END_OF_SEQUENCE, "stop")
+            call.finished = True
+        except GeneratorExit:
+            call.closed_early = True
+            raise
+        finally:
+            self.generation_closed.set()
+
+    def _check_model(self, model_id: str) -> None:
+        if model_id not in self.footprints:
+            raise ModelNotFound(model_id)
+
+    def _put_instance(self, instance: Instance) -> None:
+        instances = {**self.current_state.instances, instance.instance_id: instance}
+        self.current_state = msgspec.structs.replace(self.current_state, instances=instances)

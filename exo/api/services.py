@@ -1,0 +1,245 @@
+"""What the HTTP API needs from the node: one Protocol, its value types and its typed errors.
+
+The API holds no cluster logic. Every controller is a few lines over a `NodeServices`, which the
+node implements over its state, its bus and its runners (and tests implement with fakes). The
+errors below are the only exceptions a `NodeServices` method may raise on purpose; the API maps
+each to an HTTP status and an OpenAI-style error object (see exo/api/errors.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Collection, Sequence
+from typing import Literal, Protocol
+
+import msgspec
+
+from exo.events import IndexedEvent, Sharding
+from exo.roles.placement import PlacementPreview
+from exo.state import Instance, State
+
+FinishReason = Literal["stop", "length"]
+
+
+class ModelSummary(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A model this node can serve (a folder of the models dir with a `config.json`)."""
+
+    model_id: str
+    n_layers: int
+    total_bytes: int
+    architecture: str
+    # Unix seconds (the model folder's modification time is fine); OpenAI's `created`.
+    created: int = 0
+
+
+class SamplingParameters(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How to pick each next token. `temperature == 0` means greedy; `top_k == 0` means no top-k cut."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+class GeneratedToken(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One token out of the last pipeline stage.
+
+    `finish_reason` is set on the last token only: "stop" when the model produced an end-of-sequence
+    token (that token is yielded, with its id, and is not rendered), "length" when this is the
+    `max_tokens`-th token.
+    """
+
+    token_id: int
+    finish_reason: FinishReason | None = None
+
+
+class TokenStream(Protocol):
+    """An async iterator of generated tokens that can be closed early (an async generator is one)."""
+
+    def __aiter__(self) -> AsyncIterator[GeneratedToken]: ...
+
+    def __anext__(self) -> Awaitable[GeneratedToken]: ...
+
+    def aclose(self) -> Awaitable[None]:
+        """Stop the generation on every stage; no more tokens follow."""
+        ...
+
+
+class StreamingDetokenizer(Protocol):
+    """Turns token ids into text as they arrive (mlx_lm's StreamingDetokenizer has this shape)."""
+
+    def add_token(self, token: int) -> None: ...
+
+    def finalize(self) -> None:
+        """Flush text held back for more tokens (a partial UTF-8 character, an unfinished word)."""
+        ...
+
+    @property
+    def last_segment(self) -> str:
+        """The text added since this was last read."""
+        ...
+
+
+class ChatTokenizer(Protocol):
+    """A model's tokenizer as the API uses it (mlx_lm's TokenizerWrapper has this shape)."""
+
+    def apply_chat_template(
+        self, conversation: list[dict[str, str]], *, tokenize: bool, add_generation_prompt: bool
+    ) -> list[int]:
+        """The prompt's token ids for a conversation of `{"role", "content"}` messages.
+
+        Raises whatever the chat template raises on a conversation it refuses; the API reports
+        that as a 400.
+        """
+        ...
+
+    @property
+    def detokenizer(self) -> StreamingDetokenizer:
+        """A fresh detokenizer for one completion (not shared between requests)."""
+        ...
+
+    @property
+    def eos_token_ids(self) -> Collection[int]: ...
+
+
+class NodeServices(Protocol):
+    """This node as the HTTP API sees it. Read methods are sync and cheap (no I/O); the rest are async."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    def state(self) -> State:
+        """The state as this node last applied it (the state document is derived from this)."""
+        ...
+
+    async def events_since(self, index: int, limit: int) -> list[IndexedEvent]:
+        """Indexed events with `index > index`, ascending, at most `limit` (>= 1) of them.
+
+        An index past the end gives an empty list. Reads this node's event store.
+        """
+        ...
+
+    def node_status(self) -> dict[str, object]:
+        """This node's local runtime figures (not in the log): JSON-encodable values only.
+
+        Suggested keys: `node_id`, `uptime_s`, `is_master`, `peers`, `blas`, `dropped_frames` (by
+        socket), `queue_depths` (by queue), `runners` (by instance id).
+        """
+        ...
+
+    def models(self) -> list[ModelSummary]:
+        """The models this node can serve, sorted by model id."""
+        ...
+
+    async def place_instance(self, model_id: str, sharding: Sharding, min_nodes: int) -> Instance:
+        """Place a new instance of `model_id` on at least `min_nodes` alive nodes.
+
+        Returns the instance once this node has applied its `InstanceCreated` (so a following
+        `GET /instance/{id}` finds it); it is usually still `placing`/`loading` then.
+        Raises ModelNotFound, NoCapacity (with the placement refusal's reasons), ClusterUnavailable
+        (no master to sequence the command).
+        """
+        ...
+
+    def previews(self, model_id: str) -> list[PlacementPreview]:
+        """Placements of `model_id` over 1..n alive nodes, feasible or with the reasons why not.
+
+        Raises ModelNotFound.
+        """
+        ...
+
+    async def delete_instance(self, instance_id: str) -> None:
+        """Delete an instance; returns once this node has applied its `InstanceDeleted`.
+
+        Raises InstanceNotFound, ClusterUnavailable.
+        """
+        ...
+
+    async def ensure_instance(self, model_id: str, timeout_s: float) -> Instance:
+        """A `ready` instance of `model_id`: an existing ready one, else the one loading, else a new one
+        placed as `place_instance(model_id, "Pipeline", 1)` would.
+
+        Waits until the instance is ready, at most `timeout_s` seconds.
+        Raises ModelNotFound, NoCapacity, InstanceFailed (the instance it waited on failed),
+        InstanceNotReady (the deadline passed), ClusterUnavailable.
+        """
+        ...
+
+    def generate(
+        self,
+        instance: Instance,
+        prompt_tokens: Sequence[int],
+        sampling: SamplingParameters,
+        max_tokens: int,
+    ) -> TokenStream:
+        """Run one completion through the instance's pipeline, yielding tokens as the last stage makes them.
+
+        At most `max_tokens` tokens; the last one carries the finish reason, then the iterator ends.
+        Closing the iterator early (`aclose()`, which the API does on a stop string or a client that
+        went away) cancels the generation on every stage.
+        Raises GenerationFailed (before or between tokens) promptly, within seconds, when a stage
+        fails or goes away; never hangs on a dead stage.
+        """
+        ...
+
+    async def tokenizer(self, model_id: str) -> ChatTokenizer:
+        """The tokenizer of `model_id` (loaded once and cached by the node). Raises ModelNotFound."""
+        ...
+
+
+class ServiceError(Exception):
+    """Base of the errors a NodeServices method raises on purpose. `str(error)` is shown to clients."""
+
+
+class ModelNotFound(ServiceError):
+    def __init__(self, model_id: str) -> None:
+        super().__init__(f"model {model_id!r} not found")
+        self.model_id = model_id
+
+
+class InstanceNotFound(ServiceError):
+    def __init__(self, instance_id: str) -> None:
+        super().__init__(f"instance {instance_id!r} not found")
+        self.instance_id = instance_id
+
+
+class NoCapacity(ServiceError):
+    """No placement fits: `reasons` are the placement refusal's lines (each node's shortfall...)."""
+
+    def __init__(self, model_id: str, reasons: Sequence[str]) -> None:
+        detail = "; ".join(reasons) if reasons else "no alive nodes"
+        super().__init__(f"not enough capacity to place {model_id!r}: {detail}")
+        self.model_id = model_id
+        self.reasons = list(reasons)
+
+
+class InstanceFailed(ServiceError):
+    def __init__(self, instance_id: str, reason: str) -> None:
+        super().__init__(f"instance {instance_id!r} failed: {reason}")
+        self.instance_id = instance_id
+        self.reason = reason
+
+
+class InstanceNotReady(ServiceError):
+    """The instance did not become ready before the deadline."""
+
+    def __init__(self, instance_id: str, timeout_s: float) -> None:
+        super().__init__(f"instance {instance_id!r} not ready after {timeout_s:g} s")
+        self.instance_id = instance_id
+        self.timeout_s = timeout_s
+
+
+class GenerationFailed(ServiceError):
+    """A stage failed or went away during a generation."""
+
+    def __init__(self, instance_id: str, reason: str) -> None:
+        super().__init__(f"generation on instance {instance_id!r} failed: {reason}")
+        self.instance_id = instance_id
+        self.reason = reason
+
+
+class ClusterUnavailable(ServiceError):
+    """The command could not reach a master (an election in progress, a partition)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"cluster unavailable: {reason}")
+        self.reason = reason
