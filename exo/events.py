@@ -73,10 +73,13 @@ class InstanceDeleted(_Event, frozen=True):
 
 
 class RunnerStatusUpdated(_Event, frozen=True):
+    """`activation_address` is where a `ready` runner's stage takes pipeline frames."""
+
     instance_id: str
     node_id: str
     status: RunnerStatus
     reason: str | None = None
+    activation_address: str | None = None
 
 
 Event = (

@@ -43,6 +43,7 @@ class NodeInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class RunnerInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     status: RunnerStatus
     reason: str | None = None
+    activation_address: str | None = None
 
 
 class Instance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -57,6 +58,16 @@ class Instance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def stage_order(self) -> list[str]:
         """Node ids in pipeline order (by first layer)."""
         return sorted(self.shard_assignments, key=lambda node_id: self.shard_assignments[node_id].start_layer)
+
+    def route(self) -> list[str] | None:
+        """Activation addresses of the stages in pipeline order, when every stage is ready."""
+        addresses: list[str] = []
+        for node_id in self.stage_order():
+            runner = self.runners.get(node_id)
+            if runner is None or runner.status != "ready" or runner.activation_address is None:
+                return None
+            addresses.append(runner.activation_address)
+        return addresses
 
 
 class State(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -168,11 +179,15 @@ def _apply_runner_status_updated(state: State, event: RunnerStatusUpdated) -> St
     if instance.status == "failed" and event.status != "failed":
         # A failed instance stays failed until it is deleted or placed again: a late "ready"
         # from a surviving stage must not resurrect a pipeline with a hole in it.
-        runners = {**instance.runners, event.node_id: RunnerInfo(event.status, event.reason)}
+        runners = {**instance.runners, event.node_id: _runner_info(event)}
         instance = replace(instance, runners=runners)
         return replace(state, instances={**state.instances, event.instance_id: instance})
-    runners = {**instance.runners, event.node_id: RunnerInfo(event.status, event.reason)}
+    runners = {**instance.runners, event.node_id: _runner_info(event)}
     return replace(state, instances={**state.instances, event.instance_id: _with_runners(instance, runners)})
+
+
+def _runner_info(event: RunnerStatusUpdated) -> RunnerInfo:
+    return RunnerInfo(event.status, event.reason, event.activation_address)
 
 
 def _with_runners(instance: Instance, runners: dict[str, RunnerInfo]) -> Instance:

@@ -10,7 +10,8 @@ from typing import Final
 
 import msgspec
 
-from exo.events import Event, IndexedEvent
+from exo.events import Event, IndexedEvent, Sharding
+from exo.roles.placement import ModelFootprint
 
 
 class _Message(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
@@ -82,6 +83,7 @@ class Heartbeat(_Message, frozen=True):
     memory_available_bytes: int = 0
     hostname: str = ""
     known_peers: list[str] = []
+    models: list[str] = []
 
 
 ConnectionMessage = Heartbeat
@@ -91,10 +93,12 @@ ConnectionMessage = Heartbeat
 
 
 class PlaceInstance(_Message, frozen=True):
+    """`footprint` comes from the asking node's copy of the model: the master may not have it."""
+
     model_id: str
-    sharding: str = "Pipeline"
+    footprint: ModelFootprint
+    sharding: Sharding = "Pipeline"
     min_nodes: int = 1
-    instance_id: str | None = None
 
 
 class DeleteInstance(_Message, frozen=True):

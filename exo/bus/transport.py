@@ -92,6 +92,7 @@ class Bus:
         self._subscribed_to: dict[str, str] = {}  # node id -> pub address connected
         self.frames_received = 0
         self._answering: set[asyncio.Task[None]] = set()
+        self.self_address: str | None = None
 
     # --- set-up --------------------------------------------------------------------------------
 
@@ -178,7 +179,9 @@ class Bus:
 
     def _hello_answered(self, peer: Peer, reply: HelloAnswered) -> None:
         if reply.node_id == self.node_id:
-            return  # an address of our own (a static peer list that names this node)
+            # An address of our own (a static peer list that names this node): how others reach us.
+            self.self_address = self.self_address or peer.address
+            return
         host, _ = split_address(peer.address)
         pub_address = f"tcp://{host}:{reply.pub_port}"
         peer.node_id = reply.node_id

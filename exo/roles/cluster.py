@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -21,6 +23,7 @@ from exo.bus import messages as m
 from exo.bus.liveness import HEARTBEAT_INTERVAL, Liveness
 from exo.bus.transport import Bus, RequestTimedOut
 from exo.events import Event, IndexedEvent, MasterElected
+from exo.roles.commands import decide
 from exo.roles.election import (
     Action,
     AnnounceCampaign,
@@ -45,7 +48,7 @@ FETCH_LIMIT = 10_000
 SNAPSHOT_CATCH_UP_THRESHOLD = 10_000
 APPLY_QUEUE_BATCHES = 10_000
 PROMOTION_SYNC_SECONDS = 1.0
-CommandHandler = Callable[[m.Command], "asyncio.Future[m.CommandAnswered] | None"]
+COMMAND_COMMIT_SECONDS = 5.0
 
 
 @dataclass
@@ -107,9 +110,9 @@ class ClusterMember:
         self._outgoing_local: list[m.LocalEvent] = []
         self._apply_queue: asyncio.Queue[list[IndexedEvent]] = asyncio.Queue(APPLY_QUEUE_BATCHES)
         self._fetch_task: asyncio.Task[bool] | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
         self.counters = ClusterCounters()
-        self.command_handler: Callable[[m.Command], asyncio.Future[m.CommandAnswered]] | None = None
+        self.local_models: Callable[[], list[str]] = list
         self.hostname = socket.gethostname()
         bus.on_topic(m.TOPIC_CONNECTION, self._on_heartbeat)
         bus.on_topic(m.TOPIC_ELECTION, self._on_election)
@@ -132,6 +135,16 @@ class ClusterMember:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def queue_depths(self) -> dict[str, int]:
+        depths = {
+            "apply": self._apply_queue.qsize(),
+            "pending_local_events": len(self._pending_local),
+            "buffered_out_of_order": self.replica.orderer.buffered,
+        }
+        if self.master is not None:
+            depths["master_incoming"] = self.master.queue_depth
+        return depths
 
     @property
     def is_master(self) -> bool:
@@ -218,6 +231,7 @@ class ClusterMember:
                 memory_available_bytes=memory.available,
                 hostname=self.hostname,
                 known_peers=self.bus.known_addresses(),
+                models=self.local_models(),
             ),
         )
 
@@ -257,7 +271,7 @@ class ClusterMember:
 
     def _address_of(self, node_id: str) -> str | None:
         if node_id == self.node_id:
-            return f"{self.hostname}:{self.bus.bus_port}"
+            return self.bus.self_address or f"{self.hostname}:{self.bus.bus_port}"
         return self.bus.address_of(node_id)
 
     # --- election ------------------------------------------------------------------------------
@@ -390,11 +404,14 @@ class ClusterMember:
 
     def _spawn_act(self, actions: list[Action]) -> None:
         if actions:
-            task = asyncio.create_task(self._act(actions))
-            self._tasks.append(task)
-            task.add_done_callback(self._tasks_done)
+            self._spawn(self._act(actions))
 
-    def _tasks_done(self, task: asyncio.Task[None]) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.append(task)  # type: ignore[arg-type]
+        task.add_done_callback(self._tasks_done)
+
+    def _tasks_done(self, task: asyncio.Task[Any]) -> None:
         with contextlib.suppress(ValueError):
             self._tasks.remove(task)
         if not task.cancelled() and task.exception() is not None:
@@ -427,8 +444,30 @@ class ClusterMember:
             self.master.submit_local(message.node_id, message.events)
 
     def _on_command(self, command: m.Command) -> None:
-        if self.master is not None and self.command_handler is not None:
-            self.command_handler(command)
+        if self.master is not None:
+            self._spawn(self.execute(command))
+
+    async def execute(self, command: m.Command) -> m.CommandAnswered:
+        """Decide and sequence a command (master only); answers once its events are applied here."""
+        if self.master is None:
+            return m.CommandAnswered(ok=False, error="not the master", status_code=503)
+        outcome = decide(command, self.state, self._nodes_with_model(), f"i-{secrets.token_hex(4)}")
+        try:
+            await asyncio.wait_for(self.master.submit_own(outcome.events), COMMAND_COMMIT_SECONDS)
+        except (TimeoutError, OverflowError) as error:
+            return m.CommandAnswered(ok=False, error=f"not committed: {error!r}", status_code=503)
+        return outcome.answer
+
+    def _nodes_with_model(self) -> dict[str, set[str]]:
+        holders: dict[str, set[str]] = {}
+        for model_id in self.local_models():
+            holders.setdefault(model_id, set()).add(self.node_id)
+        alive = self.liveness.alive(time.monotonic())
+        for node_id, heartbeat in self.heartbeats.items():
+            if node_id in alive:
+                for model_id in heartbeat.models:
+                    holders.setdefault(model_id, set()).add(node_id)
+        return holders
 
     async def _on_request(self, request: m.Request, peer_host: str) -> m.Reply:
         match request:
@@ -450,6 +489,6 @@ class ClusterMember:
                 state = self.replica.state
                 return m.SnapshotAnswered(state.last_event_index, encode_state(state))
             case m.CommandRequested():
-                if self.master is None or self.command_handler is None:
+                if self.master is None:
                     return m.RequestFailed(f"not the master; ask {self.election.master_node_id}")
-                return await self.command_handler(request.command)
+                return await self.execute(request.command)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from exo.bus.messages import Heartbeat, LocalEvent
 from exo.events import Event, IndexedEvent, NodeJoined, NodeMemoryMeasured, NodeTimedOut
@@ -68,6 +69,15 @@ def membership_events(
     return events
 
 
+@dataclass(frozen=True)
+class _OwnEvents:
+    events: list[Event]
+    committed: asyncio.Future[int]
+
+
+_Incoming = tuple[str, list[LocalEvent]] | _OwnEvents
+
+
 class Master:
     def __init__(
         self,
@@ -78,11 +88,13 @@ class Master:
         self.sequencer = sequencer
         self.replica = replica
         self._publish = publish
-        self._incoming: asyncio.Queue[tuple[str, list[LocalEvent]] | list[Event]] = asyncio.Queue(
-            INCOMING_QUEUE_BATCHES
-        )
+        self._incoming: asyncio.Queue[_Incoming] = asyncio.Queue(INCOMING_QUEUE_BATCHES)
         self._task: asyncio.Task[None] | None = None
         self.dropped_batches = 0
+
+    @property
+    def queue_depth(self) -> int:
+        return self._incoming.qsize()
 
     @property
     def term(self) -> int:
@@ -100,37 +112,51 @@ class Master:
     def submit_local(self, origin: str, events: list[LocalEvent]) -> None:
         self._offer((origin, events))
 
-    def submit_own(self, events: list[Event]) -> None:
-        if events:
-            self._offer(events)
+    def submit_own(self, events: list[Event]) -> asyncio.Future[int]:
+        """Sequence the master's own events; the future gives the last index once they are applied."""
+        committed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if not events:
+            committed.set_result(self.replica.last_index)
+        elif not self._offer(_OwnEvents(events, committed)):
+            committed.set_exception(OverflowError("the master's queue is full"))
+        return committed
 
-    def _offer(self, item: tuple[str, list[LocalEvent]] | list[Event]) -> None:
+    def _offer(self, item: _Incoming) -> bool:
         try:
             self._incoming.put_nowait(item)
         except asyncio.QueueFull:
             # The origin resends what it does not see applied; the master never blocks the bus.
             self.dropped_batches += 1
+            return False
+        return True
 
     async def _run(self) -> None:
         while True:
-            first = await self._incoming.get()
-            batch = self._sequence(first)
+            waiting: list[asyncio.Future[int]] = []
+            batch = self._sequence(await self._incoming.get(), waiting)
             while len(batch) < MAX_BATCH_EVENTS and not self._incoming.empty():
-                batch.extend(self._sequence(self._incoming.get_nowait()))
+                batch.extend(self._sequence(self._incoming.get_nowait(), waiting))
             if not batch:
                 continue
             try:
                 await self.replica.commit(batch)
-            except Exception:
+            except Exception as error:
                 # Not durable: roll the sequencer back so the indices are reused, and let origins resend.
                 logger.exception("could not store %d events; they will be resent", len(batch))
                 self.sequencer.next_index = self.replica.last_index + 1
                 self.sequencer.high_water = self.replica.high_water.copy()
+                for future in waiting:
+                    if not future.done():
+                        future.set_exception(error)
                 continue
             self._publish(batch)
+            for future in waiting:
+                if not future.done():
+                    future.set_result(self.replica.last_index)
 
-    def _sequence(self, item: tuple[str, list[LocalEvent]] | list[Event]) -> list[IndexedEvent]:
-        if isinstance(item, tuple):
-            origin, local_events = item
-            return self.sequencer.sequence(origin, local_events)
-        return self.sequencer.sequence_own(item)
+    def _sequence(self, item: _Incoming, waiting: list[asyncio.Future[int]]) -> list[IndexedEvent]:
+        if isinstance(item, _OwnEvents):
+            waiting.append(item.committed)
+            return self.sequencer.sequence_own(item.events)
+        origin, local_events = item
+        return self.sequencer.sequence(origin, local_events)

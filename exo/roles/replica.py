@@ -94,3 +94,20 @@ class Replica:
         except TimeoutError:
             return False
         return True
+
+
+RESTORE_CHUNK = 50_000
+
+
+async def restore(store: EventStore) -> Replica:
+    """Rebuild the node's state from its own log: newest snapshot, then every event after it."""
+    snapshot = await store.load_snapshot()
+    state = snapshot.state if snapshot is not None else State()
+    replica = Replica(store, state)
+    while True:
+        events = await store.read(replica.last_index + 1, limit=RESTORE_CHUNK)
+        if not events:
+            break
+        replica._fold(events)
+    replica.orderer.reset(replica.last_index)
+    return replica

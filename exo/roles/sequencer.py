@@ -137,6 +137,10 @@ class EventOrderer:
         self._next_ask_at = 0.0
 
     @property
+    def buffered(self) -> int:
+        return len(self._pending)
+
+    @property
     def has_gap(self) -> bool:
         return bool(self._pending)
 

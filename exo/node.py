@@ -1,0 +1,199 @@
+"""`python -m exo.node` (the `exo` command): parse flags, wire the components, run until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+import zmq.asyncio
+from litestar import Litestar
+
+from exo.api.app import create_app
+from exo.bus.codec import DropCounter
+from exo.bus.sockets import SocketFactory
+from exo.bus.transport import Bus
+from exo.roles.cluster import ClusterMember
+from exo.roles.replica import restore
+from exo.services import ClusterServices, ModelCatalog
+from exo.store import open_store
+from exo.store.base import StoreError
+
+logger = logging.getLogger("exo")
+
+DEFAULT_API_PORT = 52415
+DEFAULT_BUS_PORT = 52414
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: str | None
+    data_dir: Path
+    models_dir: Path
+    api_port: int
+    api_host: str
+    api: bool
+    bus_port: int
+    peers: tuple[str, ...]
+    discovery: bool
+    force_master: bool
+    event_store: str
+    cluster_secret: str | None
+    api_key: str | None
+    verbosity: int
+
+
+def parse_args(argv: list[str] | None = None) -> NodeConfig:
+    parser = argparse.ArgumentParser(prog="exo", description="Run an exo node.")
+    parser.add_argument("--node-id", help="this node's id (default: persisted random id in the data dir)")
+    parser.add_argument("--data-dir", type=Path, help="node id, events.db, default models dir")
+    parser.add_argument("--models-dir", type=Path, help="each subfolder with a config.json is a model")
+    parser.add_argument("--api-port", type=int, default=DEFAULT_API_PORT)
+    parser.add_argument("--api-host", default="127.0.0.1")
+    parser.add_argument("--no-api", action="store_true", help="run without HTTP")
+    parser.add_argument("--bus-port", type=int, default=DEFAULT_BUS_PORT, help="this node's ROUTER port")
+    parser.add_argument("--peers", default="", help="static peers HOST:PORT,... (bus ports)")
+    parser.add_argument("--no-discovery", action="store_true", help="no mDNS")
+    parser.add_argument("--force-master", action="store_true", help="win every election")
+    parser.add_argument(
+        "--event-store", help="event store URL (default sqlite+aiosqlite:///DATA_DIR/events.db)"
+    )
+    parser.add_argument(
+        "--cluster-secret", help="authenticates and encrypts the bus (env EXO_CLUSTER_SECRET)"
+    )
+    parser.add_argument(
+        "--api-key", help="bearer token required on every route but /health (env EXO_API_KEY)"
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    args = parser.parse_args(argv)
+
+    data_dir: Path = args.data_dir or Path(os.environ.get("EXO_HOME") or Path.home() / ".exo")
+    models_dir: Path = args.models_dir or Path(os.environ.get("EXO_MODELS_DIR") or data_dir / "models")
+    peers = tuple(peer.strip() for peer in args.peers.split(",") if peer.strip())
+    for peer in peers:
+        host, _, port = peer.rpartition(":")
+        if not host or not port.isdigit():
+            parser.error(f"--peers: {peer!r} is not HOST:PORT")
+    return NodeConfig(
+        node_id=args.node_id,
+        data_dir=data_dir,
+        models_dir=models_dir,
+        api_port=args.api_port,
+        api_host=args.api_host,
+        api=not args.no_api,
+        bus_port=args.bus_port,
+        peers=peers,
+        discovery=not args.no_discovery,
+        force_master=args.force_master,
+        event_store=args.event_store or f"sqlite+aiosqlite:///{data_dir / 'events.db'}",
+        cluster_secret=args.cluster_secret or os.environ.get("EXO_CLUSTER_SECRET") or None,
+        api_key=args.api_key or os.environ.get("EXO_API_KEY") or None,
+        verbosity=args.verbose,
+    )
+
+
+def load_node_id(data_dir: Path, override: str | None) -> str:
+    if override:
+        return override
+    path = data_dir / "node_id"
+    if path.exists():
+        node_id = path.read_text().strip()
+        if node_id:
+            return node_id
+    node_id = f"node-{secrets.token_hex(4)}"
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(node_id + "\n")
+    temporary.replace(path)
+    return node_id
+
+
+async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    node_id = load_node_id(config.data_dir, config.node_id)
+    if config.cluster_secret is None:
+        logger.warning("no cluster secret: the bus is open to anyone on this network (see --cluster-secret)")
+    store = open_store(config.event_store)
+    await store.open()
+    context = zmq.asyncio.Context()
+    bus = Bus(node_id, SocketFactory(context), bus_port=config.bus_port, drops=DropCounter())
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(store.close)
+        stack.callback(context.term)
+        replica = await restore(store)
+        member = ClusterMember(
+            node_id, bus, replica, config.data_dir / "term", force_master=config.force_master
+        )
+        catalog = ModelCatalog(config.models_dir)
+        member.local_models = catalog.supported_ids
+        await bus.start()
+        stack.push_async_callback(bus.close)
+        await member.start()
+        stack.push_async_callback(member.close)
+        for peer in config.peers:
+            bus.add_peer(peer)
+        services = ClusterServices(member, catalog)
+        if config.api:
+            api = ApiServer(create_app(services, api_key=config.api_key), config.api_host, config.api_port)
+            await api.start()
+            stack.push_async_callback(api.stop)
+        logger.info("node %s: bus port %d, state at index %d", node_id, config.bus_port, replica.last_index)
+        await stop.wait()
+
+
+class ApiServer:
+    """uvicorn inside the node's event loop (the node owns the signals, not uvicorn)."""
+
+    def __init__(self, app: Litestar, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", access_log=False)
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        # serve() would install its own signal handlers; the node's stop event decides when to exit.
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._task = asyncio.create_task(self.server.serve(), name="api")
+        while not self.server.started:
+            if self._task.done():
+                raise SystemExit(f"exo: the API could not listen on {self.host}:{self.port}")
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(config.verbosity, 2)],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signal_number, stop.set)
+        await run_node(config, stop)
+
+    try:
+        asyncio.run(_main())
+    except StoreError as error:
+        print(f"exo: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""What the master does with a command: a pure decision of events to sequence and the answer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from exo.bus.messages import Command, CommandAnswered, DeleteInstance, LabelNode, PlaceInstance
+from exo.events import Event, InstanceCreated, InstanceDeleted, NodeLabelled
+from exo.roles.placement import PlacementRefusal, place
+from exo.state import State
+
+
+@dataclass(frozen=True)
+class CommandOutcome:
+    answer: CommandAnswered
+    events: list[Event] = field(default_factory=list[Event])
+
+
+def _refused(error: str, status_code: int) -> CommandOutcome:
+    return CommandOutcome(CommandAnswered(ok=False, error=error, status_code=status_code))
+
+
+def reserved_bytes(state: State, bytes_per_layer: Mapping[str, int]) -> dict[str, int]:
+    """Memory promised to instances still loading (not yet visible in the nodes' measurements)."""
+    reserved: dict[str, int] = {}
+    for instance in state.instances.values():
+        if instance.status not in ("placing", "loading"):
+            continue
+        layer_bytes = bytes_per_layer.get(instance.model_id, 0)
+        for node_id, shard in instance.shard_assignments.items():
+            reserved[node_id] = reserved.get(node_id, 0) + (shard.end_layer - shard.start_layer) * layer_bytes
+    return reserved
+
+
+def decide(
+    command: Command,
+    state: State,
+    nodes_with_model: Mapping[str, set[str]],
+    new_instance_id: str,
+) -> CommandOutcome:
+    """`nodes_with_model`: model id -> nodes that have it in their models dir (from heartbeats)."""
+    match command:
+        case PlaceInstance():
+            return _place(command, state, nodes_with_model, new_instance_id)
+        case DeleteInstance(instance_id=instance_id):
+            if instance_id not in state.instances:
+                return _refused(f"instance {instance_id!r} not found", 404)
+            return CommandOutcome(
+                CommandAnswered(ok=True, result={"instance_id": instance_id}), [InstanceDeleted(instance_id)]
+            )
+        case LabelNode(node_id=node_id, key=key, value=value):
+            if node_id not in state.nodes:
+                return _refused(f"node {node_id!r} not found", 404)
+            return CommandOutcome(CommandAnswered(ok=True), [NodeLabelled(node_id, key, value)])
+
+
+def _place(
+    command: PlaceInstance, state: State, nodes_with_model: Mapping[str, set[str]], instance_id: str
+) -> CommandOutcome:
+    holders = nodes_with_model.get(command.model_id, set())
+    candidates = [node for node in state.nodes.values() if node.status == "alive" and node.node_id in holders]
+    if not candidates:
+        return _refused(f"no alive node has model {command.model_id!r} in its models dir", 503)
+    layer_bytes = {command.model_id: command.footprint.layer_bytes}
+    result = place(command.footprint, candidates, command.min_nodes, reserved_bytes(state, layer_bytes))
+    if isinstance(result, PlacementRefusal):
+        return _refused(f"cannot place {command.model_id!r}: {'; '.join(result.reasons)}", 503)
+    created = InstanceCreated(
+        instance_id=instance_id,
+        model_id=command.model_id,
+        sharding=command.sharding,
+        shard_assignments=result.shard_assignments,
+    )
+    return CommandOutcome(CommandAnswered(ok=True, result={"instance_id": instance_id}), [created])

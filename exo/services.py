@@ -1,0 +1,254 @@
+"""The node as the HTTP API sees it: `NodeServices` over the cluster member, the store and the models."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from exo.api.services import (
+    ChatTokenizer,
+    ClusterUnavailable,
+    InstanceFailed,
+    InstanceNotFound,
+    InstanceNotReady,
+    ModelNotFound,
+    ModelSummary,
+    NoCapacity,
+    SamplingParameters,
+    TokenStream,
+)
+from exo.bus import messages as m
+from exo.bus.transport import RequestTimedOut
+from exo.events import IndexedEvent, Sharding
+from exo.inference.models import (
+    InvalidModelIdError,
+    ModelInfo,
+    ModelNotFoundError,
+    get_model,
+    list_models,
+)
+from exo.roles.cluster import ClusterMember
+from exo.roles.commands import reserved_bytes
+from exo.roles.placement import ModelFootprint, PlacementPreview, previews
+from exo.state import Instance, State
+
+COMMAND_SECONDS = 10.0
+APPLY_WAIT_SECONDS = 5.0
+MODEL_LIST_CACHE_SECONDS = 2.0
+
+
+def footprint_of(model: ModelInfo) -> ModelFootprint:
+    layer_bytes = max(model.layer_bytes) if model.layer_bytes else 0
+    return ModelFootprint(
+        n_layers=model.n_layers,
+        layer_bytes=layer_bytes,
+        embedding_bytes=model.embedding_bytes,
+        head_bytes=model.head_bytes + model.other_bytes,
+    )
+
+
+class ModelCatalog:
+    """This node's models dir, listed at most every couple of seconds (heartbeats ask often)."""
+
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = models_dir
+        self._listed_at = -MODEL_LIST_CACHE_SECONDS
+        self._models: list[ModelInfo] = []
+
+    def all(self) -> list[ModelInfo]:
+        now = time.monotonic()
+        if now - self._listed_at >= MODEL_LIST_CACHE_SECONDS:
+            self._models = list_models(self.models_dir) if self.models_dir.is_dir() else []
+            self._listed_at = now
+        return self._models
+
+    def supported_ids(self) -> list[str]:
+        return [model.model_id for model in self.all() if model.supported]
+
+    def get(self, model_id: str) -> ModelInfo:
+        try:
+            model = get_model(self.models_dir, model_id)
+        except (ModelNotFoundError, InvalidModelIdError) as error:
+            raise ModelNotFound(model_id) from error
+        return model
+
+
+class ClusterServices:
+    def __init__(
+        self,
+        member: ClusterMember,
+        catalog: ModelCatalog,
+        *,
+        node_status_extra: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        self.member = member
+        self.catalog = catalog
+        self.started_at = time.monotonic()
+        self._node_status_extra = node_status_extra or dict
+        self._tokenizers: dict[str, ChatTokenizer] = {}
+        self.generator: Any = None  # set by the node once inference is wired
+
+    @property
+    def node_id(self) -> str:
+        return self.member.node_id
+
+    def state(self) -> State:
+        return self.member.state
+
+    async def events_since(self, index: int, limit: int) -> list[IndexedEvent]:
+        return await self.member.replica.store.read(index + 1, limit=max(1, limit))
+
+    def node_status(self) -> dict[str, object]:
+        member = self.member
+        bus = member.bus
+        now = time.monotonic()
+        status: dict[str, object] = {
+            "node_id": member.node_id,
+            "uptime_s": round(now - self.started_at, 3),
+            "is_master": member.is_master,
+            "election_phase": member.election.phase,
+            "term": member.election.term,
+            "last_event_index": member.replica.last_index,
+            "peers": {
+                address: {"node_id": peer.node_id, "alive": peer.node_id in member.liveness.alive(now)}
+                for address, peer in bus.peers.items()
+            },
+            "dropped_frames": dict(bus.drops.counts),
+            "dropped_frames_total": bus.drops.total,
+            "frames_received": bus.frames_received,
+            "queue_depths": member.queue_depths(),
+            "counters": {
+                "stale_term_messages": member.counters.stale_term_messages,
+                "local_events_resent": member.counters.local_events_resent,
+                "apply_queue_full": member.counters.apply_queue_full,
+                "fetches": member.counters.fetches,
+                "snapshots_installed": member.counters.snapshots_installed,
+                "duplicate_events": member.replica.orderer.duplicates,
+            },
+        }
+        status.update(self._node_status_extra())
+        return status
+
+    def models(self) -> list[ModelSummary]:
+        summaries: list[ModelSummary] = []
+        for model in self.catalog.all():
+            created = int(Path(model.path).stat().st_mtime) if Path(model.path).exists() else 0
+            summaries.append(
+                ModelSummary(
+                    model_id=model.model_id,
+                    n_layers=model.n_layers,
+                    total_bytes=model.total_weight_bytes,
+                    architecture=model.architecture,
+                    created=created,
+                )
+            )
+        return sorted(summaries, key=lambda summary: summary.model_id)
+
+    # --- commands ------------------------------------------------------------------------------
+
+    async def _command(self, command: m.Command) -> m.CommandAnswered:
+        member = self.member
+        if member.is_master:
+            return await member.execute(command)
+        master_id = member.election.master_node_id
+        if master_id is None:
+            raise ClusterUnavailable("no master elected yet")
+        try:
+            reply = await member.bus.request(master_id, m.CommandRequested(command), timeout=COMMAND_SECONDS)
+        except RequestTimedOut as error:
+            raise ClusterUnavailable(str(error)) from error
+        if isinstance(reply, m.CommandAnswered):
+            return reply
+        reason = reply.reason if isinstance(reply, m.RequestFailed) else type(reply).__name__
+        raise ClusterUnavailable(reason)
+
+    async def _wait_applied(self, predicate: Callable[[State], bool]) -> None:
+        if not await self.member.replica.wait_for(predicate, APPLY_WAIT_SECONDS):
+            raise ClusterUnavailable("the master's events did not reach this node in time")
+
+    async def place_instance(self, model_id: str, sharding: Sharding, min_nodes: int) -> Instance:
+        model = self.catalog.get(model_id)
+        if not model.supported:
+            raise NoCapacity(model_id, [model.reason])
+        answer = await self._command(m.PlaceInstance(model_id, footprint_of(model), sharding, min_nodes))
+        if not answer.ok:
+            if answer.status_code == 404:
+                raise ModelNotFound(model_id)
+            raise NoCapacity(model_id, [answer.error or "placement refused"])
+        instance_id = answer.result["instance_id"]
+        await self._wait_applied(lambda state: instance_id in state.instances)
+        return self.state().instances[instance_id]
+
+    def previews(self, model_id: str) -> list[PlacementPreview]:
+        model = self.catalog.get(model_id)
+        footprint = footprint_of(model)
+        state = self.state()
+        alive = [node for node in state.nodes.values() if node.status == "alive"]
+        return previews(footprint, alive, reserved_bytes(state, {model_id: footprint.layer_bytes}))
+
+    async def delete_instance(self, instance_id: str) -> None:
+        if instance_id not in self.state().instances:
+            raise InstanceNotFound(instance_id)
+        answer = await self._command(m.DeleteInstance(instance_id))
+        if not answer.ok:
+            if answer.status_code == 404:
+                raise InstanceNotFound(instance_id)
+            raise ClusterUnavailable(answer.error or "delete refused")
+        await self._wait_applied(lambda state: instance_id not in state.instances)
+
+    async def ensure_instance(self, model_id: str, timeout_s: float) -> Instance:
+        deadline = time.monotonic() + timeout_s
+        instance = self._usable_instance(model_id)
+        if instance is None:
+            instance = await self.place_instance(model_id, "Pipeline", 1)
+        instance_id = instance.instance_id
+
+        def settled(state: State) -> bool:
+            current = state.instances.get(instance_id)
+            return current is None or current.status in ("ready", "failed")
+
+        await self.member.replica.wait_for(settled, max(0.0, deadline - time.monotonic()))
+        current = self.state().instances.get(instance_id)
+        if current is None:
+            raise InstanceFailed(instance_id, "deleted while loading")
+        if current.status == "failed":
+            raise InstanceFailed(instance_id, current.failure_reason or "failed")
+        if current.status != "ready":
+            raise InstanceNotReady(instance_id, timeout_s)
+        return current
+
+    def _usable_instance(self, model_id: str) -> Instance | None:
+        candidates = [
+            instance
+            for instance in self.state().instances.values()
+            if instance.model_id == model_id and instance.status != "failed"
+        ]
+        candidates.sort(key=lambda instance: (instance.status != "ready", instance.instance_id))
+        return candidates[0] if candidates else None
+
+    # --- inference -----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        instance: Instance,
+        prompt_tokens: Sequence[int],
+        sampling: SamplingParameters,
+        max_tokens: int,
+    ) -> TokenStream:
+        if self.generator is None:
+            raise ClusterUnavailable("this node has no inference client")
+        return self.generator.generate(instance, prompt_tokens, sampling, max_tokens)
+
+    async def tokenizer(self, model_id: str) -> ChatTokenizer:
+        cached = self._tokenizers.get(model_id)
+        if cached is not None:
+            return cached
+        model = self.catalog.get(model_id)
+        from mlx_lm.tokenizer_utils import load as load_tokenizer  # imports mlx: after the BLAS loader
+
+        tokenizer: ChatTokenizer = await asyncio.to_thread(load_tokenizer, Path(model.path))
+        self._tokenizers[model_id] = tokenizer
+        return tokenizer
