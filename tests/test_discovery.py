@@ -354,3 +354,11 @@ def test_peer_table_falls_back_to_the_other_name_of_a_node() -> None:
     assert table.observe("b2", Peer("node-b", ("10.0.0.3",), 1)) == [PeerFound("node-b", "10.0.0.3:1")]
     assert table.remove("b2") == [PeerFound("node-b", "10.0.0.2:1")]
     assert table.peers() == {"node-b": "10.0.0.2:1"}
+
+
+async def test_cancelled_start_releases_everything() -> None:
+    node = loopback(unique("n"), 40051, Recorder(), unique("t"))
+    # Probing waits at least 150 ms before its first packet, so 50 ms always lands inside start().
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(node.start(), 0.05)
+    assert node.state == "closed"

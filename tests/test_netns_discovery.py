@@ -9,9 +9,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import netns
 import pytest
-from netns import (
+
+from tests import netns
+from tests.netns import (
     REPO_ROOT,
     LineWatcher,
     NetnsCluster,

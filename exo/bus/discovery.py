@@ -31,6 +31,9 @@ TXT_CLUSTER = b"cluster"
 # A TXT entry is at most 255 bytes, "node_id=" included.
 MAX_NODE_ID_BYTES = 200
 RESOLVE_TIMEOUT_MS = 3000
+# zeroconf's default TTL for the service records is 75 minutes; a node killed without a goodbye should
+# drop out of its peers' tables within minutes (browsers re-query at 80% of the TTL and expire the rest).
+ANNOUNCEMENT_TTL_SECONDS = 120
 # Announcements name the services to resolve; a flood of fake names must not grow tasks without bound.
 MAX_PENDING_RESOLVES = 256
 
@@ -285,22 +288,25 @@ class Discovery:
         else:
             self.announced_addresses = sorted({str(interface.ip) for interface in host_interfaces})
         if not self.announced_addresses:
-            self.state = "closed"
+            self._move("closed")
             raise DiscoveryError("no non-loopback IPv4 address to announce; pass addresses or use --peers")
         try:
             self._zeroconf = AsyncZeroconf(interfaces=self.announced_addresses, ip_version=IPVersion.V4Only)
         except OSError as error:
-            self.state = "closed"  # nothing was opened, so there is nothing to close
-            raise DiscoveryError(
-                f"cannot open mDNS sockets on {self.announced_addresses}: {error}"
-            ) from error
+            self._move("closed")  # nothing was opened, so there is nothing to close
+            message = f"cannot open mDNS sockets on {self.announced_addresses}: {error}"
+            raise DiscoveryError(message) from error
         self._browser = AsyncServiceBrowser(self._zeroconf.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
+        registered = False
         try:
             announcing = await self._zeroconf.async_register_service(self._service_info())
-            self._announcing = asyncio.ensure_future(announcing)
+            registered = True
         except NonUniqueNameException as error:
-            await self.close()
             raise DiscoveryError(f"another node already announces node id {self.node_id!r}") from error
+        finally:
+            if not registered:  # a clash, a cancelled start, a socket error: release what start opened
+                await self.close()
+        self._announcing = asyncio.ensure_future(announcing)
         self._move("running")
 
     def _service_info(self) -> AsyncServiceInfo:
@@ -319,6 +325,8 @@ class Discovery:
             properties=properties,
             server=f"{host_label}.local.",
             addresses=[socket.inet_aton(address) for address in self.announced_addresses],
+            host_ttl=ANNOUNCEMENT_TTL_SECONDS,
+            other_ttl=ANNOUNCEMENT_TTL_SECONDS,
         )
 
     async def close(self) -> None:
