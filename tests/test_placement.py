@@ -8,6 +8,7 @@ import random
 import pytest
 
 from exo.events import ShardAssignment
+from exo.inference.models import ModelInfo
 from exo.roles.placement import (
     ModelFootprint,
     Placement,
@@ -58,7 +59,7 @@ def test_split_layers_rejects_impossible_splits(n_layers: int, n_weights: int) -
 
 
 def test_twelve_layers_split_a_quarter_a_quarter_a_half() -> None:
-    footprint = ModelFootprint(n_layers=12, layer_bytes=GIB)
+    footprint = ModelFootprint.uniform(n_layers=12, layer_bytes=GIB)
     nodes = [node("a", 4 * GIB), node("b", 4 * GIB), node("c", 8 * GIB)]
     result = place(footprint, nodes, min_nodes=3)
     # Most memory first is the first stage; equal memory ties break by node id.
@@ -70,7 +71,7 @@ def test_twelve_layers_split_a_quarter_a_quarter_a_half() -> None:
 
 
 def test_model_that_fits_on_one_node_stays_on_one_node() -> None:
-    footprint = ModelFootprint(n_layers=8, layer_bytes=GIB, embedding_bytes=GIB, head_bytes=GIB)
+    footprint = ModelFootprint.uniform(n_layers=8, layer_bytes=GIB, embedding_bytes=GIB, head_bytes=GIB)
     nodes = [node("a", 16 * GIB), node("b", 64 * GIB), node("c", 64 * GIB)]
     result = place(footprint, nodes)
     assert layers_by_node(result) == {"b": (0, 8)}
@@ -79,13 +80,13 @@ def test_model_that_fits_on_one_node_stays_on_one_node() -> None:
 
 
 def test_fewest_nodes_that_fit() -> None:
-    footprint = ModelFootprint(n_layers=10, layer_bytes=GIB)
+    footprint = ModelFootprint.uniform(n_layers=10, layer_bytes=GIB)
     nodes = [node("a", 6 * GIB), node("b", 6 * GIB), node("c", 6 * GIB)]
     assert layers_by_node(place(footprint, nodes)) == {"a": (0, 5), "b": (5, 10)}
 
 
 def test_min_nodes_spreads_a_model_that_would_fit_on_one() -> None:
-    footprint = ModelFootprint(n_layers=8, layer_bytes=GIB)
+    footprint = ModelFootprint.uniform(n_layers=8, layer_bytes=GIB)
     nodes = [node("a", 100 * GIB), node("b", 100 * GIB)]
     assert layers_by_node(place(footprint, nodes, min_nodes=2)) == {"a": (0, 4), "b": (4, 8)}
 
@@ -93,7 +94,9 @@ def test_min_nodes_spreads_a_model_that_would_fit_on_one() -> None:
 def test_embedding_and_head_are_counted_on_first_and_last_stage() -> None:
     # 4 layers of 1 GiB, a 2 GiB embedding and a 2 GiB head: room for layers is 3 GiB on the
     # first node and 2 GiB on the last, so the split is 2.4/1.6 -> 2/2.
-    footprint = ModelFootprint(n_layers=4, layer_bytes=GIB, embedding_bytes=2 * GIB, head_bytes=2 * GIB)
+    footprint = ModelFootprint.uniform(
+        n_layers=4, layer_bytes=GIB, embedding_bytes=2 * GIB, head_bytes=2 * GIB
+    )
     nodes = [node("a", 5 * GIB), node("b", 4 * GIB)]
     result = place(footprint, nodes)
     assert isinstance(result, Placement)
@@ -101,9 +104,50 @@ def test_embedding_and_head_are_counted_on_first_and_last_stage() -> None:
     assert result.bytes_by_node == {"a": 4 * GIB, "b": 4 * GIB}
 
 
+def test_tied_embeddings_are_needed_on_the_last_stage_too() -> None:
+    footprint = ModelFootprint([GIB] * 4, embedding_bytes=GIB, tied_embeddings=True)
+    assert footprint.stage_bytes(0, 4) == 5 * GIB  # one node: the matrix once
+    assert footprint.stage_bytes(0, 2) == 3 * GIB
+    assert footprint.stage_bytes(2, 4) == 3 * GIB  # the output head is the embedding matrix
+    result = place(footprint, [node("a", 3 * GIB), node("b", 3 * GIB)])
+    assert layers_by_node(result) == {"a": (0, 2), "b": (2, 4)}
+
+
+def test_unequal_layers_are_summed_per_stage() -> None:
+    footprint = ModelFootprint([1, 1, 1, 1, 10, 10], embedding_bytes=0, head_bytes=0)
+    result = place(footprint, [node("a", 20), node("b", 20)])
+    assert isinstance(result, Placement)
+    assert sum(result.bytes_by_node.values()) == 24
+    assert all(used <= 20 for used in result.bytes_by_node.values())
+
+
+def test_footprint_of_a_listed_model() -> None:
+    model = ModelInfo(
+        model_id="m",
+        path="/models/m",
+        architecture="llama",
+        n_layers=2,
+        hidden_size=8,
+        vocab_size=10,
+        dtype="float16",
+        total_weight_bytes=0,
+        layer_bytes=[100, 120],
+        embedding_bytes=50,
+        head_bytes=0,
+        other_bytes=4,
+        tied_embeddings=True,
+        supported=True,
+        reason="",
+    )
+    footprint = ModelFootprint.of_model(model)
+    assert footprint == ModelFootprint([100, 120], embedding_bytes=50, head_bytes=4, tied_embeddings=True)
+    for start, end in [(0, 1), (1, 2), (0, 2)]:
+        assert footprint.stage_bytes(start, end) == model.shard_weight_bytes(start, end)
+
+
 def test_rounding_overflow_is_moved_to_a_node_with_room() -> None:
     # Quotas 2.5/2.5: largest remainder gives the first node 3 layers, which it cannot hold.
-    footprint = ModelFootprint(n_layers=5, layer_bytes=10)
+    footprint = ModelFootprint.uniform(n_layers=5, layer_bytes=10)
     nodes = [node("a", 25), node("b", 30)]
     result = place(footprint, nodes)
     assert isinstance(result, Placement)
@@ -111,7 +155,7 @@ def test_rounding_overflow_is_moved_to_a_node_with_room() -> None:
 
 
 def test_too_little_memory_lists_each_nodes_shortfall() -> None:
-    footprint = ModelFootprint(n_layers=12, layer_bytes=GIB)
+    footprint = ModelFootprint.uniform(n_layers=12, layer_bytes=GIB)
     nodes = [node("a", 2 * GIB), node("b", 3 * GIB), node("gone-node", 100 * GIB, status="gone")]
     result = place(footprint, nodes)
     assert isinstance(result, PlacementRefusal)
@@ -129,7 +173,7 @@ def test_too_little_memory_lists_each_nodes_shortfall() -> None:
 
 
 def test_min_nodes_above_alive_nodes_is_refused() -> None:
-    footprint = ModelFootprint(n_layers=12, layer_bytes=1)
+    footprint = ModelFootprint.uniform(n_layers=12, layer_bytes=1)
     nodes = [node("a", GIB), node("b", GIB), node("c", GIB, status="gone")]
     result = place(footprint, nodes, min_nodes=3)
     assert isinstance(result, PlacementRefusal)
@@ -140,10 +184,11 @@ def test_min_nodes_above_alive_nodes_is_refused() -> None:
 @pytest.mark.parametrize(
     ("footprint", "min_nodes", "reason"),
     [
-        (ModelFootprint(n_layers=2, layer_bytes=1), 3, "min_nodes=3 exceeds the model's 2 layer(s)"),
-        (ModelFootprint(n_layers=2, layer_bytes=1), 0, "min_nodes must be at least 1, got 0"),
-        (ModelFootprint(n_layers=0, layer_bytes=1), 1, "model has 0 layers; it needs at least 1"),
-        (ModelFootprint(n_layers=2, layer_bytes=-1), 1, "model byte counts must not be negative"),
+        (ModelFootprint.uniform(n_layers=2, layer_bytes=1), 3, "min_nodes=3 exceeds the model's 2 layer(s)"),
+        (ModelFootprint.uniform(n_layers=2, layer_bytes=1), 0, "min_nodes must be at least 1, got 0"),
+        (ModelFootprint.uniform(n_layers=0, layer_bytes=1), 1, "model has 0 layers; it needs at least 1"),
+        (ModelFootprint.uniform(n_layers=2, layer_bytes=-1), 1, "model byte counts must not be negative"),
+        (ModelFootprint([5, 5], head_bytes=-1), 1, "model byte counts must not be negative"),
     ],
 )
 def test_bad_requests_are_refused_with_a_reason(
@@ -156,19 +201,19 @@ def test_bad_requests_are_refused_with_a_reason(
 
 
 def test_no_nodes_at_all() -> None:
-    result = place(ModelFootprint(n_layers=2, layer_bytes=1), [])
+    result = place(ModelFootprint.uniform(n_layers=2, layer_bytes=1), [])
     assert isinstance(result, PlacementRefusal)
     assert result.reasons == ["min_nodes=1 but only 0 node(s) alive"]
 
 
 def test_gone_nodes_are_never_used() -> None:
-    footprint = ModelFootprint(n_layers=4, layer_bytes=GIB)
+    footprint = ModelFootprint.uniform(n_layers=4, layer_bytes=GIB)
     nodes = [node("big-but-gone", 1000 * GIB, status="gone"), node("a", 3 * GIB), node("b", 3 * GIB)]
     assert layers_by_node(place(footprint, nodes)) == {"a": (0, 2), "b": (2, 4)}
 
 
 def test_reserved_memory_is_subtracted() -> None:
-    footprint = ModelFootprint(n_layers=4, layer_bytes=GIB)
+    footprint = ModelFootprint.uniform(n_layers=4, layer_bytes=GIB)
     nodes = [node("a", 5 * GIB), node("b", 4 * GIB)]
     assert layers_by_node(place(footprint, nodes)) == {"a": (0, 4)}
     result = place(footprint, nodes, reserved_bytes_by_node={"a": 3 * GIB})
@@ -176,7 +221,9 @@ def test_reserved_memory_is_subtracted() -> None:
 
 
 def test_placement_is_deterministic_whatever_the_input_order() -> None:
-    footprint = ModelFootprint(n_layers=31, layer_bytes=GIB, embedding_bytes=GIB // 2, head_bytes=GIB // 3)
+    footprint = ModelFootprint.uniform(
+        n_layers=31, layer_bytes=GIB, embedding_bytes=GIB // 2, head_bytes=GIB // 3
+    )
     nodes = [node(f"node-{i}", (i % 3 + 2) * 4 * GIB) for i in range(6)]
     expected = place(footprint, nodes, min_nodes=4)
     assert isinstance(expected, Placement)
@@ -190,11 +237,12 @@ def test_placement_is_deterministic_whatever_the_input_order() -> None:
 @pytest.mark.parametrize("seed", range(30))
 def test_placements_are_contiguous_and_fit(seed: int) -> None:
     rng = random.Random(seed)
+    n_layers = rng.randint(1, 80)
     footprint = ModelFootprint(
-        n_layers=rng.randint(1, 80),
-        layer_bytes=rng.randint(1, 1000),
+        layer_bytes=[rng.randint(1, 1000) for _ in range(n_layers)],
         embedding_bytes=rng.randint(0, 5000),
         head_bytes=rng.randint(0, 5000),
+        tied_embeddings=rng.random() < 0.5,
     )
     nodes = [node(f"n{i}", rng.randint(0, 40_000)) for i in range(rng.randint(1, 6))]
     result = place(footprint, nodes, min_nodes=rng.randint(1, 3))
@@ -209,11 +257,16 @@ def test_placements_are_contiguous_and_fit(seed: int) -> None:
     assert all(a.end_layer > a.start_layer for a in assignments)
     available = {n.node_id: n.memory_available_bytes for n in nodes}
     assert all(used <= available[node_id] for node_id, used in result.bytes_by_node.items())
-    assert sum(result.bytes_by_node.values()) == footprint.total_bytes
+    for node_id, assignment in result.shard_assignments.items():
+        assert result.bytes_by_node[node_id] == footprint.stage_bytes(
+            assignment.start_layer, assignment.end_layer
+        )
+    tied_copy = footprint.embedding_bytes if footprint.tied_embeddings and len(assignments) > 1 else 0
+    assert sum(result.bytes_by_node.values()) == footprint.total_bytes + tied_copy
 
 
 def test_previews_cover_every_node_count() -> None:
-    footprint = ModelFootprint(n_layers=12, layer_bytes=GIB)
+    footprint = ModelFootprint.uniform(n_layers=12, layer_bytes=GIB)
     nodes = [node("a", 4 * GIB), node("b", 4 * GIB), node("c", 8 * GIB), node("d", GIB, status="gone")]
     result = previews(footprint, nodes)
     assert [preview.n_nodes for preview in result] == [1, 2, 3]
@@ -235,7 +288,37 @@ def test_previews_cover_every_node_count() -> None:
 
 
 def test_previews_with_more_nodes_than_layers() -> None:
-    result = previews(ModelFootprint(n_layers=1, layer_bytes=1), [node("a", GIB), node("b", GIB)])
+    result = previews(ModelFootprint.uniform(n_layers=1, layer_bytes=1), [node("a", GIB), node("b", GIB)])
     assert result[0].placement is not None
     assert result[1].refusal is not None
     assert result[1].refusal.reasons == ["1 layer(s) cannot be split over 2 nodes"]
+
+
+def _fits_some_contiguous_split(footprint: ModelFootprint, available: list[int]) -> bool:
+    n_layers, count = footprint.n_layers, len(available)
+    for cuts in itertools.combinations(range(1, n_layers), count - 1):
+        bounds = [0, *cuts, n_layers]
+        if all(footprint.stage_bytes(bounds[i], bounds[i + 1]) <= available[i] for i in range(count)):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_placement_is_found_whenever_one_exists(seed: int) -> None:
+    """Against brute force over every contiguous split of the most-memory-first nodes."""
+    rng = random.Random(seed)
+    for _ in range(60):
+        n_layers = rng.randint(1, 8)
+        equal = rng.random() < 0.5
+        layer_bytes = (
+            [rng.randint(1, 100)] * n_layers if equal else [rng.randint(1, 100) for _ in range(n_layers)]
+        )
+        footprint = ModelFootprint(layer_bytes, rng.randint(0, 100), rng.randint(0, 100), rng.random() < 0.3)
+        nodes = [node(f"n{i}", rng.randint(0, 400)) for i in range(rng.randint(1, 4))]
+        ordered = sorted(nodes, key=lambda n: (-n.memory_available_bytes, n.node_id))
+        available = [n.memory_available_bytes for n in ordered]
+        exists = any(
+            _fits_some_contiguous_split(footprint, available[:count])
+            for count in range(1, min(len(nodes), n_layers) + 1)
+        )
+        assert isinstance(place(footprint, nodes), Placement) == exists, (footprint, nodes)

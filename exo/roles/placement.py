@@ -1,7 +1,7 @@
 """Where an instance's pipeline stages go: pure functions, no I/O, no clock.
 
-A model is `n_layers` transformer layers of `layer_bytes` each, plus the embedding (first stage only)
-and the output head (last stage only). `place` picks the fewest alive nodes (at least `min_nodes`)
+A model is its transformer layers (bytes per layer), plus the embedding (first stage only) and the
+output head (last stage only). `place` picks the fewest alive nodes (at least `min_nodes`)
 whose memory holds the model, most available memory first, and splits the layers between them in
 proportion to the memory each has left for layers, by the largest remainder method (every node gets
 at least one layer). Pipeline order is the order the nodes were picked in.
@@ -12,25 +12,64 @@ placement on every node (a new master re-placing after failover agrees with the 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 
 import msgspec
 
 from exo.events import ShardAssignment
+from exo.inference.models import ModelInfo
 from exo.state import NodeInfo
 
 
 class ModelFootprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The memory a model needs, split the way pipeline stages hold it."""
+    """The memory a model needs, split the way pipeline stages hold it.
 
-    n_layers: int
-    layer_bytes: int
+    `layer_bytes` has one entry per layer. The first stage also holds `embedding_bytes`, the last
+    stage `head_bytes` (final norm, lm_head); with `tied_embeddings` the last stage needs the
+    embedding matrix too (as its output head) unless it is also the first stage.
+    """
+
+    layer_bytes: list[int]
     embedding_bytes: int = 0
     head_bytes: int = 0
+    tied_embeddings: bool = False
+
+    @classmethod
+    def uniform(
+        cls, n_layers: int, layer_bytes: int, embedding_bytes: int = 0, head_bytes: int = 0
+    ) -> ModelFootprint:
+        return cls([layer_bytes] * n_layers, embedding_bytes, head_bytes)
+
+    @classmethod
+    def of_model(cls, model: ModelInfo) -> ModelFootprint:
+        return cls(
+            layer_bytes=list(model.layer_bytes),
+            embedding_bytes=model.embedding_bytes,
+            head_bytes=model.head_bytes + model.other_bytes,
+            tied_embeddings=model.tied_embeddings,
+        )
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layer_bytes)
 
     @property
     def total_bytes(self) -> int:
-        return self.n_layers * self.layer_bytes + self.embedding_bytes + self.head_bytes
+        """What the model needs on a single node."""
+        return sum(self.layer_bytes) + self.embedding_bytes + self.head_bytes
+
+    def stage_bytes(self, start_layer: int, end_layer: int) -> int:
+        """What the stage holding layers `[start_layer, end_layer)` needs."""
+        fixed = self.fixed_bytes(first=start_layer == 0, last=end_layer == self.n_layers)
+        return sum(self.layer_bytes[start_layer:end_layer]) + fixed
+
+    def fixed_bytes(self, *, first: bool, last: bool) -> int:
+        """What a stage holds besides its layers."""
+        fixed = self.embedding_bytes if first else 0
+        if last:
+            fixed += self.head_bytes + (self.embedding_bytes if self.tied_embeddings and not first else 0)
+        return fixed
 
 
 class Placement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -195,7 +234,7 @@ def format_bytes(count: int) -> str:
 def _check_footprint(footprint: ModelFootprint) -> str | None:
     if footprint.n_layers < 1:
         return f"model has {footprint.n_layers} layers; it needs at least 1"
-    if min(footprint.layer_bytes, footprint.embedding_bytes, footprint.head_bytes) < 0:
+    if min([*footprint.layer_bytes, footprint.embedding_bytes, footprint.head_bytes]) < 0:
         return "model byte counts must not be negative"
     return None
 
@@ -219,16 +258,23 @@ def _candidates(
 def _place_on(footprint: ModelFootprint, chosen: list[_Candidate]) -> Placement | PlacementRefusal:
     """Split the model over exactly these nodes, in this pipeline order, and check that it fits."""
     last = len(chosen) - 1
-    fixed = [_fixed_bytes(footprint, position, last) for position in range(len(chosen))]
-    layer_room = [candidate.available_bytes - fixed[position] for position, candidate in enumerate(chosen)]
-    counts = split_layers(footprint.n_layers, layer_room)
-    counts = _move_layers_to_fit(counts, layer_room, footprint.layer_bytes)
-    needed = [fixed[position] + counts[position] * footprint.layer_bytes for position in range(len(chosen))]
-    overflowing = [
-        position for position in range(len(chosen)) if needed[position] > chosen[position].available_bytes
+    available = [candidate.available_bytes for candidate in chosen]
+    layer_room = [
+        available[position] - _fixed_bytes(footprint, position, last) for position in range(len(chosen))
     ]
+    counts = split_layers(footprint.n_layers, layer_room)
+    counts = _move_layers_to_fit(footprint, counts, available)
     ranges = _layer_ranges(counts)
-    if not overflowing:
+    needed = [footprint.stage_bytes(start, end) for start, end in ranges]
+    fits = all(needed[position] <= available[position] for position in range(len(chosen)))
+    if not fits:
+        # Unequal layers can defeat the proportional split where some other split fits.
+        fitting_counts = _any_fitting_counts(footprint, available)
+        if fitting_counts is not None:
+            ranges = _layer_ranges(fitting_counts)
+            needed = [footprint.stage_bytes(start, end) for start, end in ranges]
+            fits = True
+    if fits:
         return Placement(
             shard_assignments={
                 candidate.node_id: ShardAssignment(start, end, footprint.n_layers)
@@ -239,47 +285,86 @@ def _place_on(footprint: ModelFootprint, chosen: list[_Candidate]) -> Placement 
     verdicts: list[NodeVerdict] = []
     reasons: list[str] = []
     for position, candidate in enumerate(chosen):
-        shortfall = max(0, needed[position] - candidate.available_bytes)
+        shortfall = max(0, needed[position] - available[position])
         what = _stage_description(ranges[position], position, last)
         if shortfall:
             reason = (
                 f"needs {format_bytes(needed[position])} for {what}, has "
-                f"{format_bytes(candidate.available_bytes)} available (short by {format_bytes(shortfall)})"
+                f"{format_bytes(available[position])} available (short by {format_bytes(shortfall)})"
             )
             reasons.append(f"{candidate.node_id}: {reason}")
         else:
             reason = f"fits {what}"
         verdicts.append(
-            NodeVerdict(candidate.node_id, candidate.available_bytes, needed[position], shortfall, reason)
+            NodeVerdict(candidate.node_id, available[position], needed[position], shortfall, reason)
         )
     return PlacementRefusal(reasons=reasons, nodes=verdicts)
 
 
 def _fixed_bytes(footprint: ModelFootprint, position: int, last: int) -> int:
-    return (footprint.embedding_bytes if position == 0 else 0) + (
-        footprint.head_bytes if position == last else 0
-    )
+    return footprint.fixed_bytes(first=position == 0, last=position == last)
 
 
-def _move_layers_to_fit(counts: list[int], layer_room: list[int], layer_bytes: int) -> list[int]:
-    """Rounding can push a node one layer past its room: hand such layers to nodes with space for them.
+def _move_layers_to_fit(footprint: ModelFootprint, counts: list[int], available: list[int]) -> list[int]:
+    """Rounding can push a node a layer past its memory: hand such layers to nodes with room for one.
 
-    Every move lowers the total overflow and never creates a new one, so this ends.
+    With equal layers every move lowers the total overflow; with unequal ones a move also shifts
+    the nodes in between by a layer, so the number of moves is bounded instead.
     """
     counts = list(counts)
-    while True:
-        overflow = [counts[position] * layer_bytes - layer_room[position] for position in range(len(counts))]
-        spare = [-amount for amount in overflow]
+    largest_layer = max(footprint.layer_bytes)
+    for _ in range(footprint.n_layers * len(counts)):
+        needed = [footprint.stage_bytes(start, end) for start, end in _layer_ranges(counts)]
+        overflow = [needed[position] - available[position] for position in range(len(counts))]
         donors = [
             position for position in range(len(counts)) if overflow[position] > 0 and counts[position] > 1
         ]
-        takers = [position for position in range(len(counts)) if spare[position] >= layer_bytes]
-        if not donors or not takers or layer_bytes == 0:
-            return counts
+        takers = [position for position in range(len(counts)) if -overflow[position] >= largest_layer]
+        if not donors or not takers or largest_layer == 0:
+            break
         donor = max(donors, key=lambda position: (overflow[position], -position))
-        taker = max(takers, key=lambda position: (spare[position], -position))
+        taker = max(takers, key=lambda position: (-overflow[position], -position))
         counts[donor] -= 1
         counts[taker] += 1
+    return counts
+
+
+def _any_fitting_counts(footprint: ModelFootprint, available: list[int]) -> list[int] | None:
+    """Layer counts that fit these nodes in this order, if any do: each stage takes as many layers
+    as it can while the stages after it can still hold the rest. Exact, O(nodes x layers^2)."""
+    n_layers, last = footprint.n_layers, len(available) - 1
+    if sum(available) < footprint.total_bytes:
+        return None
+    prefix = [0, *itertools.accumulate(footprint.layer_bytes)]
+
+    def stage_fits(position: int, start: int, end: int) -> bool:
+        fixed = _fixed_bytes(footprint, position, last)
+        return prefix[end] - prefix[start] + fixed <= available[position]
+
+    # holdable[position][start]: stages position.. can hold layers [start, n_layers).
+    holdable = [[False] * (n_layers + 1) for _ in range(len(available) + 1)]
+    holdable[len(available)][n_layers] = True
+    for position in range(last, -1, -1):
+        for start in range(n_layers):
+            end = start + 1
+            while end <= n_layers and stage_fits(position, start, end):
+                if holdable[position + 1][end]:
+                    holdable[position][start] = True
+                    break
+                end += 1
+    if not holdable[0][0]:
+        return None
+    counts: list[int] = []
+    start = 0
+    for position in range(len(available)):
+        end = max(
+            end
+            for end in range(start + 1, n_layers + 1)
+            if stage_fits(position, start, end) and holdable[position + 1][end]
+        )
+        counts.append(end - start)
+        start = end
+    return counts
 
 
 def _layer_ranges(counts: list[int]) -> list[tuple[int, int]]:
