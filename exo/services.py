@@ -112,6 +112,8 @@ class ClusterServices:
             "election_phase": member.election.phase,
             "term": member.election.term,
             "last_event_index": member.replica.last_index,
+            "bus_port": bus.bus_port,
+            "pub_port": bus.pub_port,
             "peers": {
                 address: {"node_id": peer.node_id, "alive": peer.node_id in member.liveness.alive(now)}
                 for address, peer in bus.peers.items()
