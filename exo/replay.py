@@ -1,0 +1,234 @@
+"""`exo-replay PATH`: rebuild the cluster state from an event log, offline and read-only.
+
+`replay_state` is the pure fold the node reuses on start-up (`restore_state` does it from any
+EventStore); the rest is the command line: a summary, `--json` (the state document, equal to
+the node's `GET /state` at that index), `--list`, `--verify`.
+
+Exit codes: 0 ok; 1 the log is damaged (a hole, an event that does not decode), naming the
+first bad index; 2 the file cannot be used (missing, not an exo store, corrupt) or bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+import msgspec
+
+from exo.events import IndexedEvent, event_type_name
+from exo.state import State, apply, state_document
+from exo.store.base import EventStore, StoreError
+from exo.store.reader import EventDecodeError, LogReader
+
+RESTORE_PAGE_EVENTS = 10_000
+SHORT_PAYLOAD_CHARS = 100
+
+
+class LogGapError(ValueError):
+    """The events do not continue the state: `expected` is the first missing index."""
+
+    def __init__(self, expected: int, found: int) -> None:
+        super().__init__(f"index {expected} is missing: the log continues at {found}")
+        self.expected = expected
+        self.found = found
+
+
+def replay_state(events: Iterable[IndexedEvent], start_state: State | None = None) -> State:
+    """Fold `events` into `start_state` (empty when None) with exo.state.apply.
+
+    The events must continue the state exactly (first index = start_state.last_event_index + 1,
+    then no hole); LogGapError otherwise, since a state folded over a hole would be silently wrong.
+    """
+    state = start_state if start_state is not None else State()
+    expected = state.last_event_index + 1
+    for indexed in events:
+        if indexed.index != expected:
+            raise LogGapError(expected, indexed.index)
+        state = apply(state, indexed)
+        expected += 1
+    return state
+
+
+async def restore_state(store: EventStore, until: int | None = None) -> State:
+    """The state after index `until` (the whole log when None): newest snapshot, then the events after it."""
+    snapshot = await store.load_snapshot(until)
+    state = snapshot.state if snapshot is not None else State()
+    while until is None or state.last_event_index < until:
+        start = state.last_event_index + 1
+        end = None if until is None else until + 1
+        page = await store.read(start, end, limit=RESTORE_PAGE_EVENTS)
+        if not page:
+            break
+        state = replay_state(page, state)
+    return state
+
+
+def rebuild(reader: LogReader, until: int | None = None) -> State:
+    """The state after index `until` (whole log when None), from the newest snapshot at or before it.
+
+    Raises LogGapError when the log cannot reach that index, EventDecodeError on a bad event.
+    """
+    snapshot = reader.load_snapshot(until)
+    start_state = snapshot.state if snapshot is not None else State()
+    state = replay_state(reader.events(start_state.last_event_index + 1, until), start_state)
+    _, _, highest_event = reader.index_range()
+    snapshots = reader.snapshot_indices()
+    target = max(highest_event, snapshots[-1] if snapshots else 0)
+    if until is not None:
+        target = min(target, until)
+    if state.last_event_index < target:
+        # Events stop before the target: those up to it are gone and no snapshot covers them.
+        lowest_after = reader.index_range()[1]
+        raise LogGapError(state.last_event_index + 1, lowest_after)
+    return state
+
+
+def summary(state: State, reader: LogReader, until: int | None) -> str:
+    count, lowest, highest = reader.index_range()
+    snapshots = reader.snapshot_indices()
+    stored = f"{count} events stored" + (f" (indices {lowest}..{highest})" if count else "")
+    snapshot_text = ", ".join(map(str, snapshots[-3:])) if snapshots else "none"
+    node_statuses = Counter(node.status for node in state.nodes.values())
+    instance_statuses = Counter(instance.status for instance in state.instances.values())
+    lines = [
+        f"{reader.path}: {stored}; snapshots at: {snapshot_text}",
+        f"last index: {state.last_event_index}   term: {state.term}   master: {state.master_node_id or '-'}",
+        f"nodes: {len(state.nodes)}{_by_status(node_statuses)}",
+        f"instances: {len(state.instances)}{_by_status(instance_statuses)}",
+        "stored events by type" + (f" (up to index {until})" if until is not None else "") + ":",
+    ]
+    counts = reader.counts_by_type(until)
+    width = max((len(name) for name in counts), default=0)
+    lines += [
+        f"  {name:<{width}}  {counts[name]:>10}" for name in sorted(counts, key=lambda n: (-counts[n], n))
+    ]
+    return "\n".join(lines)
+
+
+def list_line(indexed: IndexedEvent) -> str:
+    fields = msgspec.to_builtins(indexed.event)
+    fields.pop("type", None)
+    payload = msgspec.json.encode(fields).decode()
+    if len(payload) > SHORT_PAYLOAD_CHARS:
+        payload = payload[: SHORT_PAYLOAD_CHARS - 1] + "…"
+    return f"{indexed.index:>9} {indexed.term:>4} {event_type_name(indexed.event):<19} {payload}"
+
+
+def verify(reader: LogReader, until: int | None) -> tuple[int, str | None]:
+    """(events checked, the first problem or None). Indices must run without a hole from 1, or
+    from just after the snapshot the log begins at; every event and snapshot must decode."""
+    _, lowest, _ = reader.index_range()
+    snapshots = reader.snapshot_indices()
+    for index in snapshots:
+        if until is None or index <= until:
+            try:
+                reader.load_snapshot(index)
+            except StoreError as error:
+                return 0, f"bad snapshot at index {index}: {error}"
+    if lowest > 1 and lowest - 1 not in snapshots:
+        return 0, f"bad index 1: missing: the log starts at {lowest} and has no snapshot at {lowest - 1}"
+    expected = lowest if lowest > 1 else 1
+    checked = 0
+    try:
+        for indexed in reader.events(0, until):
+            if indexed.index != expected:
+                return checked, f"bad index {expected}: missing (the next stored event is {indexed.index})"
+            expected += 1
+            checked += 1
+    except EventDecodeError as error:
+        return checked, f"bad index {error.index}: {error}"
+    return checked, None
+
+
+def _by_status(statuses: Counter[str]) -> str:
+    if not statuses:
+        return ""
+    return " (" + ", ".join(f"{status} {statuses[status]}" for status in sorted(statuses)) + ")"
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="exo-replay", description="Rebuild the exo cluster state from an event log (read-only)."
+    )
+    parser.add_argument("path", metavar="PATH", help="events.db path or store URL (sqlite+aiosqlite:///PATH)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--json", action="store_true", help="print the state document (as GET /state)")
+    mode.add_argument("--list", action="store_true", help="print one event per line")
+    mode.add_argument(
+        "--verify", action="store_true", help="check indices run without a hole and events decode"
+    )
+    parser.add_argument("--until", type=_non_negative, metavar="N", help="stop after index N")
+    return parser
+
+
+def _run(arguments: argparse.Namespace, out: Output) -> int:
+    with LogReader.open(arguments.path) as reader:
+        if arguments.verify:
+            checked, problem = verify(reader, arguments.until)
+            if problem is not None:
+                out.error(problem)
+                return 1
+            out.line(f"ok: {checked} events")
+            return 0
+        if arguments.list:
+            for indexed in reader.events(0, arguments.until):
+                out.line(list_line(indexed))
+            return 0
+        state = rebuild(reader, arguments.until)
+        if arguments.json:
+            out.raw(state_document(state) + b"\n")
+        else:
+            out.line(summary(state, reader, arguments.until))
+        return 0
+
+
+class Output:
+    def line(self, text: str) -> None:
+        sys.stdout.write(text + "\n")
+
+    def raw(self, data: bytes) -> None:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+
+    def error(self, text: str) -> None:
+        sys.stdout.flush()
+        sys.stderr.write(f"exo-replay: {text}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
+    out = Output()
+    try:
+        return _run(arguments, out)
+    except EventDecodeError as error:
+        out.error(f"bad index {error.index}: {error}")
+        return 1
+    except LogGapError as error:
+        out.error(f"bad index {error.expected}: {error}")
+        return 1
+    except StoreError as error:
+        out.error(str(error))
+        return 2
+    except BrokenPipeError:
+        # `exo-replay --list | head`: the reader went away, which is not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Apply the event store's Alembic migrations from inside exo, on a connection exo already holds.
+
+The migration scripts ship inside the package (exo/store/migrations), so this works the same from
+a source checkout, an editable install and a plain wheel install.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection
+
+MIGRATIONS_DIRECTORY = Path(__file__).resolve().parent / "migrations"
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIRECTORY))
+    config.set_main_option("path_separator", "os")
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+@cache
+def known_revisions() -> frozenset[str]:
+    script = ScriptDirectory.from_config(alembic_config())
+    return frozenset(revision.revision for revision in script.walk_revisions())
+
+
+@cache
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:
+        raise RuntimeError(f"no migrations found in {MIGRATIONS_DIRECTORY}")
+    return head
+
+
+def upgrade_to_head(connection: Connection) -> None:
+    """Create or upgrade the schema inside the caller's transaction (all or nothing on SQLite)."""
+    command.upgrade(alembic_config(connection), "head")

@@ -1,0 +1,210 @@
+"""The SQLite event store: SQLAlchemy 2 async on aiosqlite, WAL, one transaction per appended batch.
+
+Durability: `synchronous=FULL` by default, so a batch that `append` returned from survives a kill -9
+of the process *and* a power cut; `?synchronous=normal` keeps the kill -9 guarantee only (see
+docs/event-store.md for the measurements behind the choice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from sqlalchemy import Connection, delete, event, func, insert, select
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from exo.events import IndexedEvent, event_type_name, indexed_event_decoder
+from exo.state import decode_state, encode_state
+from exo.store import rules
+from exo.store.base import Snapshot, StoreError
+from exo.store.location import Synchronous, parse_store_url
+from exo.store.migrate import upgrade_to_head
+from exo.store.schema import events_table, snapshots_table
+from exo.store.sqlite_file import inspect_sqlite_file
+
+# An execution option that makes the "begin" hook take the write lock up front (BEGIN IMMEDIATE),
+# so a check-then-write transaction can never be refused half way by another writer.
+_WRITE_TRANSACTION = "exo_write_transaction"
+
+
+class SqliteEventStore:
+    def __init__(
+        self, url: str, *, synchronous: Synchronous | None = None, busy_timeout_seconds: float = 5.0
+    ) -> None:
+        location = parse_store_url(url)
+        if location.kind != "sqlite":
+            raise StoreError(f"{url!r} is not an SQLite event store URL")
+        self.location = location
+        self.synchronous: Synchronous = synchronous or location.synchronous
+        # How long a write waits for another connection's write lock before failing.
+        self.busy_timeout_seconds = busy_timeout_seconds
+        self._engine: AsyncEngine | None = None
+        self._writer: AsyncEngine | None = None
+        self._write_lock = asyncio.Lock()
+        self._encoder = msgspec.msgpack.Encoder()
+
+    @property
+    def description(self) -> str:
+        return str(self.location.path) if self.location.path is not None else "an in-memory SQLite database"
+
+    async def open(self) -> None:
+        if self._engine is not None:
+            return
+        path = self.location.path
+        if path is None:
+            engine = create_async_engine(URL.create("sqlite+aiosqlite"), poolclass=StaticPool)
+        else:
+            await asyncio.to_thread(inspect_sqlite_file, path)
+            engine = create_async_engine(URL.create("sqlite+aiosqlite", database=str(path)))
+        _install_connection_hooks(engine, self.synchronous, round(self.busy_timeout_seconds * 1000))
+        writer = engine.execution_options(**{_WRITE_TRANSACTION: True})
+        try:
+            async with writer.begin() as connection:
+                await connection.run_sync(upgrade_to_head)
+        except OperationalError as error:
+            # e.g. another process holds the write lock past the busy timeout, or a read-only disk.
+            await engine.dispose()
+            raise StoreError(f"cannot open event store {self.description}: {error.orig}") from None
+        except BaseException:
+            await engine.dispose()
+            raise
+        self._engine, self._writer = engine, writer
+
+    async def close(self) -> None:
+        engine, self._engine, self._writer = self._engine, None, None
+        if engine is not None:
+            await engine.dispose()
+
+    async def append(self, events: Sequence[IndexedEvent]) -> None:
+        writer = self._require_writer()
+        if not events:
+            return
+        rows = [
+            {
+                "event_index": indexed.index,
+                "term": indexed.term,
+                "event_type": event_type_name(indexed.event),
+                "payload": self._encoder.encode(indexed),
+            }
+            for indexed in events
+        ]
+        async with self._write_lock, writer.begin() as connection:
+            rules.check_batch_continues(events, await _last_index(connection))
+            await connection.execute(insert(events_table), rows)
+
+    async def read(self, start: int, end: int | None = None, limit: int | None = None) -> list[IndexedEvent]:
+        engine = self._require_engine()
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, not {limit}")
+        query = select(events_table.c.event_index, events_table.c.payload).where(
+            events_table.c.event_index >= start
+        )
+        if end is not None:
+            query = query.where(events_table.c.event_index < end)
+        query = query.order_by(events_table.c.event_index)
+        if limit is not None:
+            query = query.limit(limit)
+        async with engine.connect() as connection:
+            rows = (await connection.execute(query)).all()
+        return [self._decode_event(row[0], row[1]) for row in rows]
+
+    async def last_index(self) -> int:
+        async with self._require_engine().connect() as connection:
+            return await _last_index(connection)
+
+    async def first_index(self) -> int:
+        query = select(
+            select(func.min(events_table.c.event_index)).scalar_subquery(),
+            select(func.max(snapshots_table.c.event_index)).scalar_subquery(),
+        )
+        async with self._require_engine().connect() as connection:
+            first_event_index, newest_snapshot_index = (await connection.execute(query)).one()
+        return rules.first_index(first_event_index, newest_snapshot_index)
+
+    async def truncate_after(self, index: int) -> None:
+        writer = self._require_writer()
+        rules.check_truncate_index(index)
+        async with self._write_lock, writer.begin() as connection:
+            await connection.execute(delete(events_table).where(events_table.c.event_index > index))
+            await connection.execute(delete(snapshots_table).where(snapshots_table.c.event_index > index))
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        writer = self._require_writer()
+        rules.check_snapshot(snapshot)
+        state = encode_state(snapshot.state)
+        async with self._write_lock, writer.begin() as connection:
+            last_event_index = (
+                await connection.execute(select(func.max(events_table.c.event_index)))
+            ).scalar()
+            if rules.snapshot_supersedes_events(snapshot.index, last_event_index):
+                await connection.execute(delete(events_table))
+            await connection.execute(
+                delete(snapshots_table).where(snapshots_table.c.event_index == snapshot.index)
+            )
+            await connection.execute(insert(snapshots_table), {"event_index": snapshot.index, "state": state})
+
+    async def load_snapshot(self, at_or_before: int | None = None) -> Snapshot | None:
+        query = select(snapshots_table.c.event_index, snapshots_table.c.state)
+        if at_or_before is not None:
+            query = query.where(snapshots_table.c.event_index <= at_or_before)
+        query = query.order_by(snapshots_table.c.event_index.desc()).limit(1)
+        async with self._require_engine().connect() as connection:
+            row = (await connection.execute(query)).first()
+        if row is None:
+            return None
+        index, data = row
+        try:
+            return Snapshot(index, decode_state(data))
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            raise StoreError(f"snapshot {index} in {self.description} does not decode: {error}") from None
+
+    def _decode_event(self, index: int, payload: bytes) -> IndexedEvent:
+        try:
+            indexed = indexed_event_decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            raise StoreError(f"event {index} in {self.description} does not decode: {error}") from None
+        if indexed.index != index:
+            raise StoreError(f"row {index} in {self.description} holds event {indexed.index}")
+        return indexed
+
+    def _require_engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise StoreError("the event store is not open: call open() first")
+        return self._engine
+
+    def _require_writer(self) -> AsyncEngine:
+        self._require_engine()
+        assert self._writer is not None
+        return self._writer
+
+
+async def _last_index(connection: AsyncConnection) -> int:
+    query = select(
+        select(func.max(events_table.c.event_index)).scalar_subquery(),
+        select(func.max(snapshots_table.c.event_index)).scalar_subquery(),
+    )
+    last_event_index, newest_snapshot_index = (await connection.execute(query)).one()
+    return max(last_event_index or 0, newest_snapshot_index or 0)
+
+
+def _install_connection_hooks(engine: AsyncEngine, synchronous: Synchronous, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        # Take BEGIN into our own hands (the driver's implicit BEGIN skips DDL, which would make
+        # migrations non-atomic, and never takes the write lock up front).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(connection: Connection) -> None:
+        immediate = connection.get_execution_options().get(_WRITE_TRANSACTION, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
