@@ -5,25 +5,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+import psutil
 import uvicorn
 import zmq.asyncio
 from litestar import Litestar
 
 from exo.api.app import create_app
 from exo.bus.codec import DropCounter
+from exo.bus.discovery import Discovery, DiscoveryError
 from exo.bus.sockets import SocketFactory
 from exo.bus.transport import Bus
+from exo.generation import PipelineGenerator
+from exo.inference.blas import load_optimized_blas
+from exo.inference.client import PipelineClient, TokenSink
+from exo.inference.synthetic import ensure_builtin_model
 from exo.roles.cluster import ClusterMember
 from exo.roles.replica import restore
+from exo.roles.worker import Worker
 from exo.services import ClusterServices, ModelCatalog
+from exo.state import State
 from exo.store import open_store
 from exo.store.base import StoreError
 
@@ -31,6 +42,7 @@ logger = logging.getLogger("exo")
 
 DEFAULT_API_PORT = 52415
 DEFAULT_BUS_PORT = 52414
+RECONCILE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
     node_id = load_node_id(config.data_dir, config.node_id)
     if config.cluster_secret is None:
         logger.warning("no cluster secret: the bus is open to anyone on this network (see --cluster-secret)")
+    blas = load_optimized_blas()  # before anything imports mlx (tokenizers, runners inherit the choice)
     store = open_store(config.event_store)
     await store.open()
     context = zmq.asyncio.Context()
@@ -131,6 +144,8 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         member = ClusterMember(
             node_id, bus, replica, config.data_dir / "term", force_master=config.force_master
         )
+        # The built-in model, so a fresh machine with no network answers a chat request.
+        await asyncio.to_thread(ensure_builtin_model, config.models_dir)
         catalog = ModelCatalog(config.models_dir)
         member.local_models = catalog.supported_ids
         await bus.start()
@@ -139,13 +154,92 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         stack.push_async_callback(member.close)
         for peer in config.peers:
             bus.add_peer(peer)
-        services = ClusterServices(member, catalog)
+        host = advertise_host(config)
+        bind_host = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
+        worker = Worker(
+            node_id,
+            catalog.get_info,
+            member.submit,
+            activation_host=bind_host,
+            advertise_host=None if bind_host == host else host,
+        )
+        await worker.start()
+        stack.push_async_callback(worker.close)
+        stack.push_async_callback(cancel_task, asyncio.create_task(reconcile_runners(member, worker)))
+        sink = TokenSink(host=bind_host, advertise_host=host)
+        await sink.start()
+        stack.push_async_callback(sink.close)
+        client = PipelineClient(sink)
+        stack.push_async_callback(client.close)
+        services = ClusterServices(
+            member,
+            catalog,
+            node_status_extra=lambda: {"blas": msgspec.to_builtins(blas), "runners": worker.status()},
+        )
+        services.generator = PipelineGenerator(client, services.tokenizer, lambda: member.state)
+        if config.discovery:
+            discovery = await start_discovery(node_id, config, bus)
+            if discovery is not None:
+                stack.push_async_callback(discovery.close)
         if config.api:
             api = ApiServer(create_app(services, api_key=config.api_key), config.api_host, config.api_port)
             await api.start()
             stack.push_async_callback(api.stop)
         logger.info("node %s: bus port %d, state at index %d", node_id, config.bus_port, replica.last_index)
         await stop.wait()
+
+
+def advertise_host(config: NodeConfig) -> str:
+    """The address peers reach this node's other sockets on: loopback for a loopback-only cluster."""
+    loopback_only = not config.discovery and all(
+        peer.rpartition(":")[0] in ("127.0.0.1", "localhost") for peer in config.peers
+    )
+    if loopback_only:
+        return "127.0.0.1"
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return address.address
+    return "127.0.0.1"
+
+
+async def reconcile_runners(member: ClusterMember, worker: Worker) -> None:
+    """Start and stop runners whenever the applied state moves."""
+    seen = -1
+
+    def moved(state: State) -> bool:
+        return state.last_event_index != seen
+
+    while True:
+        await member.replica.wait_for(moved, RECONCILE_SECONDS)
+        state = member.state
+        seen = state.last_event_index
+        await worker.reconcile(state)
+
+
+async def cancel_task(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def start_discovery(node_id: str, config: NodeConfig, bus: Bus) -> Discovery | None:
+    def found(peer_id: str, address: str) -> None:
+        bus.add_peer(address)
+
+    discovery = Discovery(node_id, config.bus_port, on_peer_found=found, cluster_tag=cluster_tag(config))
+    try:
+        await discovery.start()
+    except DiscoveryError as error:
+        logger.warning("mDNS discovery is off: %s (static --peers still work)", error)
+        return None
+    return discovery
+
+
+def cluster_tag(config: NodeConfig) -> str | None:
+    if config.cluster_secret is None:
+        return None
+    return hashlib.sha256(b"exo-cluster-tag:" + config.cluster_secret.encode()).hexdigest()[:32]
 
 
 class ApiServer:

@@ -15,9 +15,7 @@ from exo.api.services import (
     InstanceNotFound,
     InstanceNotReady,
     ModelNotFound,
-    ModelSummary,
     NoCapacity,
-    SamplingParameters,
     TokenStream,
 )
 from exo.bus import messages as m
@@ -30,6 +28,7 @@ from exo.inference.models import (
     get_model,
     list_models,
 )
+from exo.inference.protocol import SamplingParams
 from exo.roles.cluster import ClusterMember
 from exo.roles.commands import reserved_bytes
 from exo.roles.placement import ModelFootprint, PlacementPreview, previews
@@ -38,16 +37,6 @@ from exo.state import Instance, State
 COMMAND_SECONDS = 10.0
 APPLY_WAIT_SECONDS = 5.0
 MODEL_LIST_CACHE_SECONDS = 2.0
-
-
-def footprint_of(model: ModelInfo) -> ModelFootprint:
-    layer_bytes = max(model.layer_bytes) if model.layer_bytes else 0
-    return ModelFootprint(
-        n_layers=model.n_layers,
-        layer_bytes=layer_bytes,
-        embedding_bytes=model.embedding_bytes,
-        head_bytes=model.head_bytes + model.other_bytes,
-    )
 
 
 class ModelCatalog:
@@ -68,12 +57,15 @@ class ModelCatalog:
     def supported_ids(self) -> list[str]:
         return [model.model_id for model in self.all() if model.supported]
 
+    def get_info(self, model_id: str) -> ModelInfo:
+        """The model's info; LookupError/ValueError (from exo.inference.models) when it is not here."""
+        return get_model(self.models_dir, model_id)
+
     def get(self, model_id: str) -> ModelInfo:
         try:
-            model = get_model(self.models_dir, model_id)
+            return self.get_info(model_id)
         except (ModelNotFoundError, InvalidModelIdError) as error:
             raise ModelNotFound(model_id) from error
-        return model
 
 
 class ClusterServices:
@@ -134,20 +126,8 @@ class ClusterServices:
         status.update(self._node_status_extra())
         return status
 
-    def models(self) -> list[ModelSummary]:
-        summaries: list[ModelSummary] = []
-        for model in self.catalog.all():
-            created = int(Path(model.path).stat().st_mtime) if Path(model.path).exists() else 0
-            summaries.append(
-                ModelSummary(
-                    model_id=model.model_id,
-                    n_layers=model.n_layers,
-                    total_bytes=model.total_weight_bytes,
-                    architecture=model.architecture,
-                    created=created,
-                )
-            )
-        return sorted(summaries, key=lambda summary: summary.model_id)
+    def models(self) -> list[ModelInfo]:
+        return sorted(self.catalog.all(), key=lambda model: model.model_id)
 
     # --- commands ------------------------------------------------------------------------------
 
@@ -175,7 +155,9 @@ class ClusterServices:
         model = self.catalog.get(model_id)
         if not model.supported:
             raise NoCapacity(model_id, [model.reason])
-        answer = await self._command(m.PlaceInstance(model_id, footprint_of(model), sharding, min_nodes))
+        answer = await self._command(
+            m.PlaceInstance(model_id, ModelFootprint.of_model(model), sharding, min_nodes)
+        )
         if not answer.ok:
             if answer.status_code == 404:
                 raise ModelNotFound(model_id)
@@ -186,10 +168,10 @@ class ClusterServices:
 
     def previews(self, model_id: str) -> list[PlacementPreview]:
         model = self.catalog.get(model_id)
-        footprint = footprint_of(model)
+        footprint = ModelFootprint.of_model(model)
         state = self.state()
         alive = [node for node in state.nodes.values() if node.status == "alive"]
-        return previews(footprint, alive, reserved_bytes(state, {model_id: footprint.layer_bytes}))
+        return previews(footprint, alive, reserved_bytes(state, {model_id: footprint}))
 
     async def delete_instance(self, instance_id: str) -> None:
         if instance_id not in self.state().instances:
@@ -237,12 +219,12 @@ class ClusterServices:
         self,
         instance: Instance,
         prompt_tokens: Sequence[int],
-        sampling: SamplingParameters,
+        sampling: SamplingParams,
         max_tokens: int,
     ) -> TokenStream:
         if self.generator is None:
             raise ClusterUnavailable("this node has no inference client")
-        return self.generator.generate(instance, prompt_tokens, sampling, max_tokens)
+        return self.generator.generate(instance, prompt_tokens, sampling, max_tokens)  # type: ignore[no-any-return]
 
     async def tokenizer(self, model_id: str) -> ChatTokenizer:
         cached = self._tokenizers.get(model_id)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from exo.bus.messages import Command, CommandAnswered, DeleteInstance, LabelNode, PlaceInstance
 from exo.events import Event, InstanceCreated, InstanceDeleted, NodeLabelled
-from exo.roles.placement import PlacementRefusal, place
+from exo.roles.placement import ModelFootprint, PlacementRefusal, place
 from exo.state import State
 
 
@@ -21,15 +21,16 @@ def _refused(error: str, status_code: int) -> CommandOutcome:
     return CommandOutcome(CommandAnswered(ok=False, error=error, status_code=status_code))
 
 
-def reserved_bytes(state: State, bytes_per_layer: Mapping[str, int]) -> dict[str, int]:
+def reserved_bytes(state: State, footprints: Mapping[str, ModelFootprint]) -> dict[str, int]:
     """Memory promised to instances still loading (not yet visible in the nodes' measurements)."""
     reserved: dict[str, int] = {}
     for instance in state.instances.values():
-        if instance.status not in ("placing", "loading"):
+        footprint = footprints.get(instance.model_id)
+        if instance.status not in ("placing", "loading") or footprint is None:
             continue
-        layer_bytes = bytes_per_layer.get(instance.model_id, 0)
         for node_id, shard in instance.shard_assignments.items():
-            reserved[node_id] = reserved.get(node_id, 0) + (shard.end_layer - shard.start_layer) * layer_bytes
+            stage = footprint.stage_bytes(shard.start_layer, shard.end_layer)
+            reserved[node_id] = reserved.get(node_id, 0) + stage
     return reserved
 
 
@@ -62,8 +63,8 @@ def _place(
     candidates = [node for node in state.nodes.values() if node.status == "alive" and node.node_id in holders]
     if not candidates:
         return _refused(f"no alive node has model {command.model_id!r} in its models dir", 503)
-    layer_bytes = {command.model_id: command.footprint.layer_bytes}
-    result = place(command.footprint, candidates, command.min_nodes, reserved_bytes(state, layer_bytes))
+    reserved = reserved_bytes(state, {command.model_id: command.footprint})
+    result = place(command.footprint, candidates, command.min_nodes, reserved)
     if isinstance(result, PlacementRefusal):
         return _refused(f"cannot place {command.model_id!r}: {'; '.join(result.reasons)}", 503)
     created = InstanceCreated(

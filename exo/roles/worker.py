@@ -1,0 +1,284 @@
+"""The worker: starts, watches and stops this node's runner subprocesses (one per shard it holds).
+
+`plan` is the sans-IO part: from the state and the local runners it decides what to start and
+stop. `Worker` is the shell: subprocesses, the control ROUTER, and the runner events it reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from exo.events import Event, RunnerStatusUpdated, ShardAssignment
+from exo.inference.models import ModelInfo
+from exo.inference.protocol import (
+    LoadShard,
+    RunnerFailed,
+    RunnerStarted,
+    RunnerStats,
+    ShardLoaded,
+    Shutdown,
+    control_from_runner_decoder,
+    encode,
+)
+from exo.state import State
+
+logger = logging.getLogger(__name__)
+
+LocalStatus = Literal["starting", "loading", "ready", "failed", "stopping"]
+LOCAL_TRANSITIONS: dict[LocalStatus, frozenset[LocalStatus]] = {
+    "starting": frozenset({"loading", "failed", "stopping"}),
+    "loading": frozenset({"ready", "failed", "stopping"}),
+    "ready": frozenset({"failed", "stopping"}),
+    "failed": frozenset({"stopping"}),
+    "stopping": frozenset(),
+}
+STOP_GRACE_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class StartRunner:
+    instance_id: str
+    model_id: str
+    assignment: ShardAssignment
+
+
+@dataclass(frozen=True)
+class StopRunner:
+    instance_id: str
+
+
+Decision = StartRunner | StopRunner
+
+
+def plan(state: State, node_id: str, local: Mapping[str, LocalStatus]) -> list[Decision]:
+    """Runners to start (a live instance has a shard here and no runner holds it) and to stop."""
+    decisions: list[Decision] = []
+    for instance_id, instance in sorted(state.instances.items()):
+        assignment = instance.shard_assignments.get(node_id)
+        if assignment is None or instance.status == "failed" or instance_id in local:
+            continue
+        decisions.append(StartRunner(instance_id, instance.model_id, assignment))
+    for instance_id, status in sorted(local.items()):
+        instance = state.instances.get(instance_id)
+        gone = instance is None or node_id not in instance.shard_assignments or instance.status == "failed"
+        if gone and status != "stopping":
+            decisions.append(StopRunner(instance_id))
+    return decisions
+
+
+@dataclass
+class LocalRunner:
+    instance_id: str
+    runner_id: str
+    load: LoadShard | None
+    process: asyncio.subprocess.Process | None = None
+    status: LocalStatus = "starting"
+    activation_address: str | None = None
+    stats: RunnerStats | None = None
+    failure: str | None = None
+    watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def move(self, status: LocalStatus) -> bool:
+        if status not in LOCAL_TRANSITIONS[self.status]:
+            return False
+        self.status = status
+        return True
+
+
+class Worker:
+    def __init__(
+        self,
+        node_id: str,
+        find_model: Callable[[str], ModelInfo],
+        report: Callable[[Sequence[Event]], None],
+        *,
+        activation_host: str = "127.0.0.1",
+        advertise_host: str | None = None,
+        runner_threads: int | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self._find_model = find_model
+        self._report = report
+        self.activation_host = activation_host
+        self.advertise_host = advertise_host
+        self.runner_threads = runner_threads
+        self.runners: dict[str, LocalRunner] = {}
+        self._context = zmq.asyncio.Context.instance()
+        self._control: zmq.asyncio.Socket | None = None
+        self.control_address = ""
+        self._reader: asyncio.Task[None] | None = None
+        self.dropped_control_frames = 0
+
+    async def start(self) -> None:
+        self._control = self._context.socket(zmq.ROUTER)
+        self._control.setsockopt(zmq.LINGER, 0)
+        port = self._control.bind_to_random_port("tcp://127.0.0.1")
+        self.control_address = f"tcp://127.0.0.1:{port}"
+        self._reader = asyncio.create_task(self._read_control(), name="worker-control")
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self._stop(instance_id) for instance_id in list(self.runners)))
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._control is not None:
+            self._control.close(linger=0)
+
+    def local_statuses(self) -> dict[str, LocalStatus]:
+        return {instance_id: runner.status for instance_id, runner in self.runners.items()}
+
+    async def reconcile(self, state: State) -> None:
+        for decision in plan(state, self.node_id, self.local_statuses()):
+            match decision:
+                case StartRunner():
+                    await self._start(decision)
+                case StopRunner(instance_id):
+                    await self._stop(instance_id)
+
+    # --- runners -------------------------------------------------------------------------------
+
+    async def _start(self, decision: StartRunner) -> None:
+        runner_id = f"{decision.instance_id}@{self.node_id}"
+        try:
+            model = self._find_model(decision.model_id)
+        except LookupError as error:
+            self._fail_early(
+                decision.instance_id, runner_id, f"model not available on {self.node_id}: {error}"
+            )
+            return
+        load = LoadShard(
+            instance_id=decision.instance_id,
+            model_id=decision.model_id,
+            model_path=model.path,
+            start_layer=decision.assignment.start_layer,
+            end_layer=decision.assignment.end_layer,
+            n_layers=decision.assignment.n_layers,
+        )
+        runner = LocalRunner(decision.instance_id, runner_id, load)
+        self.runners[decision.instance_id] = runner
+        argv = [sys.executable, "-m", "exo.inference.runner", "--control", self.control_address]
+        argv += ["--runner-id", runner_id, "--activation-host", self.activation_host]
+        if self.advertise_host:
+            argv += ["--advertise-host", self.advertise_host]
+        if self.runner_threads:
+            argv += ["--threads", str(self.runner_threads)]
+        self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "loading")])
+        try:
+            runner.process = await asyncio.create_subprocess_exec(*argv)
+        except OSError as error:
+            runner.move("failed")
+            self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "failed", str(error))])
+            return
+        runner.watcher = asyncio.create_task(self._watch(runner), name=f"worker-watch-{runner_id}")
+
+    def _fail_early(self, instance_id: str, runner_id: str, reason: str) -> None:
+        runner = LocalRunner(instance_id, runner_id, None, status="failed", failure=reason)
+        self.runners[instance_id] = runner
+        self._report([RunnerStatusUpdated(instance_id, self.node_id, "failed", reason)])
+
+    async def _watch(self, runner: LocalRunner) -> None:
+        assert runner.process is not None
+        code = await runner.process.wait()
+        if runner.status in ("stopping", "failed"):
+            return
+        reason = f"runner exited with code {code}"
+        runner.move("failed")
+        runner.failure = reason
+        logger.warning("runner %s: %s", runner.runner_id, reason)
+        self._report([RunnerStatusUpdated(runner.instance_id, self.node_id, "failed", reason)])
+
+    async def _stop(self, instance_id: str) -> None:
+        runner = self.runners.get(instance_id)
+        if runner is None:
+            return
+        runner.status = "stopping"
+        process = runner.process
+        if process is not None and process.returncode is None:
+            self._send(runner.runner_id, Shutdown())
+            try:
+                await asyncio.wait_for(process.wait(), STOP_GRACE_SECONDS)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        if runner.watcher is not None:
+            runner.watcher.cancel()
+        self.runners.pop(instance_id, None)
+
+    # --- control channel -----------------------------------------------------------------------
+
+    def _send(self, runner_id: str, message: msgspec.Struct) -> None:
+        assert self._control is not None
+        with contextlib.suppress(zmq.ZMQError):
+            self._control.send_multipart([runner_id.encode(), encode(message)], flags=zmq.NOBLOCK)
+
+    def _runner_by_id(self, runner_id: str) -> LocalRunner | None:
+        for runner in self.runners.values():
+            if runner.runner_id == runner_id:
+                return runner
+        return None
+
+    async def _read_control(self) -> None:
+        assert self._control is not None
+        while True:
+            frames = await self._control.recv_multipart()
+            if len(frames) != 2:
+                self.dropped_control_frames += 1
+                continue
+            identity, payload = frames
+            try:
+                message = control_from_runner_decoder.decode(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                self.dropped_control_frames += 1
+                continue
+            runner = self._runner_by_id(identity.decode(errors="replace"))
+            if runner is None:
+                self.dropped_control_frames += 1
+                continue
+            self._on_control(runner, message)
+
+    def _on_control(
+        self, runner: LocalRunner, message: RunnerStarted | ShardLoaded | RunnerFailed | RunnerStats
+    ) -> None:
+        match message:
+            case RunnerStarted():
+                if runner.load is not None and runner.move("loading"):
+                    self._send(runner.runner_id, runner.load)
+            case ShardLoaded(activation_address=address):
+                if runner.move("ready"):
+                    runner.activation_address = address
+                    self._report(
+                        [
+                            RunnerStatusUpdated(
+                                runner.instance_id, self.node_id, "ready", activation_address=address
+                            )
+                        ]
+                    )
+            case RunnerFailed(reason=reason):
+                if runner.move("failed"):
+                    runner.failure = reason
+                    self._report([RunnerStatusUpdated(runner.instance_id, self.node_id, "failed", reason)])
+            case RunnerStats():
+                runner.stats = message
+
+    def status(self) -> dict[str, object]:
+        return {
+            instance_id: {
+                "status": runner.status,
+                "pid": runner.process.pid if runner.process is not None else None,
+                "activation_address": runner.activation_address,
+                "failure": runner.failure,
+                "stats": msgspec.to_builtins(runner.stats) if runner.stats is not None else None,
+            }
+            for instance_id, runner in self.runners.items()
+        }
