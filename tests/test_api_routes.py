@@ -10,8 +10,8 @@ import pytest
 from litestar.testing import TestClient
 
 from exo.api.app import MAX_EVENTS_PAGE, create_app
-from exo.api.fakes import FakeNodeServices
-from exo.api.services import ClusterUnavailable, ModelSummary, NoCapacity
+from exo.api.fakes import FakeNodeServices, model_info
+from exo.api.services import ClusterUnavailable, NoCapacity
 from exo.events import IndexedEvent, InstanceCreated, MasterElected, NodeJoined, ShardAssignment
 from exo.state import Instance, RunnerInfo, State, apply, state_document
 
@@ -65,8 +65,6 @@ def assert_error(response: Any, status_code: int, code: str | None = None, param
     assert isinstance(body["error"]["message"], str)
     assert body["error"]["message"]
     expected_type = "invalid_request_error" if status_code < 500 else "server_error"
-    if status_code == 401:
-        expected_type = "authentication_error"
     assert body["error"]["type"] == expected_type
     if code is not None:
         assert body["error"]["code"] == code
@@ -142,36 +140,37 @@ def test_events_bad_query(client: TestClient[Any], query: str, param: str) -> No
     assert_error(client.get(f"/events?{query}"), 400, "invalid_request", param)
 
 
-def test_v1_models_openai_list_shape(client: TestClient[Any], services: FakeNodeServices) -> None:
-    services.model_summaries = [
-        ModelSummary("exo-tiny", n_layers=8, total_bytes=8000, architecture="llama", created=1700000000),
-        ModelSummary("qwen-small", n_layers=24, total_bytes=10**9, architecture="qwen2"),
+def test_models_openai_list_shape(client: TestClient[Any], services: FakeNodeServices) -> None:
+    services.model_infos = [
+        model_info("exo-tiny", [1000] * 8),
+        model_info(
+            "gemma-x", [5] * 2, architecture="gemma3", supported=False, reason="architecture not supported"
+        ),
+        model_info("qwen-small", [10**6] * 24, architecture="qwen2"),
     ]
-    body = client.get("/v1/models").json()
-    assert body == {
-        "object": "list",
-        "data": [
-            {
-                "id": "exo-tiny",
-                "object": "model",
-                "created": 1700000000,
-                "owned_by": "exo",
-                "n_layers": 8,
-                "bytes": 8000,
-                "architecture": "llama",
-            },
-            {
-                "id": "qwen-small",
-                "object": "model",
-                "created": 0,
-                "owned_by": "exo",
-                "n_layers": 24,
-                "bytes": 10**9,
-                "architecture": "qwen2",
-            },
-        ],
+    exo_tiny = {
+        "id": "exo-tiny",
+        "object": "model",
+        "created": 0,
+        "owned_by": "exo",
+        "n_layers": 8,
+        "bytes": 8000,
+        "architecture": "llama",
+        "supported": True,
+        "reason": "",
     }
-    assert client.get("/models").json() == body
+    gemma = {
+        **exo_tiny,
+        "id": "gemma-x",
+        "n_layers": 2,
+        "bytes": 10,
+        "architecture": "gemma3",
+        "supported": False,
+        "reason": "architecture not supported",
+    }
+    qwen = {**exo_tiny, "id": "qwen-small", "n_layers": 24, "bytes": 24 * 10**6, "architecture": "qwen2"}
+    assert client.get("/v1/models").json() == {"object": "list", "data": [exo_tiny, qwen]}
+    assert client.get("/models").json() == {"object": "list", "data": [exo_tiny, gemma, qwen]}
 
 
 def test_place_instance(client: TestClient[Any]) -> None:

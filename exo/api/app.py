@@ -25,6 +25,7 @@ from exo.api.errors import EXCEPTION_HANDLERS, decode_strictly
 from exo.api.openai_types import ChatCompletion, ChatCompletionRequest, ModelList, ModelObject
 from exo.api.services import InstanceNotFound, NodeServices
 from exo.events import Event, IndexedEvent, Sharding
+from exo.inference.models import ModelInfo
 from exo.roles.placement import PlacementPreview
 from exo.state import Instance, state_document
 
@@ -102,23 +103,16 @@ async def events(
     return [_event_document(indexed) for indexed in indexed_events[:limit]]
 
 
-@get(["/models", "/v1/models"])
+@get("/models")
 async def models(services: Services) -> ModelList:
-    return ModelList(
-        "list",
-        [
-            ModelObject(
-                id=model.model_id,
-                object="model",
-                created=model.created,
-                owned_by="exo",
-                n_layers=model.n_layers,
-                bytes=model.total_bytes,
-                architecture=model.architecture,
-            )
-            for model in services.models()
-        ],
-    )
+    """Every model in the models dir; unsupported ones say why."""
+    return ModelList("list", [_model_object(model) for model in services.models()])
+
+
+@get("/v1/models")
+async def openai_models(services: Services) -> ModelList:
+    """The models this node can serve, in OpenAI's list shape."""
+    return ModelList("list", [_model_object(model) for model in services.models() if model.supported])
 
 
 @post("/place_instance", status_code=200)
@@ -163,7 +157,8 @@ async def chat_completions(
     return Stream(
         stream_completion(run, data.model, include_usage),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        # Explicitly: Litestar would otherwise take the handler's JSON media type for the stream.
+        headers={"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"},
     )
 
 
@@ -191,6 +186,7 @@ def create_app(
             state,
             events,
             models,
+            openai_models,
             place_instance,
             instance_previews,
             get_instance,
@@ -232,6 +228,20 @@ def _supplied_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
         return token.strip() if scheme.lower() == "bearer" else None
     # Anthropic's SDK sends the key this way.
     return connection.headers.get("x-api-key")
+
+
+def _model_object(model: ModelInfo) -> ModelObject:
+    return ModelObject(
+        id=model.model_id,
+        object="model",
+        created=0,
+        owned_by="exo",
+        n_layers=model.n_layers,
+        bytes=model.total_weight_bytes,
+        architecture=model.architecture,
+        supported=model.supported,
+        reason=model.reason,
+    )
 
 
 def _event_document(indexed: IndexedEvent) -> IndexedEventDocument:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -32,10 +32,10 @@ from exo.api.services import (
     ChatTokenizer,
     FinishReason,
     NodeServices,
-    SamplingParameters,
     ServiceError,
 )
 from exo.api.stop_strings import StopStringMatcher
+from exo.inference.protocol import SamplingParams
 from exo.state import Instance
 
 
@@ -61,7 +61,7 @@ class CompletionRun:
         instance: Instance,
         tokenizer: ChatTokenizer,
         prompt_tokens: list[int],
-        sampling: SamplingParameters,
+        sampling: SamplingParams,
         max_tokens: int,
         stop_strings: Sequence[str],
     ) -> None:
@@ -168,8 +168,8 @@ def render_prompt(tokenizer: ChatTokenizer, conversation: list[dict[str, str]]) 
         raise ApiError(400, message, param="messages", code="invalid_messages") from error
 
 
-def sampling_from_request(request: ChatCompletionRequest) -> SamplingParameters:
-    return SamplingParameters(
+def sampling_from_request(request: ChatCompletionRequest) -> SamplingParams:
+    return SamplingParams(
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         top_k=request.top_k or 0,
@@ -202,7 +202,9 @@ def server_sent_event(payload: Any) -> bytes:
     return b"data: " + _encoder.encode(payload) + b"\n\n"
 
 
-async def stream_completion(run: CompletionRun, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+async def stream_completion(
+    run: CompletionRun, model: str, include_usage: bool
+) -> AsyncGenerator[bytes, None]:
     """Server-sent events in OpenAI's format: role chunk, content chunks, finish chunk, [DONE].
 
     A service error mid-stream ends the stream with an `{"error": ...}` event and no [DONE].

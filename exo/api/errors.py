@@ -76,8 +76,7 @@ _HTTP_CODES: dict[int, str] = {
 
 
 def error_type_for_status(status_code: int) -> str:
-    if status_code == 401:
-        return "authentication_error"
+    # OpenAI's own 401 is an invalid_request_error with code invalid_api_key.
     return "invalid_request_error" if status_code < 500 else "server_error"
 
 

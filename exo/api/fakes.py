@@ -11,19 +11,41 @@ from collections.abc import AsyncGenerator, Sequence
 
 import msgspec
 
-from exo.api.services import (
-    GeneratedToken,
-    InstanceNotFound,
-    ModelNotFound,
-    ModelSummary,
-    SamplingParameters,
-    ServiceError,
-)
+from exo.api.services import GeneratedToken, InstanceNotFound, ModelNotFound, ServiceError
 from exo.events import IndexedEvent, ShardAssignment, Sharding
+from exo.inference.models import ModelInfo
+from exo.inference.protocol import SamplingParams
 from exo.roles.placement import ModelFootprint, PlacementPreview, previews
 from exo.state import Instance, State
 
 END_OF_SEQUENCE = 0
+
+
+def model_info(
+    model_id: str,
+    layer_bytes: list[int],
+    architecture: str = "llama",
+    supported: bool = True,
+    reason: str = "",
+) -> ModelInfo:
+    """A listed model with these layer sizes (no embedding or head)."""
+    return ModelInfo(
+        model_id=model_id,
+        path=f"/models/{model_id}",
+        architecture=architecture,
+        n_layers=len(layer_bytes),
+        hidden_size=64,
+        vocab_size=256,
+        dtype="float16",
+        total_weight_bytes=sum(layer_bytes),
+        layer_bytes=layer_bytes,
+        embedding_bytes=0,
+        head_bytes=0,
+        other_bytes=0,
+        tied_embeddings=False,
+        supported=supported,
+        reason=reason,
+    )
 
 
 class FakeDetokenizer:
@@ -89,7 +111,7 @@ class FakeTokenizer:
 class GenerateCall(msgspec.Struct):
     instance_id: str
     prompt_tokens: list[int]
-    sampling: SamplingParameters
+    sampling: SamplingParams
     max_tokens: int
     tokens_sent: int = 0
     closed_early: bool = False
@@ -104,8 +126,7 @@ class FakeNodeServices:
         self._node_id = node_id
         self.current_state = state or State()
         self.indexed_events: list[IndexedEvent] = []
-        self.model_summaries = [ModelSummary("exo-tiny", n_layers=8, total_bytes=8000, architecture="llama")]
-        self.footprints = {"exo-tiny": ModelFootprint(n_layers=8, layer_bytes=1000)}
+        self.model_infos = [model_info("exo-tiny", [1000] * 8)]
         self.tokenizers = {"exo-tiny": FakeTokenizer()}
         self.status: dict[str, object] = {"node_id": node_id, "uptime_s": 1.5, "dropped_frames": {"bus": 0}}
         self.script: list[int | ServiceError] = []
@@ -131,14 +152,14 @@ class FakeNodeServices:
     def node_status(self) -> dict[str, object]:
         return self.status
 
-    def models(self) -> list[ModelSummary]:
-        return self.model_summaries
+    def models(self) -> list[ModelInfo]:
+        return self.model_infos
 
     async def place_instance(self, model_id: str, sharding: Sharding, min_nodes: int) -> Instance:
         self._check_model(model_id)
         if self.place_error is not None:
             raise self.place_error
-        n_layers = self.footprints[model_id].n_layers
+        n_layers = self._model(model_id).n_layers
         instance = Instance(
             instance_id=f"i-{self._next_instance}",
             model_id=model_id,
@@ -152,7 +173,8 @@ class FakeNodeServices:
 
     def previews(self, model_id: str) -> list[PlacementPreview]:
         self._check_model(model_id)
-        return previews(self.footprints[model_id], self.current_state.nodes.values())
+        footprint = ModelFootprint.of_model(self._model(model_id))
+        return previews(footprint, self.current_state.nodes.values())
 
     async def delete_instance(self, instance_id: str) -> None:
         if instance_id not in self.current_state.instances:
@@ -174,7 +196,7 @@ class FakeNodeServices:
         return ready
 
     def generate(
-        self, instance: Instance, prompt_tokens: Sequence[int], sampling: SamplingParameters, max_tokens: int
+        self, instance: Instance, prompt_tokens: Sequence[int], sampling: SamplingParams, max_tokens: int
     ) -> AsyncGenerator[GeneratedToken, None]:
         call = GenerateCall(instance.instance_id, list(prompt_tokens), sampling, max_tokens)
         self.generate_calls.append(call)
@@ -193,23 +215,29 @@ class FakeNodeServices:
                     raise item
                 call.tokens_sent += 1
                 if call.tokens_sent == call.max_tokens:
-                    yield GeneratedToken(item, "length")
                     call.finished = True
+                    yield GeneratedToken(item, "length")
                     return
                 yield GeneratedToken(item)
+            call.finished = True
             if self.end_with_eos:
                 call.tokens_sent += 1
                 yield GeneratedToken(END_OF_SEQUENCE, "stop")
-            call.finished = True
         except GeneratorExit:
-            call.closed_early = True
+            # Closing after the last token is normal; before it, it cancels the generation.
+            call.closed_early = not call.finished
             raise
         finally:
             self.generation_closed.set()
 
     def _check_model(self, model_id: str) -> None:
-        if model_id not in self.footprints:
-            raise ModelNotFound(model_id)
+        self._model(model_id)
+
+    def _model(self, model_id: str) -> ModelInfo:
+        for model in self.model_infos:
+            if model.model_id == model_id:
+                return model
+        raise ModelNotFound(model_id)
 
     def _put_instance(self, instance: Instance) -> None:
         instances = {**self.current_state.instances, instance.instance_id: instance}

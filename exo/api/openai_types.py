@@ -116,6 +116,8 @@ class ModelObject(msgspec.Struct, frozen=True):
     n_layers: int
     bytes: int
     architecture: str
+    supported: bool
+    reason: str
 
 
 class ModelList(msgspec.Struct, frozen=True):

@@ -14,30 +14,12 @@ from typing import Literal, Protocol
 import msgspec
 
 from exo.events import IndexedEvent, Sharding
+from exo.inference.models import ModelInfo
+from exo.inference.protocol import SamplingParams
 from exo.roles.placement import PlacementPreview
 from exo.state import Instance, State
 
 FinishReason = Literal["stop", "length"]
-
-
-class ModelSummary(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A model this node can serve (a folder of the models dir with a `config.json`)."""
-
-    model_id: str
-    n_layers: int
-    total_bytes: int
-    architecture: str
-    # Unix seconds (the model folder's modification time is fine); OpenAI's `created`.
-    created: int = 0
-
-
-class SamplingParameters(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """How to pick each next token. `temperature == 0` means greedy; `top_k == 0` means no top-k cut."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
 
 
 class GeneratedToken(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -126,8 +108,9 @@ class NodeServices(Protocol):
         """
         ...
 
-    def models(self) -> list[ModelSummary]:
-        """The models this node can serve, sorted by model id."""
+    def models(self) -> list[ModelInfo]:
+        """The models in this node's models dir, sorted by model id, unsupported ones included
+        (`supported`/`reason` say why; `GET /v1/models` lists only supported ones)."""
         ...
 
     async def place_instance(self, model_id: str, sharding: Sharding, min_nodes: int) -> Instance:
@@ -168,7 +151,7 @@ class NodeServices(Protocol):
         self,
         instance: Instance,
         prompt_tokens: Sequence[int],
-        sampling: SamplingParameters,
+        sampling: SamplingParams,
         max_tokens: int,
     ) -> TokenStream:
         """Run one completion through the instance's pipeline, yielding tokens as the last stage makes them.
