@@ -30,8 +30,9 @@ SHORT_PAYLOAD_CHARS = 100
 class LogGapError(ValueError):
     """The events do not continue the state: `expected` is the first missing index."""
 
-    def __init__(self, expected: int, found: int) -> None:
-        super().__init__(f"index {expected} is missing: the log continues at {found}")
+    def __init__(self, expected: int, found: int | None) -> None:
+        self.detail = f"the log continues at {found}" if found is not None else "no later event is stored"
+        super().__init__(f"index {expected} is missing ({self.detail})")
         self.expected = expected
         self.found = found
 
@@ -74,15 +75,10 @@ def rebuild(reader: LogReader, until: int | None = None) -> State:
     snapshot = reader.load_snapshot(until)
     start_state = snapshot.state if snapshot is not None else State()
     state = replay_state(reader.events(start_state.last_event_index + 1, until), start_state)
-    _, _, highest_event = reader.index_range()
-    snapshots = reader.snapshot_indices()
-    target = max(highest_event, snapshots[-1] if snapshots else 0)
-    if until is not None:
-        target = min(target, until)
+    target = reader.last_index() if until is None else min(until, reader.last_index())
     if state.last_event_index < target:
-        # Events stop before the target: those up to it are gone and no snapshot covers them.
-        lowest_after = reader.index_range()[1]
-        raise LogGapError(state.last_event_index + 1, lowest_after)
+        # The events stop short: those after the state are gone and no snapshot covers them.
+        raise LogGapError(state.last_event_index + 1, reader.next_event_index(state.last_event_index))
     return state
 
 
@@ -129,17 +125,17 @@ def verify(reader: LogReader, until: int | None) -> tuple[int, str | None]:
             except StoreError as error:
                 return 0, f"bad snapshot at index {index}: {error}"
     if lowest > 1 and lowest - 1 not in snapshots:
-        return 0, f"bad index 1: missing: the log starts at {lowest} and has no snapshot at {lowest - 1}"
+        return 0, f"bad index 1: missing (the log starts at {lowest} and has no snapshot at {lowest - 1})"
     expected = lowest if lowest > 1 else 1
     checked = 0
     try:
         for indexed in reader.events(0, until):
             if indexed.index != expected:
-                return checked, f"bad index {expected}: missing (the next stored event is {indexed.index})"
+                return checked, f"bad index {expected}: missing (the log continues at {indexed.index})"
             expected += 1
             checked += 1
     except EventDecodeError as error:
-        return checked, f"bad index {error.index}: {error}"
+        return checked, f"bad index {error.index}: {error.detail}"
     return checked, None
 
 
@@ -214,10 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(arguments, out)
     except EventDecodeError as error:
-        out.error(f"bad index {error.index}: {error}")
+        out.error(f"bad index {error.index}: {error.detail}")
         return 1
     except LogGapError as error:
-        out.error(f"bad index {error.expected}: {error}")
+        out.error(f"bad index {error.expected}: missing ({error.detail})")
         return 1
     except StoreError as error:
         out.error(str(error))

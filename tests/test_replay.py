@@ -140,7 +140,7 @@ def test_until_starts_from_the_newest_snapshot_at_or_before_it(
         assert out.encode() == state_document(fold(events[:until])) + b"\n"
     code, _, err = run_main(capsys, str(path), "--until", "50")
     assert code == 1
-    assert "bad index 1" in err
+    assert err == "exo-replay: bad index 1: missing (the log continues at 101)\n"
     code, out, _ = run_main(capsys, str(path), "--verify")
     assert (code, out) == (0, f"ok: {EVENT_COUNT - 100} events\n")
 
@@ -166,7 +166,7 @@ def test_verify_names_the_first_missing_index(log: Path, capsys: pytest.CaptureF
     connection.close()
     code, out, err = run_main(capsys, str(log), "--verify")
     assert (code, out) == (1, "")
-    assert err.startswith("exo-replay: bad index 120: missing (the next stored event is 122)")
+    assert err == "exo-replay: bad index 120: missing (the log continues at 122)\n"
     assert run_main(capsys, str(log), "--json")[0] == 1
 
 
@@ -176,10 +176,13 @@ def test_verify_names_an_undecodable_event(log: Path, capsys: pytest.CaptureFixt
     connection.close()
     code, _, err = run_main(capsys, str(log), "--verify")
     assert code == 1
-    assert err.startswith("exo-replay: bad index 77: event 77 does not decode")
+    assert err.startswith("exo-replay: bad index 77: does not decode (")
     code, _, err = run_main(capsys, str(log))
     assert (code, err.count("\n")) == (1, 1)
     assert "bad index 77" in err
+    code, out, err = run_main(capsys, str(log), "--list")
+    assert (code, len(out.splitlines())) == (1, 76)
+    assert err.startswith("exo-replay: bad index 77: does not decode (")
 
 
 def test_a_log_that_starts_late_without_a_snapshot_fails_verify(
@@ -190,7 +193,7 @@ def test_a_log_that_starts_late_without_a_snapshot_fails_verify(
     connection.close()
     code, _, err = run_main(capsys, str(log), "--verify")
     assert code == 1
-    assert "bad index 1: missing: the log starts at 11 and has no snapshot at 10" in err
+    assert err == "exo-replay: bad index 1: missing (the log starts at 11 and has no snapshot at 10)\n"
 
 
 def test_an_empty_store_replays_to_the_empty_state(
@@ -309,3 +312,17 @@ async def test_restore_state_from_a_store_equals_the_fold(tmp_path: Path, kind: 
     assert await restore_state(store, until=200) == fold(events[:200])
     assert await restore_state(store, until=50) == fold(events[:50])
     await store.close()
+
+
+def test_a_snapshot_with_its_events_gone_cannot_rebuild_before_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    events = scenario(40)
+    path = tmp_path / "events.db"
+    write_log(path, events, snapshot_at=40)
+    with sqlite3.connect(path) as connection:
+        connection.execute("DELETE FROM events")
+    connection.close()
+    assert run_main(capsys, str(path), "--json")[:2] == (0, state_document(fold(events)).decode() + "\n")
+    code, _, err = run_main(capsys, str(path), "--until", "10")
+    assert (code, err) == (1, "exo-replay: bad index 1: missing (no later event is stored)\n")

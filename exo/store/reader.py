@@ -31,9 +31,10 @@ READ_BATCH_ROWS = 8192
 class EventDecodeError(StoreError):
     """One stored event does not decode; `index` names it."""
 
-    def __init__(self, index: int, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, index: int, detail: str) -> None:
+        super().__init__(f"event {index}: {detail}")
         self.index = index
+        self.detail = detail
 
 
 class LogReader:
@@ -81,6 +82,21 @@ class LogReader:
         with self._connect() as connection:
             count, lowest, highest = connection.execute(query).one()
         return count, lowest or 0, highest or 0
+
+    def last_index(self) -> int:
+        """The highest index stored (events or snapshot), 0 when empty."""
+        query = select(
+            select(func.max(events_table.c.event_index)).scalar_subquery(),
+            select(func.max(snapshots_table.c.event_index)).scalar_subquery(),
+        )
+        with self._connect() as connection:
+            last_event_index, newest_snapshot_index = connection.execute(query).one()
+        return max(last_event_index or 0, newest_snapshot_index or 0)
+
+    def next_event_index(self, after: int) -> int | None:
+        query = select(func.min(events_table.c.event_index)).where(events_table.c.event_index > after)
+        with self._connect() as connection:
+            return connection.execute(query).scalar()
 
     def snapshot_indices(self) -> list[int]:
         query = select(snapshots_table.c.event_index).order_by(snapshots_table.c.event_index)
@@ -140,10 +156,10 @@ class LogReader:
                 for index, payload in batch:
                     indexed = decode(payload)
                     if indexed.index != index:
-                        raise EventDecodeError(index, f"row {index} holds event {indexed.index}")
+                        raise EventDecodeError(index, f"the row holds event {indexed.index}")
                     yield indexed
             except (msgspec.DecodeError, msgspec.ValidationError) as error:
-                raise EventDecodeError(index, f"event {index} does not decode: {error}") from None
+                raise EventDecodeError(index, f"does not decode ({error})") from None
 
     @contextmanager
     def _connect(self) -> Iterator[Connection]:
