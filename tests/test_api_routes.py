@@ -241,7 +241,7 @@ def test_previews(client: TestClient[Any]) -> None:
     assert one["n_nodes"] == 1
     assert one["placement"] is None
     assert one["refusal"]["reasons"] == [
-        "node0: needs 7.81 KiB for layers 0-7 + embedding + head, has 5.86 KiB available (short by 1.95 KiB)"
+        "node0: needs 7.81 KiB for layers 0-7, has 5.86 KiB available (short by 1.95 KiB)"
     ]
     assert two["n_nodes"] == 2
     assert two["refusal"] is None

@@ -91,6 +91,17 @@ def test_min_nodes_spreads_a_model_that_would_fit_on_one() -> None:
     assert layers_by_node(place(footprint, nodes, min_nodes=2)) == {"a": (0, 4), "b": (4, 8)}
 
 
+def test_refusal_names_embedding_and_head_where_they_are() -> None:
+    footprint = ModelFootprint.uniform(n_layers=4, layer_bytes=GIB, embedding_bytes=GIB, head_bytes=GIB)
+    result = place(footprint, [node("a", GIB), node("b", GIB)])
+    assert isinstance(result, PlacementRefusal)
+    assert "a: needs 3.00 GiB for layers 0-1 + embedding, has 1.00 GiB available" in result.reasons[1]
+    assert "b: needs 3.00 GiB for layers 2-3 + head, has 1.00 GiB available" in result.reasons[2]
+    alone = place(footprint, [node("a", GIB)])
+    assert isinstance(alone, PlacementRefusal)
+    assert "a: needs 6.00 GiB for layers 0-3 + embedding + head" in alone.reasons[1]
+
+
 def test_embedding_and_head_are_counted_on_first_and_last_stage() -> None:
     # 4 layers of 1 GiB, a 2 GiB embedding and a 2 GiB head: room for layers is 3 GiB on the
     # first node and 2 GiB on the last, so the split is 2.4/1.6 -> 2/2.
@@ -167,8 +178,8 @@ def test_too_little_memory_lists_each_nodes_shortfall() -> None:
     assert verdicts["gone-node"].reason == "node is gone"
     text = "\n".join(result.reasons)
     assert "12.00 GiB" in text  # the summary: what the model needs in all
-    assert "b: needs 7.00 GiB for layers 0-6 + embedding, has 3.00 GiB available (short by 4.00 GiB)" in text
-    assert "a: needs 5.00 GiB for layers 7-11 + head, has 2.00 GiB available (short by 3.00 GiB)" in text
+    assert "b: needs 7.00 GiB for layers 0-6, has 3.00 GiB available (short by 4.00 GiB)" in text
+    assert "a: needs 5.00 GiB for layers 7-11, has 2.00 GiB available (short by 3.00 GiB)" in text
     assert "gone-node: left out (node is gone)" in text
 
 
@@ -273,7 +284,7 @@ def test_previews_cover_every_node_count() -> None:
     one, two, three = result
     assert one.placement is None
     assert one.refusal is not None
-    assert "c: needs 12.00 GiB for layers 0-11 + embedding + head" in one.refusal.reasons[0]
+    assert "c: needs 12.00 GiB for layers 0-11, has 8.00 GiB available" in one.refusal.reasons[0]
     assert "d: left out (node is gone)" in one.refusal.reasons
     assert two.placement is not None  # c and a hold exactly 12 GiB between them
     assert two.placement.bytes_by_node == {"c": 8 * GIB, "a": 4 * GIB}

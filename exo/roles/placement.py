@@ -286,7 +286,7 @@ def _place_on(footprint: ModelFootprint, chosen: list[_Candidate]) -> Placement 
     reasons: list[str] = []
     for position, candidate in enumerate(chosen):
         shortfall = max(0, needed[position] - available[position])
-        what = _stage_description(ranges[position], position, last)
+        what = _stage_description(footprint, ranges[position], position, last)
         if shortfall:
             reason = (
                 f"needs {format_bytes(needed[position])} for {what}, has "
@@ -376,12 +376,16 @@ def _layer_ranges(counts: list[int]) -> list[tuple[int, int]]:
     return ranges
 
 
-def _stage_description(layer_range: tuple[int, int], position: int, last: int) -> str:
+def _stage_description(
+    footprint: ModelFootprint, layer_range: tuple[int, int], position: int, last: int
+) -> str:
     start, end = layer_range
     parts = [f"layers {start}-{end - 1}" if end - start > 1 else f"layer {start}"]
-    if position == 0:
+    if position == 0 and footprint.embedding_bytes:
         parts.append("embedding")
-    if position == last:
+    if position == last and footprint.fixed_bytes(first=position == 0, last=True) > (
+        footprint.embedding_bytes if position == 0 else 0
+    ):
         parts.append("head")
     return " + ".join(parts)
 
