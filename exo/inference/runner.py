@@ -1,0 +1,377 @@
+"""The runner subprocess: one per shard, started and supervised by the node's worker.
+
+`python -m exo.inference.runner --control tcp://127.0.0.1:PORT [--runner-id ID]`
+
+The worker binds a ROUTER at the control address; the runner connects a DEALER whose routing id is
+its runner id, says `RunnerStarted`, waits for `LoadShard`, loads, binds its activation PULL and
+answers `ShardLoaded` (or `RunnerFailed`, then exits 1). From then on it serves pipeline frames
+until `Shutdown` (exit 0) or until its parent dies. Plain zmq with a poller: MLX compute blocks
+this process only, never the node's event loop. A heartbeat thread tells requesters which of their
+requests this stage holds, so a stage that dies is noticed in seconds even during a long prefill
+(MLX releases the GIL while it computes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+import psutil
+import zmq
+
+from exo.inference.blas import BlasInfo, load_optimized_blas
+from exo.inference.protocol import (
+    LoadShard,
+    RunnerFailed,
+    RunnerStarted,
+    RunnerStats,
+    ShardLoaded,
+    Shutdown,
+    StageAlive,
+    control_to_runner_decoder,
+    encode,
+)
+
+if TYPE_CHECKING:
+    from exo.inference.stage import Outgoing, PipelineStage
+
+logger = logging.getLogger("exo.inference.runner")
+
+Lifecycle = Literal["starting", "loading", "ready", "failed", "stopping"]
+TRANSITIONS: dict[Lifecycle, frozenset[Lifecycle]] = {
+    "starting": frozenset({"loading", "stopping"}),
+    "loading": frozenset({"ready", "failed", "stopping"}),
+    "ready": frozenset({"stopping"}),
+    "failed": frozenset({"stopping"}),
+    "stopping": frozenset(),
+}
+MAX_FRAMES_PER_TURN = 256  # bound the receive drain so compute is never starved
+
+
+class RunnerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    control: str
+    runner_id: str
+    activation_host: str = "127.0.0.1"
+    advertise_host: str | None = None
+    threads: int | None = None
+    prefill_step_size: int = 2048
+    max_active_requests: int = 64
+    send_timeout: float = 2.0
+    heartbeat_interval: float = 1.0
+    stats_interval: float = 2.0
+
+
+class PushSockets:
+    """PUSH sockets connected lazily, one per address; a send that cannot go out in time fails."""
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], send_timeout: float) -> None:
+        self._context = context
+        self._sockets: dict[str, zmq.Socket[bytes]] = {}
+        self._timeout_ms = int(send_timeout * 1000)
+
+    def send(self, address: str, frames: tuple[Any, ...]) -> bool:
+        socket = self._sockets.get(address)
+        if socket is None:
+            socket = self._context.socket(zmq.PUSH)
+            socket.setsockopt(zmq.IMMEDIATE, 1)  # queue only to a live connection, so a dead peer shows
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.SNDHWM, 10_000)
+            try:
+                socket.connect(address)
+            except zmq.ZMQError:
+                socket.close()
+                return False
+            self._sockets[address] = socket
+        if not socket.poll(self._timeout_ms, zmq.POLLOUT):
+            return False
+        try:
+            for position, frame in enumerate(frames):
+                more = zmq.SNDMORE if position < len(frames) - 1 else 0
+                # the hidden state goes without a copy; headers are small enough to copy
+                socket.send(frame, more | zmq.NOBLOCK, copy=position == 0)
+        except zmq.Again:
+            return False
+        return True
+
+    def close(self) -> None:
+        for socket in self._sockets.values():
+            socket.close(linger=0)
+        self._sockets.clear()
+
+
+class Heartbeat:
+    """A thread sending StageAlive to each requester with requests here, every interval, and at
+    once when a request arrives (so a requester knows every stage of its route within
+    milliseconds, and notices any of them dying)."""
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], address: str, interval: float) -> None:
+        self.address = address
+        self.interval = interval
+        self.requests_by_requester: dict[str, list[str]] = {}  # replaced whole by the main thread
+        self._sockets = PushSockets(context, send_timeout=0.2)  # time to connect, not to queue
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stage-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            for reply_to, request_ids in self.requests_by_requester.items():
+                message = StageAlive(stage_address=self.address, request_ids=request_ids)
+                self._sockets.send(reply_to, (encode(message),))
+        self._sockets.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+
+class Runner:
+    def __init__(self, options: RunnerOptions, blas: BlasInfo) -> None:
+        self.options = options
+        self.blas = blas
+        self.lifecycle: Lifecycle = "starting"
+        self.instance_id: str | None = None
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.control = self.context.socket(zmq.DEALER)
+        self.control.setsockopt(zmq.ROUTING_ID, options.runner_id.encode())
+        self.control.setsockopt(zmq.LINGER, 2000)  # let a final RunnerFailed reach the worker
+        self.control.connect(options.control)
+        self.activations: zmq.Socket[bytes] | None = None
+        self.pushes = PushSockets(self.context, options.send_timeout)
+        self.stage: PipelineStage | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.dropped_control_frames = 0
+        self.exit_code = 0
+        self._parent_pid = os.getppid()
+        self._process = psutil.Process()
+
+    def transition(self, target: Lifecycle) -> None:
+        if target not in TRANSITIONS[self.lifecycle]:
+            raise RuntimeError(f"runner cannot go from {self.lifecycle} to {target}")
+        self.lifecycle = target
+
+    def send_control(self, message: msgspec.Struct) -> None:
+        self.control.send(encode(message))
+
+    # --- control --------------------------------------------------------------------------
+
+    def handle_control(self, frame: bytes) -> None:
+        try:
+            message = control_to_runner_decoder.decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self.dropped_control_frames += 1
+            return
+        match message:
+            case Shutdown():
+                self.transition("stopping")
+            case LoadShard() if self.lifecycle == "starting":
+                self.load(message)
+            case LoadShard():
+                self.dropped_control_frames += 1  # one runner, one shard
+
+    def load(self, command: LoadShard) -> None:
+        from exo.inference.shard import ShardLoadError, ShardSpec, load_shard
+        from exo.inference.stage import PipelineStage
+
+        self.transition("loading")
+        self.instance_id = command.instance_id
+        spec = ShardSpec(
+            start_layer=command.start_layer, end_layer=command.end_layer, n_layers=command.n_layers
+        )
+        started = time.perf_counter()
+        try:
+            shard = load_shard(Path(command.model_path), spec)
+        except ShardLoadError as error:
+            return self.fail(str(error))
+        except MemoryError:
+            return self.fail(f"out of memory loading layers [{spec.start_layer}, {spec.end_layer})")
+        except (OSError, RuntimeError, ValueError) as error:
+            # MLX raises RuntimeError for unreadable or truncated safetensors files
+            return self.fail(f"could not load {command.model_id}: {error}")
+        load_seconds = time.perf_counter() - started
+        self.activations = self.context.socket(zmq.PULL)
+        self.activations.setsockopt(zmq.LINGER, 0)
+        self.activations.setsockopt(zmq.RCVHWM, 10_000)
+        self.activations.bind(f"tcp://{self.options.activation_host}:*")
+        address = self.activation_address()
+        self.stage = PipelineStage(
+            shard,
+            address,
+            prefill_step_size=self.options.prefill_step_size,
+            max_active_requests=self.options.max_active_requests,
+        )
+        self.heartbeat = Heartbeat(self.context, address, self.options.heartbeat_interval)
+        self.heartbeat.start()
+        self.transition("ready")
+        self.send_control(
+            ShardLoaded(
+                instance_id=command.instance_id,
+                activation_address=address,
+                start_layer=spec.start_layer,
+                end_layer=spec.end_layer,
+                weight_bytes=shard.weight_bytes,
+                load_seconds=load_seconds,
+                blas=self.blas.library,
+            )
+        )
+        return None
+
+    def activation_address(self) -> str:
+        assert self.activations is not None
+        endpoint = self.activations.getsockopt(zmq.LAST_ENDPOINT)
+        assert isinstance(endpoint, bytes)
+        port = endpoint.decode().rsplit(":", 1)[1]
+        host = self.options.advertise_host or self.options.activation_host
+        return f"tcp://{host}:{port}"
+
+    def fail(self, reason: str) -> None:
+        logger.error("runner failed: %s", reason)
+        self.transition("failed")
+        self.send_control(RunnerFailed(reason=reason, instance_id=self.instance_id))
+        self.exit_code = 1
+        self.transition("stopping")
+
+    # --- pipeline -------------------------------------------------------------------------
+
+    def send_all(self, outgoing: list[Outgoing]) -> None:
+        assert self.stage is not None
+        pending = list(outgoing)
+        while pending:
+            item = pending.pop(0)
+            if not self.pushes.send(item.address, item.frames):
+                pending.extend(self.stage.send_failed(item))
+
+    def receive_activations(self) -> None:
+        assert self.activations is not None and self.stage is not None
+        for _ in range(MAX_FRAMES_PER_TURN):
+            try:
+                frames = self.activations.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.send_all(self.stage.handle_frames([frame.buffer for frame in frames]))
+
+    def stats(self) -> RunnerStats:
+        assert self.stage is not None and self.instance_id is not None
+        counters = self.stage.counters
+        return RunnerStats(
+            instance_id=self.instance_id,
+            steps_done=counters.steps_done,
+            tokens_sampled=counters.tokens_sampled,
+            active_requests=len(self.stage.requests),
+            queued_work=len(self.stage.scheduler),
+            dropped_frames=counters.dropped_frames + self.dropped_control_frames,
+            stale_frames=counters.stale_frames,
+            resident_bytes=self._process.memory_info().rss,
+            peak_resident_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        )
+
+    # --- loop -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.send_control(RunnerStarted(runner_id=self.options.runner_id, pid=os.getpid()))
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        next_stats = time.monotonic() + self.options.stats_interval
+        requests_announced = 0
+        try:
+            while self.lifecycle != "stopping":
+                if self.activations is not None and self.activations not in dict(poller.sockets):
+                    poller.register(self.activations, zmq.POLLIN)
+                busy = self.stage is not None and self.stage.has_work()
+                ready = dict(poller.poll(0 if busy else 100))
+                if self.control in ready:
+                    while self.lifecycle != "stopping":
+                        try:
+                            self.handle_control(self.control.recv(zmq.NOBLOCK))
+                        except zmq.Again:
+                            break
+                if self.lifecycle == "stopping":
+                    break
+                if self.activations is not None and self.activations in ready:
+                    self.receive_activations()
+                if self.stage is not None:
+                    if self.stage.has_work():
+                        self.send_all(self.stage.run_next())
+                    if self.heartbeat is not None:
+                        self.heartbeat.requests_by_requester = self.stage.requests_by_requester()
+                        if self.stage.counters.requests_started != requests_announced:
+                            requests_announced = self.stage.counters.requests_started
+                            self.heartbeat.wake()
+                now = time.monotonic()
+                if now >= next_stats:
+                    next_stats = now + self.options.stats_interval
+                    if os.getppid() != self._parent_pid:
+                        logger.warning("parent process is gone; runner exits")
+                        break
+                    if self.lifecycle == "ready":
+                        self.send_control(self.stats())
+        finally:
+            self.close()
+        return self.exit_code
+
+    def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        self.pushes.close()
+        if self.activations is not None:
+            self.activations.close(linger=0)
+        self.control.close()
+        self.context.term()
+
+
+def parse_arguments(argv: list[str] | None = None) -> RunnerOptions:
+    parser = argparse.ArgumentParser(prog="python -m exo.inference.runner", description=__doc__)
+    parser.add_argument("--control", required=True, help="the worker's ROUTER address, tcp://HOST:PORT")
+    parser.add_argument("--runner-id", default=None, help="routing id on the control channel")
+    parser.add_argument("--activation-host", default="127.0.0.1", help="interface for the activation PULL")
+    parser.add_argument("--advertise-host", default=None, help="host peers use to reach it (default: bound)")
+    parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: usable cores)")
+    parser.add_argument("--prefill-step-size", type=int, default=2048)
+    parser.add_argument("--max-active-requests", type=int, default=64)
+    parser.add_argument("--heartbeat-interval", type=float, default=1.0)
+    parser.add_argument("--stats-interval", type=float, default=2.0)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    arguments = parser.parse_args(argv)
+    if arguments.activation_host in ("0.0.0.0", "*", "::") and not arguments.advertise_host:
+        parser.error("--advertise-host is required when binding every interface")
+    if arguments.prefill_step_size < 1 or arguments.max_active_requests < 1:
+        parser.error("--prefill-step-size and --max-active-requests must be positive")
+    logging.basicConfig(level=logging.DEBUG if arguments.verbose else logging.WARNING)
+    return RunnerOptions(
+        control=arguments.control,
+        runner_id=arguments.runner_id or f"runner-{os.getpid()}",
+        activation_host=arguments.activation_host,
+        advertise_host=arguments.advertise_host,
+        threads=arguments.threads,
+        prefill_step_size=arguments.prefill_step_size,
+        max_active_requests=arguments.max_active_requests,
+        heartbeat_interval=arguments.heartbeat_interval,
+        stats_interval=arguments.stats_interval,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_arguments(argv)
+    blas = load_optimized_blas(options.threads)  # before anything imports mlx
+    return Runner(options, blas).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
