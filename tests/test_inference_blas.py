@@ -63,5 +63,5 @@ def test_loading_after_mlx_warns_instead_of_pretending() -> None:
         timeout=60,
         text=True,
     )
-    assert b"mlx was imported before" in completed.stdout
-    assert b"no warning" not in completed.stdout
+    assert "mlx was imported before" in completed.stdout
+    assert "no warning" not in completed.stdout
