@@ -8,7 +8,9 @@ NodeJoined / MasterElected / NodeTimedOut / instance churn), then times:
 - exo-replay's rebuild (`exo.replay.rebuild`: the same read + decode + exo.state.apply);
 - the whole `exo-replay --json` command (process start, file checks, rebuild, output);
 - append throughput at 1, 64 and 1024 events per commit, synchronous=FULL and NORMAL.
-Prints a markdown table with the machine and date. Never asserted in tests.
+Read timings are best of --repeat, in wall-clock and in CPU seconds (on a shared machine the CPU
+figure is what an idle core does). Prints markdown tables with the machine, load and date.
+Never asserted in tests.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import datetime
 import os
 import platform
 import random
+import resource
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from exo.events import (
@@ -113,32 +117,43 @@ async def write_log(path: Path, count: int) -> float:
     return count / elapsed
 
 
-def read_and_decode(path: Path) -> tuple[int, float]:
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock seconds and CPU seconds: on a shared machine the CPU figure is what an idle core
+    would take (the process is not charged for time other work held the core)."""
+
+    wall: float
+    cpu: float
+
+
+def timed(function: Callable[[], object]) -> Timing:
+    wall, cpu = time.perf_counter(), time.process_time()
+    function()
+    return Timing(time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def best(timings: list[Timing]) -> Timing:
+    return Timing(min(timing.wall for timing in timings), min(timing.cpu for timing in timings))
+
+
+def read_and_decode(reader: LogReader) -> None:
     """The baseline: the same reader and decoder as the replay, without apply."""
     decode = indexed_event_decoder.decode
-    with LogReader.open(str(path)) as reader:
-        started = time.perf_counter()
-        count = 0
-        for batch in reader.rows():
-            for _index, payload in batch:
-                decode(payload)
-            count += len(batch)
-        return count, time.perf_counter() - started
+    for batch in reader.rows():
+        for _index, payload in batch:
+            decode(payload)
 
 
-def replay(path: Path) -> tuple[int, float]:
-    with LogReader.open(str(path)) as reader:
-        started = time.perf_counter()
-        state = rebuild(reader)
-        return state.last_event_index, time.perf_counter() - started
+def replay_command(path: Path) -> Timing:
+    def children_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
 
-
-def replay_command(path: Path) -> float:
-    started = time.perf_counter()
+    wall, cpu = time.perf_counter(), children_cpu()
     subprocess.run(
         [sys.executable, "-m", "exo.replay", str(path), "--json"], check=True, stdout=subprocess.DEVNULL
     )
-    return time.perf_counter() - started
+    return Timing(time.perf_counter() - wall, children_cpu() - cpu)
 
 
 async def append_rate(directory: Path, batch_size: int, total: int, synchronous: str) -> float:
@@ -168,11 +183,11 @@ def main() -> None:
         log = directory / "events.db"
         write_rate = asyncio.run(write_log(log, arguments.events))
         size_mb = log.stat().st_size / 1e6
-        baseline = min(read_and_decode(log)[1] for _ in range(arguments.repeat))
-        replay_runs = [replay(log) for _ in range(arguments.repeat)]
-        replayed, replay_seconds = replay_runs[0][0], min(seconds for _, seconds in replay_runs)
-        assert replayed == arguments.events, replayed
-        command_seconds = min(replay_command(log) for _ in range(2))
+        with LogReader.open(str(log)) as reader:
+            assert rebuild(reader).last_event_index == arguments.events
+            baseline = best([timed(lambda: read_and_decode(reader)) for _ in range(arguments.repeat)])
+            replay = best([timed(lambda: rebuild(reader)) for _ in range(arguments.repeat)])
+        command = best([replay_command(log) for _ in range(2)])
         appends = {
             (synchronous, batch_size): asyncio.run(append_rate(directory, batch_size, total, synchronous))
             for synchronous in ("full", "normal")
@@ -184,8 +199,8 @@ def main() -> None:
             size_mb=size_mb,
             write_rate=write_rate,
             baseline=baseline,
-            replay_seconds=replay_seconds,
-            command_seconds=command_seconds,
+            replay=replay,
+            command=command,
             appends=appends,
         )
     )
@@ -196,9 +211,9 @@ def report(
     count: int,
     size_mb: float,
     write_rate: float,
-    baseline: float,
-    replay_seconds: float,
-    command_seconds: float,
+    baseline: Timing,
+    replay: Timing,
+    command: Timing,
     appends: dict[tuple[str, int], float],
 ) -> str:
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
@@ -209,13 +224,15 @@ def report(
         f"Log: {count:,} events, {size_mb:.0f} MB on disk, written at {write_rate:,.0f} events/s "
         f"({WRITE_BATCH} per commit, synchronous=NORMAL).",
         "",
-        "| measurement | events/s | ratio to baseline |",
-        "|---|---:|---:|",
-        f"| baseline: read + msgspec decode, no apply | {count / baseline:,.0f} | 1.00 |",
-        f"| replay: read + decode + apply (`exo.replay.rebuild`) | {count / replay_seconds:,.0f} "
-        f"| {baseline / replay_seconds:.2f} |",
-        f"| `exo-replay --json` command, wall clock ({command_seconds:.2f} s) "
-        f"| {count / command_seconds:,.0f} | {baseline / command_seconds:.2f} |",
+        "| measurement | events/s (wall) | events per CPU second | ratio to baseline (CPU) |",
+        "|---|---:|---:|---:|",
+        _rate_row("baseline: read + msgspec decode, no apply", count, baseline, baseline),
+        _rate_row(
+            "replay: read + decode + `exo.state.apply` (`exo.replay.rebuild`)", count, replay, baseline
+        ),
+        _rate_row(
+            f"`exo-replay --json` command, whole process ({command.wall:.1f} s)", count, command, baseline
+        ),
         "",
         "| events per commit | synchronous=FULL events/s | synchronous=NORMAL events/s | FULL / NORMAL |",
         "|---:|---:|---:|---:|",
@@ -224,6 +241,11 @@ def report(
         full, normal = appends["full", batch_size], appends["normal", batch_size]
         lines.append(f"| {batch_size} | {full:,.0f} | {normal:,.0f} | {full / normal:.2f} |")
     return "\n".join(lines)
+
+
+def _rate_row(name: str, count: int, timing: Timing, baseline: Timing) -> str:
+    ratio = baseline.cpu / timing.cpu
+    return f"| {name} | {count / timing.wall:,.0f} | {count / timing.cpu:,.0f} | {ratio:.2f} |"
 
 
 if __name__ == "__main__":

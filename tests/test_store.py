@@ -69,6 +69,11 @@ async def test_append_then_read_in_index_order(store: EventStore) -> None:
     assert await store.first_index() == 1
 
 
+async def test_concurrent_appends_land_in_call_order(store: EventStore) -> None:
+    await asyncio.gather(*(store.append(events(start, start + 9)) for start in range(1, 100, 10)))
+    assert await store.read(1) == events(1, 100)
+
+
 async def test_an_empty_batch_is_a_no_op(store: EventStore) -> None:
     await store.append([])
     assert await store.last_index() == 0
