@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import importlib
 import logging
 import os
 import secrets
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,12 +129,18 @@ def load_node_id(data_dir: Path, override: str | None) -> str:
     return node_id
 
 
-async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
+async def run_node(
+    config: NodeConfig, stop: asyncio.Event, on_ready: Callable[[ClusterMember], None] | None = None
+) -> None:
+    """Run a node until `stop` is set. `on_ready` gets the cluster member once everything is up."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     node_id = load_node_id(config.data_dir, config.node_id)
     if config.cluster_secret is None:
         logger.warning("no cluster secret: the bus is open to anyone on this network (see --cluster-secret)")
     blas = load_optimized_blas()  # before anything imports mlx (tokenizers, runners inherit the choice)
+    # The tokenizer stack (transformers) takes seconds to import: do it now, before the node has
+    # heartbeats to keep, rather than on the first chat request.
+    importlib.import_module("mlx_lm.tokenizer_utils")
     store = open_store(config.event_store)
     await store.open()
     context = zmq.asyncio.Context()
@@ -150,10 +158,7 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
         member.local_models = catalog.supported_ids
         await bus.start()
         stack.push_async_callback(bus.close)
-        await member.start()
         stack.push_async_callback(member.close)
-        for peer in config.peers:
-            bus.add_peer(peer)
         host = advertise_host(config)
         bind_host = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
         worker = Worker(
@@ -185,7 +190,13 @@ async def run_node(config: NodeConfig, stop: asyncio.Event) -> None:
             api = ApiServer(create_app(services, api_key=config.api_key), config.api_host, config.api_port)
             await api.start()
             stack.push_async_callback(api.stop)
+        # Last: the election's listening window starts once everything else is up.
+        await member.start()
+        for peer in config.peers:
+            bus.add_peer(peer)
         logger.info("node %s: bus port %d, state at index %d", node_id, config.bus_port, replica.last_index)
+        if on_ready is not None:
+            on_ready(member)
         await stop.wait()
 
 

@@ -24,8 +24,12 @@ def make(node_id: str, term: int = 0, force: bool = False) -> Election:
     return Election(node_id, term, force, started_at=0.0, interval=INTERVAL, liveness=6)
 
 
-def heartbeat(node_id: str, term: int, master: str | None, last_index: int = 0) -> Heartbeat:
-    return Heartbeat(node_id, term, master, Rank(False, last_index, node_id), bus_port=1)
+def heartbeat(
+    node_id: str, term: int, master: str | None, last_index: int = 0, quorum: bool = True
+) -> Heartbeat:
+    return Heartbeat(
+        node_id, term, master, Rank(False, last_index, node_id), bus_port=1, master_term=term, quorum=quorum
+    )
 
 
 @pytest.mark.parametrize(
@@ -61,20 +65,20 @@ def test_alone_wins_after_the_campaign_window() -> None:
 
 def test_waiting_node_follows_a_sitting_master() -> None:
     election = make("a")
-    actions = election.on_heartbeat(heartbeat("m", 3, "m"), 0.1, 0)
+    actions = election.on_heartbeat(heartbeat("m", 3, "m"), 0.1, 0, True)
     assert actions == [PersistTerm(3), FollowMaster("m", 3)]
     assert election.phase == "follower"
 
 
 def test_follower_ignores_a_heartbeat_from_a_non_master() -> None:
     election = make("a")
-    assert election.on_heartbeat(heartbeat("b", 3, "m"), 0.1, 0) == []
+    assert election.on_heartbeat(heartbeat("b", 3, "m"), 0.1, 0, True) == []
     assert election.phase == "waiting"
 
 
 def test_follower_campaigns_when_master_goes_silent() -> None:
     election = make("a", term=2)
-    election.on_heartbeat(heartbeat("m", 2, "m"), 0.1, 0)
+    election.on_heartbeat(heartbeat("m", 2, "m"), 0.1, 0, True)
     assert election.on_tick(1.0, 0, {"m"}) == []
     actions = election.on_tick(2.0, 0, set())
     assert actions[0] == PersistTerm(3)
@@ -117,7 +121,6 @@ def test_messages_from_a_stale_term_are_dropped(message: CampaignStarted | Victo
         assert election.on_campaign(message, 0.1, 0) == []
     else:
         assert election.on_victory(message, 0.1, 0) == []
-    assert election.on_heartbeat(heartbeat("z", 2, "z"), 0.1, 0) == []
     assert election.term == 5 and election.phase == "waiting"
 
 
@@ -126,7 +129,7 @@ def test_master_steps_down_for_a_higher_term() -> None:
     election.on_tick(STARTUP, 0, set())
     election.on_tick(STARTUP + WINDOW, 0, set())
     assert election.phase == "master"
-    actions = election.on_heartbeat(heartbeat("b", 9, "b"), 2.0, 0)
+    actions = election.on_heartbeat(heartbeat("b", 9, "b"), 2.0, 0, True)
     assert actions == [PersistTerm(9), FollowMaster("b", 9)]
 
 
@@ -136,19 +139,51 @@ def test_two_masters_in_one_term_resolve_by_rank() -> None:
         election.on_tick(STARTUP, 0, set())
         election.on_tick(STARTUP + WINDOW, 0, set())
     assert low.phase == high.phase == "master"
-    assert high.on_heartbeat(heartbeat("a", 1, "a"), 2.0, 0) == [
+    # The bigger log does not matter here: both logs diverged; every node breaks the tie the same way.
+    assert high.on_heartbeat(heartbeat("a", 1, "a", last_index=50), 2.0, 0, True) == [
         AnnounceVictory(VictoryDeclared(1, Rank(False, 0, "b")))
     ]
-    assert low.on_heartbeat(heartbeat("b", 1, "b"), 2.0, 0) == [FollowMaster("b", 1)]
+    assert low.on_heartbeat(heartbeat("b", 1, "b"), 2.0, 50, True) == [FollowMaster("b", 1)]
 
 
-def test_master_reasserts_against_a_lower_ranked_victory() -> None:
+@pytest.mark.parametrize(
+    ("mine", "theirs", "i_step_down"),
+    [
+        ((True, 5), (False, 9), False),  # a majority outranks a higher term without one
+        ((False, 9), (True, 5), True),
+        ((True, 5), (True, 6), True),  # then the higher term
+        ((False, 6), (False, 5), False),
+    ],
+)
+def test_healed_partition_keeps_the_majority_master(
+    mine: tuple[bool, int], theirs: tuple[bool, int], i_step_down: bool
+) -> None:
+    election = make("a", term=mine[1] - 1)
+    election.on_tick(STARTUP, 0, set())
+    election.on_tick(STARTUP + WINDOW, 0, set())
+    assert election.phase == "master" and election.master_term == mine[1]
+    actions = election.on_heartbeat(heartbeat("b", theirs[1], "b", quorum=theirs[0]), 2.0, 0, mine[0])
+    assert (election.phase == "follower") is i_step_down
+    assert (FollowMaster("b", theirs[1]) in actions) is i_step_down
+
+
+def test_follower_switches_only_to_a_stronger_master() -> None:
+    election = make("f", term=3)
+    election.on_heartbeat(heartbeat("m", 3, "m", quorum=True), 0.1, 0, False)
+    assert election.on_heartbeat(heartbeat("x", 7, "x", quorum=False), 0.2, 0, False) == []
+    assert election.master_node_id == "m"
+    assert election.on_heartbeat(heartbeat("y", 4, "y", quorum=True), 0.3, 0, False) == [
+        PersistTerm(4),
+        FollowMaster("y", 4),
+    ]
+
+
+def test_same_term_victory_does_not_unseat_a_master() -> None:
     election = make("b")
     election.on_tick(STARTUP, 0, set())
     election.on_tick(STARTUP + WINDOW, 0, set())
-    assert election.on_victory(VictoryDeclared(1, Rank(False, 0, "a")), 2.0, 0) == [
-        AnnounceVictory(VictoryDeclared(1, Rank(False, 0, "b")))
-    ]
+    assert election.on_victory(VictoryDeclared(1, Rank(False, 0, "a")), 2.0, 0) == []
+    assert election.phase == "master"
 
 
 def test_illegal_transition_is_refused() -> None:

@@ -74,6 +74,9 @@ ElectionMessage = CampaignStarted | VictoryDeclared
 
 
 class Heartbeat(_Message, frozen=True):
+    """`term`: the highest term the sender has seen; `master_term`: the term of the master it follows
+    (its own, for a master). `quorum`: a master's claim that it reaches a majority of the known nodes."""
+
     node_id: str
     term: int
     master_node_id: str | None
@@ -84,6 +87,8 @@ class Heartbeat(_Message, frozen=True):
     hostname: str = ""
     known_peers: list[str] = []
     models: list[str] = []
+    master_term: int = 0
+    quorum: bool = False
 
 
 ConnectionMessage = Heartbeat

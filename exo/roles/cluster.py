@@ -34,7 +34,7 @@ from exo.roles.election import (
     PersistTerm,
 )
 from exo.roles.master import Master, membership_events
-from exo.roles.replica import Replica
+from exo.roles.replica import Replica, find_common_prefix, rebuild
 from exo.roles.sequencer import GapRequest, Sequencer
 from exo.state import State, decode_state, encode_state
 
@@ -64,6 +64,7 @@ class ClusterCounters:
     apply_queue_full: int = 0
     fetches: int = 0
     snapshots_installed: int = 0
+    events_dropped_on_reconcile: int = 0
     extra: dict[str, int] = field(default_factory=dict[str, int])
 
 
@@ -110,6 +111,7 @@ class ClusterMember:
         self._outgoing_local: list[m.LocalEvent] = []
         self._apply_queue: asyncio.Queue[list[IndexedEvent]] = asyncio.Queue(APPLY_QUEUE_BATCHES)
         self._fetch_task: asyncio.Task[bool] | None = None
+        self._reconciling = False
         self._tasks: list[asyncio.Task[Any]] = []
         self.counters = ClusterCounters()
         self.local_models: Callable[[], list[str]] = list
@@ -124,6 +126,7 @@ class ClusterMember:
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.election.restart_clock(time.monotonic())
         self._tasks.append(asyncio.create_task(self._tick_loop(), name="cluster-tick"))
         self._tasks.append(asyncio.create_task(self._apply_loop(), name="cluster-apply"))
 
@@ -232,8 +235,16 @@ class ClusterMember:
                 hostname=self.hostname,
                 known_peers=self.bus.known_addresses(),
                 models=self.local_models(),
+                master_term=self.election.master_term,
+                quorum=self.has_quorum(),
             ),
         )
+
+    def has_quorum(self) -> bool:
+        """Whether this node reaches a majority of the nodes the cluster has ever had (itself included)."""
+        members = set(self.state.nodes) | {self.node_id}
+        alive = (self.liveness.alive(time.monotonic()) | {self.node_id}) & members
+        return len(alive) * 2 > len(members)
 
     def _reconnect_silent_peers(self, alive: set[str]) -> None:
         for address, peer in list(self.bus.peers.items()):
@@ -323,7 +334,33 @@ class ClusterMember:
             logger.info("stepping down: %s leads term %d", node_id, term)
             await self.master.stop()
             self.master = None
+        await self._reconcile_log_with(node_id)
         self._resend_all_local()
+
+    async def _reconcile_log_with(self, master_id: str) -> None:
+        """Drop this node's tail where it diverges from the master's log (a healed partition)."""
+        self._reconciling = True
+        try:
+            common = await find_common_prefix(self.replica, lambda index: self._event_at(master_id, index))
+            if common is not None and common < self.replica.last_index:
+                logger.warning(
+                    "dropping events %d..%d: they are not in %s's history",
+                    common + 1,
+                    self.replica.last_index,
+                    master_id,
+                )
+                await self.replica.truncate_after(common, await rebuild(self.replica.store, common))
+                self.counters.events_dropped_on_reconcile += self.replica.last_index - common
+        except RequestTimedOut:
+            logger.warning("could not compare logs with %s; catch-up continues from here", master_id)
+        finally:
+            self._reconciling = False
+
+    async def _event_at(self, node_id: str, index: int) -> IndexedEvent | None:
+        reply = await self.bus.request(node_id, m.EventsRequested(index - 1, 1))
+        if isinstance(reply, m.EventsAnswered) and reply.events and reply.events[0].index == index:
+            return reply.events[0]
+        return None
 
     def _resend_all_local(self) -> None:
         self._outgoing_local = sorted(
@@ -344,7 +381,11 @@ class ClusterMember:
 
     def _maybe_fetch(self, now: float) -> None:
         master_id = self.election.master_node_id
-        if master_id is None or (self._fetch_task is not None and not self._fetch_task.done()):
+        if (
+            master_id is None
+            or self._reconciling
+            or (self._fetch_task is not None and not self._fetch_task.done())
+        ):
             return
         master_heartbeat = self.heartbeats.get(master_id)
         known_last = master_heartbeat.rank.last_index if master_heartbeat is not None else 0
@@ -388,7 +429,8 @@ class ClusterMember:
         for address in heartbeat.known_peers:
             if address not in self.bus.peers:
                 self.bus.add_peer(address)
-        self._spawn_act(self.election.on_heartbeat(heartbeat, now, self.replica.last_index))
+        actions = self.election.on_heartbeat(heartbeat, now, self.replica.last_index, self.has_quorum())
+        self._spawn_act(actions)
 
     def _on_election(self, message: m.ElectionMessage) -> None:
         now = time.monotonic()
@@ -419,11 +461,14 @@ class ClusterMember:
 
     def _on_global_events(self, message: m.EventsPublished) -> None:
         self.liveness.heard(message.master_node_id, time.monotonic())
-        if message.term < self.election.term or message.master_node_id == self.node_id:
+        if (
+            message.master_node_id != self.election.master_node_id
+            or message.term != self.election.master_term
+        ):
+            # A stale or competing master: the election decides whom to follow; catch-up fetches later.
             self.counters.stale_term_messages += 1
             return
-        if self.election.master_node_id != message.master_node_id:
-            # Events from a master this node does not follow yet: catch-up fetches them later.
+        if self._reconciling:
             return
         try:
             self._apply_queue.put_nowait(message.events)

@@ -10,8 +10,11 @@ Rules:
 - Campaigning bumps the term, persists it and announces the node's rank. A node hearing a campaign
   for a term at least its own joins it, and answers with its own campaign when it outranks the
   campaigner. When the window closes, the highest rank heard declares victory.
-- Messages of a term below the node's own are dropped. A higher term always wins; in the same
-  term two masters resolve by rank (the lower steps down).
+- Campaign and victory messages of a term below the node's own are dropped.
+- Two masters (after a partition heals, or a race at start-up) resolve by `Precedence`: a master
+  that reaches a majority of the known nodes outranks one that does not; then the higher term;
+  then a forced master; then the node id. Every node compares the same heartbeat fields, so all
+  pick the same one, and the loser's side drops its divergent tail (see ClusterMember).
 """
 
 from __future__ import annotations
@@ -23,6 +26,13 @@ from exo.bus.liveness import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 from exo.bus.messages import CampaignStarted, Heartbeat, Rank, VictoryDeclared
 
 Phase = Literal["waiting", "follower", "candidate", "master"]
+Precedence = tuple[bool, int, bool, str]
+
+
+def precedence(heartbeat: Heartbeat) -> Precedence:
+    """How strong a master's claim is (only meaningful for a heartbeat whose sender is master)."""
+    return (heartbeat.quorum, heartbeat.master_term, heartbeat.rank.force_master, heartbeat.node_id)
+
 
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     "waiting": frozenset({"follower", "candidate"}),
@@ -71,12 +81,23 @@ class Election:
     liveness: int = HEARTBEAT_LIVENESS
     phase: Phase = "waiting"
     master_node_id: str | None = None
+    # The term of the master this node follows (its own when master); `term` may be higher.
+    master_term: int = 0
+    master_precedence: Precedence | None = None
     _deadline: float = 0.0
     _campaign_ranks: dict[str, Rank] = field(default_factory=dict[str, Rank])
     _announced_term: int = -1
 
     def __post_init__(self) -> None:
-        self._deadline = self.started_at + self.interval * self.liveness
+        self.restart_clock(self.started_at)
+
+    def restart_clock(self, now: float) -> None:
+        """Start the listening window now (the node's sockets are up and its peers dialled)."""
+        if self.phase == "waiting":
+            self._deadline = now + self.interval * self.liveness
+
+    def my_precedence(self, quorum: bool) -> Precedence:
+        return (quorum, self.master_term, self.force_master, self.node_id)
 
     @property
     def campaign_window(self) -> float:
@@ -122,6 +143,7 @@ class Election:
                 self._campaign_ranks = {}
             self._move("candidate")
             self.master_node_id = None
+            self.master_precedence = None
             self._deadline = now + self.campaign_window
         if self.phase == "master":
             # A late campaigner in the term this node already won: tell it again.
@@ -137,30 +159,34 @@ class Election:
     def on_victory(self, message: VictoryDeclared, now: float, last_index: int) -> list[Action]:
         if message.term < self.term or message.rank.node_id == self.node_id:
             return []
-        if self.phase == "master" and message.term == self.term and self.rank(last_index) > message.rank:
-            return [AnnounceVictory(VictoryDeclared(self.term, self.rank(last_index)))]
-        return self._follow(message.rank.node_id, message.term)
+        if self.phase == "master" and message.term == self.term:
+            # Same-term race: resolved by heartbeats (they carry quorum), not by this message.
+            return []
+        return self._follow(message.rank.node_id, message.term, None)
 
-    def on_heartbeat(self, heartbeat: Heartbeat, now: float, last_index: int) -> list[Action]:
-        if heartbeat.term < self.term:
+    def on_heartbeat(self, heartbeat: Heartbeat, now: float, last_index: int, quorum: bool) -> list[Action]:
+        """`quorum`: whether this node, as master, reaches a majority of the known nodes now."""
+        if heartbeat.master_node_id != heartbeat.node_id:
+            return []  # only a master's own heartbeat says anything about who leads
+        claim = precedence(heartbeat)
+        if heartbeat.node_id == self.master_node_id:
+            self.master_precedence = claim
+            if heartbeat.master_term > self.master_term:
+                return self._follow(heartbeat.node_id, heartbeat.master_term, claim)
             return []
-        claims_master = heartbeat.master_node_id == heartbeat.node_id
-        if heartbeat.term > self.term:
-            if claims_master:
-                return self._follow(heartbeat.node_id, heartbeat.term)
-            if self.phase == "master" and heartbeat.master_node_id is not None:
-                # The cluster moved on to a newer term without this node: step down.
-                return self._follow(heartbeat.master_node_id, heartbeat.term)
-            return []
-        if not claims_master or self.master_node_id == heartbeat.node_id:
-            return []
-        if self.phase == "master":
-            if heartbeat.rank > self.rank(last_index):
-                return self._follow(heartbeat.node_id, heartbeat.term)
-            return [AnnounceVictory(VictoryDeclared(self.term, self.rank(last_index)))]
-        if self.phase in ("waiting", "follower") or (self.phase == "candidate" and now >= self._deadline):
-            return self._follow(heartbeat.node_id, heartbeat.term)
-        return []
+        match self.phase:
+            case "master":
+                if claim > self.my_precedence(quorum):
+                    return self._follow(heartbeat.node_id, heartbeat.master_term, claim)
+                return [AnnounceVictory(VictoryDeclared(self.term, self.rank(last_index)))]
+            case "waiting" | "follower":
+                if self.master_precedence is None or claim > self.master_precedence:
+                    return self._follow(heartbeat.node_id, heartbeat.master_term, claim)
+                return []
+            case "candidate":
+                if now >= self._deadline or heartbeat.master_term >= self.term:
+                    return self._follow(heartbeat.node_id, heartbeat.master_term, claim)
+                return []
 
     # --- transitions ---------------------------------------------------------------------------
 
@@ -168,6 +194,7 @@ class Election:
         self._move("candidate")
         self.term += 1
         self.master_node_id = None
+        self.master_precedence = None
         self._deadline = now + self.campaign_window
         mine = self.rank(last_index)
         self._campaign_ranks = {self.node_id: mine}
@@ -177,16 +204,20 @@ class Election:
     def _win(self) -> list[Action]:
         self._move("master")
         self.master_node_id = self.node_id
+        self.master_term = self.term
+        self.master_precedence = None
         mine = self._campaign_ranks[self.node_id]
         return [AnnounceVictory(VictoryDeclared(self.term, mine)), BecomeMaster(self.term)]
 
-    def _follow(self, node_id: str, term: int) -> list[Action]:
+    def _follow(self, node_id: str, term: int, claim: Precedence | None) -> list[Action]:
         actions: list[Action] = []
         if term > self.term:
             self.term = term
             actions.append(PersistTerm(term))
         self._move("follower")
         self.master_node_id = node_id
+        self.master_term = term
+        self.master_precedence = claim
         self._campaign_ranks = {}
         actions.append(FollowMaster(node_id, term))
         return actions

@@ -7,7 +7,9 @@ own events.db always agree.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+import msgspec
 
 from exo.events import IndexedEvent
 from exo.roles.sequencer import EventOrderer, OriginHighWater
@@ -23,6 +25,8 @@ class Replica:
         self.high_water = OriginHighWater()
         self._changed = asyncio.Condition()
         self._write_lock = asyncio.Lock()
+        # Called with each batch right after it is applied (benchmarks, the node's own bookkeeping).
+        self.applied_listeners: list[Callable[[Sequence[IndexedEvent]], None]] = []
 
     @property
     def last_index(self) -> int:
@@ -76,6 +80,8 @@ class Replica:
             state = apply(state, event)
             high_water.observe(event)
         self.state = state
+        for listener in self.applied_listeners:
+            listener(events)
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -101,13 +107,71 @@ RESTORE_CHUNK = 50_000
 
 async def restore(store: EventStore) -> Replica:
     """Rebuild the node's state from its own log: newest snapshot, then every event after it."""
-    snapshot = await store.load_snapshot()
-    state = snapshot.state if snapshot is not None else State()
-    replica = Replica(store, state)
-    while True:
-        events = await store.read(replica.last_index + 1, limit=RESTORE_CHUNK)
-        if not events:
-            break
-        replica._fold(events)
+    replica = Replica(store, await rebuild(store))
     replica.orderer.reset(replica.last_index)
+    async for events in _chunks(store, replica.last_index + 1, None):
+        for event in events:
+            replica.high_water.observe(event)
     return replica
+
+
+async def rebuild(store: EventStore, until: int | None = None) -> State:
+    """The state at index `until` (the end when None): newest snapshot at or before it, then events."""
+    snapshot = await store.load_snapshot(until)
+    state = snapshot.state if snapshot is not None else State()
+    async for events in _chunks(store, state.last_event_index + 1, until):
+        for event in events:
+            state = apply(state, event)
+    return state
+
+
+async def _chunks(store: EventStore, start: int, until: int | None) -> AsyncIterator[list[IndexedEvent]]:
+    while True:
+        end = None if until is None else until + 1
+        events = await store.read(start, end, limit=RESTORE_CHUNK)
+        if not events:
+            return
+        yield events
+        start = events[-1].index + 1
+
+
+async def find_common_prefix(
+    replica: Replica, event_at: Callable[[int], Awaitable[IndexedEvent | None]]
+) -> int | None:
+    """The highest index up to which this log equals another's (`event_at` reads the other log).
+
+    Gallops back from the end, then bisects: a few round trips even for a long divergent tail.
+    None when there is nothing to compare.
+    """
+    last = replica.last_index
+    if last == 0:
+        return None
+
+    async def same(index: int) -> bool:
+        if index == 0:
+            return True
+        ours = await replica.store.read(index, index + 1, limit=1)
+        theirs = await event_at(index)
+        return bool(ours) and theirs is not None and encode_indexed(ours[0]) == encode_indexed(theirs)
+
+    if await same(last):
+        return last
+    bad, step = last, 1
+    good = max(0, last - step)
+    while not await same(good):
+        bad, step = good, step * 2
+        good = max(0, last - step)
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if await same(middle):
+            good = middle
+        else:
+            bad = middle
+    return good
+
+
+_indexed_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_indexed(event: IndexedEvent) -> bytes:
+    return _indexed_encoder.encode(event)

@@ -1,0 +1,198 @@
+"""Events through the whole path: a node's local event -> master -> SQLite -> applied on 3 nodes.
+
+Three nodes on loopback: the master (`--force-master`) and a follower run as subprocesses; the
+origin node runs in this process so it can submit events directly and timestamp each one when it
+comes back applied (after the master's commit, the publish, and the origin's own commit).
+
+    python -m bench.events_bench [--events 100000] [--rate 1000] [--seconds 5]
+
+Prints a markdown table; figures go into docs/benchmarks.md by hand or via `python -m bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from exo.events import IndexedEvent, NodeLabelled
+from exo.node import NodeConfig, run_node
+from exo.roles.cluster import ClusterMember
+from tests.cluster_harness import NodeProcess, free_port, wait_until
+
+SUBMIT_CHUNK = 1000
+MAX_IN_FLIGHT = 50_000
+
+
+def node_config(root: Path, name: str, bus_port: int, peers: list[str], synchronous: str) -> NodeConfig:
+    return NodeConfig(
+        node_id=name,
+        data_dir=root / name,
+        models_dir=root / name / "models",
+        api_port=0,
+        api_host="127.0.0.1",
+        api=False,
+        bus_port=bus_port,
+        peers=tuple(peers),
+        discovery=False,
+        force_master=False,
+        event_store=f"sqlite+aiosqlite:///{root / name / 'events.db'}?synchronous={synchronous}",
+        cluster_secret=None,
+        api_key=None,
+        verbosity=0,
+    )
+
+
+class AppliedClock:
+    """Records when each of the origin's own events is applied at the origin."""
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+        self.applied_at: dict[int, float] = {}
+
+    def __call__(self, events: Sequence[IndexedEvent]) -> None:
+        now = time.perf_counter()
+        for event in events:
+            if event.origin_node_id == self.origin:
+                self.applied_at[event.origin_sequence] = now
+
+
+async def wait_index(member: ClusterMember, index: int, timeout: float) -> None:
+    if not await member.replica.wait_for(lambda state: state.last_event_index >= index, timeout):
+        raise RuntimeError(f"index {index} not applied within {timeout}s")
+
+
+def remote_index(node: NodeProcess) -> int:
+    return int(httpx.get(node.url + "/state", timeout=5).json()["last_event_index"])
+
+
+async def throughput(member: ClusterMember, others: list[NodeProcess], count: int) -> tuple[float, float]:
+    start_index = member.replica.last_index
+    target = start_index + count
+    started = time.perf_counter()
+    submitted = 0
+    while submitted < count:
+        in_flight = submitted - (member.replica.last_index - start_index)
+        if in_flight > MAX_IN_FLIGHT:
+            await member.replica.wait_for(lambda state: True, 0.01)
+            continue
+        chunk = min(SUBMIT_CHUNK, count - submitted)
+        member.submit([NodeLabelled(member.node_id, "bench", str(submitted + i)) for i in range(chunk)])
+        submitted += chunk
+        await asyncio.sleep(0)
+    await wait_index(member, target, 120)
+    origin_done = time.perf_counter() - started
+    for node in others:
+        await asyncio.to_thread(wait_until, lambda node=node: remote_index(node) >= target, 120, node.name)
+    all_done = time.perf_counter() - started
+    return count / origin_done, count / all_done
+
+
+async def latency(member: ClusterMember, clock: AppliedClock, rate: int, seconds: float) -> list[float]:
+    submitted_at: dict[int, float] = {}
+    interval = 1.0 / rate
+    started = time.perf_counter()
+    n = 0
+    while (now := time.perf_counter()) - started < seconds:
+        due = int((now - started) / interval)
+        while n < due:
+            member.submit([NodeLabelled(member.node_id, "latency", str(n))])
+            submitted_at[member._local_sequence] = time.perf_counter()
+            n += 1
+        await asyncio.sleep(interval / 2)
+    deadline = time.perf_counter() + 30
+    while len([s for s in submitted_at if s in clock.applied_at]) < len(submitted_at):
+        if time.perf_counter() > deadline:
+            break
+        await asyncio.sleep(0.01)
+    return sorted(
+        (clock.applied_at[sequence] - sent) * 1000
+        for sequence, sent in submitted_at.items()
+        if sequence in clock.applied_at
+    )
+
+
+async def main_async(events: int, rate: int, seconds: float, synchronous: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="exo-events-bench-") as directory:
+        root = Path(directory)
+        ports = [free_port() for _ in range(3)]
+        peers = [f"127.0.0.1:{port}" for port in ports]
+
+        def store(name: str) -> list[str]:
+            return [
+                "--event-store",
+                f"sqlite+aiosqlite:///{root / name / 'events.db'}?synchronous={SYNCHRONOUS}",
+            ]
+
+        master = NodeProcess(
+            "master", root / "master", ports[0], free_port(), peers, ["--force-master", *store("master")]
+        )
+        follower = NodeProcess("follower", root / "follower", ports[1], free_port(), peers, store("follower"))
+        others = [master, follower]
+        for node in others:
+            node.start()
+        stop = asyncio.Event()
+        ready: asyncio.Future[ClusterMember] = asyncio.get_running_loop().create_future()
+        node_task = asyncio.create_task(
+            run_node(node_config(root, "origin", ports[2], peers, synchronous), stop, on_ready=ready.set_result)
+        )
+        try:
+            member = await asyncio.wait_for(ready, 60)
+            await asyncio.wait_for(
+                member.replica.wait_for(
+                    lambda s: (
+                        s.master_node_id == "master"
+                        and sum(n.status == "alive" for n in s.nodes.values()) == 3
+                    ),
+                    60,
+                ),
+                61,
+            )
+            clock = AppliedClock(member.node_id)
+            member.replica.applied_listeners.append(clock)
+            origin_rate, all_rate = await throughput(member, others, events)
+            latencies = await latency(member, clock, rate, seconds)
+        finally:
+            stop.set()
+            await node_task
+            for node in others:
+                node.stop()
+        p50 = statistics.median(latencies)
+        p99 = latencies[int(len(latencies) * 0.99) - 1]
+        print(
+            f"# events bench, {platform.node()} ({platform.processor() or platform.machine()}), "
+            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, python {sys.version.split()[0]}"
+        )
+        print()
+        print("| measure | value | target | ratio to target |")
+        print("|---|---|---|---|")
+        print(
+            f"| events/s, submitted -> applied on all 3 nodes ({events} events) | {all_rate:,.0f} | 20,000 "
+            f"| {all_rate / 20000:.2f}x |"
+        )
+        print(f"| events/s, submitted -> applied back at the origin | {origin_rate:,.0f} | | |")
+        print(f"| latency p50 at {rate}/s for {seconds:g}s ({len(latencies)} events) | {p50:.2f} ms | | |")
+        print(f"| latency p99 at {rate}/s | {p99:.2f} ms | 10 ms | {10 / p99:.2f}x headroom |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--synchronous", choices=["full", "normal"], default="full")
+    arguments = parser.parse_args()
+    asyncio.run(main_async(arguments.events, arguments.rate, arguments.seconds, arguments.synchronous))
+
+
+if __name__ == "__main__":
+    main()
