@@ -130,7 +130,7 @@ async def main_async(events: int, rate: int, seconds: float, synchronous: str) -
         def store(name: str) -> list[str]:
             return [
                 "--event-store",
-                f"sqlite+aiosqlite:///{root / name / 'events.db'}?synchronous={SYNCHRONOUS}",
+                f"sqlite+aiosqlite:///{root / name / 'events.db'}?synchronous={synchronous}",
             ]
 
         master = NodeProcess(
@@ -143,7 +143,9 @@ async def main_async(events: int, rate: int, seconds: float, synchronous: str) -
         stop = asyncio.Event()
         ready: asyncio.Future[ClusterMember] = asyncio.get_running_loop().create_future()
         node_task = asyncio.create_task(
-            run_node(node_config(root, "origin", ports[2], peers, synchronous), stop, on_ready=ready.set_result)
+            run_node(
+                node_config(root, "origin", ports[2], peers, synchronous), stop, on_ready=ready.set_result
+            )
         )
         try:
             member = await asyncio.wait_for(ready, 60)
