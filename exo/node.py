@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import importlib
 import logging
 import os
@@ -26,6 +25,7 @@ from litestar import Litestar
 from exo.api.app import create_app
 from exo.bus.codec import DropCounter
 from exo.bus.discovery import Discovery, DiscoveryError
+from exo.bus.security import cluster_tag, derive_security, new_cluster_secret, start_authenticator
 from exo.bus.sockets import SocketFactory
 from exo.bus.transport import Bus
 from exo.generation import PipelineGenerator
@@ -87,7 +87,13 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
         "--api-key", help="bearer token required on every route but /health (env EXO_API_KEY)"
     )
     parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument(
+        "--new-cluster-secret", action="store_true", help="print a fresh cluster secret and exit"
+    )
     args = parser.parse_args(argv)
+    if args.new_cluster_secret:
+        print(new_cluster_secret())
+        raise SystemExit(0)
 
     data_dir: Path = args.data_dir or Path(os.environ.get("EXO_HOME") or Path.home() / ".exo")
     models_dir: Path = args.models_dir or Path(os.environ.get("EXO_MODELS_DIR") or data_dir / "models")
@@ -144,10 +150,14 @@ async def run_node(
     store = open_store(config.event_store)
     await store.open()
     context = zmq.asyncio.Context()
-    bus = Bus(node_id, SocketFactory(context), bus_port=config.bus_port, drops=DropCounter())
+    security = derive_security(config.cluster_secret)
+    bus = Bus(node_id, SocketFactory(context, security), bus_port=config.bus_port, drops=DropCounter())
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(store.close)
         stack.callback(context.term)
+        authenticator = start_authenticator(context, security)
+        if authenticator is not None:
+            stack.callback(authenticator.stop)
         replica = await restore(store)
         member = ClusterMember(
             node_id, bus, replica, config.data_dir / "term", force_master=config.force_master
@@ -238,19 +248,15 @@ async def start_discovery(node_id: str, config: NodeConfig, bus: Bus) -> Discove
     def found(peer_id: str, address: str) -> None:
         bus.add_peer(address)
 
-    discovery = Discovery(node_id, config.bus_port, on_peer_found=found, cluster_tag=cluster_tag(config))
+    discovery = Discovery(
+        node_id, config.bus_port, on_peer_found=found, cluster_tag=cluster_tag(config.cluster_secret)
+    )
     try:
         await discovery.start()
     except DiscoveryError as error:
         logger.warning("mDNS discovery is off: %s (static --peers still work)", error)
         return None
     return discovery
-
-
-def cluster_tag(config: NodeConfig) -> str | None:
-    if config.cluster_secret is None:
-        return None
-    return hashlib.sha256(b"exo-cluster-tag:" + config.cluster_secret.encode()).hexdigest()[:32]
 
 
 class ApiServer:

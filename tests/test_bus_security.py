@@ -1,0 +1,77 @@
+"""The cluster secret: same secret, one cluster; a wrong secret or a plain socket achieves nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+import zmq
+
+from exo.bus import messages as m
+from exo.bus.security import cluster_tag, derive_security
+from tests.cluster_harness import LoopbackCluster, wait_until
+
+pytestmark = pytest.mark.slow
+
+SECRET = "correct horse battery staple"
+
+
+def test_keys_and_tags_are_derived_deterministically_and_differ_per_secret() -> None:
+    first, again, other = derive_security(SECRET), derive_security(SECRET), derive_security("other")
+    assert first == again and first.enabled
+    assert first.public_key != other.public_key
+    assert derive_security(None).enabled is False
+    tag = cluster_tag(SECRET)
+    assert tag is not None and SECRET not in tag and tag != cluster_tag("other")
+    assert first.secret_key is not None and first.secret_key.decode() not in (tag or "")
+
+
+def test_wrong_secret_and_plain_sockets_cannot_join_or_inject(tmp_path: Path) -> None:
+    with LoopbackCluster(tmp_path, 3) as cluster:
+        good, also_good, intruder = cluster.nodes
+        for node in (good, also_good):
+            node.extra_args = ["--cluster-secret", SECRET]
+        intruder.extra_args = ["--cluster-secret", "a guess"]
+        cluster.start_all()
+        state = wait_until(
+            lambda: (
+                (s := cluster.converged([good, also_good]))
+                and sum(n["status"] == "alive" for n in s["nodes"].values()) == 2
+                and s
+            ),
+            20,
+            "the two nodes with the secret formed a cluster",
+        )
+        assert set(state["nodes"]) == {"node0", "node1"}
+        intruder_state = intruder.state()
+        assert set(intruder_state["nodes"]) <= {"node2"}
+        before = good.state()
+
+        # Plain ZeroMQ, no keys at all: a hello, events and garbage go nowhere.
+        context = zmq.Context()
+        try:
+            dealer = context.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.connect(f"tcp://127.0.0.1:{good.bus_port}")
+            hello = m.RequestEnvelope(1, m.HelloRequested(node_id="plain", bus_port=1))
+            dealer.send(msgspec.msgpack.encode(hello))
+            dealer.send(b"garbage")
+            assert not dealer.poll(1500), "a node answered a client without the cluster key"
+            # A client that knows a public key but not the secret key behind it is refused too.
+            wrong = derive_security("a guess")
+            curious = context.socket(zmq.DEALER)
+            curious.setsockopt(zmq.LINGER, 0)
+            assert wrong.public_key is not None and wrong.secret_key is not None
+            curious.curve_publickey, curious.curve_secretkey = wrong.public_key, wrong.secret_key
+            curious.curve_serverkey = derive_security(SECRET).public_key
+            curious.connect(f"tcp://127.0.0.1:{good.bus_port}")
+            curious.send(msgspec.msgpack.encode(hello))
+            assert not curious.poll(1500), "a node answered a client with another cluster's key"
+        finally:
+            context.destroy(linger=0)
+
+        after = wait_until(good.state, 5, "the node still answers")
+        assert set(after["nodes"]) == set(before["nodes"]) == {"node0", "node1"}
+        assert after["master_node_id"] == before["master_node_id"]
+        assert good.get("/health") and intruder.get("/health")
