@@ -125,12 +125,18 @@ def spawn_runner(control: ControlServer, *extra: str) -> RunnerProcess:
 
 
 def load(
-    control: ControlServer, runner: RunnerProcess, model: Path, start: int, end: int
+    control: ControlServer,
+    runner: RunnerProcess,
+    model: Path,
+    start: int,
+    end: int,
+    *,
+    n_layers: int = N_LAYERS,
 ) -> ShardLoaded | RunnerFailed:
     control.receive(runner.runner_id, (RunnerStarted,))
     command = LoadShard(
         instance_id="i-test", model_id=model.name, model_path=str(model), start_layer=start, end_layer=end,
-        n_layers=N_LAYERS,
+        n_layers=n_layers,
     )  # fmt: skip
     control.send(runner.runner_id, command)
     answer = control.receive(runner.runner_id, (ShardLoaded, RunnerFailed))

@@ -13,7 +13,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from exo.inference.client import TokenSink
+from exo.inference.client import GenerationRequest, PipelineClient, TokenSink
 from exo.inference.models import (
     InvalidModelIdError,
     ModelNotFoundError,
@@ -31,6 +31,8 @@ from exo.inference.protocol import (
     encode,
     pipeline_decoder,
 )
+from exo.inference.runner import parse_arguments as parse_runner_arguments
+from exo.inference.runner import runner_command
 from exo.inference.sampling import SeededSampler, greedy, keep_top_k, keep_top_p
 from exo.inference.scheduler import StageScheduler, Work
 from exo.inference.shard import ShardLoadError, ShardModel, ShardSpec, load_shard
@@ -355,3 +357,33 @@ def test_builtin_model_loads_with_transformers_and_renders_tools(tmp_path: Path)
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in rendered
     assert "<tool_response>\nsunny\n</tool_response>" in rendered
     assert rendered.endswith("<|im_start|>assistant\n")
+
+
+async def test_client_refuses_invalid_requests_before_sending() -> None:
+    sink = TokenSink()
+    await sink.start()
+    client = PipelineClient(sink)
+    try:
+        for request in [
+            GenerationRequest([], 4, []),  # empty prompt
+            GenerationRequest([1], 0, []),  # no tokens to make
+            GenerationRequest([1], 4, [], SamplingParams(temperature=-0.5)),
+        ]:
+            with pytest.raises(ValueError, match="invalid generation request"):
+                await anext(client.generate(["tcp://127.0.0.1:9"], request))
+    finally:
+        await client.close()
+        await sink.close()
+
+
+def test_runner_command_round_trips_through_the_runner_cli() -> None:
+    command = runner_command(
+        "tcp://127.0.0.1:5000", "r-1", activation_host="0.0.0.0", advertise_host="127.0.0.2"
+    )
+    assert command[1:3] == ["-m", "exo.inference.runner"]
+    options = parse_runner_arguments(command[3:])
+    assert (options.control, options.runner_id, options.activation_host, options.advertise_host) == (
+        "tcp://127.0.0.1:5000", "r-1", "0.0.0.0", "127.0.0.2",
+    )  # fmt: skip
+    with pytest.raises(SystemExit):  # every interface but no address to give peers
+        parse_runner_arguments(["--control", "tcp://127.0.0.1:5000", "--activation-host", "0.0.0.0"])

@@ -110,6 +110,9 @@ def _choose_blas(threads: int | None) -> BlasInfo:
     # MKL reads these when it initialises; the explicit call below makes the count certain.
     os.environ.setdefault("MKL_INTERFACE_LAYER", "LP64")
     os.environ["MKL_NUM_THREADS"] = str(wanted_threads)
+    # OpenMP threads otherwise spin for 200 ms after each parallel region, taking the cores from
+    # the other pipeline stages (and the node) that share this machine.
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
     try:
         handle = ctypes.CDLL(str(runtime), mode=ctypes.RTLD_GLOBAL)
     except OSError as error:

@@ -214,7 +214,10 @@ class PipelineClient:
             sampling=request.sampling,
         )
         frame = encode(started)
-        pipeline_decoder.decode(frame)  # the stages validate the same way: fail here, not there
+        try:
+            pipeline_decoder.decode(frame)  # the stages validate the same way: fail here, not there
+        except msgspec.ValidationError as error:
+            raise ValueError(f"invalid generation request: {error}") from None
         channel = self.sink.open_channel(request_id)
         completed = False
         try:

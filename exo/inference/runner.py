@@ -142,6 +142,18 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a
+    runner started by a big parent would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class Runner:
     def __init__(self, options: RunnerOptions, blas: BlasInfo) -> None:
         self.options = options
@@ -279,7 +291,7 @@ class Runner:
             dropped_frames=counters.dropped_frames + self.dropped_control_frames,
             stale_frames=counters.stale_frames,
             resident_bytes=self._process.memory_info().rss,
-            peak_resident_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            peak_resident_bytes=peak_resident_bytes(),
         )
 
     # --- loop -----------------------------------------------------------------------------
@@ -334,6 +346,24 @@ class Runner:
             self.activations.close(linger=0)
         self.control.close()
         self.context.term()
+
+
+def runner_command(
+    control: str,
+    runner_id: str,
+    *,
+    activation_host: str = "127.0.0.1",
+    advertise_host: str | None = None,
+    threads: int | None = None,
+) -> list[str]:
+    """The argv a worker starts a runner with (the same interpreter as the caller)."""
+    command = [sys.executable, "-m", "exo.inference.runner", "--control", control, "--runner-id", runner_id]
+    command += ["--activation-host", activation_host]
+    if advertise_host is not None:
+        command += ["--advertise-host", advertise_host]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    return command
 
 
 def parse_arguments(argv: list[str] | None = None) -> RunnerOptions:
