@@ -166,6 +166,7 @@ async def run_node(
         await asyncio.to_thread(ensure_builtin_model, config.models_dir)
         catalog = ModelCatalog(config.models_dir)
         member.local_models = catalog.supported_ids
+        member.footprint_of = catalog.footprint
         await bus.start()
         stack.push_async_callback(bus.close)
         stack.push_async_callback(member.close)

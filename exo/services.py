@@ -61,6 +61,13 @@ class ModelCatalog:
         """The model's info; LookupError/ValueError (from exo.inference.models) when it is not here."""
         return get_model(self.models_dir, model_id)
 
+    def footprint(self, model_id: str) -> ModelFootprint | None:
+        try:
+            model = self.get_info(model_id)
+        except (ModelNotFoundError, InvalidModelIdError):
+            return None
+        return ModelFootprint.of_model(model) if model.supported else None
+
     def get(self, model_id: str) -> ModelInfo:
         try:
             return self.get_info(model_id)

@@ -23,7 +23,7 @@ from exo.bus import messages as m
 from exo.bus.liveness import HEARTBEAT_INTERVAL, Liveness
 from exo.bus.transport import Bus, RequestTimedOut
 from exo.events import Event, IndexedEvent, MasterElected
-from exo.roles.commands import decide
+from exo.roles.commands import decide, replacement_events
 from exo.roles.election import (
     Action,
     AnnounceCampaign,
@@ -34,6 +34,7 @@ from exo.roles.election import (
     PersistTerm,
 )
 from exo.roles.master import Master, membership_events
+from exo.roles.placement import ModelFootprint
 from exo.roles.replica import Replica, find_common_prefix, rebuild
 from exo.roles.sequencer import GapRequest, Sequencer
 from exo.state import State, decode_state, encode_state
@@ -115,6 +116,8 @@ class ClusterMember:
         self._tasks: list[asyncio.Task[Any]] = []
         self.counters = ClusterCounters()
         self.local_models: Callable[[], list[str]] = list
+        # The master re-places instances that lost a stage; it needs the model's footprint.
+        self.footprint_of: Callable[[str], ModelFootprint | None] = lambda model_id: None
         self.hostname = socket.gethostname()
         bus.on_topic(m.TOPIC_CONNECTION, self._on_heartbeat)
         bus.on_topic(m.TOPIC_ELECTION, self._on_election)
@@ -258,6 +261,10 @@ class ClusterMember:
         addresses = {node_id: address for node_id in heartbeats if (address := self._address_of(node_id))}
         may_time_out = now - self._master_since > self.liveness.timeout
         events = membership_events(self.state, heartbeats, alive | {self.node_id}, may_time_out, addresses)
+        if not events and not self._membership_in_flight():
+            events = replacement_events(
+                self.state, self._nodes_with_model(), self.footprint_of, lambda: f"i-{secrets.token_hex(4)}"
+            )
         # Membership events wait until the previous ones are applied, so none is emitted twice.
         if events and not self._membership_in_flight():
             self._membership_sent_at = self.master.sequencer.next_index

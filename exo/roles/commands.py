@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from exo.bus.messages import Command, CommandAnswered, DeleteInstance, LabelNode, PlaceInstance
@@ -74,3 +74,34 @@ def _place(
         shard_assignments=result.shard_assignments,
     )
     return CommandOutcome(CommandAnswered(ok=True, result={"instance_id": instance_id}), [created])
+
+
+def gone_node_failure(reason: str | None) -> bool:
+    """Failures that re-placement can fix: a stage's node went away (not a model that cannot load)."""
+    return reason is not None and reason.startswith("node ") and reason.endswith(" gone")
+
+
+def replacement_events(
+    state: State,
+    nodes_with_model: Mapping[str, set[str]],
+    footprint_of: Callable[[str], ModelFootprint | None],
+    new_instance_id: Callable[[], str],
+) -> list[Event]:
+    """Re-place every instance that failed because a stage's node went away, on the nodes still alive.
+
+    The failed instance is deleted and a new one created (same model, same stage count at least 1),
+    so requests in flight on it end and new requests use the new one. An instance that no longer
+    fits stays failed with its reason.
+    """
+    events: list[Event] = []
+    for instance_id, instance in sorted(state.instances.items()):
+        if instance.status != "failed" or not gone_node_failure(instance.failure_reason):
+            continue
+        footprint = footprint_of(instance.model_id)
+        if footprint is None:
+            continue
+        command = PlaceInstance(instance.model_id, footprint, instance.sharding, 1)
+        outcome = _place(command, state, nodes_with_model, new_instance_id())
+        if outcome.answer.ok:
+            events.extend([InstanceDeleted(instance_id), *outcome.events])
+    return events

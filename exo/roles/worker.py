@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -43,6 +44,8 @@ LOCAL_TRANSITIONS: dict[LocalStatus, frozenset[LocalStatus]] = {
     "stopping": frozenset(),
 }
 STOP_GRACE_SECONDS = 3.0
+# A status report not yet visible in the log is repeated at most this often.
+REANNOUNCE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class LocalRunner:
     activation_address: str | None = None
     stats: RunnerStats | None = None
     failure: str | None = None
+    reported_at: float = 0.0
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def move(self, status: LocalStatus) -> bool:
@@ -145,6 +149,27 @@ class Worker:
                     await self._start(decision)
                 case StopRunner(instance_id):
                     await self._stop(instance_id)
+        self._reannounce(state)
+
+    def _reannounce(self, state: State) -> None:
+        """Say again what is true here when the log lost it (a divergent tail dropped after a partition)."""
+        for instance_id, runner in self.runners.items():
+            instance = state.instances.get(instance_id)
+            if instance is None or runner.status not in ("ready", "failed"):
+                continue
+            recorded = instance.runners.get(self.node_id)
+            now = time.monotonic()
+            if (recorded is None or recorded.status != runner.status) and (
+                now - runner.reported_at > REANNOUNCE_SECONDS
+            ):
+                runner.reported_at = now
+                if runner.status == "ready":
+                    event = RunnerStatusUpdated(
+                        instance_id, self.node_id, "ready", activation_address=runner.activation_address
+                    )
+                else:
+                    event = RunnerStatusUpdated(instance_id, self.node_id, "failed", runner.failure)
+                self._report([event])
 
     # --- runners -------------------------------------------------------------------------------
 
@@ -257,6 +282,7 @@ class Worker:
             case ShardLoaded(activation_address=address):
                 if runner.move("ready"):
                     runner.activation_address = address
+                    runner.reported_at = time.monotonic()
                     self._report(
                         [
                             RunnerStatusUpdated(
@@ -267,6 +293,7 @@ class Worker:
             case RunnerFailed(reason=reason):
                 if runner.move("failed"):
                     runner.failure = reason
+                    runner.reported_at = time.monotonic()
                     self._report([RunnerStatusUpdated(runner.instance_id, self.node_id, "failed", reason)])
             case RunnerStats():
                 runner.stats = message

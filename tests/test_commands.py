@@ -1,0 +1,102 @@
+"""The master's pure decisions: commands to events, re-placement after a node is gone, runner plans."""
+
+from __future__ import annotations
+
+from exo.bus.messages import DeleteInstance, LabelNode, PlaceInstance
+from exo.events import (
+    IndexedEvent,
+    InstanceCreated,
+    InstanceDeleted,
+    NodeJoined,
+    NodeLabelled,
+    NodeTimedOut,
+    RunnerStatusUpdated,
+    ShardAssignment,
+)
+from exo.roles.commands import decide, replacement_events
+from exo.roles.placement import ModelFootprint
+from exo.roles.worker import StartRunner, StopRunner, plan
+from exo.state import State, apply
+
+GIB = 1024**3
+FOOTPRINT = ModelFootprint.uniform(12, GIB // 4)
+
+
+def state_of(*events: object) -> State:
+    state = State()
+    for index, event in enumerate(events, start=1):
+        state = apply(state, IndexedEvent(index, 1, "m", -1, event))  # type: ignore[arg-type]
+    return state
+
+
+def cluster(*node_ids: str) -> State:
+    return state_of(*(NodeJoined(node_id, f"{node_id}:1", 16 * GIB, 8 * GIB) for node_id in node_ids))
+
+
+def test_place_instance_creates_it_on_nodes_that_have_the_model() -> None:
+    state = cluster("a", "b")
+    outcome = decide(PlaceInstance("m", FOOTPRINT, "Pipeline", 2), state, {"m": {"a", "b"}}, "i-1")
+    assert outcome.answer.ok and outcome.answer.result == {"instance_id": "i-1"}
+    (created,) = outcome.events
+    assert isinstance(created, InstanceCreated) and set(created.shard_assignments) == {"a", "b"}
+
+
+def test_place_instance_refusals() -> None:
+    state = cluster("a")
+    nobody = decide(PlaceInstance("m", FOOTPRINT), state, {}, "i-1")
+    assert (
+        not nobody.answer.ok
+        and nobody.answer.status_code == 503
+        and "no alive node" in (nobody.answer.error or "")
+    )
+    too_big = ModelFootprint.uniform(4, 64 * GIB)
+    refused = decide(PlaceInstance("m", too_big), state, {"m": {"a"}}, "i-1")
+    assert not refused.answer.ok and refused.answer.status_code == 503 and refused.events == []
+
+
+def test_delete_and_label() -> None:
+    state = cluster("a")
+    assert decide(DeleteInstance("nope"), state, {}, "x").answer.status_code == 404
+    labelled = decide(LabelNode("a", "rack", "3"), state, {}, "x")
+    assert labelled.events == [NodeLabelled("a", "rack", "3")]
+    assert decide(LabelNode("zz", "k", "v"), state, {}, "x").answer.status_code == 404
+
+
+def test_instance_that_lost_a_node_is_replaced_on_the_survivors() -> None:
+    assignments = {"a": ShardAssignment(0, 6, 12), "b": ShardAssignment(6, 12, 12)}
+    state = state_of(
+        NodeJoined("a", "a:1", 16 * GIB, 8 * GIB),
+        NodeJoined("b", "b:1", 16 * GIB, 8 * GIB),
+        NodeJoined("c", "c:1", 16 * GIB, 8 * GIB),
+        InstanceCreated("i-1", "m", "Pipeline", assignments),
+        NodeTimedOut("b"),
+    )
+    assert state.instances["i-1"].status == "failed"
+    events = replacement_events(state, {"m": {"a", "b", "c"}}, lambda model_id: FOOTPRINT, lambda: "i-2")
+    assert events[0] == InstanceDeleted("i-1")
+    created = events[1]
+    assert isinstance(created, InstanceCreated) and created.instance_id == "i-2"
+    assert "b" not in created.shard_assignments
+
+
+def test_instance_failed_for_another_reason_is_not_replaced() -> None:
+    state = state_of(
+        NodeJoined("a", "a:1", 16 * GIB, 8 * GIB),
+        InstanceCreated("i-1", "m", "Pipeline", {"a": ShardAssignment(0, 12, 12)}),
+        RunnerStatusUpdated("i-1", "a", "failed", "model has no layers"),
+    )
+    assert replacement_events(state, {"m": {"a"}}, lambda model_id: FOOTPRINT, lambda: "i-2") == []
+
+
+def test_worker_plan_starts_missing_runners_and_stops_orphans() -> None:
+    state = state_of(
+        NodeJoined("a", "a:1"),
+        InstanceCreated("i-1", "m", "Pipeline", {"a": ShardAssignment(0, 4, 4)}),
+        InstanceCreated("i-2", "m", "Pipeline", {"b": ShardAssignment(0, 4, 4)}),
+    )
+    assert plan(state, "a", {}) == [StartRunner("i-1", "m", ShardAssignment(0, 4, 4))]
+    assert plan(state, "a", {"i-1": "ready"}) == []
+    assert plan(state, "a", {"i-1": "ready", "gone": "ready"}) == [StopRunner("gone")]
+    assert plan(state, "a", {"gone": "stopping"}) == [StartRunner("i-1", "m", ShardAssignment(0, 4, 4))]
+    failed = apply(state, IndexedEvent(4, 1, "m", -1, RunnerStatusUpdated("i-1", "a", "failed", "x")))
+    assert plan(failed, "a", {"i-1": "failed"}) == [StopRunner("i-1")]
