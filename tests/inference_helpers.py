@@ -52,7 +52,7 @@ SPLITS = {
     2: [(0, 3), (3, 6)],
     3: [(0, 2), (2, 4), (4, 6)],
 }
-DEADLINE = 30.0  # seconds any single control-channel wait may take before the test fails
+DEADLINE = 90.0  # seconds a control-channel wait may take (runners start slowly on a loaded machine)
 
 
 @functools.cache
