@@ -12,6 +12,7 @@ import logging
 import secrets
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,8 @@ class ClusterMember:
         self.master: Master | None = None
         self._master_since = 0.0
         self._local_sequence = time.time_ns() // 1000
-        self._pending_local: dict[int, PendingLocal] = {}
+        # Oldest send first (a resend moves an event to the end), so the stale scan stops early.
+        self._pending_local: OrderedDict[int, PendingLocal] = OrderedDict()
         self._outgoing_local: list[m.LocalEvent] = []
         self._apply_queue: asyncio.Queue[list[IndexedEvent]] = asyncio.Queue(APPLY_QUEUE_BATCHES)
         self._fetch_task: asyncio.Task[bool] | None = None
@@ -193,9 +195,14 @@ class ClusterMember:
     def _resend_stale_local(self, now: float) -> None:
         if self.election.master_node_id is None:
             return
-        stale = [p for p in self._pending_local.values() if now - p.sent_at > RESEND_AFTER_SECONDS]
+        stale: list[PendingLocal] = []
+        for pending in self._pending_local.values():
+            if now - pending.sent_at <= RESEND_AFTER_SECONDS:
+                break
+            stale.append(pending)
         for pending in stale:
             pending.sent_at = now
+            self._pending_local.move_to_end(pending.event.sequence)
             self._outgoing_local.append(pending.event)
         if stale:
             self.counters.local_events_resent += len(stale)
