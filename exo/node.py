@@ -29,7 +29,7 @@ from exo.bus.security import cluster_tag, derive_security, new_cluster_secret, s
 from exo.bus.sockets import SocketFactory
 from exo.bus.transport import Bus
 from exo.generation import PipelineGenerator
-from exo.inference.blas import load_optimized_blas
+from exo.inference.blas import check_blas, load_optimized_blas
 from exo.inference.client import PipelineClient, TokenSink
 from exo.inference.synthetic import ensure_builtin_model
 from exo.roles.cluster import ClusterMember
@@ -147,6 +147,15 @@ async def run_node(
     # The tokenizer stack (transformers) takes seconds to import: do it now, before the node has
     # heartbeats to keep, rather than on the first chat request.
     importlib.import_module("mlx_lm.tokenizer_utils")
+    blas_check = check_blas()
+    if blas_check.library == "reference":
+        logger.warning(
+            "MLX uses the reference BLAS (%.1f GFLOP/s): decoding will be slow (%s)",
+            blas_check.gflops,
+            blas.reason,
+        )
+    else:
+        logger.info("BLAS: %s, %.1f GFLOP/s float32", blas_check.library, blas_check.gflops)
     store = open_store(config.event_store)
     await store.open()
     context = zmq.asyncio.Context()
@@ -190,7 +199,14 @@ async def run_node(
         services = ClusterServices(
             member,
             catalog,
-            node_status_extra=lambda: {"blas": msgspec.to_builtins(blas), "runners": worker.status()},
+            node_status_extra=lambda: {
+                "blas": {
+                    **msgspec.to_builtins(blas),
+                    "gflops": blas_check.gflops,
+                    "mapped": blas_check.library,
+                },
+                "runners": worker.status(),
+            },
         )
         services.generator = PipelineGenerator(client, services.tokenizer, lambda: member.state)
         if config.discovery:

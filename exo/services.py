@@ -35,6 +35,7 @@ from exo.roles.placement import ModelFootprint, PlacementPreview, previews
 from exo.state import Instance, State
 
 COMMAND_SECONDS = 10.0
+MASTER_WAIT_SECONDS = 10.0
 APPLY_WAIT_SECONDS = 5.0
 MODEL_LIST_CACHE_SECONDS = 2.0
 
@@ -142,9 +143,9 @@ class ClusterServices:
         member = self.member
         if member.is_master:
             return await member.execute(command)
-        master_id = member.election.master_node_id
-        if master_id is None:
-            raise ClusterUnavailable("no master elected yet")
+        master_id = await self._master_id()
+        if master_id == member.node_id:
+            return await member.execute(command)
         try:
             reply = await member.bus.request(master_id, m.CommandRequested(command), timeout=COMMAND_SECONDS)
         except RequestTimedOut as error:
@@ -153,6 +154,15 @@ class ClusterServices:
             return reply
         reason = reply.reason if isinstance(reply, m.RequestFailed) else type(reply).__name__
         raise ClusterUnavailable(reason)
+
+    async def _master_id(self) -> str:
+        """The master, waiting a few seconds for an election in progress (a node just started)."""
+        deadline = time.monotonic() + MASTER_WAIT_SECONDS
+        while (master_id := self.member.election.master_node_id) is None:
+            if time.monotonic() >= deadline:
+                raise ClusterUnavailable(f"no master elected after {MASTER_WAIT_SECONDS:g} s")
+            await asyncio.sleep(0.05)
+        return master_id
 
     async def _wait_applied(self, predicate: Callable[[State], bool]) -> None:
         if not await self.member.replica.wait_for(predicate, APPLY_WAIT_SECONDS):

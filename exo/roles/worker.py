@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from exo.inference.protocol import (
     control_from_runner_decoder,
     encode,
 )
+from exo.inference.runner import runner_command
 from exo.state import State
 
 logger = logging.getLogger(__name__)
@@ -192,12 +192,13 @@ class Worker:
         )
         runner = LocalRunner(decision.instance_id, runner_id, load)
         self.runners[decision.instance_id] = runner
-        argv = [sys.executable, "-m", "exo.inference.runner", "--control", self.control_address]
-        argv += ["--runner-id", runner_id, "--activation-host", self.activation_host]
-        if self.advertise_host:
-            argv += ["--advertise-host", self.advertise_host]
-        if self.runner_threads:
-            argv += ["--threads", str(self.runner_threads)]
+        argv = runner_command(
+            self.control_address,
+            runner_id,
+            activation_host=self.activation_host,
+            advertise_host=self.advertise_host,
+            threads=self.runner_threads,
+        )
         self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "loading")])
         try:
             runner.process = await asyncio.create_subprocess_exec(*argv)
