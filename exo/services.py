@@ -172,6 +172,12 @@ class ClusterServices:
         model = self.catalog.get(model_id)
         if not model.supported:
             raise NoCapacity(model_id, [model.reason])
+        # A node that just started: let the master record it before placing on the cluster it knows.
+        node_id = self.node_id
+        await self.member.replica.wait_for(
+            lambda state: node_id in state.nodes and state.nodes[node_id].status == "alive",
+            MASTER_WAIT_SECONDS,
+        )
         answer = await self._command(
             m.PlaceInstance(model_id, ModelFootprint.of_model(model), sharding, min_nodes)
         )
