@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -47,8 +48,9 @@ model, tokenizer = mlx_lm.load(sys.argv[1])
 prompt = json.loads(sys.argv[2])
 tokenizer.eos_token_ids = []
 for line in sys.stdin:
+    tokens, prompt_length = map(int, line.split())
     started = time.perf_counter(); stamps = []
-    for response in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=int(line)):
+    for response in mlx_lm.stream_generate(model, tokenizer, prompt[:prompt_length], max_tokens=tokens):
         stamps.append(time.perf_counter())
     print(json.dumps({"blas": blas.library, "ttft": stamps[0] - started,
                       "decode_tps": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
@@ -69,9 +71,9 @@ class SingleProcess:
             text=True,
         )
 
-    def run(self, tokens: int) -> dict[str, float]:
+    def run(self, tokens: int, prompt_length: int = len(PROMPT)) -> dict[str, float]:
         assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(f"{tokens}\n")
+        self.process.stdin.write(f"{tokens} {prompt_length}\n")
         self.process.stdin.flush()
         return json.loads(self.process.stdout.readline())
 
@@ -157,8 +159,32 @@ def machine() -> str:
 
 
 def best(runs: list[dict[str, float]]) -> dict[str, float]:
-    """Fastest decode and first token over the rounds: other load on the machine only slows runs."""
-    return {"decode_tps": max(run["decode_tps"] for run in runs), "ttft": min(run["ttft"] for run in runs)}
+    """Fastest decode and first token over the rounds (other load on the machine only slows runs),
+    and the medians."""
+    return {
+        "decode_tps": max(run["decode_tps"] for run in runs),
+        "ttft": min(run["ttft"] for run in runs),
+        "median_decode_tps": statistics.median(run["decode_tps"] for run in runs),
+        "median_ttft": statistics.median(run["ttft"] for run in runs),
+    }
+
+
+def compare_blas(model: Path, rounds: int, tokens: int = 16, prompt_length: int = 8) -> dict[str, object]:
+    """Decode with MKL and with the reference BLAS, one process each, interleaved. A short prompt:
+    prefill with the reference BLAS takes minutes."""
+    processes = {"mkl": SingleProcess(model, "mkl"), "reference": SingleProcess(model, "reference")}
+    runs: dict[str, list[dict[str, float]]] = {"mkl": [], "reference": []}
+    try:
+        for process in processes.values():
+            process.run(2, prompt_length)
+        for _ in range(rounds):
+            for blas, process in processes.items():
+                runs[blas].append(process.run(tokens, prompt_length))
+            print("blas round:", {blas: measured[-1] for blas, measured in runs.items()}, flush=True)
+    finally:
+        for process in processes.values():
+            process.close()
+    return {blas: {**best(measured), "runs": measured} for blas, measured in runs.items()}
 
 
 async def measure_rounds(
@@ -254,13 +280,7 @@ def main() -> None:
         for stages in spans
     ]
     if not arguments.skip_reference:
-        reference = SingleProcess(model, "reference")
-        try:
-            reference.run(2)
-            results["single_process_reference"] = reference.run(max(8, arguments.tokens // 4))
-        finally:
-            reference.close()
-        print("one process (reference BLAS):", results["single_process_reference"], flush=True)
+        results["blas_comparison"] = compare_blas(model, arguments.rounds)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "pipeline_bench.json").write_bytes(msgspec.json.format(msgspec.json.encode(results)))
     print(report(results))
@@ -272,29 +292,43 @@ def report(results: dict[str, object]) -> str:
     runtime = results["runtime_peak_bytes"]
     assert isinstance(runtime, int)
     mib = 2**20
+
+    def row(label: str, measured: dict[str, float]) -> str:
+        return (
+            f"| {label} | {measured['decode_tps']:.2f} "
+            f"| {measured['decode_tps'] / baseline['decode_tps']:.2f} "
+            f"| {measured['median_decode_tps']:.2f} "
+            f"| {measured['median_decode_tps'] / baseline['median_decode_tps']:.2f} "
+            f"| {measured['ttft']:.2f} | {measured['median_ttft']:.2f} |"
+        )
+
     lines = [
         f"Machine: {results['machine']}; date {results['date']}; model {results['model']}",
         "",
-        "| setup | decode tok/s | x one process | time to first token (s) | x one process |",
-        "|---|---|---|---|---|",
-        f"| mlx-lm, one process (MKL) | {baseline['decode_tps']:.2f} | 1.00 "
-        f"| {baseline['ttft']:.3f} | 1.00 |",
+        "| setup | decode tok/s (best) | x one process | decode tok/s (median) | x one process "
+        "| first token s (best) | first token s (median) |",
+        "|---|---|---|---|---|---|---|",
+        row("mlx-lm stream_generate, one process", baseline),
     ]
     stage_results = results["pipelines"]
     assert isinstance(stage_results, list)
-    for measured in stage_results:
-        lines.append(
-            f"| {measured['stages']} stage(s), loopback | {measured['decode_tps']:.2f} | "
-            f"{measured['decode_tps'] / baseline['decode_tps']:.2f} | {measured['ttft']:.3f} | "
-            f"{measured['ttft'] / baseline['ttft']:.2f} |"
-        )
-    reference = results.get("single_process_reference")
-    if isinstance(reference, dict):
-        lines.append(
-            f"| mlx-lm, one process (reference BLAS) | {reference['decode_tps']:.2f} | "
-            f"{reference['decode_tps'] / baseline['decode_tps']:.2f} | {reference['ttft']:.3f} | "
-            f"{reference['ttft'] / baseline['ttft']:.2f} |"
-        )
+    lines += [
+        row(f"{measured['stages']} stage(s), runners on loopback", measured) for measured in stage_results
+    ]
+    comparison = results.get("blas_comparison")
+    if isinstance(comparison, dict):
+        mkl, reference = comparison["mkl"], comparison["reference"]
+        lines += [
+            "",
+            "| BLAS (one process, 8-token prompt) | decode tok/s (best) | decode tok/s (median) "
+            "| first token s (median) |",
+            "|---|---|---|---|",
+            f"| MKL | {mkl['decode_tps']:.2f} | {mkl['median_decode_tps']:.2f} | {mkl['median_ttft']:.2f} |",
+            f"| reference (EXO_BLAS=reference) | {reference['decode_tps']:.2f} "
+            f"| {reference['median_decode_tps']:.2f} | {reference['median_ttft']:.2f} |",
+            f"| MKL / reference | {mkl['decode_tps'] / reference['decode_tps']:.2f} "
+            f"| {mkl['median_decode_tps'] / reference['median_decode_tps']:.2f} | |",
+        ]
     lines += [
         "",
         f"Runtime (peak RSS of a runner holding exo-tiny): {runtime / mib:.0f} MiB",
@@ -303,9 +337,8 @@ def report(results: dict[str, object]) -> str:
         "|---|---|---|---|---|",
     ]
     for measured in stage_results:
-        for (start, end), share, peak in zip(
-            measured["spans"], measured["shares"], measured["peaks"], strict=True
-        ):
+        rows = zip(measured["spans"], measured["shares"], measured["peaks"], strict=True)
+        for (start, end), share, peak in rows:
             lines.append(
                 f"| {measured['stages']} | [{start}, {end}) | {share / mib:.0f} | {peak / mib:.0f} | "
                 f"{peak / (share + runtime):.2f} |"
