@@ -109,7 +109,7 @@ def list_line(indexed: IndexedEvent) -> str:
     fields.pop("type", None)
     payload = msgspec.json.encode(fields).decode()
     if len(payload) > SHORT_PAYLOAD_CHARS:
-        payload = payload[: SHORT_PAYLOAD_CHARS - 1] + "…"
+        payload = payload[: SHORT_PAYLOAD_CHARS - 3] + "..."
     return f"{indexed.index:>9} {indexed.term:>4} {event_type_name(indexed.event):<19} {payload}"
 
 
