@@ -97,6 +97,15 @@ def test_master_kill_failover_no_gap_and_rejoin(tmp_path: Path) -> None:
             indices = [event["index"] for event in all_events(node)]
             assert indices == list(range(1, len(indices) + 1)), f"{node.name} log has a gap or duplicate"
         assert all_events(survivors[0]) == all_events(survivors[1])
+        for node in cluster.nodes:  # the dead node's log too: a kill -9 leaves it valid
+            verified = subprocess.run(
+                [sys.executable, "-m", "exo.replay", str(node.data_dir / "events.db"), "--verify"],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert verified.returncode == 0, verified.stdout + verified.stderr
 
         dead.start()
         rejoined = wait_until(
