@@ -204,3 +204,14 @@ def test_runner_status_of_an_unknown_instance_or_a_node_without_a_stage_changes_
         state=state,
     )
     assert after.instances == state.instances
+
+
+def test_a_ready_runner_records_its_activation_address() -> None:
+    state = fold(
+        RunnerStatusUpdated("i-1", "b", "ready", activation_address="tcp://10.0.0.2:6000"),
+        RunnerStatusUpdated("i-1", "a", "ready", activation_address="tcp://10.0.0.1:6000"),
+        state=cluster_with_instance(),
+    )
+    instance = state.instances["i-1"]
+    assert instance.runners["b"].activation_address == "tcp://10.0.0.2:6000"
+    assert instance.route() == ["tcp://10.0.0.1:6000", "tcp://10.0.0.2:6000"]
