@@ -1,4 +1,5 @@
-"""Token samplers: (temperature, top_p, top_k, seed) -> a callable from log-probabilities to a token.
+"""Token samplers: (temperature, top_p, top_k, seed) -> a callable from log-probabilities to a token,
+and `TokenSampler`, one request's sampler with penalties, logit bias, min_p and log-probabilities.
 
 Greedy (temperature 0) is argmax over the same log-probabilities mlx-lm computes, so it picks the
 same token as mlx-lm's greedy sampler. Random sampling draws from a per-request key chain seeded by
@@ -8,8 +9,10 @@ whichever stage or process samples.
 
 from __future__ import annotations
 
+import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -67,3 +70,88 @@ def make_sampler(params: SamplingParams) -> Sampler:
     if params.temperature == 0.0:
         return greedy
     return SeededSampler(params)
+
+
+class SampledToken(NamedTuple):
+    token: int
+    logprob: float | None = None  # the model's, before penalties, bias, temperature and cuts
+    top_logprobs: list[tuple[int, float]] | None = None  # most likely first
+
+
+def needs_processing(params: SamplingParams) -> bool:
+    """Whether anything but temperature/top-k/top-p shapes the draw (greedy stays mlx-lm's path)."""
+    return bool(
+        params.min_p
+        or params.presence_penalty
+        or params.frequency_penalty
+        or params.repetition_penalty != 1.0
+        or params.logit_bias
+    )
+
+
+class TokenSampler:
+    """One request's sampling on the last stage: logits -> token (+ log-probabilities).
+
+    Without penalties, bias or min_p it is exactly `make_sampler(params)` over mlx-lm's
+    log-probabilities. Otherwise, on the last position's logits: the repetition penalty over the
+    prompt and output tokens (mlx-lm's rule: negative logits multiplied, positive divided),
+    `logit_bias` added, presence/frequency penalties subtracted per output token (OpenAI's rule),
+    then the min_p cut, then the usual draw. Output counts are kept here, so it is stateful.
+    """
+
+    def __init__(self, params: SamplingParams, prompt_tokens: Sequence[int] = ()) -> None:
+        self.params = params
+        self._draw = make_sampler(params)
+        self._processing = needs_processing(params)
+        self._output_counts: dict[int, int] = {}
+        self._seen: set[int] = set(prompt_tokens) if params.repetition_penalty != 1.0 else set()
+        self._bias: tuple[mx.array, mx.array] | None = None
+        if params.logit_bias:
+            self._bias = (mx.array(list(params.logit_bias)), mx.array(list(params.logit_bias.values())))
+
+    def __call__(self, logits: mx.array) -> SampledToken:
+        logprobs = logprobs_from_logits(logits)
+        processed = self._process(logits[:, -1, :]) if self._processing else logprobs
+        token = int(self._draw(processed).item())  # pyright: ignore[reportArgumentType]
+        self._output_counts[token] = self._output_counts.get(token, 0) + 1
+        if self.params.repetition_penalty != 1.0:
+            self._seen.add(token)
+        if not self.params.logprobs:
+            return SampledToken(token)
+        return SampledToken(token, float(logprobs[0, token].item()), self._top(logprobs))  # pyright: ignore[reportArgumentType]
+
+    def _process(self, last: mx.array) -> mx.array:
+        params = self.params
+        vocab = last.shape[-1]
+        seen_in_vocab = [token for token in self._seen if token < vocab]
+        if seen_in_vocab:
+            seen = mx.array(seen_in_vocab)
+            selected = last[:, seen]
+            penalised = mx.where(
+                selected < 0, selected * params.repetition_penalty, selected / params.repetition_penalty
+            )
+            last = last.at[:, seen].add(penalised - selected)
+        if self._bias is not None:
+            tokens, values = self._bias
+            in_vocab = tokens < vocab
+            last = last.at[:, mx.where(in_vocab, tokens, 0)].add(mx.where(in_vocab, values, 0.0))
+        if (params.presence_penalty or params.frequency_penalty) and self._output_counts:
+            tokens = mx.array(list(self._output_counts))
+            counts = mx.array(list(self._output_counts.values()), dtype=last.dtype)
+            penalty = counts * params.frequency_penalty + params.presence_penalty
+            last = last.at[:, tokens].add(-penalty)
+        processed = last - mx.logsumexp(last, axis=-1, keepdims=True)
+        if params.min_p > 0.0:
+            floor = mx.max(processed, axis=-1, keepdims=True) + math.log(params.min_p)
+            processed = mx.where(processed >= floor, processed, mx.array(-float("inf"), processed.dtype))
+        return processed
+
+    def _top(self, logprobs: mx.array) -> list[tuple[int, float]] | None:
+        count = min(self.params.top_logprobs, logprobs.shape[-1])
+        if count == 0:
+            return []
+        candidates = mx.argpartition(-logprobs[0], kth=count - 1)[:count]
+        values = logprobs[0, candidates]
+        order = mx.argsort(-values)
+        tokens, scores = candidates[order].tolist(), values[order].tolist()
+        return [(int(token), float(score)) for token, score in zip(tokens, scores, strict=True)]  # pyright: ignore[reportArgumentType, reportCallIssue]

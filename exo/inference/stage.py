@@ -35,7 +35,7 @@ from exo.inference.protocol import (
     encode,
     pipeline_decoder,
 )
-from exo.inference.sampling import Sampler, logprobs_from_logits, make_sampler
+from exo.inference.sampling import TokenSampler
 from exo.inference.scheduler import StageScheduler, Work
 from exo.inference.shard import ShardModel
 
@@ -60,7 +60,7 @@ class RequestState:
     max_tokens: int
     eos_token_ids: frozenset[int]
     cache: list[Any]
-    sampler: Sampler | None = None
+    sampler: TokenSampler | None = None
     tokens_sampled: int = 0
 
     @property
@@ -199,7 +199,7 @@ class PipelineStage:
             max_tokens=message.max_tokens,
             eos_token_ids=frozenset(message.eos_token_ids),
             cache=self.shard.make_cache(),
-            sampler=make_sampler(message.sampling) if spec.is_last else None,
+            sampler=TokenSampler(message.sampling, message.prompt_tokens) if spec.is_last else None,
         )
         self.requests[request_id] = state
         self.counters.requests_started += 1
@@ -337,7 +337,8 @@ class PipelineStage:
 
     def _sample(self, state: RequestState, work: Work, logits: mx.array) -> list[Outgoing]:
         assert state.sampler is not None
-        token = int(state.sampler(logprobs_from_logits(logits)).item())  # pyright: ignore[reportArgumentType]
+        sampled_token = state.sampler(logits)
+        token = sampled_token.token
         state.tokens_sampled += 1
         self.counters.tokens_sampled += 1
         finish_reason = None
@@ -346,7 +347,12 @@ class PipelineStage:
         elif work.step + 1 >= state.max_tokens:
             finish_reason = "length"
         sampled = TokenSampled(
-            request_id=state.request_id, step=work.step, token=token, finish_reason=finish_reason
+            request_id=state.request_id,
+            step=work.step,
+            token=token,
+            finish_reason=finish_reason,
+            logprob=sampled_token.logprob,
+            top_logprobs=sampled_token.top_logprobs,
         )
         frame = encode(sampled)
         outgoing = [Outgoing(state.reply_to, (frame,), state.request_id, to_requester=True)]
