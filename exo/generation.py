@@ -50,6 +50,8 @@ class PipelineGenerator:
         async with contextlib.aclosing(stream) as tokens:
             try:
                 async for sampled in tokens:
-                    yield GeneratedToken(sampled.token, sampled.finish_reason)
+                    yield GeneratedToken(
+                        sampled.token, sampled.finish_reason, sampled.logprob, sampled.top_logprobs
+                    )
             except GenerationError as error:
                 raise GenerationFailed(instance.instance_id, error.reason) from error

@@ -32,6 +32,10 @@ class GeneratedToken(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     token_id: int
     finish_reason: FinishReason | None = None
+    # With SamplingParams.logprobs: the model's log-probability of this token and the
+    # `top_logprobs` most likely (token id, log-probability) pairs, most likely first.
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 class TokenStream(Protocol):
