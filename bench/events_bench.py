@@ -106,7 +106,7 @@ async def latency(member: ClusterMember, clock: AppliedClock, rate: int, seconds
         due = int((now - started) / interval)
         while n < due:
             member.submit([NodeLabelled(member.node_id, "latency", str(n))])
-            submitted_at[member._local_sequence] = time.perf_counter()
+            submitted_at[member.outbox.last_sequence] = time.perf_counter()
             n += 1
         await asyncio.sleep(interval / 2)
     deadline = time.perf_counter() + 30

@@ -124,7 +124,7 @@ class ClusterServices:
             "queue_depths": member.queue_depths(),
             "counters": {
                 "stale_term_messages": member.counters.stale_term_messages,
-                "local_events_resent": member.counters.local_events_resent,
+                "local_events_resent": member.outbox.resent,
                 "apply_queue_full": member.counters.apply_queue_full,
                 "fetches": member.counters.fetches,
                 "snapshots_installed": member.counters.snapshots_installed,

@@ -12,7 +12,6 @@ import logging
 import secrets
 import socket
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from exo.roles.election import (
     PersistTerm,
 )
 from exo.roles.master import Master, membership_events
+from exo.roles.outbox import Outbox
 from exo.roles.placement import ModelFootprint
 from exo.roles.replica import Replica, find_common_prefix, rebuild
 from exo.roles.sequencer import GapRequest, Sequencer
@@ -42,9 +42,6 @@ from exo.state import State, decode_state, encode_state
 
 logger = logging.getLogger(__name__)
 
-RESEND_AFTER_SECONDS = 1.0
-MAX_PENDING_LOCAL_EVENTS = 100_000
-MAX_LOCAL_BATCH = 1024
 FETCH_LIMIT = 10_000
 # A node this far behind with nothing in its log takes a snapshot instead of the whole history.
 SNAPSHOT_CATCH_UP_THRESHOLD = 10_000
@@ -54,15 +51,8 @@ COMMAND_COMMIT_SECONDS = 5.0
 
 
 @dataclass
-class PendingLocal:
-    event: m.LocalEvent
-    sent_at: float
-
-
-@dataclass
 class ClusterCounters:
     stale_term_messages: int = 0
-    local_events_resent: int = 0
     apply_queue_full: int = 0
     fetches: int = 0
     snapshots_installed: int = 0
@@ -108,10 +98,7 @@ class ClusterMember:
         self.heartbeats: dict[str, m.Heartbeat] = {}
         self.master: Master | None = None
         self._master_since = 0.0
-        self._local_sequence = time.time_ns() // 1000
-        # Oldest send first (a resend moves an event to the end), so the stale scan stops early.
-        self._pending_local: OrderedDict[int, PendingLocal] = OrderedDict()
-        self._outgoing_local: list[m.LocalEvent] = []
+        self.outbox = Outbox(node_id)
         self._apply_queue: asyncio.Queue[list[IndexedEvent]] = asyncio.Queue(APPLY_QUEUE_BATCHES)
         self._fetch_task: asyncio.Task[bool] | None = None
         self._reconciling = False
@@ -147,7 +134,7 @@ class ClusterMember:
     def queue_depths(self) -> dict[str, int]:
         depths = {
             "apply": self._apply_queue.qsize(),
-            "pending_local_events": len(self._pending_local),
+            "pending_local_events": len(self.outbox),
             "buffered_out_of_order": self.replica.orderer.buffered,
         }
         if self.master is not None:
@@ -166,48 +153,14 @@ class ClusterMember:
 
     def submit(self, events: Sequence[Event]) -> None:
         """Hand events to the master for sequencing; resent until seen applied."""
-        now = time.monotonic()
-        for event in events:
-            if len(self._pending_local) >= MAX_PENDING_LOCAL_EVENTS:
-                raise OverflowError("too many local events waiting for the master")
-            self._local_sequence += 1
-            local = m.LocalEvent(self._local_sequence, event)
-            self._pending_local[local.sequence] = PendingLocal(local, now)
-            self._outgoing_local.append(local)
-        self._flush_local()
+        self._send_local(self.outbox.add(events, time.monotonic()))
 
-    def _flush_local(self) -> None:
-        while self._outgoing_local:
-            batch = self._outgoing_local[:MAX_LOCAL_BATCH]
-            del self._outgoing_local[:MAX_LOCAL_BATCH]
+    def _send_local(self, batches: list[list[m.LocalEvent]]) -> None:
+        for batch in batches:
             if self.master is not None:
                 self.master.submit_local(self.node_id, batch)
             else:
                 self.bus.publish(m.TOPIC_LOCAL_EVENTS, m.LocalEventsSent(self.node_id, batch))
-
-    def _forget_applied_local(self, events: Sequence[IndexedEvent]) -> None:
-        if not self._pending_local:
-            return
-        for event in events:
-            if event.origin_node_id == self.node_id:
-                self._pending_local.pop(event.origin_sequence, None)
-
-    def _resend_stale_local(self, now: float) -> None:
-        if self.election.master_node_id is None:
-            return
-        stale: list[PendingLocal] = []
-        for pending in self._pending_local.values():
-            if now - pending.sent_at <= RESEND_AFTER_SECONDS:
-                break
-            stale.append(pending)
-        for pending in stale:
-            pending.sent_at = now
-            self._pending_local.move_to_end(pending.event.sequence)
-            self._outgoing_local.append(pending.event)
-        if stale:
-            self.counters.local_events_resent += len(stale)
-            self._outgoing_local.sort(key=lambda local: local.sequence)
-            self._flush_local()
 
     # --- tick ----------------------------------------------------------------------------------
 
@@ -227,7 +180,8 @@ class ClusterMember:
                 self._master_duties(now, alive)
             else:
                 self._maybe_fetch(now)
-            self._resend_stale_local(now)
+            if self.election.master_node_id is not None:
+                self._send_local(self.outbox.stale(now))
             await asyncio.sleep(self.interval / 2)
 
     def _publish_heartbeat(self) -> None:
@@ -324,7 +278,6 @@ class ClusterMember:
         self._membership_sent_at = 0
         self.master.start()
         self.master.submit_own([MasterElected(term=term, node_id=self.node_id)])
-        self._flush_local()
         self._resend_all_local()
 
     async def _sync_from_peers(self) -> None:
@@ -377,16 +330,10 @@ class ClusterMember:
         return None
 
     def _resend_all_local(self) -> None:
-        self._outgoing_local = sorted(
-            (p.event for p in self._pending_local.values()), key=lambda e: e.sequence
-        )
-        now = time.monotonic()
-        for pending in self._pending_local.values():
-            pending.sent_at = now
-        self._flush_local()
+        self._send_local(self.outbox.everything(time.monotonic()))
 
     def _publish_events(self, events: Sequence[IndexedEvent]) -> None:
-        self._forget_applied_local(events)
+        self.outbox.applied(events)
         self.bus.publish(
             m.TOPIC_GLOBAL_EVENTS, m.EventsPublished(self.election.term, self.node_id, list(events))
         )
@@ -420,7 +367,7 @@ class ClusterMember:
             if reply.first_index > gap.since + 1:
                 return await self._install_snapshot_from(node_id)
             applied = await self.replica.receive(reply.events)
-            self._forget_applied_local(reply.events)
+            self.outbox.applied(reply.events)
             return applied > 0
         return False
 
@@ -495,7 +442,7 @@ class ClusterMember:
             while not self._apply_queue.empty() and len(events) < FETCH_LIMIT:
                 events = events + self._apply_queue.get_nowait()
             await self.replica.receive(events)
-            self._forget_applied_local(events)
+            self.outbox.applied(events)
 
     def _on_local_events(self, message: m.LocalEventsSent) -> None:
         self.liveness.heard(message.node_id, time.monotonic())

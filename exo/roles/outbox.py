@@ -1,0 +1,86 @@
+"""A node's local events on their way to the master, sans-IO: kept until seen applied, resent when stale.
+
+Sequences rise across restarts (they start from the clock in microseconds), so the master's
+per-origin high water never mistakes a restarted node's events for old ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from exo.bus.messages import LocalEvent
+from exo.events import Event, IndexedEvent
+
+RESEND_AFTER_SECONDS = 1.0
+MAX_PENDING_LOCAL_EVENTS = 100_000
+MAX_LOCAL_BATCH = 1024
+
+
+@dataclass
+class PendingLocal:
+    event: LocalEvent
+    sent_at: float
+
+
+class Outbox:
+    def __init__(self, node_id: str, first_sequence: int | None = None) -> None:
+        self.node_id = node_id
+        self._sequence = time.time_ns() // 1000 if first_sequence is None else first_sequence
+        # Oldest send first (a resend moves an event to the end), so the stale scan stops early.
+        self._pending: OrderedDict[int, PendingLocal] = OrderedDict()
+        self.resent = 0
+
+    @property
+    def last_sequence(self) -> int:
+        return self._sequence
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, events: Sequence[Event], now: float) -> list[list[LocalEvent]]:
+        """Record new events; returns the batches to send now. OverflowError past the bound."""
+        if len(self._pending) + len(events) > MAX_PENDING_LOCAL_EVENTS:
+            raise OverflowError("too many local events waiting for the master")
+        added: list[LocalEvent] = []
+        for event in events:
+            self._sequence += 1
+            local = LocalEvent(self._sequence, event)
+            self._pending[local.sequence] = PendingLocal(local, now)
+            added.append(local)
+        return _batches(added)
+
+    def applied(self, events: Sequence[IndexedEvent]) -> None:
+        """Forget this node's events that the log now holds."""
+        if not self._pending:
+            return
+        for event in events:
+            if event.origin_node_id == self.node_id:
+                self._pending.pop(event.origin_sequence, None)
+
+    def stale(self, now: float) -> list[list[LocalEvent]]:
+        """Batches of events sent more than RESEND_AFTER_SECONDS ago and still not applied."""
+        stale: list[PendingLocal] = []
+        for pending in self._pending.values():
+            if now - pending.sent_at <= RESEND_AFTER_SECONDS:
+                break
+            stale.append(pending)
+        for pending in stale:
+            pending.sent_at = now
+            self._pending.move_to_end(pending.event.sequence)
+        self.resent += len(stale)
+        return _batches(sorted((pending.event for pending in stale), key=lambda local: local.sequence))
+
+    def everything(self, now: float) -> list[list[LocalEvent]]:
+        """Every pending event, in order (a new master knows none of them)."""
+        for pending in self._pending.values():
+            pending.sent_at = now
+        return _batches(
+            sorted((pending.event for pending in self._pending.values()), key=lambda e: e.sequence)
+        )
+
+
+def _batches(events: list[LocalEvent]) -> list[list[LocalEvent]]:
+    return [events[start : start + MAX_LOCAL_BATCH] for start in range(0, len(events), MAX_LOCAL_BATCH)]

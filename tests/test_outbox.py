@@ -1,0 +1,55 @@
+"""The local-event outbox: batches, resend of stale events in order, forgetting applied ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from exo.events import IndexedEvent, NodeLabelled
+from exo.roles.outbox import MAX_LOCAL_BATCH, MAX_PENDING_LOCAL_EVENTS, RESEND_AFTER_SECONDS, Outbox
+
+
+def labels(count: int) -> list[NodeLabelled]:
+    return [NodeLabelled("n", "k", str(i)) for i in range(count)]
+
+
+def test_new_events_get_rising_sequences_in_bounded_batches() -> None:
+    outbox = Outbox("a", first_sequence=100)
+    batches = outbox.add(labels(MAX_LOCAL_BATCH + 5), now=0.0)
+    assert [len(batch) for batch in batches] == [MAX_LOCAL_BATCH, 5]
+    sequences = [local.sequence for batch in batches for local in batch]
+    assert sequences == list(range(101, 101 + MAX_LOCAL_BATCH + 5))
+    assert len(outbox) == MAX_LOCAL_BATCH + 5
+
+
+def test_stale_events_are_resent_once_per_period_oldest_first() -> None:
+    outbox = Outbox("a", first_sequence=0)
+    outbox.add(labels(3), now=0.0)
+    outbox.add(labels(2), now=0.5)
+    assert outbox.stale(now=RESEND_AFTER_SECONDS) == []
+    first = outbox.stale(now=RESEND_AFTER_SECONDS + 0.1)
+    assert [local.sequence for batch in first for local in batch] == [1, 2, 3]
+    assert outbox.stale(now=RESEND_AFTER_SECONDS + 0.2) == []
+    second = outbox.stale(now=RESEND_AFTER_SECONDS + 0.6)
+    assert [local.sequence for batch in second for local in batch] == [4, 5]
+    assert outbox.resent == 5
+
+
+def test_applied_events_are_forgotten_only_for_this_origin() -> None:
+    outbox = Outbox("a", first_sequence=0)
+    outbox.add(labels(3), now=0.0)
+    outbox.applied(
+        [
+            IndexedEvent(1, 1, "a", 1, NodeLabelled("n", "k", "0")),
+            IndexedEvent(2, 1, "b", 2, NodeLabelled("n", "k", "1")),
+        ]
+    )
+    everything = outbox.everything(now=5.0)
+    assert [local.sequence for batch in everything for local in batch] == [2, 3]
+
+
+def test_the_outbox_is_bounded() -> None:
+    outbox = Outbox("a")
+    outbox.add(labels(MAX_PENDING_LOCAL_EVENTS - 1), now=0.0)
+    with pytest.raises(OverflowError):
+        outbox.add(labels(2), now=0.0)
+    assert len(outbox) == MAX_PENDING_LOCAL_EVENTS - 1
