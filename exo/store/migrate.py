@@ -1,11 +1,13 @@
 """Apply the event store's Alembic migrations from inside exo, on a connection exo already holds.
 
-The migration scripts ship inside the package (exo/store/migrations), so this works the same from
+The migration scripts live in the top-level `migrations/` folder, which installs as the subpackage
+`exo.store.migrations` (pyproject.toml maps it), so this works the same from
 a source checkout, an editable install and a plain wheel install.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 from functools import cache
 from pathlib import Path
 
@@ -14,7 +16,8 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
 
-MIGRATIONS_DIRECTORY = Path(__file__).resolve().parent / "migrations"
+# Top-level `migrations/` in the source tree, installed as the subpackage exo.store.migrations.
+MIGRATIONS_DIRECTORY = Path(str(importlib.resources.files("exo.store.migrations")))
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
