@@ -12,8 +12,10 @@ import mlx.core as mx
 import msgspec
 import numpy as np
 import pytest
+import zmq
+import zmq.asyncio
 
-from exo.inference.client import GenerationRequest, PipelineClient, TokenSink
+from exo.inference.client import GenerationError, GenerationRequest, PipelineClient, TokenSink
 from exo.inference.models import (
     InvalidModelIdError,
     ModelNotFoundError,
@@ -23,6 +25,7 @@ from exo.inference.models import (
 )
 from exo.inference.protocol import (
     ActivationsSent,
+    GenerationCancelled,
     GenerationFailed,
     GenerationStarted,
     SamplingParams,
@@ -387,3 +390,36 @@ def test_runner_command_round_trips_through_the_runner_cli() -> None:
     )  # fmt: skip
     with pytest.raises(SystemExit):  # every interface but no address to give peers
         parse_runner_arguments(["--control", "tcp://127.0.0.1:5000", "--activation-host", "0.0.0.0"])
+
+
+async def test_client_reports_a_silent_stage_and_a_missing_token() -> None:
+    context = zmq.asyncio.Context()
+    first_stage = context.socket(zmq.PULL)  # accepts the start, then never answers
+    first_stage.bind("tcp://127.0.0.1:*")
+    address = first_stage.getsockopt_string(zmq.LAST_ENDPOINT)
+    sink = TokenSink(context=context)
+    await sink.start()
+    client = PipelineClient(sink, context=context, first_token_timeout=0.5, stage_timeout=0.3)
+    loop = asyncio.get_running_loop()
+    try:
+        request = GenerationRequest([1, 2], 4, [], request_id="silent")
+        tokens = client.generate([address], request)
+        pending = asyncio.ensure_future(anext(tokens))
+        await first_stage.recv()  # the start arrived; now the stage "announces" once and dies
+        sink.deliver([encode(StageAlive(stage_address=address, request_ids=["silent"]))], loop.time())
+        started = loop.time()
+        with pytest.raises(GenerationError, match="stopped responding"):
+            await pending
+        assert 0.2 < loop.time() - started < 1.0
+        cancelled = pipeline_decoder.decode(await first_stage.recv())  # the client frees it everywhere
+        assert cancelled == GenerationCancelled(request_id="silent")
+
+        started = loop.time()
+        with pytest.raises(GenerationError, match="no token within"):
+            await anext(client.generate([address], GenerationRequest([1, 2], 4, [], request_id="quiet")))
+        assert 0.4 < loop.time() - started < 1.5
+    finally:
+        await client.close()
+        await sink.close()
+        first_stage.close(linger=0)
+        context.term()

@@ -41,6 +41,8 @@ from exo.inference.protocol import (
     pipeline_decoder,
 )
 
+GRACE_SECONDS = 0.05
+
 
 class GenerationRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prompt_tokens: list[int]
@@ -242,19 +244,27 @@ class PipelineClient:
     ) -> TokenSampled | GenerationFailed:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        rechecked = False
         while True:
             if channel.overflowed:
                 raise GenerationError(request_id, "tokens arrive faster than they are read")
             if not channel.queue.empty():
                 return channel.queue.get_nowait()
             now = loop.time()
-            if now >= deadline:
-                raise GenerationError(request_id, f"no token within {timeout:g} s")
             silent = [
                 address for address, seen in channel.stage_seen.items() if now - seen >= self.stage_timeout
             ]
-            if silent:
-                raise GenerationError(request_id, f"stage {silent[0]} stopped responding")
+            if now >= deadline or silent:
+                if not rechecked:
+                    # If this event loop was itself stalled, heartbeats may be waiting unread in
+                    # the sink's socket: let it run once before calling a stage dead.
+                    rechecked = True
+                    await asyncio.sleep(GRACE_SECONDS)
+                    continue
+                if silent:
+                    raise GenerationError(request_id, f"stage {silent[0]} stopped responding")
+                raise GenerationError(request_id, f"no token within {timeout:g} s")
+            rechecked = False
             stage_deadline = min(
                 (seen + self.stage_timeout for seen in channel.stage_seen.values()), default=deadline
             )
