@@ -187,6 +187,7 @@ async def run_node(
             member.submit,
             activation_host=bind_host,
             advertise_host=None if bind_host == host else host,
+            cluster_secret=config.cluster_secret,
         )
         await worker.start()
         stack.push_async_callback(worker.close)

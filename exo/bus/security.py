@@ -13,10 +13,13 @@ import secrets
 import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from exo.bus.sockets import BusSecurity
 
+# The node hands the secret to its runner subprocesses in this variable (never on a command line).
+CLUSTER_SECRET_ENVIRONMENT = "EXO_CLUSTER_SECRET"
 KEY_DERIVATION_LABEL = b"exo-bus-curve-v1:"
 TAG_DERIVATION_LABEL = b"exo-cluster-tag-v1:"
 
@@ -55,6 +58,19 @@ def start_authenticator(context: zmq.asyncio.Context, security: BusSecurity) -> 
         return None
     assert security.public_key is not None
     authenticator = AsyncioAuthenticator(context)
+    authenticator.start()
+    authenticator.configure_curve_callback(domain="*", credentials_provider=_SameKeyOnly(security.public_key))
+    return authenticator
+
+
+def start_thread_authenticator(
+    context: zmq.Context[zmq.Socket[bytes]], security: BusSecurity
+) -> ThreadAuthenticator | None:
+    """The same ZAP rule for a plain (non-asyncio) context: the runner subprocesses."""
+    if not security.enabled:
+        return None
+    assert security.public_key is not None
+    authenticator = ThreadAuthenticator(context)
     authenticator.start()
     authenticator.configure_curve_callback(domain="*", credentials_provider=_SameKeyOnly(security.public_key))
     return authenticator

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -40,16 +41,26 @@ class SocketFactory:
         if socket_type == zmq.ROUTER:
             # An unroutable reply (the asker is gone) is dropped instead of raising.
             socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        if self.security.enabled:
-            assert self.security.public_key is not None and self.security.secret_key is not None
-            socket.curve_publickey = self.security.public_key
-            socket.curve_secretkey = self.security.secret_key
-            if server:
-                socket.curve_server = True
-            else:
-                # Every node derives the same key pair from the secret: it is also the server key.
-                socket.curve_serverkey = self.security.public_key
+        apply_curve(socket, self.security, server=server)
         return socket
+
+
+def apply_curve(socket: zmq.Socket[Any], security: BusSecurity, *, server: bool) -> None:
+    """Make `socket` a CURVE server or client with the cluster's keys (nothing on an open bus).
+
+    Also used for the runners' activation and token sockets, which are made outside this factory
+    (plain zmq in the runner subprocess).
+    """
+    if not security.enabled:
+        return
+    assert security.public_key is not None and security.secret_key is not None
+    socket.curve_publickey = security.public_key
+    socket.curve_secretkey = security.secret_key
+    if server:
+        socket.curve_server = True
+    else:
+        # Every node derives the same key pair from the secret: it is also the server key.
+        socket.curve_serverkey = security.public_key
 
 
 def bind_ephemeral(socket: zmq.asyncio.Socket, host: str) -> int:

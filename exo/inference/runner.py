@@ -27,6 +27,8 @@ import msgspec
 import psutil
 import zmq
 
+from exo.bus.security import CLUSTER_SECRET_ENVIRONMENT, derive_security, start_thread_authenticator
+from exo.bus.sockets import BusSecurity, apply_curve
 from exo.inference.blas import BlasInfo, load_optimized_blas
 from exo.inference.protocol import (
     LoadShard,
@@ -72,10 +74,16 @@ class RunnerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class PushSockets:
     """PUSH sockets connected lazily, one per address; a send that cannot go out in time fails."""
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], send_timeout: float) -> None:
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        send_timeout: float,
+        security: BusSecurity | None = None,
+    ) -> None:
         self._context = context
         self._sockets: dict[str, zmq.Socket[bytes]] = {}
         self._timeout_ms = int(send_timeout * 1000)
+        self._security = security or BusSecurity()
 
     def send(self, address: str, frames: tuple[Any, ...]) -> bool:
         socket = self._sockets.get(address)
@@ -84,6 +92,7 @@ class PushSockets:
             socket.setsockopt(zmq.IMMEDIATE, 1)  # queue only to a live connection, so a dead peer shows
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.SNDHWM, 10_000)
+            apply_curve(socket, self._security, server=False)
             try:
                 socket.connect(address)
             except zmq.ZMQError:
@@ -112,11 +121,19 @@ class Heartbeat:
     once when a request arrives (so a requester knows every stage of its route within
     milliseconds, and notices any of them dying)."""
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], address: str, interval: float) -> None:
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        address: str,
+        interval: float,
+        security: BusSecurity | None = None,
+    ) -> None:
         self.address = address
         self.interval = interval
         self.requests_by_requester: dict[str, list[str]] = {}  # replaced whole by the main thread
-        self._sockets = PushSockets(context, send_timeout=0.2)  # time to connect, not to queue
+        self._sockets = PushSockets(
+            context, send_timeout=0.2, security=security
+        )  # time to connect, not to queue
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stage-heartbeat", daemon=True)
@@ -161,12 +178,15 @@ class Runner:
         self.lifecycle: Lifecycle = "starting"
         self.instance_id: str | None = None
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        # With a cluster secret (from the node, in the environment) every pipeline socket is CURVE.
+        self.security = derive_security(os.environ.get(CLUSTER_SECRET_ENVIRONMENT))
+        self.authenticator = start_thread_authenticator(self.context, self.security)
         self.control = self.context.socket(zmq.DEALER)
         self.control.setsockopt(zmq.ROUTING_ID, options.runner_id.encode())
         self.control.setsockopt(zmq.LINGER, 2000)  # let a final RunnerFailed reach the worker
         self.control.connect(options.control)
         self.activations: zmq.Socket[bytes] | None = None
-        self.pushes = PushSockets(self.context, options.send_timeout)
+        self.pushes = PushSockets(self.context, options.send_timeout, self.security)
         self.stage: PipelineStage | None = None
         self.heartbeat: Heartbeat | None = None
         self.dropped_control_frames = 0
@@ -221,6 +241,7 @@ class Runner:
         self.activations = self.context.socket(zmq.PULL)
         self.activations.setsockopt(zmq.LINGER, 0)
         self.activations.setsockopt(zmq.RCVHWM, 10_000)
+        apply_curve(self.activations, self.security, server=True)
         self.activations.bind(f"tcp://{self.options.activation_host}:*")
         address = self.activation_address()
         self.stage = PipelineStage(
@@ -229,7 +250,7 @@ class Runner:
             prefill_step_size=self.options.prefill_step_size,
             max_active_requests=self.options.max_active_requests,
         )
-        self.heartbeat = Heartbeat(self.context, address, self.options.heartbeat_interval)
+        self.heartbeat = Heartbeat(self.context, address, self.options.heartbeat_interval, self.security)
         self.heartbeat.start()
         self.transition("ready")
         self.send_control(
@@ -345,6 +366,8 @@ class Runner:
         if self.activations is not None:
             self.activations.close(linger=0)
         self.control.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.context.term()
 
 

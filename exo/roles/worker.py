@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from exo.bus.security import CLUSTER_SECRET_ENVIRONMENT
 from exo.events import Event, RunnerStatusUpdated, ShardAssignment
 from exo.inference.models import ModelInfo
 from exo.inference.protocol import (
@@ -109,6 +111,7 @@ class Worker:
         activation_host: str = "127.0.0.1",
         advertise_host: str | None = None,
         runner_threads: int | None = None,
+        cluster_secret: str | None = None,
     ) -> None:
         self.node_id = node_id
         self._find_model = find_model
@@ -116,6 +119,11 @@ class Worker:
         self.activation_host = activation_host
         self.advertise_host = advertise_host
         self.runner_threads = runner_threads
+        # Runners derive the same CURVE keys for their pipeline sockets; the secret goes by environment.
+        self._runner_environment = {**os.environ}
+        self._runner_environment.pop(CLUSTER_SECRET_ENVIRONMENT, None)
+        if cluster_secret:
+            self._runner_environment[CLUSTER_SECRET_ENVIRONMENT] = cluster_secret
         self.runners: dict[str, LocalRunner] = {}
         self._context = zmq.asyncio.Context.instance()
         self._control: zmq.asyncio.Socket | None = None
@@ -201,7 +209,7 @@ class Worker:
         )
         self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "loading")])
         try:
-            runner.process = await asyncio.create_subprocess_exec(*argv)
+            runner.process = await asyncio.create_subprocess_exec(*argv, env=self._runner_environment)
         except OSError as error:
             runner.move("failed")
             self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "failed", str(error))])
