@@ -292,7 +292,17 @@ class NetnsExoCluster:
     def wait_serving(self, timeout: float = 30.0, nodes: Sequence[ExoNode] | None = None) -> None:
         """Until every given (default: running) node answers /health."""
         targets = list(nodes or self.running())
-        self.wait_until(lambda: all(node.serving() for node in targets), timeout, "every API serving")
+
+        def serving() -> bool:
+            for node in targets:
+                if node.process is not None and node.process.poll() is not None:
+                    # Exited: no point waiting out the deadline (the log tail says why).
+                    raise AssertionError(
+                        f"{node.node_id} exited with {node.process.returncode} before serving"
+                    )
+            return all(node.serving() for node in targets)
+
+        self.wait_until(serving, timeout, "every API serving")
 
     def wait_until(
         self, condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
@@ -313,21 +323,24 @@ class NetnsExoCluster:
             f"timed out after {timeout}s waiting for {what} (last error: {last_error!r})\n" + self.describe()
         )
 
-    def holds(self, condition: Callable[[], Any], seconds: float, what: str, interval: float = 0.05) -> None:
-        """Poll `condition` for `seconds`: AssertionError (with every node's view) the first time it is
-        falsy. An API error makes a poll inconclusive, not a failure; all polls inconclusive fails."""
+    def holds(
+        self, problem: Callable[[], str | None], seconds: float, what: str, interval: float = 0.05
+    ) -> None:
+        """Poll for `seconds` that `what` stays true: `problem()` returns None while it does, else a
+        sentence saying what broke, which fails at once (with every node's view). An API error makes a
+        poll inconclusive, not a failure; all polls inconclusive fails."""
         deadline = time.monotonic() + seconds
         conclusive = 0
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             try:
-                result = condition()
+                found = problem()
             except (OSError, ValueError, KeyError, TypeError) as error:
                 last_error = error
             else:
                 conclusive += 1
-                if not result:
-                    raise AssertionError(f"{what} stopped holding\n" + self.describe())
+                if found is not None:
+                    raise AssertionError(f"{what} stopped holding: {found}\n" + self.describe())
             time.sleep(interval)
         if not conclusive:
             raise AssertionError(f"could not check {what} (last error: {last_error!r})\n" + self.describe())

@@ -75,20 +75,24 @@ def assert_same_history(
 
 def stays_with(cluster: NetnsExoCluster, agreed: dict[str, Any]) -> None:
     """The agreement is not a passing moment: for a few liveness windows every node keeps the same
-    master and term, everyone alive, and no log shrinks below the agreed index."""
+    master and term, everyone alive, and no node's state goes back below the agreed index."""
+    expected = (agreed["master_node_id"], agreed["term"], agreed["last_event_index"])
 
-    def unchanged() -> bool:
+    def problem() -> str | None:
         for node in cluster.nodes:
             state = node.state()
-            if (state["master_node_id"], state["term"]) != (agreed["master_node_id"], agreed["term"]):
-                return False
-            if state["last_event_index"] < agreed["last_event_index"]:
-                return False
-            if any(state["nodes"][node_id]["status"] != "alive" for node_id in agreed["nodes"]):
-                return False
-        return True
+            now = (state["master_node_id"], state["term"], state["last_event_index"])
+            if now[:2] != expected[:2] or now[2] < expected[2]:
+                return (
+                    f"{node.node_id} went from (master, term, index) {expected}, which every node "
+                    f"served, to {now}"
+                )
+            gone = sorted(node_id for node_id, info in state["nodes"].items() if info["status"] != "alive")
+            if gone:
+                return f"{node.node_id} now sees {gone} gone"
+        return None
 
-    cluster.holds(unchanged, STABLE_SECONDS, f"the agreement on {agreed['master_node_id']}")
+    cluster.holds(problem, STABLE_SECONDS, f"the agreement on {agreed['master_node_id']}")
 
 
 def master_independent(state: dict[str, Any]) -> dict[str, Any]:
