@@ -192,10 +192,11 @@ async def run_node(
         await worker.start()
         stack.push_async_callback(worker.close)
         stack.push_async_callback(cancel_task, asyncio.create_task(reconcile_runners(member, worker)))
-        sink = TokenSink(host=bind_host, advertise_host=host)
+        # The node's own context: its ZAP handler guards the token sink like the bus sockets.
+        sink = TokenSink(host=bind_host, advertise_host=host, context=context, security=security)
         await sink.start()
         stack.push_async_callback(sink.close)
-        client = PipelineClient(sink)
+        client = PipelineClient(sink, context=context, security=security)
         stack.push_async_callback(client.close)
         services = ClusterServices(
             member,

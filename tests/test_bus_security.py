@@ -75,3 +75,56 @@ def test_wrong_secret_and_plain_sockets_cannot_join_or_inject(tmp_path: Path) ->
         assert set(after["nodes"]) == set(before["nodes"]) == {"node0", "node1"}
         assert after["master_node_id"] == before["master_node_id"]
         assert good.get("/health") and intruder.get("/health")
+
+
+def test_pipeline_under_a_secret_serves_and_ignores_plain_sockets(tmp_path: Path) -> None:
+    from exo.inference.protocol import GenerationStarted, encode
+
+    with LoopbackCluster(tmp_path, 2, ["--cluster-secret", SECRET]) as cluster:
+        cluster.start_all()
+        first = cluster.nodes[0]
+        wait_until(
+            lambda: (
+                (s := cluster.converged())
+                and sum(n["status"] == "alive" for n in s["nodes"].values()) == 2
+                and s
+            ),
+            30,
+            "two nodes with the secret",
+        )
+        placed = first.post(
+            "/place_instance", {"model_id": "exo-tiny", "sharding": "Pipeline", "min_nodes": 2}
+        )
+        assert placed.status_code == 200, placed.text
+        instance_id = placed.json()["instance_id"]
+        instance = wait_until(
+            lambda: (i := first.get(f"/instance/{instance_id}"))["status"] == "ready" and i,
+            60,
+            "2 stages ready",
+        )
+        body = {"model": "exo-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+        answer = first.post("/v1/chat/completions", body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] >= 1
+
+        # A plain socket that knows a stage's address still gets nothing out of it.
+        stage_address = next(iter(instance["runners"].values()))["activation_address"]
+        context = zmq.Context()
+        try:
+            sink = context.socket(zmq.PULL)
+            sink_port = sink.bind_to_random_port("tcp://127.0.0.1")
+            push = context.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 0)
+            push.connect(stage_address)
+            started = GenerationStarted(
+                request_id="intruder",
+                route=[stage_address],
+                reply_to=f"tcp://127.0.0.1:{sink_port}",
+                prompt_tokens=[1, 2, 3],
+                max_tokens=3,
+                eos_token_ids=[],
+            )
+            push.send(encode(started), zmq.NOBLOCK)  # queued: the CURVE handshake never completes
+            assert not sink.poll(2000), "a stage answered a socket without the cluster key"
+        finally:
+            context.destroy(linger=0)

@@ -30,6 +30,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from exo.bus.sockets import BusSecurity, apply_curve
 from exo.inference.protocol import (
     GenerationCancelled,
     GenerationFailed,
@@ -76,7 +77,9 @@ class TokenSink:
         advertise_host: str | None = None,
         context: zmq.asyncio.Context | None = None,
         queue_size: int = 4096,
+        security: BusSecurity | None = None,
     ) -> None:
+        self._security = security or BusSecurity()
         self._host = host
         self._advertise_host = advertise_host or host
         self._context = context or zmq.asyncio.Context.instance()
@@ -91,6 +94,7 @@ class TokenSink:
     async def start(self) -> str:
         socket = self._context.socket(zmq.PULL)
         socket.setsockopt(zmq.LINGER, 0)
+        apply_curve(socket, self._security, server=True)
         socket.bind(f"tcp://{self._host}:*")
         endpoint = socket.getsockopt(zmq.LAST_ENDPOINT)
         assert isinstance(endpoint, bytes)
@@ -165,7 +169,9 @@ class PipelineClient:
         first_token_timeout: float = 300.0,
         token_timeout: float = 60.0,
         stage_timeout: float = 3.0,
+        security: BusSecurity | None = None,
     ) -> None:
+        self._security = security or BusSecurity()
         self.sink = sink
         self._context = context or zmq.asyncio.Context.instance()
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
@@ -185,6 +191,7 @@ class PipelineClient:
             socket = self._context.socket(zmq.PUSH)
             socket.setsockopt(zmq.IMMEDIATE, 1)
             socket.setsockopt(zmq.LINGER, 0)
+            apply_curve(socket, self._security, server=False)
             socket.connect(address)
             self._sockets[address] = socket
         writable = await socket.poll(int(self.send_timeout * 1000), zmq.POLLOUT)  # pyright: ignore[reportCallIssue]
