@@ -2,26 +2,20 @@
 
 Each node runs in its own `NetnsHost` (tests/netns.py) with discovery on, so the nodes find each
 other by mDNS on the private switch, and every node can use the same ports (namespaces don't share
-them). The API listens on 127.0.0.1 inside the node's namespace, which nothing outside can route to,
-so the test process reaches it through a socket opened *inside* that namespace: a short-lived
-thread calls setns(2) into the namespace, connects, and hands the connected socket back (a socket
-keeps the namespace it was made in). That costs well under a millisecond per request, against
-~0.3 s for `ip netns exec ... curl`, so polls stay tight. It also means the API stays reachable
-while a host's cable is pulled or it is partitioned away, which is what the chaos tests need.
+them). The API listens on 127.0.0.1 inside the node's namespace and is read through connections
+made inside that namespace (tests/netns_http.py), so it stays reachable while the node's cable is
+out or it is partitioned away.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -29,67 +23,13 @@ from types import TracebackType
 from typing import Any, Self
 
 from tests.netns import NetnsCluster, NetnsHost, python_env
+from tests.netns_http import NamespaceConnection, NodeApiError, NodeApiStatusError
+
+__all__ = ["ExoNode", "NetnsExoCluster", "NodeApiError", "NodeApiStatusError", "event_line", "replay_verify"]
 
 BUS_PORT = 52414
 API_PORT = 52415
-CLONE_NEWNET = 0x40000000
-NETNS_DIR = Path("/run/netns")
 LOG_TAIL_LINES = 60
-
-
-class NodeApiError(OSError):
-    """The node's API could not be reached, or the connection broke mid-answer."""
-
-
-class NodeApiStatusError(ValueError):
-    """The node's API answered with a non-2xx status."""
-
-    def __init__(self, method: str, path: str, status: int, body: str) -> None:
-        super().__init__(f"{method} {path} -> {status}: {body[:500]}")
-        self.status = status
-        self.body = body
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def connect_in_namespace(namespace: str, address: str, port: int, timeout: float) -> socket.socket:
-    """A TCP connection to address:port made from inside `namespace` (usable from any thread)."""
-    outcome: list[socket.socket | BaseException] = []
-
-    def connect() -> None:
-        try:
-            descriptor = os.open(NETNS_DIR / namespace, os.O_RDONLY)
-            try:
-                if _libc.setns(descriptor, CLONE_NEWNET) != 0:
-                    error = ctypes.get_errno()
-                    raise OSError(error, f"setns into {namespace}: {os.strerror(error)}")
-            finally:
-                os.close(descriptor)
-            # This thread now lives in the namespace and ends right after: nothing else runs here.
-            outcome.append(socket.create_connection((address, port), timeout=timeout))
-        except BaseException as error:  # handed to the caller's thread, re-raised there
-            outcome.append(error)
-
-    thread = threading.Thread(target=connect, name=f"connect-{namespace}", daemon=True)
-    thread.start()
-    thread.join(timeout + 5)
-    if not outcome:
-        raise NodeApiError(f"connecting inside {namespace} to {address}:{port} did not finish")
-    result = outcome[0]
-    if isinstance(result, BaseException):
-        raise NodeApiError(f"{address}:{port} in {namespace}: {result}") from result
-    return result
-
-
-class _NamespaceConnection(http.client.HTTPConnection):
-    def __init__(self, namespace: str, host: str, port: int, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self.namespace = namespace
-        self.connect_timeout = timeout
-
-    def connect(self) -> None:
-        self.sock = connect_in_namespace(self.namespace, self.host, self.port, self.connect_timeout)
 
 
 class ExoNode:
@@ -174,7 +114,7 @@ class ExoNode:
     # --- HTTP, from inside the node's namespace ---------------------------------------------------
 
     def request(self, method: str, path: str, body: object = None, timeout: float = 2.0) -> tuple[int, bytes]:
-        connection = _NamespaceConnection(self.host.namespace, "127.0.0.1", API_PORT, timeout)
+        connection = NamespaceConnection(self.host.namespace, "127.0.0.1", API_PORT, timeout)
         try:
             payload = None if body is None else json.dumps(body).encode()
             headers = {} if payload is None else {"Content-Type": "application/json"}
@@ -219,7 +159,7 @@ class ExoNode:
 
     def stream(self, path: str, body: object, timeout: float = 60.0) -> Iterator[str]:
         """POST `body` and yield the answer's non-empty lines as they arrive (server-sent events)."""
-        connection = _NamespaceConnection(self.host.namespace, "127.0.0.1", API_PORT, timeout)
+        connection = NamespaceConnection(self.host.namespace, "127.0.0.1", API_PORT, timeout)
         try:
             connection.request(
                 "POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
