@@ -29,8 +29,25 @@ ROUTES: list[tuple[str, str, Any, int]] = [
     ("DELETE", "/instance/i-7", None, 200),
     ("POST", "/v1/chat/completions", CHAT_BODY, 200),
     ("POST", "/v1/chat/completions", {**CHAT_BODY, "stream": True}, 200),
+    ("GET", "/v1/models/exo-tiny", None, 200),
+    ("POST", "/v1/completions", {"model": "exo-tiny", "prompt": "hi"}, 200),
+    ("POST", "/v1/cancel/chatcmpl-none", None, 404),  # nothing in progress
+    ("POST", "/v1/messages", {**CHAT_BODY, "max_tokens": 8}, 200),
+    ("GET", "/ollama", None, 200),
+    ("GET", "/ollama/api/version", None, 200),
+    ("GET", "/ollama/api/tags", None, 200),
+    ("GET", "/ollama/api/ps", None, 200),
+    ("POST", "/ollama/api/show", {"model": "exo-tiny"}, 200),
+    ("POST", "/ollama/api/chat", {**CHAT_BODY, "stream": False}, 200),
+    ("POST", "/ollama/api/generate", {"model": "exo-tiny", "prompt": "hi"}, 200),
     ("GET", "/schema/openapi.json", None, 200),
 ]
+# Concrete paths in ROUTES -> the templated paths of the schema.
+PATH_TEMPLATES = {
+    "i-7": "{instance_id}",
+    "models/exo-tiny": "models/{model_id}",
+    "chatcmpl-none": "{completion_id}",
+}
 
 
 @pytest.fixture
@@ -44,7 +61,8 @@ def client() -> Iterator[TestClient[Any]]:
 
 
 def call(client: TestClient[Any], method: str, path: str, body: Any, headers: dict[str, str]) -> Any:
-    return client.request(method, path, json=body, headers=headers)
+    # Claude's route needs its version header; the others ignore it.
+    return client.request(method, path, json=body, headers={"anthropic-version": "2023-06-01", **headers})
 
 
 @pytest.mark.parametrize(
@@ -62,7 +80,7 @@ def call(client: TestClient[Any], method: str, path: str, body: Any, headers: di
 def test_without_the_key_every_route_is_401(client: TestClient[Any], headers: dict[str, str]) -> None:
     for method, path, body, _ in ROUTES:
         response = call(client, method, path, body, headers)
-        message = assert_error(response, 401, "invalid_api_key")
+        message = auth_error_message(response, path)
         assert "API key" in message, (method, path)
         assert response.headers["www-authenticate"] == "Bearer", (method, path)
 
@@ -98,5 +116,24 @@ def test_every_route_is_in_the_table(client: TestClient[Any]) -> None:
     """A new route must be added to ROUTES, so the auth table keeps covering everything."""
     schema = client.get("/schema/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"}).json()
     documented = {(method.upper(), path) for path, item in schema["paths"].items() for method in item}
-    covered = {(method, path.split("?")[0].replace("i-7", "{instance_id}")) for method, path, _, _ in ROUTES}
+    covered = {(method, templated(path.split("?")[0])) for method, path, _, _ in ROUTES}
     assert documented - {("GET", "/health")} <= covered
+
+
+def templated(path: str) -> str:
+    for concrete, template in PATH_TEMPLATES.items():
+        path = path.replace(concrete, template)
+    return path
+
+
+def auth_error_message(response: Any, path: str) -> str:
+    """A 401 in the route's dialect: Anthropic's shape on /v1/messages, Ollama's under /ollama."""
+    if path.startswith("/v1/messages"):
+        assert response.status_code == 401
+        body = response.json()
+        assert body["type"] == "error" and body["error"]["type"] == "authentication_error"
+        return str(body["error"]["message"])
+    if path.startswith("/ollama/"):
+        assert response.status_code == 401
+        return str(response.json()["error"])
+    return assert_error(response, 401, "invalid_api_key")

@@ -158,6 +158,7 @@ def test_models_openai_list_shape(client: TestClient[Any], services: FakeNodeSer
         "architecture": "llama",
         "supported": True,
         "reason": "",
+        "context_length": None,  # the fake models have no config.json
     }
     gemma = {
         **exo_tiny,
@@ -171,6 +172,9 @@ def test_models_openai_list_shape(client: TestClient[Any], services: FakeNodeSer
     qwen = {**exo_tiny, "id": "qwen-small", "n_layers": 24, "bytes": 24 * 10**6, "architecture": "qwen2"}
     assert client.get("/v1/models").json() == {"object": "list", "data": [exo_tiny, qwen]}
     assert client.get("/models").json() == {"object": "list", "data": [exo_tiny, gemma, qwen]}
+    assert client.get("/v1/models/qwen-small").json() == qwen
+    assert_error(client.get("/v1/models/gemma-x"), 404, "model_not_found", "model")
+    assert_error(client.get("/v1/models/nope"), 404, "model_not_found", "model")
 
 
 def test_place_instance(client: TestClient[Any]) -> None:

@@ -1,16 +1,10 @@
-"""Stop strings over streamed text, and what closing a stream does to the generation."""
+"""Stop strings over streamed text."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from exo.api.chat import CompletionRun, stream_completion
-from exo.api.fakes import FakeNodeServices, FakeTokenizer
 from exo.api.stop_strings import StopStringMatcher
-from exo.inference.protocol import SamplingParams
-from exo.state import Instance
 
 
 @pytest.mark.parametrize(
@@ -31,6 +25,23 @@ def test_matcher_table(stops: list[str], pieces: list[str], shown: list[str], st
     matcher = StopStringMatcher(stops)
     assert [matcher.feed(piece) for piece in pieces] == shown
     assert matcher.stopped == stopped
+    assert (matcher.matched is not None) == stopped
+
+
+@pytest.mark.parametrize(
+    ("stops", "text", "matched"),
+    [
+        (["b", "ab"], "xab", "ab"),
+        (["ab", "abc"], "xabc", "abc"),
+        (["c", "ab"], "abc", "ab"),
+        (["q"], "abc", None),
+    ],
+)
+def test_matcher_says_which_stop_string_matched(stops: list[str], text: str, matched: str | None) -> None:
+    """The earliest match; of several starting there, the longest (Claude reports it)."""
+    matcher = StopStringMatcher(stops)
+    matcher.feed(text)
+    assert matcher.matched == matched
 
 
 def test_held_text_is_released_by_flush() -> None:
@@ -56,46 +67,3 @@ def test_no_stop_strings_holds_nothing() -> None:
 def test_empty_stop_string_is_refused() -> None:
     with pytest.raises(ValueError, match="must not be empty"):
         StopStringMatcher(["ok", ""])
-
-
-def make_run(services: FakeNodeServices, tokenizer: FakeTokenizer) -> CompletionRun:
-    instance = Instance(
-        instance_id="i-1", model_id="exo-tiny", sharding="Pipeline", status="ready", shard_assignments={}
-    )
-    return CompletionRun(
-        services=services,
-        instance=instance,
-        tokenizer=tokenizer,
-        prompt_tokens=[1, 2, 3],
-        sampling=SamplingParams(),
-        max_tokens=100,
-        stop_strings=[],
-    )
-
-
-async def test_closing_the_stream_cancels_the_generation() -> None:
-    """A client that goes away: the SSE generator is closed, and it closes the token iterator."""
-    services = FakeNodeServices()
-    tokenizer = FakeTokenizer()
-    services.script = [ord(character) for character in "a long answer"]
-    stream = stream_completion(make_run(services, tokenizer), "exo-tiny", include_usage=False)
-    first = await anext(stream)
-    assert b'"role":"assistant"' in first
-    second = await anext(stream)
-    assert b'"content":"a"' in second
-    await stream.aclose()
-    await asyncio.wait_for(services.generation_closed.wait(), timeout=5)
-    (call,) = services.generate_calls
-    assert call.closed_early
-    assert call.tokens_sent == 1
-
-
-async def test_a_finished_stream_closes_the_generation_normally() -> None:
-    services = FakeNodeServices()
-    services.script = [ord("a")]
-    chunks = [chunk async for chunk in stream_completion(make_run(services, FakeTokenizer()), "m", False)]
-    assert chunks[-1] == b"data: [DONE]\n\n"
-    (call,) = services.generate_calls
-    assert call.finished
-    assert not call.closed_early
-    assert services.generation_closed.is_set()

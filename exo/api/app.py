@@ -18,12 +18,16 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.params import JSONBody, Parameter, SkipValidation
-from litestar.response import Stream
 
-from exo.api.chat import CompletionSettings, collect_completion, prepare_completion, stream_completion
-from exo.api.errors import EXCEPTION_HANDLERS, decode_strictly
-from exo.api.openai_types import ChatCompletion, ChatCompletionRequest, ModelList, ModelObject
-from exo.api.services import InstanceNotFound, NodeServices
+from exo.api import ollama
+from exo.api.completion import CompletionSettings
+from exo.api.completion_routes import COMPLETION_ROUTES
+from exo.api.errors import EXCEPTION_HANDLERS, ApiError, decode_strictly
+from exo.api.model_limits import context_length
+from exo.api.ollama_types import ModelTags, RunningModel, RunningModels, ShowRequest, ShowResponse, Version
+from exo.api.openai_types import ModelList, ModelObject
+from exo.api.runs import ActiveCompletions
+from exo.api.services import InstanceNotFound, ModelNotFound, NodeServices, text_tokenizer
 from exo.events import Event, IndexedEvent, Sharding
 from exo.inference.models import ModelInfo
 from exo.roles.placement import PlacementPreview
@@ -36,7 +40,6 @@ PUBLIC = {"public": True}
 InstanceId = Annotated[str, Parameter(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$", max_length=128)]
 # Dependencies are ours, not client input: no validation (a Protocol cannot be isinstance-checked).
 Services = SkipValidation[NodeServices]
-Settings = SkipValidation[CompletionSettings]
 ModelId = Annotated[str, Parameter(min_length=1, max_length=256)]
 
 
@@ -142,24 +145,76 @@ async def delete_instance(services: Services, instance_id: InstanceId) -> Delete
     return DeletedInstance(instance_id)
 
 
-@post("/v1/chat/completions", status_code=200)
-async def chat_completions(
-    services: Services,
-    settings: Settings,
-    request: Request[Any, Any, Any],
-    data: JSONBody[ChatCompletionRequest],
-) -> ChatCompletion | Stream:
-    data = await decode_strictly(request, ChatCompletionRequest)
-    run = await prepare_completion(services, data, settings)
-    if not data.stream:
-        return await collect_completion(run, data.model)
-    include_usage = data.stream_options is not None and data.stream_options.include_usage
-    return Stream(
-        stream_completion(run, data.model, include_usage),
-        media_type="text/event-stream",
-        # Explicitly: Litestar would otherwise take the handler's JSON media type for the stream.
-        headers={"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"},
+@get("/v1/models/{model_id:str}")
+async def openai_model(services: Services, model_id: ModelId) -> ModelObject:
+    """One model, as OpenAI's `models.retrieve` reads it."""
+    return _model_object(_find_model(services, model_id, supported_only=True))
+
+
+@get("/ollama", media_type="text/plain")
+async def ollama_root() -> str:
+    """What Ollama answers at its root; clients probe it to see the server is up."""
+    return "Ollama is running"
+
+
+@get("/ollama/api/version")
+async def ollama_version() -> Version:
+    return Version(ollama.OLLAMA_VERSION)
+
+
+@get("/ollama/api/tags")
+async def ollama_tags(services: Services) -> ModelTags:
+    """The models this node can serve, named `ID:latest`."""
+    return ModelTags([ollama.listed(model) for model in services.models() if model.supported])
+
+
+@get("/ollama/api/ps")
+async def ollama_running(services: Services) -> RunningModels:
+    """Models with a ready instance in the cluster."""
+    ready = {
+        instance.model_id for instance in services.state().instances.values() if instance.status == "ready"
+    }
+    running: list[RunningModel] = []
+    for model in services.models():
+        if model.model_id in ready:
+            listed = ollama.listed(model)
+            never = ollama.timestamp(4102444800)  # 2100-01-01: instances stay until deleted
+            running.append(
+                RunningModel(listed.name, listed.model, listed.size, listed.digest, listed.details, never, 0)
+            )
+    return RunningModels(running)
+
+
+@post("/ollama/api/show", status_code=200)
+async def ollama_show(
+    services: Services, request: Request[Any, Any, Any], data: JSONBody[ShowRequest]
+) -> ShowResponse:
+    """A model's details, template and capabilities."""
+    body = await decode_strictly(request, ShowRequest)
+    name = body.model or body.name
+    if not name:
+        raise ApiError(400, "model is required", "model", "invalid_request")
+    model = _find_model(services, ollama.model_id(name), supported_only=True)
+    tokenizer = await services.tokenizer(model.model_id)
+    source = text_tokenizer(tokenizer).chat_template
+    template = source if isinstance(source, str) else ""
+    capabilities = ["completion", *(["tools"] if "tools" in template else [])]
+    return ShowResponse(
+        modelfile="",
+        parameters="",
+        template=template,
+        details=ollama.details(model),
+        model_info=ollama.model_info_fields(model),
+        capabilities=capabilities,
+        modified_at=ollama.modified_at(model),
     )
+
+
+def _find_model(services: NodeServices, model_id: str, *, supported_only: bool) -> ModelInfo:
+    for model in services.models():
+        if model.model_id == model_id and (model.supported or not supported_only):
+            return model
+    raise ModelNotFound(model_id)
 
 
 def create_app(
@@ -171,12 +226,16 @@ def create_app(
 ) -> Litestar:
     """The API over `services`. With `api_key`, every route but `GET /health` needs it as a bearer token."""
     settings = completion_settings or CompletionSettings()
+    registry = ActiveCompletions()
 
     def provide_services() -> NodeServices:
         return services
 
     def provide_settings() -> CompletionSettings:
         return settings
+
+    def provide_registry() -> ActiveCompletions:
+        return registry
 
     return Litestar(
         route_handlers=[
@@ -191,11 +250,18 @@ def create_app(
             instance_previews,
             get_instance,
             delete_instance,
-            chat_completions,
+            openai_model,
+            ollama_root,
+            ollama_version,
+            ollama_tags,
+            ollama_running,
+            ollama_show,
+            *COMPLETION_ROUTES,
         ],
         dependencies={
             "services": Provide(provide_services, sync_to_thread=False),
             "settings": Provide(provide_settings, sync_to_thread=False),
+            "registry": Provide(provide_registry, sync_to_thread=False),
         },
         guards=[] if api_key is None else [_require_api_key(api_key)],
         exception_handlers=EXCEPTION_HANDLERS,
@@ -241,6 +307,7 @@ def _model_object(model: ModelInfo) -> ModelObject:
         architecture=model.architecture,
         supported=model.supported,
         reason=model.reason,
+        context_length=context_length(model),
     )
 
 

@@ -88,18 +88,69 @@ def service_error_body(error: ServiceError) -> tuple[int, ErrorBody]:
     return 500, ErrorBody(ErrorDetail(str(error), "server_error", None, "service_error"))
 
 
-def _response(status_code: int, body: ErrorBody, headers: dict[str, str] | None = None) -> Response[Any]:
-    return Response(content=body, status_code=status_code, headers=headers)
+# Claude's error types by status (https://docs.anthropic.com/en/api/errors).
+_ANTHROPIC_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+ANTHROPIC_PREFIX = "/v1/messages"
+OLLAMA_PREFIX = "/ollama/"
 
 
-def handle_service_error(_: Request[Any, Any, Any], error: ServiceError) -> Response[Any]:
+class AnthropicErrorDetail(msgspec.Struct, frozen=True):
+    type: str
+    message: str
+
+
+class AnthropicErrorBody(msgspec.Struct, frozen=True):
+    error: AnthropicErrorDetail
+    type: str = "error"
+
+
+class OllamaErrorBody(msgspec.Struct, frozen=True):
+    error: str
+
+
+def anthropic_error(status_code: int, message: str) -> AnthropicErrorBody:
+    error_type = _ANTHROPIC_TYPES.get(
+        status_code, "invalid_request_error" if status_code < 500 else "api_error"
+    )
+    return AnthropicErrorBody(AnthropicErrorDetail(error_type, message))
+
+
+def dialect_body(
+    path: str, status_code: int, body: ErrorBody
+) -> ErrorBody | AnthropicErrorBody | OllamaErrorBody:
+    """The error as the route's own clients expect it: OpenAI's object, except on the Claude
+    route (Anthropic's `{"type": "error", "error": {"type", "message"}}`) and the Ollama routes
+    (`{"error": "message"}`)."""
+    if path.startswith(ANTHROPIC_PREFIX):
+        return anthropic_error(status_code, body.error.message)
+    if path.startswith(OLLAMA_PREFIX):
+        return OllamaErrorBody(body.error.message)
+    return body
+
+
+def _response(
+    request: Request[Any, Any, Any], status_code: int, body: ErrorBody, headers: dict[str, str] | None = None
+) -> Response[Any]:
+    content = dialect_body(request.url.path, status_code, body)
+    return Response(content=content, status_code=status_code, headers=headers)
+
+
+def handle_service_error(request: Request[Any, Any, Any], error: ServiceError) -> Response[Any]:
     status_code, body = service_error_body(error)
-    return _response(status_code, body)
+    return _response(request, status_code, body)
 
 
-def handle_api_error(_: Request[Any, Any, Any], error: ApiError) -> Response[Any]:
+def handle_api_error(request: Request[Any, Any, Any], error: ApiError) -> Response[Any]:
     detail = ErrorDetail(error.message, error_type_for_status(error.status_code), error.param, error.code)
-    return _response(error.status_code, ErrorBody(detail))
+    return _response(request, error.status_code, ErrorBody(detail))
 
 
 _MISSING_FIELD = re.compile(r"Object missing required field `([^`]+)`")
@@ -108,7 +159,7 @@ _MISSING_PARAMETER = re.compile(r"Missing required \w+ parameter '([^']+)'")
 _BODY_KEY = "data"
 
 
-def handle_validation_error(_: Request[Any, Any, Any], error: ValidationException) -> Response[Any]:
+def handle_validation_error(request: Request[Any, Any, Any], error: ValidationException) -> Response[Any]:
     """Litestar's validation failure, reworded to name the offending field as `param`."""
     problems = error.extra if isinstance(error.extra, list) else []
     first: dict[str, Any] = problems[0] if problems and isinstance(problems[0], dict) else {}
@@ -116,7 +167,9 @@ def handle_validation_error(_: Request[Any, Any, Any], error: ValidationExceptio
     key = str(first.get("key") or "")
     param = _validation_param(key, message) or _validation_param("", error.detail)
     text = f"invalid value for '{param}': {message}" if param else f"invalid request: {message}"
-    return _response(400, ErrorBody(ErrorDetail(text, "invalid_request_error", param, "invalid_request")))
+    return _response(
+        request, 400, ErrorBody(ErrorDetail(text, "invalid_request_error", param, "invalid_request"))
+    )
 
 
 BodyType = TypeVar("BodyType")
@@ -147,18 +200,18 @@ def _validation_param(key: str, message: str) -> str | None:
     return path or None
 
 
-def handle_http_exception(_: Request[Any, Any, Any], error: HTTPException) -> Response[Any]:
+def handle_http_exception(request: Request[Any, Any, Any], error: HTTPException) -> Response[Any]:
     status_code = error.status_code
     code = _HTTP_CODES.get(status_code)
     detail = ErrorDetail(error.detail, error_type_for_status(status_code), None, code)
-    return _response(status_code, ErrorBody(detail), headers=error.headers)
+    return _response(request, status_code, ErrorBody(detail), headers=error.headers)
 
 
 def handle_unexpected_error(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
     # A bug: the client still gets an error object, the node log gets the traceback.
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
     detail = ErrorDetail(f"internal error: {type(error).__name__}", "server_error", None, "internal_error")
-    return _response(HTTP_500_INTERNAL_SERVER_ERROR, ErrorBody(detail))
+    return _response(request, HTTP_500_INTERNAL_SERVER_ERROR, ErrorBody(detail))
 
 
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {

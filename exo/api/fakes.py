@@ -7,11 +7,13 @@ multi-character tokens, so tests can split text across tokens exactly where they
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncGenerator, Sequence
+from typing import Any
 
 import msgspec
 
-from exo.api.services import GeneratedToken, InstanceNotFound, ModelNotFound, ServiceError
+from exo.api.services import FinishReason, GeneratedToken, InstanceNotFound, ModelNotFound, ServiceError
 from exo.events import IndexedEvent, ShardAssignment, Sharding
 from exo.inference.models import ModelInfo
 from exo.inference.protocol import SamplingParams
@@ -68,19 +70,34 @@ class FakeDetokenizer:
 
 
 class FakeTokenizer:
+    """Renders `<role>content` per message (and `<tools>[...]` when tools are given and
+    `renders_tools` is on); a token id is a code point unless the vocabulary says otherwise."""
+
     def __init__(self, vocabulary: dict[int, str] | None = None) -> None:
         self.vocabulary = vocabulary or {}
         self.refuse_with: Exception | None = None
+        self.renders_tools = True
+        self.chat_template: str | None = "<fake template>"
+        self.rendered: list[list[dict[str, Any]]] = []  # every conversation it was asked to render
 
     def apply_chat_template(
-        self, conversation: list[dict[str, str]], *, tokenize: bool, add_generation_prompt: bool
+        self,
+        conversation: list[dict[str, Any]],
+        *,
+        tokenize: bool,
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         if self.refuse_with is not None:
             raise self.refuse_with
-        text = "".join(f"<{message['role']}>{message['content']}" for message in conversation)
+        self.rendered.append(conversation)
+        text = ""
+        if tools and self.renders_tools:
+            text += "<tools>" + json.dumps(tools) + "</tools>"
+        text += "".join(f"<{message['role']}>{message['content']}" for message in conversation)
         if add_generation_prompt:
             text += "<assistant>"
-        return [ord(character) for character in text]
+        return [ord(character) for character in text]  # one token per character, whatever the vocabulary
 
     @property
     def detokenizer(self) -> FakeDetokenizer:
@@ -90,7 +107,10 @@ class FakeTokenizer:
     def eos_token_ids(self) -> set[int]:
         return {END_OF_SEQUENCE}
 
-    def encode(self, text: str) -> list[int]:
+    def decode(self, token_ids: list[int]) -> str:
+        return "".join(self.vocabulary.get(token, chr(token)) for token in token_ids)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for `text`: vocabulary entries where they match, else one code point each."""
         by_text = {piece: token for token, piece in self.vocabulary.items()}
         tokens: list[int] = []
@@ -137,6 +157,9 @@ class FakeNodeServices:
         self.generate_calls: list[GenerateCall] = []
         self.ensure_timeouts: list[float] = []
         self.generation_closed = asyncio.Event()
+        # Seconds between scripted tokens: a real generation takes time, so a consumer that stops
+        # early (a stop string, a cancel) does so while the generation is still running.
+        self.token_interval = 0.002
         self._next_instance = 1
 
     @property
@@ -211,24 +234,34 @@ class FakeNodeServices:
     ) -> AsyncGenerator[GeneratedToken, None]:
         try:
             for item in script:
+                await asyncio.sleep(self.token_interval)
                 if isinstance(item, ServiceError):
                     raise item
                 call.tokens_sent += 1
                 if call.tokens_sent == call.max_tokens:
                     call.finished = True
-                    yield GeneratedToken(item, "length")
+                    yield self._token(call, item, "length")
                     return
-                yield GeneratedToken(item)
+                yield self._token(call, item, None)
             call.finished = True
             if self.end_with_eos:
                 call.tokens_sent += 1
-                yield GeneratedToken(END_OF_SEQUENCE, "stop")
-        except GeneratorExit:
-            # Closing after the last token is normal; before it, it cancels the generation.
+                yield self._token(call, END_OF_SEQUENCE, "stop")
+        except (GeneratorExit, asyncio.CancelledError):
+            # Closed (or its reader cancelled) after the last token is normal; before it, it
+            # cancels the generation.
             call.closed_early = not call.finished
             raise
         finally:
             self.generation_closed.set()
+
+    @staticmethod
+    def _token(call: GenerateCall, token: int, finish_reason: FinishReason | None) -> GeneratedToken:
+        """With logprobs on: -0.5 for the token, alternatives at -1.5, -2.5..."""
+        if not call.sampling.logprobs:
+            return GeneratedToken(token, finish_reason)
+        alternatives = [(token, -0.5)] + [(ord("a") + rank, -1.5 - rank) for rank in range(19)]
+        return GeneratedToken(token, finish_reason, -0.5, alternatives[: call.sampling.top_logprobs])
 
     def _check_model(self, model_id: str) -> None:
         self._model(model_id)

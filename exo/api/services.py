@@ -9,7 +9,7 @@ each to an HTTP status and an OpenAI-style error object (see exo/api/errors.py).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Collection, Sequence
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import msgspec
 
@@ -69,9 +69,16 @@ class ChatTokenizer(Protocol):
     """A model's tokenizer as the API uses it (mlx_lm's TokenizerWrapper has this shape)."""
 
     def apply_chat_template(
-        self, conversation: list[dict[str, str]], *, tokenize: bool, add_generation_prompt: bool
+        self,
+        conversation: list[dict[str, Any]],
+        *,
+        tokenize: bool,
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """The prompt's token ids for a conversation of `{"role", "content"}` messages.
+        """The prompt's token ids for a conversation of `{"role", "content", ...}` messages
+        (assistant `tool_calls`, tool `tool_call_id` as Hugging Face templates take them), with
+        `tools` (OpenAI function definitions) rendered where the template renders them.
 
         Raises whatever the chat template raises on a conversation it refuses; the API reports
         that as a 400.
@@ -85,6 +92,33 @@ class ChatTokenizer(Protocol):
 
     @property
     def eos_token_ids(self) -> Collection[int]: ...
+
+
+class TextTokenizer(Protocol):
+    """The rest of a tokenizer the API uses: plain text in and out, and the template's source."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of plain text (legacy completions, forced prefixes)."""
+        ...
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of some token ids (the alternatives in `top_logprobs`)."""
+        ...
+
+    @property
+    def chat_template(self) -> str | dict[str, str] | None:
+        """The Jinja template (Ollama's `/api/show` returns it; it tells the tool-call format)."""
+        ...
+
+
+def text_tokenizer(tokenizer: ChatTokenizer) -> TextTokenizer:
+    """The same tokenizer, seen through TextTokenizer.
+
+    mlx-lm's TokenizerWrapper forwards `encode`, `decode` and `chat_template` to the Hugging Face
+    tokenizer through `__getattr__`, which type checkers cannot follow, so ChatTokenizer does not
+    declare them; every tokenizer the node hands the API has them.
+    """
+    return cast(TextTokenizer, tokenizer)
 
 
 class NodeServices(Protocol):

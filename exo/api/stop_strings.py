@@ -16,6 +16,7 @@ class StopStringMatcher:
         self._stop_strings = tuple(stop_strings)
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that matched
 
     def feed(self, text: str) -> str:
         """Add generated text; return the text that is safe to show now.
@@ -25,8 +26,9 @@ class StopStringMatcher:
         if self.stopped:
             return ""
         buffer = self._held + text
-        match_at = min((buffer.find(stop) for stop in self._stop_strings if stop in buffer), default=-1)
-        if match_at >= 0:
+        matches = [(buffer.find(stop), -len(stop), stop) for stop in self._stop_strings if stop in buffer]
+        if matches:
+            match_at, _, self.matched = min(matches)  # the earliest; the longest of those starting there
             self.stopped = True
             self._held = ""
             return buffer[:match_at]

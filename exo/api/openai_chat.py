@@ -1,0 +1,283 @@
+"""OpenAI chat completions: the request -> CompletionRequest, the run's events -> OpenAI bodies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from typing import Any
+
+from exo.api.completion import ChatPrompt, CompletionRequest, ToolSpec
+from exo.api.decoding import ChoiceEnded, TextDelta, ToolCallMade
+from exo.api.errors import ApiError, ErrorBody, service_error_body
+from exo.api.openai_types import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Delta,
+    ImageContentPart,
+    LogitBias,
+    NamedToolChoice,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallDeltaFunction,
+    ToolCallFunction,
+)
+from exo.api.runs import CompletionRun, collect, server_sent_event
+from exo.api.services import ServiceError
+from exo.inference.protocol import SamplingParams
+
+DONE = b"data: [DONE]\n\n"
+
+
+def chat_request(body: ChatCompletionRequest) -> CompletionRequest:
+    """Checks OpenAI makes across fields, then the internal request."""
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(
+            400, "stream_options is only allowed with stream: true", "stream_options", "invalid_request"
+        )
+    if body.top_logprobs and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_request")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise ApiError(
+            400,
+            f"response_format {body.response_format.type!r} is not supported: exo does not constrain "
+            "decoding to JSON yet (use 'text')",
+            "response_format",
+            "unsupported_response_format",
+        )
+    max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, param = body.max_tokens, "max_tokens"
+    return CompletionRequest(
+        model=body.model,
+        prompt=ChatPrompt(conversation(body.messages), tool_spec(body)),
+        sampling=sampling_params(
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            seed=body.seed,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty,
+            logit_bias=body.logit_bias,
+            logprobs=bool(body.logprobs),
+            top_logprobs=body.top_logprobs or 0,
+        ),
+        max_tokens=max_tokens,
+        max_tokens_param=param,
+        stop=stop_strings(body.stop),
+        n=body.n,
+    )
+
+
+def sampling_params(
+    *,
+    temperature: float | None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    seed: int | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    logit_bias: LogitBias = None,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+    default_temperature: float = 1.0,
+) -> SamplingParams:
+    return SamplingParams(
+        temperature=default_temperature if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=top_k or 0,
+        seed=seed,
+        min_p=min_p or 0.0,
+        presence_penalty=presence_penalty or 0.0,
+        frequency_penalty=frequency_penalty or 0.0,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+        logit_bias=token_bias(logit_bias),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+
+
+def token_bias(logit_bias: LogitBias) -> dict[int, float]:
+    bias: dict[int, float] = {}
+    for key, value in (logit_bias or {}).items():
+        if not key.isdigit():
+            raise ApiError(
+                400, f"logit_bias keys must be token ids, got {key!r}", "logit_bias", "invalid_request"
+            )
+        bias[int(key)] = value
+    return bias
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as Hugging Face chat templates take them."""
+    rendered: list[dict[str, Any]] = []
+    for message_index, message in enumerate(messages):
+        # Templates know "system"; OpenAI's "developer" is the same turn for them.
+        role = "system" if message.role == "developer" else message.role
+        entry: dict[str, Any] = {"role": role, "content": message_text(message, message_index)}
+        if message.tool_calls:
+            entry["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": _arguments(call.function.arguments),
+                    },
+                }
+                for call in message.tool_calls
+            ]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        if message.name is not None:
+            entry["name"] = message.name
+        rendered.append(entry)
+    return rendered
+
+
+def message_text(message: ChatMessage, message_index: int) -> str:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    texts: list[str] = []
+    for part_index, part in enumerate(message.content):
+        if isinstance(part, ImageContentPart):
+            raise ApiError(
+                400,
+                "image content is not supported: exo serves text models",
+                param=f"messages[{message_index}].content[{part_index}]",
+                code="unsupported_content",
+            )
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def _arguments(arguments: str) -> object:
+    """Templates expect the arguments as an object (Hugging Face's convention); keep bad JSON as text."""
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+def tool_spec(body: ChatCompletionRequest) -> ToolSpec | None:
+    choice = body.tool_choice
+    tools = body.tools or []
+    if isinstance(choice, NamedToolChoice):
+        names = [tool.function.name for tool in tools]
+        if choice.function.name not in names:
+            raise ApiError(
+                400,
+                f"tool_choice names {choice.function.name!r}, which is not in tools "
+                f"({', '.join(names) or 'none given'})",
+                "tool_choice",
+                "invalid_request",
+            )
+        chosen = [tool for tool in tools if tool.function.name == choice.function.name]
+        return ToolSpec(
+            definitions=_definitions(chosen), mode="named", name=choice.function.name, parallel=False
+        )
+    if choice == "required" and not tools:
+        raise ApiError(400, "tool_choice 'required' needs tools", "tool_choice", "invalid_request")
+    if choice == "none" or not tools:
+        return None
+    parallel = body.parallel_tool_calls is not False
+    return ToolSpec(
+        definitions=_definitions(tools),
+        mode="required" if choice == "required" else "auto",
+        parallel=parallel,
+    )
+
+
+def _definitions(tools: list[Any]) -> list[dict[str, Any]]:
+    definitions: list[dict[str, Any]] = []
+    for tool in tools:
+        function: dict[str, Any] = {"name": tool.function.name}
+        if tool.function.description is not None:
+            function["description"] = tool.function.description
+        function["parameters"] = tool.function.parameters or {"type": "object", "properties": {}}
+        definitions.append({"type": "function", "function": function})
+    return definitions
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+
+async def chat_completion(
+    run: CompletionRun, model: str, receive: Callable[[], Any] | None = None
+) -> ChatCompletion:
+    results = await collect(run, receive)
+    logprobs = run.prepared.request.sampling.logprobs
+    choices: list[Choice] = []
+    for index, result in enumerate(results):
+        calls = [ToolCall(call.id, ToolCallFunction(call.name, call.arguments)) for call in result.tool_calls]
+        content: str | None = result.text
+        if calls and not result.text.strip():
+            content = None
+        message = AssistantMessage("assistant", content, calls or None)
+        choice_logprobs = ChoiceLogprobs(result.logprobs) if logprobs else None
+        choices.append(Choice(index, message, result.ended.reason, choice_logprobs))
+    return ChatCompletion(run.completion_id, "chat.completion", run.created, model, choices, run.usage)
+
+
+async def chat_completion_stream(
+    run: CompletionRun, model: str, include_usage: bool
+) -> AsyncGenerator[bytes, None]:
+    """Server-sent events as OpenAI sends them: role chunks, content/tool-call chunks, finish chunks,
+    the optional usage chunk, [DONE]. A stage failure ends the stream with an error event, no [DONE]."""
+    logprobs = run.prepared.request.sampling.logprobs
+
+    def chunk(choice: ChunkChoice) -> bytes:
+        return server_sent_event(
+            ChatCompletionChunk(run.completion_id, "chat.completion.chunk", run.created, model, [choice])
+        )
+
+    for index in range(run.choices):
+        yield chunk(ChunkChoice(index, Delta(role="assistant", content="")))
+    try:
+        async with aclosing(run.events()) as events:
+            async for index, event in events:
+                match event:
+                    case TextDelta(text=text, logprobs=entries):
+                        choice_logprobs = ChoiceLogprobs(entries) if logprobs else None
+                        yield chunk(ChunkChoice(index, Delta(content=text), logprobs=choice_logprobs))
+                    case ToolCallMade():
+                        header = ToolCallDelta(
+                            event.index, ToolCallDeltaFunction(event.name, ""), event.id, "function"
+                        )
+                        yield chunk(ChunkChoice(index, Delta(tool_calls=[header])))
+                        arguments = ToolCallDelta(
+                            event.index, ToolCallDeltaFunction(arguments=event.arguments)
+                        )
+                        yield chunk(ChunkChoice(index, Delta(tool_calls=[arguments])))
+                    case ChoiceEnded():
+                        yield chunk(ChunkChoice(index, Delta(), event.reason))
+    except ServiceError as error:
+        yield server_sent_event(error_body(error))
+        return
+    if include_usage:
+        usage = ChatCompletionChunk(
+            run.completion_id, "chat.completion.chunk", run.created, model, [], usage=run.usage
+        )
+        yield server_sent_event(usage)
+    yield DONE
+
+
+def error_body(error: ServiceError) -> ErrorBody:
+    _, body = service_error_body(error)
+    return body
