@@ -100,3 +100,17 @@ def test_worker_plan_starts_missing_runners_and_stops_orphans() -> None:
     assert plan(state, "a", {"gone": "stopping"}) == [StartRunner("i-1", "m", ShardAssignment(0, 4, 4))]
     failed = apply(state, IndexedEvent(4, 1, "m", -1, RunnerStatusUpdated("i-1", "a", "failed", "x")))
     assert plan(failed, "a", {"i-1": "failed"}) == [StopRunner("i-1")]
+
+
+def test_membership_waits_longer_before_marking_a_node_gone() -> None:
+    from exo.bus.messages import Heartbeat, Rank
+    from exo.roles.master import membership_events
+
+    state = cluster("a", "b")
+    heartbeats = {
+        node_id: Heartbeat(node_id, 1, "a", Rank(False, 0, node_id), 1, 16 * GIB, 8 * GIB) for node_id in "ab"
+    }
+    # b missed one liveness window but was heard within the longer one: not gone yet.
+    assert membership_events(state, heartbeats, {"a"}, True, {}, recently_heard={"a", "b"}) == []
+    assert membership_events(state, heartbeats, {"a"}, True, {}, recently_heard={"a"}) == [NodeTimedOut("b")]
+    assert membership_events(state, heartbeats, {"a"}, False, {}, recently_heard={"a"}) == []

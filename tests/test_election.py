@@ -16,7 +16,7 @@ from exo.roles.election import (
 )
 
 INTERVAL = 0.1
-WINDOW = INTERVAL * 3
+WINDOW = INTERVAL * 2
 STARTUP = INTERVAL * 6
 
 
@@ -247,3 +247,18 @@ def test_simultaneous_start_elects_exactly_the_best_ranked(
     assert list(cluster.masters) == [winner]
     assert {e.master_node_id for e in elections} == {winner}
     assert len({e.term for e in elections}) == 1
+
+
+def test_repeated_victory_for_the_followed_master_is_ignored() -> None:
+    election = make("a")
+    victory = VictoryDeclared(2, Rank(False, 0, "m"))
+    assert election.on_victory(victory, 0.1, 0) == [PersistTerm(2), FollowMaster("m", 2)]
+    assert election.on_victory(victory, 0.2, 0) == []
+
+
+def test_a_stale_master_cannot_win_a_follower_right_after_a_victory() -> None:
+    election = make("a", term=1)
+    election.on_victory(VictoryDeclared(2, Rank(False, 0, "new")), 0.1, 0)
+    # The old master (term 1), healed back with a majority view, heartbeats before the new one does.
+    assert election.on_heartbeat(heartbeat("old", 1, "old", quorum=True), 0.15, 0, True) == []
+    assert election.master_node_id == "new"

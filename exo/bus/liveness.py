@@ -37,6 +37,9 @@ class Liveness:
         last = self._last_heard.get(peer_id)
         return last is not None and now - last <= self.timeout
 
+    def heard_within(self, now: float, seconds: float) -> set[str]:
+        return {peer_id for peer_id, last in self._last_heard.items() if now - last <= seconds}
+
     def alive(self, now: float) -> set[str]:
         return {peer_id for peer_id, last in self._last_heard.items() if now - last <= self.timeout}
 

@@ -47,6 +47,9 @@ FETCH_LIMIT = 10_000
 SNAPSHOT_CATCH_UP_THRESHOLD = 10_000
 APPLY_QUEUE_BATCHES = 10_000
 PROMOTION_SYNC_SECONDS = 1.0
+# A node is marked gone (its instances fail and are re-placed) after this many liveness windows of
+# silence; the election reacts to a silent master after one.
+NODE_GONE_WINDOWS = 2
 COMMAND_COMMIT_SECONDS = 5.0
 
 
@@ -102,6 +105,8 @@ class ClusterMember:
         self._apply_queue: asyncio.Queue[list[IndexedEvent]] = asyncio.Queue(APPLY_QUEUE_BATCHES)
         self._fetch_task: asyncio.Task[bool] | None = None
         self._reconciling = False
+        self._reconcile_lock = asyncio.Lock()
+        self._reconciled_with: tuple[str, int] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.counters = ClusterCounters()
         self.local_models: Callable[[], list[str]] = list
@@ -221,7 +226,15 @@ class ClusterMember:
         heartbeats = {**self.heartbeats, self.node_id: own}
         addresses = {node_id: address for node_id in heartbeats if (address := self._address_of(node_id))}
         may_time_out = now - self._master_since > self.liveness.timeout
-        events = membership_events(self.state, heartbeats, alive | {self.node_id}, may_time_out, addresses)
+        recently_heard = self.liveness.heard_within(now, self.liveness.timeout * NODE_GONE_WINDOWS)
+        events = membership_events(
+            self.state,
+            heartbeats,
+            alive | {self.node_id},
+            may_time_out,
+            addresses,
+            recently_heard=recently_heard | {self.node_id},
+        )
         if not events and not self._membership_in_flight():
             events = replacement_events(
                 self.state, self._nodes_with_model(), self.footprint_of, lambda: f"i-{secrets.token_hex(4)}"
@@ -305,7 +318,21 @@ class ClusterMember:
         self._resend_all_local()
 
     async def _reconcile_log_with(self, master_id: str) -> None:
-        """Drop this node's tail where it diverges from the master's log (a healed partition)."""
+        """Drop this node's tail where it diverges from the master's log (a healed partition).
+
+        One at a time, and only against the master still followed when it runs: a burst of
+        follow decisions must not trim the log again after catch-up refilled it.
+        """
+        async with self._reconcile_lock:
+            if self.election.master_node_id != master_id or self._reconciled_with == (
+                master_id,
+                self.election.master_term,
+            ):
+                return
+            await self._reconcile_once(master_id)
+            self._reconciled_with = (master_id, self.election.master_term)
+
+    async def _reconcile_once(self, master_id: str) -> None:
         self._reconciling = True
         try:
             common = await find_common_prefix(self.replica, lambda index: self._event_at(master_id, index))

@@ -101,7 +101,9 @@ class Election:
 
     @property
     def campaign_window(self) -> float:
-        return self.interval * 3
+        # Long enough for every live node to answer a campaign on a LAN, short enough that
+        # detection (liveness window) plus this stays under two seconds.
+        return self.interval * 2
 
     def rank(self, last_index: int) -> Rank:
         return Rank(self.force_master, last_index, self.node_id)
@@ -162,7 +164,12 @@ class Election:
         if self.phase == "master" and message.term == self.term:
             # Same-term race: resolved by heartbeats (they carry quorum), not by this message.
             return []
-        return self._follow(message.rank.node_id, message.term, None)
+        if self.master_node_id == message.rank.node_id and self.master_term == message.term:
+            return []  # already following it (victories are repeated to late campaigners)
+        # Provisional precedence until the master's own heartbeat says whether it has a majority:
+        # a stray heartbeat from an older master must not win in between.
+        provisional = (True, message.term, message.rank.force_master, message.rank.node_id)
+        return self._follow(message.rank.node_id, message.term, provisional)
 
     def on_heartbeat(self, heartbeat: Heartbeat, now: float, last_index: int, quorum: bool) -> list[Action]:
         """`quorum`: whether this node, as master, reaches a majority of the known nodes now."""

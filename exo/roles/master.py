@@ -32,12 +32,17 @@ def membership_events(
     alive: set[str],
     may_time_out: bool,
     node_addresses: dict[str, str],
+    *,
+    recently_heard: set[str] | None = None,
 ) -> list[Event]:
     """Node events that the master's view of liveness implies for the current state.
 
     `may_time_out` is False for the first liveness window after taking office, so the new master
-    has heard everyone before declaring anyone gone.
+    has heard everyone before declaring anyone gone. `recently_heard` (default: `alive`) are nodes
+    heard within the longer window that being marked gone needs: a gone node's instances fail and
+    are re-placed, which is costly to do for a node that was only slow for a moment.
     """
+    recently_heard = alive if recently_heard is None else recently_heard
     events: list[Event] = []
     for node_id in sorted(alive):
         heartbeat = heartbeats.get(node_id)
@@ -64,7 +69,7 @@ def membership_events(
             )
     if may_time_out:
         for node_id, node in sorted(state.nodes.items()):
-            if node.status == "alive" and node_id not in alive:
+            if node.status == "alive" and node_id not in alive and node_id not in recently_heard:
                 events.append(NodeTimedOut(node_id))
     return events
 
