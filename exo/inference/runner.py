@@ -106,7 +106,7 @@ class PushSockets:
                 more = zmq.SNDMORE if position < len(frames) - 1 else 0
                 # the hidden state goes without a copy; headers are small enough to copy
                 socket.send(frame, more | zmq.NOBLOCK, copy=position == 0)
-        except zmq.Again:
+        except zmq.ZMQError:  # Again when the peer vanished between poll and send
             return False
         return True
 
@@ -184,6 +184,7 @@ class Runner:
         self.control = self.context.socket(zmq.DEALER)
         self.control.setsockopt(zmq.ROUTING_ID, options.runner_id.encode())
         self.control.setsockopt(zmq.LINGER, 2000)  # let a final RunnerFailed reach the worker
+        self.control.setsockopt(zmq.SNDTIMEO, 2000)  # a gone worker must not block the runner forever
         self.control.connect(options.control)
         self.activations: zmq.Socket[bytes] | None = None
         self.pushes = PushSockets(self.context, options.send_timeout, self.security)
@@ -200,7 +201,10 @@ class Runner:
         self.lifecycle = target
 
     def send_control(self, message: msgspec.Struct) -> None:
-        self.control.send(encode(message))
+        try:
+            self.control.send(encode(message))
+        except zmq.Again:
+            logger.warning("worker not reachable; dropped %s", type(message).__name__)
 
     # --- control --------------------------------------------------------------------------
 
