@@ -168,7 +168,7 @@ class PipelineClient:
         send_timeout: float = 2.0,
         first_token_timeout: float = 300.0,
         token_timeout: float = 60.0,
-        stage_timeout: float = 3.0,
+        stage_timeout: float = 5.0,
         security: BusSecurity | None = None,
     ) -> None:
         self._security = security or BusSecurity()
