@@ -103,6 +103,17 @@ class ControlServer:
                 self.backlog.append((sender, message))
         raise TimeoutError(f"no {[kind.__name__ for kind in kinds]} from {runner_id} within {timeout} s")
 
+    def discard_stats(self, runner_id: str) -> None:
+        """Forget the RunnerStats of `runner_id` received so far, so the next one is fresh."""
+        while self.socket.poll(0):
+            identity, payload = self.socket.recv_multipart()
+            self.backlog.append((identity.decode(), control_from_runner_decoder.decode(payload)))
+        self.backlog = [
+            (sender, message)
+            for sender, message in self.backlog
+            if not (sender == runner_id and isinstance(message, RunnerStats))
+        ]
+
     def close(self) -> None:
         self.socket.close(linger=0)
         self.context.term()
@@ -164,7 +175,8 @@ def latest_stats(control: ControlServer, runner: RunnerProcess) -> RunnerStats:
 def wait_for_stats(
     control: ControlServer, runner: RunnerProcess, condition: str, timeout: float = 10.0
 ) -> RunnerStats:
-    """Poll RunnerStats until `condition` (an expression over `stats`) holds."""
+    """Poll RunnerStats sent from now on until `condition` (an expression over `stats`) holds."""
+    control.discard_stats(runner.runner_id)
     deadline = time.monotonic() + timeout
     while True:
         stats = latest_stats(control, runner)

@@ -198,6 +198,20 @@ async def test_cancel_frees_the_request_on_every_stage(
         wait_for_stats(control, runner, "stats.active_requests == 0 and stats.queued_work == 0")
 
 
+async def test_finished_requests_are_freed_on_every_stage(
+    pipelines: Pipelines,
+    control: ControlServer,
+    synthetic_models: dict[str, Path],
+) -> None:
+    runners = pipelines["qwen2", 3]
+    got = await collect(
+        route_of(runners), GenerationRequest(prompt_tokens(synthetic_models["qwen2"], "Hi"), 5, [])
+    )
+    assert got[-1][1] == "length"
+    for runner in runners:
+        wait_for_stats(control, runner, "stats.active_requests == 0 and stats.queued_work == 0")
+
+
 @pytest.mark.parametrize("victim", [1, 2])
 async def test_killed_stage_gives_an_error_within_seconds(
     synthetic_models: dict[str, Path],
