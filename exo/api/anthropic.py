@@ -72,6 +72,11 @@ class ToolChoice(msgspec.Struct, frozen=True):
     disable_parallel_tool_use: bool | None = None
 
 
+class OutputConfig(msgspec.Struct, frozen=True):
+    format: dict[str, Any] | None = None  # structured output: refused, never ignored
+    effort: str | None = None
+
+
 class MessagesRequest(msgspec.Struct, frozen=True, kw_only=True):
     model: NonEmptyString
     messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
@@ -85,6 +90,7 @@ class MessagesRequest(msgspec.Struct, frozen=True, kw_only=True):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     metadata: dict[str, Any] | None = None
+    output_config: OutputConfig | None = None
 
 
 class OutputText(msgspec.Struct, frozen=True, tag="text", tag_field="type"):
@@ -117,6 +123,13 @@ class MessageResponse(msgspec.Struct, frozen=True):
 
 
 def messages_request(body: MessagesRequest) -> CompletionRequest:
+    if body.output_config is not None and body.output_config.format is not None:
+        raise ApiError(
+            400,
+            "output_config.format (structured output) is not supported: exo does not constrain decoding yet",
+            "output_config.format",
+            "unsupported_response_format",
+        )
     return CompletionRequest(
         model=body.model,
         prompt=ChatPrompt(conversation(body), tool_spec(body)),

@@ -139,7 +139,7 @@ async def ollama_chat(
     body = await decode_strictly(request, ChatRequest)
     if not body.messages:
         await services.ensure_instance(ollama.model_id(body.model), settings.instance_ready_timeout_s)
-        return ChatChunk(body.model, ollama.now(), ollama.AnswerMessage(""), True, "load")
+        return ChatChunk(body.model, ollama.now(), ollama.AnswerMessage("assistant", ""), True, "load")
     started = time.monotonic()
     run = await start(services, settings, registry, ollama.chat_request(body), id_prefix="ollama-")
     load_seconds = time.monotonic() - started

@@ -184,7 +184,8 @@ async def decode_strictly(request: Request[Any, Any, Any], body_type: type[BodyT
         return msgspec.json.decode(await request.body(), type=body_type)
     except msgspec.ValidationError as error:
         message, _, location = str(error).partition(" - at `$")
-        key = location.rstrip("`").removeprefix(".")
+        # A dict value's path is `field[...]`: the field is what a client can act on.
+        key = location.rstrip("`").removeprefix(".").replace("[...]", "")
         param = _validation_param(key, message)
         text = f"invalid value for '{param}': {message}" if param else f"invalid request: {message}"
         raise ApiError(400, text, param=param, code="invalid_request") from error
@@ -193,7 +194,7 @@ async def decode_strictly(request: Request[Any, Any, Any], body_type: type[BodyT
 
 
 def _validation_param(key: str, message: str) -> str | None:
-    path = "" if key == _BODY_KEY else key
+    path = "" if key == _BODY_KEY else key.replace("[...]", "")
     missing = _MISSING_FIELD.search(message) or _MISSING_PARAMETER.search(message)
     if missing is not None:
         return f"{path}.{missing.group(1)}" if path else missing.group(1)

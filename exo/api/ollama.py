@@ -188,7 +188,7 @@ def _done_reason(ended: ChoiceEnded) -> str:
 
 def _final_chat(run: CompletionRun, model: str, result: ChoiceResult, load_seconds: float) -> ChatChunk:
     calls = [_tool_call(call) for call in result.tool_calls] or None
-    message = AnswerMessage(result.text, tool_calls=calls)
+    message = AnswerMessage("assistant", result.text, tool_calls=calls)
     return ChatChunk(model, now(), message, True, _done_reason(result.ended), **_timings(run, load_seconds))
 
 
@@ -205,13 +205,20 @@ async def chat_stream(run: CompletionRun, model: str, load_seconds: float) -> As
             async for _, event in events:
                 match event:
                     case TextDelta(text=text) if text:
-                        yield _line(ChatChunk(model, now(), AnswerMessage(text), False))
+                        yield _line(ChatChunk(model, now(), AnswerMessage("assistant", text), False))
                     case ToolCallMade():
                         yield _line(
-                            ChatChunk(model, now(), AnswerMessage("", tool_calls=[_tool_call(event)]), False)
+                            ChatChunk(
+                                model,
+                                now(),
+                                AnswerMessage("assistant", "", tool_calls=[_tool_call(event)]),
+                                False,
+                            )
                         )
                     case ChoiceEnded():
-                        final = ChatChunk(model, now(), AnswerMessage(""), True, _done_reason(event))
+                        final = ChatChunk(
+                            model, now(), AnswerMessage("assistant", ""), True, _done_reason(event)
+                        )
                         yield _line(msgspec.structs.replace(final, **_timings(run, load_seconds)))
                     case _:
                         pass

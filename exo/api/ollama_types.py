@@ -91,8 +91,8 @@ class ShowRequest(msgspec.Struct, frozen=True):
 
 
 class AnswerMessage(msgspec.Struct, frozen=True, omit_defaults=True):
+    role: Literal["assistant"]
     content: str
-    role: Literal["assistant"] = "assistant"
     tool_calls: list[ToolCall] | None = None
 
 
