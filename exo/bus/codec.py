@@ -21,6 +21,13 @@ _request_decoder = msgspec.msgpack.Decoder(RequestEnvelope)
 _reply_decoder = msgspec.msgpack.Decoder(ReplyEnvelope)
 
 LOG_INTERVAL_SECONDS = 1.0
+# What decoding an untrusted frame can raise: msgspec reports invalid UTF-8 in a string as a plain
+# UnicodeDecodeError, not as a DecodeError, so every receive path catches this tuple.
+DECODE_ERRORS: tuple[type[Exception], ...] = (
+    msgspec.DecodeError,
+    msgspec.ValidationError,
+    UnicodeDecodeError,
+)
 
 
 class DropCounter:
@@ -53,7 +60,7 @@ def decode_topic(topic: bytes, payload: bytes, drops: DropCounter, where: str) -
         return None
     try:
         return decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as error:
+    except DECODE_ERRORS as error:
         drops.drop(where, f"invalid {topic.decode(errors='replace')}: {type(error).__name__}")
         return None
 
@@ -61,7 +68,7 @@ def decode_topic(topic: bytes, payload: bytes, drops: DropCounter, where: str) -
 def decode_request(payload: bytes, drops: DropCounter, where: str) -> RequestEnvelope | None:
     try:
         return _request_decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as error:
+    except DECODE_ERRORS as error:
         drops.drop(where, f"invalid request: {type(error).__name__}")
         return None
 
@@ -69,6 +76,6 @@ def decode_request(payload: bytes, drops: DropCounter, where: str) -> RequestEnv
 def decode_reply(payload: bytes, drops: DropCounter, where: str) -> ReplyEnvelope | None:
     try:
         return _reply_decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as error:
+    except DECODE_ERRORS as error:
         drops.drop(where, f"invalid reply: {type(error).__name__}")
         return None

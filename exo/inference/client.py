@@ -30,6 +30,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from exo.bus.codec import DECODE_ERRORS
 from exo.bus.sockets import BusSecurity, apply_curve
 from exo.inference.protocol import (
     GenerationCancelled,
@@ -134,7 +135,7 @@ class TokenSink:
             return
         try:
             message = pipeline_decoder.decode(frames[0])
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except DECODE_ERRORS:
             self.dropped_frames += 1
             return
         match message:

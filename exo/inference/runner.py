@@ -27,6 +27,7 @@ import msgspec
 import psutil
 import zmq
 
+from exo.bus.codec import DECODE_ERRORS
 from exo.bus.security import CLUSTER_SECRET_ENVIRONMENT, derive_security, start_thread_authenticator
 from exo.bus.sockets import BusSecurity, apply_curve
 from exo.inference.blas import BlasInfo, load_optimized_blas
@@ -211,7 +212,7 @@ class Runner:
     def handle_control(self, frame: bytes) -> None:
         try:
             message = control_to_runner_decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except DECODE_ERRORS:
             self.dropped_control_frames += 1
             return
         match message:

@@ -23,6 +23,7 @@ import mlx.core as mx
 import msgspec
 import numpy as np
 
+from exo.bus.codec import DECODE_ERRORS
 from exo.inference.protocol import (
     WIRE_DTYPES,
     ActivationsSent,
@@ -145,7 +146,7 @@ class PipelineStage:
             raise MalformedFrameError(f"{len(frames)} frames")
         try:
             message = pipeline_decoder.decode(frames[0])
-        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+        except DECODE_ERRORS as error:
             raise MalformedFrameError(str(error)) from None
         has_buffer = len(frames) == 2
         if isinstance(message, ActivationsSent) != has_buffer:

@@ -19,6 +19,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from exo.bus.codec import DECODE_ERRORS
 from exo.bus.security import CLUSTER_SECRET_ENVIRONMENT
 from exo.events import Event, RunnerStatusUpdated, ShardAssignment
 from exo.inference.models import ModelInfo
@@ -272,7 +273,7 @@ class Worker:
             identity, payload = frames
             try:
                 message = control_from_runner_decoder.decode(payload)
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except DECODE_ERRORS:
                 self.dropped_control_frames += 1
                 continue
             runner = self._runner_by_id(identity.decode(errors="replace"))

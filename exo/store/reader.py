@@ -11,12 +11,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
-import msgspec
 from sqlalchemy import Connection, Engine, create_engine, func, select
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.pool import NullPool
 
+from exo.bus.codec import DECODE_ERRORS
 from exo.events import IndexedEvent, indexed_event_decoder
 from exo.state import decode_state
 from exo.store.base import Snapshot, StoreError
@@ -115,7 +115,7 @@ class LogReader:
         index, data = row
         try:
             return Snapshot(index, decode_state(data))
-        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+        except DECODE_ERRORS as error:
             raise StoreError(f"snapshot {index} in {self.path} does not decode: {error}") from None
 
     def counts_by_type(self, until: int | None = None) -> dict[str, int]:
@@ -158,7 +158,7 @@ class LogReader:
                     if indexed.index != index:
                         raise EventDecodeError(index, f"the row holds event {indexed.index}")
                     yield indexed
-            except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            except DECODE_ERRORS as error:
                 raise EventDecodeError(index, f"does not decode ({error})") from None
 
     @contextmanager

@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
+from exo.bus.codec import DECODE_ERRORS
 from exo.events import IndexedEvent, event_type_name, indexed_event_decoder
 from exo.state import decode_state, encode_state
 from exo.store import rules
@@ -160,13 +161,13 @@ class SqliteEventStore:
         index, data = row
         try:
             return Snapshot(index, decode_state(data))
-        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+        except DECODE_ERRORS as error:
             raise StoreError(f"snapshot {index} in {self.description} does not decode: {error}") from None
 
     def _decode_event(self, index: int, payload: bytes) -> IndexedEvent:
         try:
             indexed = indexed_event_decoder.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+        except DECODE_ERRORS as error:
             raise StoreError(f"event {index} in {self.description} does not decode: {error}") from None
         if indexed.index != index:
             raise StoreError(f"row {index} in {self.description} holds event {indexed.index}")

@@ -1,0 +1,44 @@
+"""Validated decoding per topic: every malformed frame is dropped and counted, none raises."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from exo.bus import messages as m
+from exo.bus.codec import DropCounter, decode_reply, decode_request, decode_topic, encode
+
+INVALID_UTF8_LOCAL_EVENTS = b"\x83\xa4type\xafL\xbecalEventsSent\xa7no\x0ee_id\xa1x\xa6events\x90"
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        (m.TOPIC_LOCAL_EVENTS, INVALID_UTF8_LOCAL_EVENTS, "UnicodeDecodeError"),  # found by the fuzz test
+        (m.TOPIC_CONNECTION, b"\xc1", "DecodeError"),
+        (m.TOPIC_CONNECTION, msgspec.msgpack.encode({"type": "Heartbeat", "node_id": 1}), "ValidationError"),
+        (m.TOPIC_ELECTION, encode(m.DeleteInstance("i")), "ValidationError"),  # a command on the wrong topic
+        (b"no_such_topic", b"", "unknown topic"),
+    ],
+)
+def test_bad_topic_frames_are_dropped_and_counted(topic: bytes, payload: bytes, reason: str) -> None:
+    drops = DropCounter()
+    assert decode_topic(topic, payload, drops, "sub") is None
+    assert drops.total == 1
+    assert reason in next(iter(drops.counts))
+
+
+def test_bad_requests_and_replies_are_dropped_and_counted() -> None:
+    drops = DropCounter()
+    assert decode_request(b"\xa2\xbe\xff", drops, "router") is None
+    assert decode_reply(msgspec.msgpack.encode([1, {"type": "Nope"}]), drops, "dealer") is None
+    assert drops.total == 2
+
+
+def test_valid_frames_round_trip() -> None:
+    drops = DropCounter()
+    heartbeat = m.Heartbeat("a", 1, "a", m.Rank(False, 3, "a"), 52414)
+    assert decode_topic(m.TOPIC_CONNECTION, encode(heartbeat), drops, "sub") == heartbeat
+    envelope = m.RequestEnvelope(5, m.EventsRequested(10))
+    assert decode_request(encode(envelope), drops, "router") == envelope
+    assert drops.total == 0
