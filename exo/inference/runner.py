@@ -14,12 +14,14 @@ requests this stage holds, so a stage that dies is noticed in seconds even durin
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import resource
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -425,9 +427,25 @@ def parse_arguments(argv: list[str] | None = None) -> RunnerOptions:
     )
 
 
+def import_model_code_only() -> None:
+    """Let `import mlx_lm.models.X` skip mlx_lm/__init__.py, which pulls in mlx-lm's generation,
+    tokenizer and server stack (transformers): seconds at every runner start, for code a runner
+    never calls. Only for this process, before anything imported mlx_lm."""
+    if "mlx_lm" in sys.modules:
+        return
+    spec = importlib.util.find_spec("mlx_lm")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    package = types.ModuleType("mlx_lm")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = spec
+    sys.modules["mlx_lm"] = package
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parse_arguments(argv)
     blas = load_optimized_blas(options.threads)  # before anything imports mlx
+    import_model_code_only()
     return Runner(options, blas).run()
 
 

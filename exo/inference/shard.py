@@ -13,6 +13,7 @@ slices this way reproduces the full model's logits exactly.
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +25,6 @@ from mlx import nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
-from mlx_lm.utils import _get_classes  # pyright: ignore[reportPrivateUsage]
 
 from exo.inference.models import layer_index, unsupported_reason, weight_files
 
@@ -63,6 +63,17 @@ def tensor_in_shard(name: str, spec: ShardSpec, tied_embeddings: bool) -> bool:
     if name.startswith(("model.norm.", "lm_head.")):
         return spec.is_last
     raise ShardLoadError(f"unexpected tensor {name!r}: not a layer, embedding, norm or head")
+
+
+# mlx-lm's own module names for the supported architectures (mlx_lm.utils.MODEL_REMAPPING)
+_MODEL_MODULES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def model_classes(config: dict[str, Any]) -> tuple[Any, Any]:
+    """mlx-lm's Model and ModelArgs for the config, as mlx_lm.utils picks them (without importing
+    mlx_lm.utils, whose tokenizer stack costs a runner seconds at start)."""
+    module = importlib.import_module(f"mlx_lm.models.{_MODEL_MODULES[config['model_type']]}")
+    return module.Model, module.ModelArgs
 
 
 def _read_config(model_path: Path) -> dict[str, Any]:
@@ -157,7 +168,7 @@ def load_shard(model_path: Path, spec: ShardSpec) -> ShardModel:
     if not files:
         raise ShardLoadError(f"no model*.safetensors weights in {model_path}")
 
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     model: Any = model_class(args_class.from_dict(config))
     weights: dict[str, mx.array] = {}
     for file in files:
