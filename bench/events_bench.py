@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,7 +34,23 @@ SUBMIT_CHUNK = 1000
 MAX_IN_FLIGHT = 50_000
 
 
-def node_config(root: Path, name: str, bus_port: int, peers: list[str], synchronous: str) -> NodeConfig:
+@dataclass(frozen=True)
+class EventsResult:
+    all_rate: float
+    origin_rate: float
+    p50_ms: float
+    p99_ms: float
+    latency_samples: int
+
+
+def node_config(  # noqa: PLR0917 - a plain record of a bench node's settings
+    root: Path,
+    name: str,
+    bus_port: int,
+    peers: list[str],
+    synchronous: str,
+    cluster_secret: str | None = None,
+) -> NodeConfig:
     return NodeConfig(
         node_id=name,
         data_dir=root / name,
@@ -46,7 +63,7 @@ def node_config(root: Path, name: str, bus_port: int, peers: list[str], synchron
         discovery=False,
         force_master=False,
         event_store=f"sqlite+aiosqlite:///{root / name / 'events.db'}?synchronous={synchronous}",
-        cluster_secret=None,
+        cluster_secret=cluster_secret,
         api_key=None,
         verbosity=0,
     )
@@ -121,7 +138,11 @@ async def latency(member: ClusterMember, clock: AppliedClock, rate: int, seconds
     )
 
 
-async def main_async(events: int, rate: int, seconds: float, synchronous: str) -> None:
+async def measure(
+    events: int, rate: int, seconds: float, synchronous: str, cluster_secret: str | None = None
+) -> EventsResult:
+    """One run: throughput of `events` events, then latency at `rate`/s for `seconds`."""
+    secret_args = ["--cluster-secret", cluster_secret] if cluster_secret else []
     with tempfile.TemporaryDirectory(prefix="exo-events-bench-") as directory:
         root = Path(directory)
         ports = [free_port() for _ in range(3)]
@@ -131,6 +152,7 @@ async def main_async(events: int, rate: int, seconds: float, synchronous: str) -
             return [
                 "--event-store",
                 f"sqlite+aiosqlite:///{root / name / 'events.db'}?synchronous={synchronous}",
+                *secret_args,
             ]
 
         master = NodeProcess(
@@ -144,7 +166,9 @@ async def main_async(events: int, rate: int, seconds: float, synchronous: str) -
         ready: asyncio.Future[ClusterMember] = asyncio.get_running_loop().create_future()
         node_task = asyncio.create_task(
             run_node(
-                node_config(root, "origin", ports[2], peers, synchronous), stop, on_ready=ready.set_result
+                node_config(root, "origin", ports[2], peers, synchronous, cluster_secret),
+                stop,
+                on_ready=ready.set_result,
             )
         )
         try:
@@ -168,22 +192,31 @@ async def main_async(events: int, rate: int, seconds: float, synchronous: str) -
             await node_task
             for node in others:
                 node.stop()
-        p50 = statistics.median(latencies)
-        p99 = latencies[int(len(latencies) * 0.99) - 1]
-        print(
-            f"# events bench, {platform.node()} ({platform.processor() or platform.machine()}), "
-            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, python {sys.version.split()[0]}"
-        )
-        print()
-        print("| measure | value | target | ratio to target |")
-        print("|---|---|---|---|")
-        print(
-            f"| events/s, submitted -> applied on all 3 nodes ({events} events) | {all_rate:,.0f} | 20,000 "
-            f"| {all_rate / 20000:.2f}x |"
-        )
-        print(f"| events/s, submitted -> applied back at the origin | {origin_rate:,.0f} | | |")
-        print(f"| latency p50 at {rate}/s for {seconds:g}s ({len(latencies)} events) | {p50:.2f} ms | | |")
-        print(f"| latency p99 at {rate}/s | {p99:.2f} ms | 10 ms | {10 / p99:.2f}x headroom |")
+    p99 = latencies[int(len(latencies) * 0.99) - 1]
+    return EventsResult(all_rate, origin_rate, statistics.median(latencies), p99, len(latencies))
+
+
+async def main_async(events: int, rate: int, seconds: float, synchronous: str) -> None:
+    result = await measure(events, rate, seconds, synchronous)
+    print(
+        f"# events bench, {platform.node()} ({platform.processor() or platform.machine()}), "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, python {sys.version.split()[0]}"
+    )
+    print()
+    print("| measure | value | target | ratio to target |")
+    print("|---|---|---|---|")
+    print(
+        f"| events/s, submitted -> applied on all 3 nodes ({events} events) | {result.all_rate:,.0f} "
+        f"| 20,000 | {result.all_rate / 20000:.2f}x |"
+    )
+    print(f"| events/s, submitted -> applied back at the origin | {result.origin_rate:,.0f} | | |")
+    print(
+        f"| latency p50 at {rate}/s for {seconds:g}s ({result.latency_samples} events) "
+        f"| {result.p50_ms:.2f} ms | | |"
+    )
+    print(
+        f"| latency p99 at {rate}/s | {result.p99_ms:.2f} ms | 10 ms | {10 / result.p99_ms:.2f}x headroom |"
+    )
 
 
 def main() -> None:
