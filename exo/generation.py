@@ -55,3 +55,5 @@ class PipelineGenerator:
                     )
             except GenerationError as error:
                 raise GenerationFailed(instance.instance_id, error.reason) from error
+            except ValueError as error:  # the client refused the request before sending it
+                raise GenerationFailed(instance.instance_id, f"invalid request: {error}") from error
