@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from typing import TypeVar
 
 import zmq
 import zmq.asyncio
@@ -56,11 +57,7 @@ def start_authenticator(context: zmq.asyncio.Context, security: BusSecurity) -> 
     """ZAP handler for every CURVE server socket of `context`: only the cluster's own key gets in."""
     if not security.enabled:
         return None
-    assert security.public_key is not None
-    authenticator = AsyncioAuthenticator(context)
-    authenticator.start()
-    authenticator.configure_curve_callback(domain="*", credentials_provider=_SameKeyOnly(security.public_key))
-    return authenticator
+    return _started(AsyncioAuthenticator(context), security)
 
 
 def start_thread_authenticator(
@@ -69,8 +66,14 @@ def start_thread_authenticator(
     """The same ZAP rule for a plain (non-asyncio) context: the runner subprocesses."""
     if not security.enabled:
         return None
+    return _started(ThreadAuthenticator(context), security)
+
+
+Authenticator = TypeVar("Authenticator", AsyncioAuthenticator, ThreadAuthenticator)
+
+
+def _started(authenticator: Authenticator, security: BusSecurity) -> Authenticator:
     assert security.public_key is not None
-    authenticator = ThreadAuthenticator(context)
     authenticator.start()
     authenticator.configure_curve_callback(domain="*", credentials_provider=_SameKeyOnly(security.public_key))
     return authenticator
