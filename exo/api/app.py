@@ -17,25 +17,43 @@ from litestar.di import Provide
 from litestar.exceptions import NotAuthorizedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import JSONBody, Parameter, SkipValidation
 
 from exo.api import ollama
+from exo.api.anthropic import MessagesRequest
 from exo.api.completion import CompletionSettings
 from exo.api.completion_routes import COMPLETION_ROUTES
-from exo.api.errors import EXCEPTION_HANDLERS, ApiError, decode_strictly
+from exo.api.errors import BODY, EXCEPTION_HANDLERS, QUERY, READ, decode_strictly, error_responses
 from exo.api.model_limits import context_length
-from exo.api.ollama_types import ModelTags, RunningModel, RunningModels, ShowRequest, ShowResponse, Version
-from exo.api.openai_types import ModelList, ModelObject
+from exo.api.ollama_types import ChatRequest as OllamaChatRequest
+from exo.api.ollama_types import (
+    GenerateRequest,
+    ModelTags,
+    RunningModel,
+    RunningModels,
+    ShowRequest,
+    ShowResponse,
+    Version,
+)
+from exo.api.openai_completions import TextCompletionRequest
+from exo.api.openai_types import ChatCompletionRequest, ModelList, ModelObject
+from exo.api.openapi import render_plugins
 from exo.api.runs import ActiveCompletions
 from exo.api.services import InstanceNotFound, ModelNotFound, NodeServices, text_tokenizer
 from exo.events import Event, IndexedEvent, Sharding
 from exo.inference.models import ModelInfo
 from exo.roles.placement import PlacementPreview
-from exo.state import Instance, state_document
+from exo.state import Instance, State, state_document
 
 MAX_EVENTS_PAGE = 1000
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 PUBLIC = {"public": True}
+# /state sends state_document's bytes (for byte equality with exo-replay); they are a State.
+STATE_RESPONSES = {
+    200: ResponseSpec(data_container=State, description="The state document", generate_examples=False),
+    **error_responses(*READ),
+}
 
 InstanceId = Annotated[str, Parameter(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$", max_length=128)]
 # Dependencies are ours, not client input: no validation (a Protocol cannot be isinstance-checked).
@@ -79,24 +97,24 @@ async def health() -> Health:
     return Health("ok")
 
 
-@get("/node_id", media_type="application/json")
+@get("/node_id", media_type="application/json", responses=error_responses(*READ))
 async def node_id(services: Services) -> Response[bytes]:
     # A JSON string, as upstream exo answers.
     return Response(msgspec.json.encode(services.node_id), media_type="application/json")
 
 
-@get("/node_status")
+@get("/node_status", responses=error_responses(*READ))
 async def node_status(services: Services) -> dict[str, object]:
     return services.node_status()
 
 
-@get("/state", media_type="application/json")
+@get("/state", media_type="application/json", responses=STATE_RESPONSES)
 async def state(services: Services) -> Response[bytes]:
     # Exactly state_document's bytes: `exo-replay --json` must be able to match it byte for byte.
     return Response(state_document(services.state()), media_type="application/json")
 
 
-@get("/events")
+@get("/events", responses=error_responses(*QUERY))
 async def events(
     services: Services,
     since: Annotated[int, Parameter(ge=0)] = 0,
@@ -106,19 +124,19 @@ async def events(
     return [_event_document(indexed) for indexed in indexed_events[:limit]]
 
 
-@get("/models")
+@get("/models", responses=error_responses(*READ))
 async def models(services: Services) -> ModelList:
     """Every model in the models dir; unsupported ones say why."""
     return ModelList("list", [_model_object(model) for model in services.models()])
 
 
-@get("/v1/models")
+@get("/v1/models", responses=error_responses(*READ))
 async def openai_models(services: Services) -> ModelList:
     """The models this node can serve, in OpenAI's list shape."""
     return ModelList("list", [_model_object(model) for model in services.models() if model.supported])
 
 
-@post("/place_instance", status_code=200)
+@post("/place_instance", status_code=200, responses=error_responses(*BODY, 404, 503))
 async def place_instance(
     services: Services, request: Request[Any, Any, Any], data: JSONBody[PlaceInstanceRequest]
 ) -> Instance:
@@ -126,12 +144,12 @@ async def place_instance(
     return await services.place_instance(data.model_id, data.sharding, data.min_nodes)
 
 
-@get("/instance/previews")
+@get("/instance/previews", responses=error_responses(*QUERY, 404))
 async def instance_previews(services: Services, model_id: ModelId) -> PlacementPreviews:
     return PlacementPreviews(model_id, services.previews(model_id))
 
 
-@get("/instance/{instance_id:str}")
+@get("/instance/{instance_id:str}", responses=error_responses(*QUERY, 404))
 async def get_instance(services: Services, instance_id: InstanceId) -> Instance:
     instance = services.state().instances.get(instance_id)
     if instance is None:
@@ -139,36 +157,36 @@ async def get_instance(services: Services, instance_id: InstanceId) -> Instance:
     return instance
 
 
-@delete("/instance/{instance_id:str}", status_code=200)
+@delete("/instance/{instance_id:str}", status_code=200, responses=error_responses(*QUERY, 404, 503))
 async def delete_instance(services: Services, instance_id: InstanceId) -> DeletedInstance:
     await services.delete_instance(instance_id)
     return DeletedInstance(instance_id)
 
 
-@get("/v1/models/{model_id:str}")
+@get("/v1/models/{model_id:str}", responses=error_responses(*QUERY, 404))
 async def openai_model(services: Services, model_id: ModelId) -> ModelObject:
     """One model, as OpenAI's `models.retrieve` reads it."""
     return _model_object(_find_model(services, model_id, supported_only=True))
 
 
-@get("/ollama", media_type="text/plain")
+@get("/ollama", media_type="text/plain", responses=error_responses(*READ, dialect="ollama"))
 async def ollama_root() -> str:
     """What Ollama answers at its root; clients probe it to see the server is up."""
     return "Ollama is running"
 
 
-@get("/ollama/api/version")
+@get("/ollama/api/version", responses=error_responses(*READ, dialect="ollama"))
 async def ollama_version() -> Version:
     return Version(ollama.OLLAMA_VERSION)
 
 
-@get("/ollama/api/tags")
+@get("/ollama/api/tags", responses=error_responses(*READ, dialect="ollama"))
 async def ollama_tags(services: Services) -> ModelTags:
     """The models this node can serve, named `ID:latest`."""
     return ModelTags([ollama.listed(model) for model in services.models() if model.supported])
 
 
-@get("/ollama/api/ps")
+@get("/ollama/api/ps", responses=error_responses(*READ, dialect="ollama"))
 async def ollama_running(services: Services) -> RunningModels:
     """Models with a ready instance in the cluster."""
     ready = {
@@ -185,16 +203,13 @@ async def ollama_running(services: Services) -> RunningModels:
     return RunningModels(running)
 
 
-@post("/ollama/api/show", status_code=200)
+@post("/ollama/api/show", status_code=200, responses=error_responses(*BODY, 404, dialect="ollama"))
 async def ollama_show(
     services: Services, request: Request[Any, Any, Any], data: JSONBody[ShowRequest]
 ) -> ShowResponse:
     """A model's details, template and capabilities."""
     body = await decode_strictly(request, ShowRequest)
-    name = body.model or body.name
-    if not name:
-        raise ApiError(400, "model is required", "model", "invalid_request")
-    model = _find_model(services, ollama.model_id(name), supported_only=True)
+    model = _find_model(services, ollama.model_id(body.model), supported_only=True)
     tokenizer = await services.tokenizer(model.model_id)
     source = text_tokenizer(tokenizer).chat_template
     template = source if isinstance(source, str) else ""
@@ -215,6 +230,18 @@ def _find_model(services: NodeServices, model_id: str, *, supported_only: bool) 
         if model.model_id == model_id and (model.supported or not supported_only):
             return model
     raise ModelNotFound(model_id)
+
+
+# Every route with a JSON body -> its type (the OpenAPI schema describes it with msgspec's schema).
+REQUEST_BODIES: dict[tuple[str, str], type[Any]] = {
+    ("post", "/place_instance"): PlaceInstanceRequest,
+    ("post", "/ollama/api/show"): ShowRequest,
+    ("post", "/v1/chat/completions"): ChatCompletionRequest,
+    ("post", "/v1/completions"): TextCompletionRequest,
+    ("post", "/v1/messages"): MessagesRequest,
+    ("post", "/ollama/api/chat"): OllamaChatRequest,
+    ("post", "/ollama/api/generate"): GenerateRequest,
+}
 
 
 def create_app(
@@ -266,7 +293,9 @@ def create_app(
         guards=[] if api_key is None else [_require_api_key(api_key)],
         exception_handlers=EXCEPTION_HANDLERS,
         cors_config=CORSConfig(allow_origins=["*"], allow_headers=["*"], allow_methods=["*"]),
-        openapi_config=OpenAPIConfig(title="exo", version="0.1.0", path="/schema"),
+        openapi_config=OpenAPIConfig(
+            title="exo", version="0.1.0", path="/schema", render_plugins=render_plugins(REQUEST_BODIES)
+        ),
         request_max_body_size=max_request_bytes,
     )
 

@@ -15,7 +15,7 @@ from litestar.response import Stream
 
 from exo.api import anthropic, ollama
 from exo.api.completion import CompletionRequest, CompletionSettings, prepare
-from exo.api.errors import ApiError, decode_strictly
+from exo.api.errors import GENERATE, QUERY, ApiError, decode_strictly, error_responses
 from exo.api.ollama_types import ChatChunk, ChatRequest, GenerateChunk, GenerateRequest
 from exo.api.openai_chat import chat_completion, chat_completion_stream, chat_request
 from exo.api.openai_completions import (
@@ -63,7 +63,7 @@ async def start(
     return CompletionRun(services, prepared, tokenizer, registry=registry, **run_options)
 
 
-@post("/v1/chat/completions", status_code=200)
+@post("/v1/chat/completions", status_code=200, responses=error_responses(*GENERATE))
 async def chat_completions(
     services: Services,
     settings: Settings,
@@ -80,7 +80,7 @@ async def chat_completions(
     return event_stream(chat_completion_stream(run, body.model, include_usage))
 
 
-@post("/v1/completions", status_code=200)
+@post("/v1/completions", status_code=200, responses=error_responses(*GENERATE))
 async def completions(
     services: Services,
     settings: Settings,
@@ -99,7 +99,7 @@ async def completions(
     return event_stream(text_completion_stream(run, body.model, echo, include_usage))
 
 
-@post("/v1/cancel/{completion_id:str}", status_code=200)
+@post("/v1/cancel/{completion_id:str}", status_code=200, responses=error_responses(*QUERY, 404))
 async def cancel_completion(registry: Registry, completion_id: CompletionId) -> CancelledCompletion:
     """Stop a completion in progress on this node (any dialect, by the id its answer carries)."""
     if not registry.cancel(completion_id):
@@ -109,7 +109,7 @@ async def cancel_completion(registry: Registry, completion_id: CompletionId) -> 
     return CancelledCompletion(completion_id)
 
 
-@post("/v1/messages", status_code=200)
+@post("/v1/messages", status_code=200, responses=error_responses(*GENERATE, dialect="anthropic"))
 async def claude_messages(  # noqa: PLR0917 (Litestar injects by name)
     services: Services,
     settings: Settings,
@@ -127,7 +127,7 @@ async def claude_messages(  # noqa: PLR0917 (Litestar injects by name)
     return event_stream(anthropic.message_stream(run, body.model))
 
 
-@post("/ollama/api/chat", status_code=200)
+@post("/ollama/api/chat", status_code=200, responses=error_responses(*GENERATE, dialect="ollama"))
 async def ollama_chat(
     services: Services,
     settings: Settings,
@@ -148,7 +148,7 @@ async def ollama_chat(
     return ndjson_stream(ollama.chat_stream(run, body.model, load_seconds))
 
 
-@post("/ollama/api/generate", status_code=200)
+@post("/ollama/api/generate", status_code=200, responses=error_responses(*GENERATE, dialect="ollama"))
 async def ollama_generate(
     services: Services,
     settings: Settings,

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
 
@@ -222,3 +223,38 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     HTTPException: handle_http_exception,
     Exception: handle_unexpected_error,
 }
+
+
+# --- OpenAPI: the error answers each route documents ------------------------------------------
+
+_DESCRIPTIONS: dict[int, str] = {
+    400: "Bad request: malformed JSON, a missing or wrongly typed field (named in `param`)",
+    401: "Missing or wrong API key (when the node has one)",
+    404: "No such model, instance or completion",
+    413: "Request body too large",
+    500: "A pipeline stage failed during the generation",
+    503: "No capacity to place the model, the instance failed, or no master reachable",
+    504: "The instance did not become ready in time",
+}
+Dialect = Literal["openai", "anthropic", "ollama"]
+_BODIES: dict[Dialect, type[msgspec.Struct]] = {
+    "openai": ErrorBody,
+    "anthropic": AnthropicErrorBody,
+    "ollama": OllamaErrorBody,
+}
+# Statuses by kind of route, 401 everywhere a key may be required.
+READ = (401,)
+QUERY = (400, 401)
+BODY = (400, 401, 413)
+GENERATE = (400, 401, 404, 413, 500, 503, 504)
+
+
+def error_responses(*status_codes: int, dialect: Dialect = "openai") -> dict[int, ResponseSpec]:
+    """OpenAPI responses for these error statuses, with the body the route really sends."""
+    body = _BODIES[dialect]
+    return {
+        status_code: ResponseSpec(
+            data_container=body, description=_DESCRIPTIONS[status_code], generate_examples=False
+        )
+        for status_code in sorted(set(status_codes))
+    }

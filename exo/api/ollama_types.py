@@ -85,8 +85,7 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ShowRequest(msgspec.Struct, frozen=True):
-    model: str | None = None
-    name: str | None = None  # older clients
+    model: NonEmptyString
     verbose: bool = False
 
 

@@ -25,7 +25,7 @@ class TextContentPart(msgspec.Struct, frozen=True, tag="text", tag_field="type")
 
 class ImageContentPart(msgspec.Struct, frozen=True, tag="image_url", tag_field="type"):
     # Parsed only to refuse it with a clear message: exo serves text models.
-    image_url: dict[str, object] | str
+    image_url: dict[str, Any] | str
 
 
 ContentPart = TextContentPart | ImageContentPart
