@@ -75,6 +75,17 @@ class RunnerStats(_Message, frozen=True):
     stale_frames: int
     resident_bytes: int
     peak_resident_bytes: int
+    # Batching, admission and prefix cache figures (defaults: frames from older runners decode).
+    waiting_requests: int = 0  # admitted later, when active ones end (first stage only)
+    refused_requests: int = 0  # refused as busy: the waiting queue was full
+    batched_steps: int = 0  # forward passes that ran several requests' steps at once
+    batched_rows: int = 0  # request steps run in those passes
+    largest_batch: int = 0
+    prefix_cache_entries: int = 0
+    prefix_cache_tokens: int = 0
+    prefix_cache_bytes: int = 0
+    prefix_cache_hits: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose prefill a hit skipped, summed
 
 
 ControlToRunner = LoadShard | Shutdown
@@ -113,6 +124,17 @@ class GenerationStarted(_Message, frozen=True):
     eos_token_ids: list[int]
     sampling: SamplingParams = SamplingParams()
     stage_index: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Set by the first stage when it forwards the start (a requester leaves them unset): the first
+    # `cached_tokens` prompt positions come from prefix cache entry `prefix_entry`, which every
+    # stage of the route holds; `store_prefix` says a PrefixCached will follow the request's end.
+    prefix_entry: str | None = None
+    cached_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
+    store_prefix: bool = False
+
+
+class BatchRow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    request_id: str
+    step: Annotated[int, msgspec.Meta(ge=0)]
 
 
 class ActivationsSent(_Message, frozen=True):
@@ -127,6 +149,9 @@ class ActivationsSent(_Message, frozen=True):
     shape: list[int]
     dtype: str
     sample: bool = True
+    # A batch of single-token steps of several requests: buffer row 0 is (request_id, step), row
+    # i + 1 is batch[i]; shape is (1 + len(batch), 1, hidden). Empty: one request's rows.
+    batch: list[BatchRow] = []
 
 
 class TokenSampled(_Message, frozen=True):
@@ -144,6 +169,8 @@ class TokenSampled(_Message, frozen=True):
     # temperature and truncation) and the `top_logprobs` most likely (token, log-probability) pairs.
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    # Prompt tokens whose prefill the prefix cache skipped (on every token; None from old stages).
+    cached_tokens: int | None = None
 
 
 class GenerationCancelled(_Message, frozen=True):
@@ -152,9 +179,38 @@ class GenerationCancelled(_Message, frozen=True):
     request_id: str
 
 
+FailureCode = Literal["busy"]
+
+
 class GenerationFailed(_Message, frozen=True):
     request_id: str
     reason: str
+    stage_address: str = ""
+    # "busy": the instance refused the request because its queue is full; try again after
+    # `retry_after` seconds. None: any other failure.
+    code: FailureCode | None = None
+    retry_after: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
+
+
+class PrefixCached(_Message, frozen=True):
+    """A finished request's KV cache kept as a prefix cache entry (named by its request id).
+
+    The first stage decides and sends it along the route, ahead of the finished TokenSampled:
+    each stage drops the entries in `evicted`, keeps the request's first `tokens` cache positions
+    (0: keeps nothing) and passes it on; the last stage answers PrefixCacheConfirmed to route[0].
+    """
+
+    request_id: str
+    route: Annotated[list[str], msgspec.Meta(min_length=2)]  # the finished request's route
+    stage_index: Annotated[int, msgspec.Meta(ge=1)]  # of the stage it is sent to
+    tokens: Annotated[int, msgspec.Meta(ge=0)]
+    evicted: list[str] = []
+
+
+class PrefixCacheConfirmed(_Message, frozen=True):
+    """From the last stage to route[0]: every stage holds entry `request_id`, so it may be used."""
+
+    request_id: str
     stage_address: str = ""
 
 
@@ -166,7 +222,14 @@ class StageAlive(_Message, frozen=True):
 
 
 PipelineMessage = (
-    GenerationStarted | ActivationsSent | TokenSampled | GenerationCancelled | GenerationFailed | StageAlive
+    GenerationStarted
+    | ActivationsSent
+    | TokenSampled
+    | GenerationCancelled
+    | GenerationFailed
+    | StageAlive
+    | PrefixCached
+    | PrefixCacheConfirmed
 )
 FINISH_REASONS: Final = ("stop", "length")
 

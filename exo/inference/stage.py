@@ -1,55 +1,62 @@
 """The pipeline stage engine: what a runner does with each frame, without any sockets.
 
 `PipelineStage.handle_frames` takes one received multipart frame and returns the frames to send;
-`run_next` runs one unit of work (a prefill chunk or a decode step of one request) and returns the
-frames its result produces. The runner's shell owns the sockets and the loop; everything here is
-testable by calling it.
+`run_next` runs one forward pass (a prefill chunk, or the single-token steps of several requests
+batched) and returns the frames its result produces. The runner's shell owns the sockets and the
+loop; everything here is testable by calling it.
 
 Per request, every stage keeps its own KV cache. The first stage turns the prompt into chunks the
 way mlx-lm's generate_step does (all but the last token in chunks of `prefill_step_size`, then the
-last token alone), so the pipeline computes exactly what mlx-lm computes and greedy output matches
-token for token. The last stage samples, sends `TokenSampled` to the requester and to the first
-stage, which feeds the token back in as the next step's input.
+last token alone), so a request running alone computes exactly what mlx-lm computes and greedy
+output matches token for token. The last stage samples, sends `TokenSampled` to the requester and
+to the first stage, which feeds the token back in as the next step's input.
+
+The first stage also admits requests (at most `max_active_requests` at once, then a bounded
+waiting queue, then refusals with code "busy") and owns the prefix cache's decisions
+(exo/inference/prefix_cache.py): a hit is announced in the forwarded `GenerationStarted`, and a
+finished request's cache is kept on every stage by a `PrefixCached` that follows it down the route.
 """
 
 from __future__ import annotations
 
-import math
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 import msgspec
-import numpy as np
 
-from exo.bus.codec import DECODE_ERRORS
+from exo.inference.batching import enable_row_attention, forward_rows
+from exo.inference.frames import (
+    Buffer,
+    MalformedFrameError,
+    Outgoing,
+    activations_problem,
+    decode_frames,
+    hidden_from_wire,
+    hidden_to_wire,
+    prefill_chunks,
+)
+from exo.inference.prefix_cache import KVSnapshots, PrefixIndex
 from exo.inference.protocol import (
-    WIRE_DTYPES,
     ActivationsSent,
+    BatchRow,
     GenerationCancelled,
     GenerationFailed,
     GenerationStarted,
     PipelineMessage,
+    PrefixCacheConfirmed,
+    PrefixCached,
     StageAlive,
     TokenSampled,
     encode,
-    pipeline_decoder,
 )
 from exo.inference.sampling import TokenSampler
-from exo.inference.scheduler import StageScheduler, Work
+from exo.inference.scheduler import AdmissionQueue, StageScheduler, Work, micro_batch_limit
 from exo.inference.shard import ShardModel
 
-Buffer = bytes | memoryview
-
-
-class Outgoing(NamedTuple):
-    """Frames to send to `address`. `request_id` says whose they are if sending fails."""
-
-    address: str
-    frames: tuple[Any, ...]
-    request_id: str
-    to_requester: bool = False
+__all__ = ["Outgoing", "PipelineStage", "RequestState", "StageCounters", "prefill_chunks"]
 
 
 @dataclass
@@ -63,6 +70,9 @@ class RequestState:
     cache: list[Any]
     sampler: TokenSampler | None = None
     tokens_sampled: int = 0
+    cached_tokens: int = 0  # prompt positions taken from the prefix cache
+    store_prefix: bool = False  # a PrefixCached follows the end: the last stage keeps the cache
+    tokens: list[int] = field(default_factory=list)  # first stage: prompt, then each token fed
 
     @property
     def next_address(self) -> str | None:
@@ -77,40 +87,11 @@ class StageCounters:
     tokens_sampled: int = 0
     dropped_frames: int = 0  # malformed or impossible here
     stale_frames: int = 0  # for a request this stage does not hold (finished or cancelled)
-
-
-def prefill_chunks(prompt_length: int, step_size: int) -> list[tuple[int, int]]:
-    """[start, end) spans as mlx-lm prefills: chunks of step_size up to the last token, then it alone."""
-    spans: list[tuple[int, int]] = []
-    start = 0
-    while prompt_length - start > 1:
-        end = start + min(step_size, prompt_length - start - 1)
-        spans.append((start, end))
-        start = end
-    spans.append((start, prompt_length))
-    return spans
-
-
-def hidden_to_wire(hidden: mx.array) -> tuple[str, np.ndarray]:
-    """(dtype name, C-order buffer) without copying when the array is already contiguous."""
-    dtype = str(hidden.dtype).removeprefix("mlx.core.")
-    if dtype == "bfloat16":  # numpy has no bfloat16; ship the same bits as uint16
-        return dtype, np.ascontiguousarray(np.asarray(hidden.view(mx.uint16)))
-    return dtype, np.ascontiguousarray(np.asarray(hidden))
-
-
-def hidden_from_wire(buffer: Buffer, shape: Sequence[int], dtype: str) -> mx.array:
-    """The one copy on the receiving side: bytes -> an MLX array."""
-    if dtype == "bfloat16":
-        return mx.array(np.frombuffer(buffer, dtype=np.uint16).reshape(shape)).view(mx.bfloat16)
-    return mx.array(np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(shape))
-
-
-_WIRE_ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-class MalformedFrameError(ValueError):
-    pass
+    batched_steps: int = 0  # passes that ran several requests at once
+    batched_rows: int = 0
+    largest_batch: int = 0
+    prefix_cache_hits: int = 0
+    cached_prompt_tokens: int = 0
 
 
 class PipelineStage:
@@ -121,39 +102,45 @@ class PipelineStage:
         *,
         prefill_step_size: int = 2048,
         max_active_requests: int = 64,
+        max_waiting_requests: int = 64,
+        max_batch_size: int = 32,
+        prefix_cache_tokens: int = 8192,
+        retry_after: float = 1.0,
     ) -> None:
         self.shard = shard
         self.address = address
         self.prefill_step_size = prefill_step_size
         self.max_active_requests = max_active_requests
+        self.retry_after = retry_after
         self.requests: dict[str, RequestState] = {}
         self.scheduler = StageScheduler()
         self.counters = StageCounters()
+        self.admission: AdmissionQueue[GenerationStarted] = AdmissionQueue(
+            max_active_requests, max_waiting_requests
+        )
+        self.max_batch_size = max_batch_size if max_batch_size > 1 and enable_row_attention(shard) else 1
+        first = shard.spec.is_first
+        self.prefix_index = PrefixIndex(prefix_cache_tokens) if first and prefix_cache_tokens > 0 else None
+        self.snapshots = KVSnapshots()
+        # Last stage: finished requests whose cache waits for the first stage's PrefixCached.
+        self.parked: OrderedDict[str, RequestState] = OrderedDict()
 
     # --- receiving ----------------------------------------------------------------------
 
     def handle_frames(self, frames: Sequence[Buffer]) -> list[Outgoing]:
         """One received multipart message; malformed ones are counted and dropped."""
         try:
-            message, buffer = self._decode(frames)
+            message, buffer = decode_frames(frames)
         except MalformedFrameError:
             self.counters.dropped_frames += 1
             return []
         return self.handle(message, buffer)
 
-    def _decode(self, frames: Sequence[Buffer]) -> tuple[PipelineMessage, Buffer | None]:
-        if not 1 <= len(frames) <= 2:
-            raise MalformedFrameError(f"{len(frames)} frames")
-        try:
-            message = pipeline_decoder.decode(frames[0])
-        except DECODE_ERRORS as error:
-            raise MalformedFrameError(str(error)) from None
-        has_buffer = len(frames) == 2
-        if isinstance(message, ActivationsSent) != has_buffer:
-            raise MalformedFrameError("only ActivationsSent carries a buffer, and it must")
-        return message, frames[1] if has_buffer else None
-
     def handle(self, message: PipelineMessage, buffer: Buffer | None = None) -> list[Outgoing]:
+        outgoing = self._dispatch(message, buffer)
+        return outgoing + self._admit_waiting()
+
+    def _dispatch(self, message: PipelineMessage, buffer: Buffer | None) -> list[Outgoing]:
         match message:
             case GenerationStarted():
                 return self._start(message)
@@ -164,78 +151,145 @@ class PipelineStage:
                 return self._token(message)
             case GenerationCancelled():
                 return self._cancel(message)
+            case PrefixCached():
+                return self._prefix_cached(message)
+            case PrefixCacheConfirmed():
+                if self.prefix_index is None or not self.prefix_index.confirm(message.request_id):
+                    self.counters.stale_frames += 1
+                return []
             case GenerationFailed() | StageAlive():
                 self.counters.dropped_frames += 1  # addressed to requesters, never to a stage
                 return []
 
-    def _fail(self, request_id: str, reply_to: str, reason: str) -> list[Outgoing]:
-        failed = GenerationFailed(request_id=request_id, reason=reason, stage_address=self.address)
+    def _fail(self, request_id: str, reply_to: str, reason: str, *, busy: bool = False) -> list[Outgoing]:
+        failed = GenerationFailed(
+            request_id=request_id,
+            reason=reason,
+            stage_address=self.address,
+            code="busy" if busy else None,
+            retry_after=self.retry_after if busy else None,
+        )
         return [Outgoing(reply_to, (encode(failed),), request_id, to_requester=True)]
 
-    def _start(self, message: GenerationStarted) -> list[Outgoing]:
-        spec = self.shard.spec
-        request_id, index, route = message.request_id, message.stage_index, message.route
-        if request_id in self.requests:
-            self.counters.dropped_frames += 1  # a second start would corrupt the first's cache
-            return []
+    def _start_problem(self, message: GenerationStarted) -> str | None:
+        spec, index, route = self.shard.spec, message.stage_index, message.route
         if index >= len(route):
-            return self._fail(request_id, message.reply_to, f"stage_index {index} is past the route")
+            return f"stage_index {index} is past the route"
         if (index == 0) != spec.is_first or (index == len(route) - 1) != spec.is_last:
-            return self._fail(
-                request_id,
-                message.reply_to,
+            return (
                 f"route mismatch: stage {index} of {len(route)} at {self.address} holds layers "
-                f"[{spec.start_layer}, {spec.end_layer}) of {spec.n_layers}",
+                f"[{spec.start_layer}, {spec.end_layer}) of {spec.n_layers}"
             )
-        if len(self.requests) >= self.max_active_requests:
-            return self._fail(request_id, message.reply_to, f"stage busy: {len(self.requests)} requests")
         vocab = self.shard.vocab_size
         if spec.is_first and any(not 0 <= token < vocab for token in message.prompt_tokens):
-            return self._fail(request_id, message.reply_to, f"prompt token ids must be in [0, {vocab})")
+            return f"prompt token ids must be in [0, {vocab})"
+        if index == 0 and (message.prefix_entry is not None or message.cached_tokens or message.store_prefix):
+            return "prefix_entry, cached_tokens and store_prefix are the first stage's to set"
+        if (message.prefix_entry is None) != (message.cached_tokens == 0) or (
+            message.cached_tokens >= len(message.prompt_tokens)
+        ):
+            return f"cached_tokens {message.cached_tokens} does not fit prefix_entry and the prompt"
+        return None
+
+    def _start(self, message: GenerationStarted) -> list[Outgoing]:
+        request_id = message.request_id
+        if request_id in self.requests or request_id in self.admission or request_id in self.parked:
+            self.counters.dropped_frames += 1  # a second start would corrupt the first's cache
+            return []
+        problem = self._start_problem(message)
+        if problem is not None:
+            return self._fail(request_id, message.reply_to, problem)
+        if not self.shard.spec.is_first:
+            if len(self.requests) >= self.max_active_requests:
+                return self._fail(
+                    request_id, message.reply_to, f"stage busy: {len(self.requests)} requests", busy=True
+                )
+            return self._begin(message)
+        match self.admission.offer(request_id, message):
+            case "admitted":
+                return self._begin(message)
+            case "waiting":
+                return []
+            case "refused":
+                return self._fail(
+                    request_id,
+                    message.reply_to,
+                    f"instance busy: {len(self.admission.active)} requests running and "
+                    f"{len(self.admission.waiting)} waiting",
+                    busy=True,
+                )
+
+    def _admit_waiting(self) -> list[Outgoing]:
+        outgoing: list[Outgoing] = []
+        for message in self.admission.admit_waiting():
+            outgoing.extend(self._begin(message))
+        return outgoing
+
+    def _begin(self, message: GenerationStarted) -> list[Outgoing]:
+        spec, request_id, index = self.shard.spec, message.request_id, message.stage_index
+        forwarded = msgspec.structs.replace(message, stage_index=index + 1)
+        cache: list[Any] | None = None
+        if spec.is_first and self.prefix_index is not None:
+            hit = self.prefix_index.lookup(message.route, message.prompt_tokens)
+            if hit is not None and (cache := self.snapshots.restore(hit.entry_id, hit.tokens)) is not None:
+                forwarded = msgspec.structs.replace(
+                    forwarded, prefix_entry=hit.entry_id, cached_tokens=hit.tokens
+                )
+            forwarded = msgspec.structs.replace(forwarded, store_prefix=len(message.route) > 1)
+        elif message.prefix_entry is not None:
+            cache = self.snapshots.restore(message.prefix_entry, message.cached_tokens)
+            if cache is None:  # the first stage uses confirmed entries only: this is a bug, say so
+                return self._fail(
+                    request_id, message.reply_to, f"prefix cache entry {message.prefix_entry} missing here"
+                )
         state = RequestState(
             request_id=request_id,
-            route=list(route),
+            route=list(message.route),
             reply_to=message.reply_to,
             stage_index=index,
             max_tokens=message.max_tokens,
             eos_token_ids=frozenset(message.eos_token_ids),
-            cache=self.shard.make_cache(),
+            cache=cache if cache is not None else self.shard.make_cache(),
             sampler=TokenSampler(message.sampling, message.prompt_tokens) if spec.is_last else None,
+            cached_tokens=forwarded.cached_tokens,
+            store_prefix=forwarded.store_prefix,
+            tokens=list(message.prompt_tokens) if spec.is_first else [],
         )
         self.requests[request_id] = state
         self.counters.requests_started += 1
+        if state.cached_tokens:
+            self.counters.prefix_cache_hits += 1
+            self.counters.cached_prompt_tokens += state.cached_tokens
         outgoing: list[Outgoing] = []
         if state.next_address is not None:
-            forwarded = msgspec.structs.replace(message, stage_index=index + 1)
             outgoing.append(Outgoing(state.next_address, (encode(forwarded),), request_id))
         if spec.is_first:
             tokens = message.prompt_tokens
-            spans = prefill_chunks(len(tokens), self.prefill_step_size)
+            spans = prefill_chunks(len(tokens), self.prefill_step_size, start=state.cached_tokens)
             for position, (start, end) in enumerate(spans):
+                last = position == len(spans) - 1
                 chunk = mx.array(tokens[start:end])[None]
-                self.scheduler.submit(Work(request_id, 0, chunk, sample=position == len(spans) - 1))
+                self.scheduler.submit(
+                    Work(request_id, 0, chunk, sample=last, batchable=last and end - start == 1)
+                )
         return outgoing
 
     def _activations(self, message: ActivationsSent, buffer: Buffer) -> list[Outgoing]:
         if self.shard.spec.is_first:
             self.counters.dropped_frames += 1
             return []
-        if message.request_id not in self.requests:
-            self.counters.stale_frames += 1
-            return []
-        shape = message.shape
-        if (
-            message.dtype not in WIRE_DTYPES
-            or len(shape) != 3
-            or shape[0] != 1
-            or shape[1] < 1
-            or shape[2] != self.shard.hidden_size
-            or math.prod(shape) * _WIRE_ITEM_BYTES[message.dtype] != memoryview(buffer).nbytes
-        ):
+        if activations_problem(message, memoryview(buffer).nbytes, self.shard.hidden_size) is not None:
             self.counters.dropped_frames += 1
             return []
-        hidden = hidden_from_wire(buffer, shape, message.dtype)
-        self.scheduler.submit(Work(message.request_id, message.step, hidden, sample=message.sample))
+        hidden = hidden_from_wire(buffer, message.shape, message.dtype)
+        rows = [BatchRow(message.request_id, message.step), *message.batch]
+        batchable = message.sample and message.shape[1] == 1
+        for position, row in enumerate(rows):
+            if row.request_id not in self.requests:
+                self.counters.stale_frames += 1
+                continue
+            inputs = hidden if len(rows) == 1 else hidden[position : position + 1]
+            self.scheduler.submit(Work(row.request_id, row.step, inputs, message.sample, batchable))
         return []
 
     def _token(self, message: TokenSampled) -> list[Outgoing]:
@@ -248,12 +302,20 @@ class PipelineStage:
         if not self.shard.spec.is_first:
             self.counters.dropped_frames += 1
             return []
-        self.scheduler.submit(
-            Work(state.request_id, message.step + 1, mx.array([[message.token]]), sample=True)
-        )
+        self._feed(state, message.step + 1, message.token)
         return []
 
+    def _feed(self, state: RequestState, step: int, token: int) -> None:
+        """First stage: the sampled token is the next step's input."""
+        state.tokens.append(token)
+        self.scheduler.submit(Work(state.request_id, step, mx.array([[token]]), sample=True, batchable=True))
+
     def _cancel(self, message: GenerationCancelled) -> list[Outgoing]:
+        if message.request_id in self.admission.waiting:
+            self.admission.end(message.request_id)  # no other stage has seen it
+            return []
+        if self.parked.pop(message.request_id, None) is not None:
+            return []
         state = self.requests.get(message.request_id)
         if state is None:
             self.counters.stale_frames += 1
@@ -261,18 +323,64 @@ class PipelineStage:
         return self._release(state, message)
 
     def _release(self, state: RequestState, message: TokenSampled | GenerationCancelled) -> list[Outgoing]:
-        """Free the request here and pass the news on; the last stage frees itself when it finishes."""
+        """Free the request here and pass the news on; the last stage frees itself when it finishes.
+        A finished request's cache may first become a prefix cache entry."""
+        outgoing: list[Outgoing] = []
+        finished = isinstance(message, TokenSampled)
+        if finished and state.store_prefix and self.shard.spec.is_first:
+            stored = self._store_prefix(state)
+            if stored is not None:
+                outgoing.append(Outgoing(state.route[1], (encode(stored),), state.request_id))
         self.drop_request(state.request_id)
         following = state.stage_index + 1
-        if following < len(state.route) and not (
-            isinstance(message, TokenSampled) and following == len(state.route) - 1
-        ):
-            return [Outgoing(state.route[following], (encode(message),), state.request_id)]
-        return []
+        if following < len(state.route) and not (finished and following == len(state.route) - 1):
+            outgoing.append(Outgoing(state.route[following], (encode(message),), state.request_id))
+        return outgoing
+
+    def _store_prefix(self, state: RequestState) -> PrefixCached | None:
+        """First stage: decide and keep this finished request's prefix entry here; what the other
+        stages must do (None with one stage: the entry is usable at once)."""
+        assert self.prefix_index is not None
+        held = state.tokens[: state.cache[0].offset if state.cache else 0]
+        plan = self.prefix_index.plan_store(state.request_id, state.route, held)
+        self.snapshots.drop(plan.evicted)
+        tokens = plan.tokens
+        if tokens and not self.snapshots.save(state.request_id, state.cache, tokens):
+            self.prefix_index.forget(state.request_id)
+            tokens = 0
+        if len(state.route) == 1:
+            if tokens:
+                self.prefix_index.confirm(state.request_id)
+            return None
+        return PrefixCached(
+            request_id=state.request_id, route=state.route, stage_index=1, tokens=tokens, evicted=plan.evicted
+        )
+
+    def _prefix_cached(self, message: PrefixCached) -> list[Outgoing]:
+        index, route = message.stage_index, message.route
+        last = index == len(route) - 1
+        if self.shard.spec.is_first or index >= len(route) or last != self.shard.spec.is_last:
+            self.counters.dropped_frames += 1
+            return []
+        self.snapshots.drop(message.evicted)
+        state = self.parked.pop(message.request_id, None) or self.requests.get(message.request_id)
+        saved = bool(message.tokens) and state is not None
+        saved = saved and self.snapshots.save(message.request_id, state.cache, message.tokens)  # type: ignore[union-attr]
+        if last:
+            if not saved:
+                return []
+            confirmed = PrefixCacheConfirmed(request_id=message.request_id, stage_address=self.address)
+            return [Outgoing(route[0], (encode(confirmed),), message.request_id)]
+        # A stage that could not keep it tells the rest to keep nothing: it is never confirmed.
+        forwarded = msgspec.structs.replace(
+            message, stage_index=index + 1, tokens=message.tokens if saved else 0
+        )
+        return [Outgoing(route[index + 1], (encode(forwarded),), message.request_id)]
 
     def drop_request(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
         self.scheduler.drop_request(request_id)
+        self.admission.end(request_id)
 
     def _abort(self, state: RequestState, reason: str) -> list[Outgoing]:
         """Free a request that cannot go on; tell its requester, and the stages after this one
@@ -285,56 +393,95 @@ class PipelineStage:
         return outgoing
 
     def send_failed(self, item: Outgoing) -> list[Outgoing]:
-        """The shell could not deliver `item`; decide what that means for its request."""
-        state = self.requests.get(item.request_id)
-        if state is None:
-            return []
-        if not item.to_requester:
-            return self._abort(state, f"stage {item.address} is unreachable")
-        # The requester is gone: free the request everywhere, starting from the first stage.
-        self.drop_request(state.request_id)
-        if state.stage_index == 0:
-            return []
-        cancelled = encode(GenerationCancelled(request_id=state.request_id))
-        return [Outgoing(state.route[0], (cancelled,), state.request_id)]
+        """The shell could not deliver `item`; decide what that means for its requests."""
+        outgoing: list[Outgoing] = []
+        for request_id in (item.request_id, *item.batch_request_ids):
+            state = self.requests.get(request_id)
+            if state is None:
+                continue
+            if not item.to_requester:
+                outgoing.extend(self._abort(state, f"stage {item.address} is unreachable"))
+                continue
+            # The requester is gone: free the request everywhere, starting from the first stage.
+            self.drop_request(state.request_id)
+            if state.stage_index != 0:
+                cancelled = encode(GenerationCancelled(request_id=state.request_id))
+                outgoing.append(Outgoing(state.route[0], (cancelled,), state.request_id))
+        return outgoing + self._admit_waiting()
 
     # --- computing ----------------------------------------------------------------------
 
     def has_work(self) -> bool:
         return len(self.scheduler) > 0
 
+    def batch_limit(self) -> int:
+        if self.max_batch_size == 1 or not self.shard.spec.is_first:
+            return self.max_batch_size
+        depth = max((len(state.route) for state in self.requests.values()), default=1)
+        return micro_batch_limit(self.max_batch_size, len(self.requests), depth)
+
     def run_next(self) -> list[Outgoing]:
-        work = self.scheduler.next()
-        if work is None:
-            return []
-        state = self.requests.get(work.request_id)
-        if state is None:
+        batch = [
+            (self.requests[work.request_id], work)
+            for work in self.scheduler.next_batch(self.batch_limit())
+            if work.request_id in self.requests
+        ]
+        if not batch:
             return []
         try:
-            output = self.shard.forward(work.inputs, state.cache)
+            if len(batch) == 1:
+                state, work = batch[0]
+                output = self.shard.forward(work.inputs, state.cache)
+            else:
+                inputs = mx.concatenate([work.inputs for _, work in batch], axis=0)
+                output = forward_rows(self.shard, inputs, [state.cache for state, _ in batch])
+                self.counters.batched_steps += 1
+                self.counters.batched_rows += len(batch)
+            self.counters.largest_batch = max(self.counters.largest_batch, len(batch))
             self.counters.steps_done += 1
             if not self.shard.spec.is_last:
-                return self._send_activations(state, work, output)
-            if not work.sample:
-                mx.eval([layer_cache.state for layer_cache in state.cache])
-                return []
-            return self._sample(state, work, output)
+                outgoing = self._send_activations(batch, output)
+            elif not batch[0][1].sample:  # a prompt chunk before the last: only the cache matters
+                mx.eval([layer_cache.state for layer_cache in batch[0][0].cache])
+                outgoing = []
+            else:
+                rows = mx.split(output, len(batch), axis=0) if len(batch) > 1 else [output]
+                outgoing = [
+                    item
+                    for (state, work), row in zip(batch, rows, strict=True)
+                    for item in self._sample(state, work, row)
+                ]
         except (RuntimeError, ValueError, MemoryError) as error:
-            # MLX reports allocation failures and shape errors this way; the request cannot go on.
-            return self._abort(state, f"stage {self.address} failed: {error}")
+            # MLX reports allocation failures and shape errors this way; the requests cannot go on.
+            outgoing = []
+            for state, _ in batch:
+                outgoing.extend(self._abort(state, f"stage {self.address} failed: {error}"))
+        return outgoing + self._admit_waiting()
 
-    def _send_activations(self, state: RequestState, work: Work, hidden: mx.array) -> list[Outgoing]:
+    def _send_activations(self, batch: list[tuple[RequestState, Work]], hidden: mx.array) -> list[Outgoing]:
         mx.eval(hidden)
-        dtype, buffer = hidden_to_wire(hidden)
-        header = ActivationsSent(
-            request_id=state.request_id,
-            step=work.step,
-            shape=list(hidden.shape),
-            dtype=dtype,
-            sample=work.sample,
-        )
-        assert state.next_address is not None
-        return [Outgoing(state.next_address, (encode(header), buffer), state.request_id)]
+        by_address: dict[str, list[int]] = {}
+        for position, (state, _) in enumerate(batch):
+            assert state.next_address is not None
+            by_address.setdefault(state.next_address, []).append(position)
+        outgoing: list[Outgoing] = []
+        for address, positions in by_address.items():
+            rows = hidden if len(positions) == len(batch) else hidden[mx.array(positions)]
+            dtype, buffer = hidden_to_wire(rows)
+            (first_state, first_work), *others = [batch[position] for position in positions]
+            header = ActivationsSent(
+                request_id=first_state.request_id,
+                step=first_work.step,
+                shape=list(rows.shape),
+                dtype=dtype,
+                sample=first_work.sample,
+                batch=[BatchRow(state.request_id, work.step) for state, work in others],
+            )
+            batch_ids = tuple(state.request_id for state, _ in others)
+            outgoing.append(
+                Outgoing(address, (encode(header), buffer), first_state.request_id, False, batch_ids)
+            )
+        return outgoing
 
     def _sample(self, state: RequestState, work: Work, logits: mx.array) -> list[Outgoing]:
         assert state.sampler is not None
@@ -354,25 +501,39 @@ class PipelineStage:
             finish_reason=finish_reason,
             logprob=sampled_token.logprob,
             top_logprobs=sampled_token.top_logprobs,
+            cached_tokens=state.cached_tokens,
         )
         frame = encode(sampled)
         outgoing = [Outgoing(state.reply_to, (frame,), state.request_id, to_requester=True)]
         first = self.shard.spec.is_first
         if finish_reason is not None:
+            if first and self.prefix_index is not None:
+                self._store_prefix(state)  # one stage: nothing to tell anyone
             self.drop_request(state.request_id)
             if not first:
+                if state.store_prefix:
+                    self._park(state)
                 outgoing.append(Outgoing(state.route[0], (frame,), state.request_id))
         elif first:
-            self.scheduler.submit(Work(state.request_id, work.step + 1, mx.array([[token]]), sample=True))
+            self._feed(state, work.step + 1, token)
         else:
             outgoing.append(Outgoing(state.route[0], (frame,), state.request_id))
         return outgoing
 
+    def _park(self, state: RequestState) -> None:
+        """Last stage: keep a finished request's cache until the first stage's PrefixCached."""
+        self.parked[state.request_id] = state
+        while len(self.parked) > self.max_active_requests:
+            self.parked.popitem(last=False)
+
     # --- reporting ----------------------------------------------------------------------
 
     def requests_by_requester(self) -> dict[str, list[str]]:
-        """reply_to address -> ids of the requests this stage holds for it (for StageAlive)."""
+        """reply_to address -> ids of the requests this stage holds for it (for StageAlive),
+        waiting ones included."""
         by_requester: dict[str, list[str]] = {}
         for state in self.requests.values():
             by_requester.setdefault(state.reply_to, []).append(state.request_id)
+        for message in self.admission.waiting.values():
+            by_requester.setdefault(message.reply_to, []).append(message.request_id)
         return by_requester
