@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import cast
 
-from exo.api.services import ChatTokenizer, GeneratedToken, GenerationFailed
+from exo.api.services import ChatTokenizer, GeneratedToken, GenerationFailed, Overloaded
 from exo.inference.client import GenerationError, GenerationRequest, PipelineClient
 from exo.inference.protocol import SamplingParams, TokenSampled
 from exo.state import Instance, State
@@ -51,9 +51,16 @@ class PipelineGenerator:
             try:
                 async for sampled in tokens:
                     yield GeneratedToken(
-                        sampled.token, sampled.finish_reason, sampled.logprob, sampled.top_logprobs
+                        sampled.token,
+                        sampled.finish_reason,
+                        sampled.logprob,
+                        sampled.top_logprobs,
+                        sampled.cached_tokens,
                     )
             except GenerationError as error:
+                if error.code == "busy":
+                    retry_after = error.retry_after if error.retry_after is not None else 1.0
+                    raise Overloaded(instance.instance_id, error.reason, retry_after) from error
                 raise GenerationFailed(instance.instance_id, error.reason) from error
             except ValueError as error:  # the client refused the request before sending it
                 raise GenerationFailed(instance.instance_id, f"invalid request: {error}") from error

@@ -8,6 +8,7 @@ raises a readable exception instead of choking on an unexpected body.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any, Literal, TypeVar
 
@@ -26,6 +27,7 @@ from exo.api.services import (
     InstanceNotReady,
     ModelNotFound,
     NoCapacity,
+    Overloaded,
     ServiceError,
 )
 
@@ -65,6 +67,7 @@ _SERVICE_ERRORS: dict[type[ServiceError], tuple[int, str, str, str | None]] = {
     InstanceNotReady: (504, "server_error", "instance_not_ready", None),
     ClusterUnavailable: (503, "server_error", "cluster_unavailable", None),
     GenerationFailed: (500, "server_error", "generation_failed", None),
+    Overloaded: (503, "server_error", "overloaded", None),
 }
 
 _HTTP_CODES: dict[int, str] = {
@@ -146,7 +149,10 @@ def _response(
 
 def handle_service_error(request: Request[Any, Any, Any], error: ServiceError) -> Response[Any]:
     status_code, body = service_error_body(error)
-    return _response(request, status_code, body)
+    headers = None
+    if isinstance(error, Overloaded):  # Retry-After is whole seconds
+        headers = {"retry-after": str(max(1, math.ceil(error.retry_after_s)))}
+    return _response(request, status_code, body, headers)
 
 
 def handle_api_error(request: Request[Any, Any, Any], error: ApiError) -> Response[Any]:
@@ -233,7 +239,8 @@ _DESCRIPTIONS: dict[int, str] = {
     404: "No such model, instance or completion",
     413: "Request body too large",
     500: "A pipeline stage failed during the generation",
-    503: "No capacity to place the model, the instance failed, or no master reachable",
+    503: "No capacity to place the model, the instance failed or is overloaded (with Retry-After), "
+    "or no master reachable",
     504: "The instance did not become ready in time",
 }
 Dialect = Literal["openai", "anthropic", "ollama"]

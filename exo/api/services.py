@@ -36,6 +36,8 @@ class GeneratedToken(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # `top_logprobs` most likely (token id, log-probability) pairs, most likely first.
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    # Prompt tokens whose prefill the prefix cache skipped (usage.prompt_tokens_details.cached_tokens).
+    cached_tokens: int | None = None
 
 
 class TokenStream(Protocol):
@@ -256,6 +258,17 @@ class GenerationFailed(ServiceError):
         super().__init__(f"generation on instance {instance_id!r} failed: {reason}")
         self.instance_id = instance_id
         self.reason = reason
+
+
+class Overloaded(ServiceError):
+    """The instance is serving as many requests as it may and its queue is full: answer 503 with
+    a Retry-After of `retry_after_s` seconds."""
+
+    def __init__(self, instance_id: str, reason: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(f"instance {instance_id!r} is overloaded: {reason}")
+        self.instance_id = instance_id
+        self.reason = reason
+        self.retry_after_s = retry_after_s
 
 
 class ClusterUnavailable(ServiceError):

@@ -55,10 +55,14 @@ class GenerationRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
 
 
 class GenerationError(RuntimeError):
-    def __init__(self, request_id: str, reason: str) -> None:
+    def __init__(
+        self, request_id: str, reason: str, code: str | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"generation {request_id} failed: {reason}")
         self.request_id = request_id
         self.reason = reason
+        self.code = code  # GenerationFailed.code: "busy" when the instance refused it (try later)
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -236,7 +240,7 @@ class PipelineClient:
             while True:
                 message = await self._next(channel, request_id, timeout)
                 if isinstance(message, GenerationFailed):
-                    raise GenerationError(request_id, message.reason)
+                    raise GenerationError(request_id, message.reason, message.code, message.retry_after)
                 yield message
                 if message.finish_reason is not None:
                     completed = True
