@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
@@ -211,7 +211,10 @@ def _validation_param(key: str, message: str) -> str | None:
 def handle_http_exception(request: Request[Any, Any, Any], error: HTTPException) -> Response[Any]:
     status_code = error.status_code
     code = _HTTP_CODES.get(status_code)
-    detail = ErrorDetail(error.detail, error_type_for_status(status_code), None, code)
+    message = error.detail
+    if isinstance(error.__cause__, SerializationException):  # Litestar could not parse the body
+        message = f"malformed JSON: {message}"
+    detail = ErrorDetail(message, error_type_for_status(status_code), None, code)
     return _response(request, status_code, ErrorBody(detail), headers=error.headers)
 
 
