@@ -341,10 +341,28 @@ def test_a_client_that_disconnects_stops_generation(node: NodeProcess) -> None:
     sampled = stopped["tokens_sampled"] - before["tokens_sampled"]
     print(f"disconnect: {received} tokens received, {sampled} sampled")
     assert sampled < received + 30, (sampled, received)  # stopped within a few steps, not at 3000
-    # And it stays stopped: nothing is computed for the request any more.
-    deadline = time.monotonic() + 4.5  # two more stats reports
+    assert_stays_idle(node, stopped["steps_done"])
+
+
+def test_a_client_that_gives_up_on_a_non_streamed_answer_stops_generation(node: NodeProcess) -> None:
+    before = wait_until(
+        lambda: (s := runner_stats(node)) and s["active_requests"] == 0 and s, 10, "idle runner"
+    )
+    body = {**endless_body(), "stream": False}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(node.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=1.5)
+    stopped = wait_until(
+        lambda: (s := runner_stats(node))["active_requests"] == 0 and s, 15, "the runner to drop the request"
+    )
+    assert stopped["tokens_sampled"] - before["tokens_sampled"] < 1500  # of the 3000 asked for
+    assert_stays_idle(node, stopped["steps_done"])
+
+
+def assert_stays_idle(node: NodeProcess, steps_done: int, seconds: float = 4.5) -> None:
+    """Nothing more is computed: steps_done does not move over two more stats reports."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        assert runner_stats(node)["steps_done"] == stopped["steps_done"]
+        assert runner_stats(node)["steps_done"] == steps_done
         time.sleep(0.5)
 
 
