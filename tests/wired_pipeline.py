@@ -75,14 +75,18 @@ class WiredPipeline:
                 else:
                     self.in_flight.extend(self.stages[item.address].handle_frames(frames))
 
+    def step(self) -> bool:
+        """Deliver what is in flight, then one pass on each stage with work; False when idle."""
+        self.deliver()
+        busy = [stage for stage in self.stages.values() if stage.has_work()]
+        for stage in busy:
+            self.in_flight.extend(stage.run_next())
+        return bool(busy)
+
     def run(self, max_passes: int = 100_000) -> None:
         for _ in range(max_passes):
-            self.deliver()
-            busy = [stage for stage in self.stages.values() if stage.has_work()]
-            if not busy:
+            if not self.step():
                 return
-            for stage in busy:
-                self.in_flight.extend(stage.run_next())
         raise AssertionError("the pipeline did not settle")
 
     def tokens(self, request_id: str) -> list[int]:

@@ -110,6 +110,10 @@ class PrefixIndex:
         self.tokens += len(key)
         return StorePlan(len(key), evicted)
 
+    @property
+    def confirmed(self) -> int:
+        return sum(entry.confirmed for entry in self._entries.values())
+
     def confirm(self, entry_id: str) -> bool:
         entry = self._entries.get(entry_id)
         if entry is None:

@@ -333,7 +333,7 @@ class Runner:
             batched_steps=counters.batched_steps,
             batched_rows=counters.batched_rows,
             largest_batch=counters.largest_batch,
-            prefix_cache_entries=len(self.stage.snapshots),
+            prefix_cache_entries=self.stage.usable_prefix_entries(),
             prefix_cache_tokens=sum(self.stage.snapshots.tokens.values()),
             prefix_cache_bytes=self.stage.snapshots.nbytes,
             prefix_cache_hits=counters.prefix_cache_hits,

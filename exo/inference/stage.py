@@ -528,6 +528,10 @@ class PipelineStage:
 
     # --- reporting ----------------------------------------------------------------------
 
+    def usable_prefix_entries(self) -> int:
+        """Prefix cache entries a hit may use: on the first stage, those every stage confirmed."""
+        return self.prefix_index.confirmed if self.prefix_index is not None else len(self.snapshots)
+
     def requests_by_requester(self) -> dict[str, list[str]]:
         """reply_to address -> ids of the requests this stage holds for it (for StageAlive),
         waiting ones included."""
