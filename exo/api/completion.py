@@ -7,7 +7,6 @@ Everything here can fail with a plain HTTP error, before any byte of an answer i
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -65,10 +64,6 @@ class PreparedCompletion(msgspec.Struct, frozen=True, kw_only=True):
     prompt_tokens: list[int]
     max_tokens: int
     forced_prefix: str = ""  # text appended to the prompt for the model (a required tool call)
-
-
-def tool_definitions(tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [dict(tool) for tool in tools]
 
 
 async def prepare(

@@ -40,6 +40,7 @@ from exo.api.openai_chat import sampling_params
 from exo.api.runs import ChoiceResult, CompletionRun, collect
 from exo.api.services import ServiceError
 from exo.inference.models import ModelInfo
+from exo.inference.protocol import SamplingParams
 
 OLLAMA_VERSION = "0.12.0"  # the Ollama API version these routes follow
 LATEST = ":latest"
@@ -76,7 +77,7 @@ def _check_format(format_: Format) -> None:
         )
 
 
-def _options_sampling(options: Options | None, model: str) -> tuple[Any, int | None, list[str]]:
+def _options_sampling(options: Options | None) -> tuple[SamplingParams, int | None, list[str]]:
     options = options or Options()
     sampling = sampling_params(
         temperature=options.temperature,
@@ -95,7 +96,7 @@ def _options_sampling(options: Options | None, model: str) -> tuple[Any, int | N
 
 def chat_request(body: ChatRequest) -> CompletionRequest:
     _check_format(body.format)
-    sampling, max_tokens, stop = _options_sampling(body.options, body.model)
+    sampling, max_tokens, stop = _options_sampling(body.options)
     tools = None
     if body.tools:
         definitions = [msgspec.to_builtins(tool) for tool in body.tools]
@@ -145,7 +146,7 @@ def generate_request(body: GenerateRequest) -> CompletionRequest:
     ):
         if value:
             raise ApiError(400, f"{field} is not supported", field, "invalid_request")
-    sampling, max_tokens, stop = _options_sampling(body.options, body.model)
+    sampling, max_tokens, stop = _options_sampling(body.options)
     if body.raw:
         prompt: ChatPrompt | TextPrompt = TextPrompt(text=body.prompt)
     else:

@@ -95,17 +95,6 @@ class AnswerMessage(msgspec.Struct, frozen=True, omit_defaults=True):
     tool_calls: list[ToolCall] | None = None
 
 
-class Timings(msgspec.Struct, frozen=True):
-    """Nanoseconds and token counts, on the final object only."""
-
-    total_duration: int
-    load_duration: int
-    prompt_eval_count: int
-    prompt_eval_duration: int
-    eval_count: int
-    eval_duration: int
-
-
 class ChatChunk(msgspec.Struct, frozen=True, omit_defaults=True):
     model: str
     created_at: str
