@@ -36,7 +36,7 @@ from exo.api.ollama_types import (
     ToolCall,
     ToolCallFunction,
 )
-from exo.api.openai_chat import sampling_params
+from exo.api.openai_chat import function_definitions, sampling_params
 from exo.api.runs import ChoiceResult, CompletionRun, collect
 from exo.api.services import ServiceError
 from exo.inference.models import ModelInfo
@@ -97,10 +97,7 @@ def _options_sampling(options: Options | None) -> tuple[SamplingParams, int | No
 def chat_request(body: ChatRequest) -> CompletionRequest:
     _check_format(body.format)
     sampling, max_tokens, stop = _options_sampling(body.options)
-    tools = None
-    if body.tools:
-        definitions = [msgspec.to_builtins(tool) for tool in body.tools]
-        tools = ToolSpec(definitions=definitions)
+    tools = ToolSpec(definitions=function_definitions(body.tools)) if body.tools else None
     return CompletionRequest(
         model=model_id(body.model),
         prompt=ChatPrompt(conversation(body.messages), tools),

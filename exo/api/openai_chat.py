@@ -27,6 +27,7 @@ from exo.api.openai_types import (
     ToolCallDelta,
     ToolCallDeltaFunction,
     ToolCallFunction,
+    ToolDefinition,
 )
 from exo.api.runs import CompletionRun, collect, server_sent_event
 from exo.api.services import ServiceError
@@ -190,7 +191,7 @@ def tool_spec(body: ChatCompletionRequest) -> ToolSpec | None:
             )
         chosen = [tool for tool in tools if tool.function.name == choice.function.name]
         return ToolSpec(
-            definitions=_definitions(chosen), mode="named", name=choice.function.name, parallel=False
+            definitions=function_definitions(chosen), mode="named", name=choice.function.name, parallel=False
         )
     if choice == "required" and not tools:
         raise ApiError(400, "tool_choice 'required' needs tools", "tool_choice", "invalid_request")
@@ -198,13 +199,14 @@ def tool_spec(body: ChatCompletionRequest) -> ToolSpec | None:
         return None
     parallel = body.parallel_tool_calls is not False
     return ToolSpec(
-        definitions=_definitions(tools),
+        definitions=function_definitions(tools),
         mode="required" if choice == "required" else "auto",
         parallel=parallel,
     )
 
 
-def _definitions(tools: list[Any]) -> list[dict[str, Any]]:
+def function_definitions(tools: list[ToolDefinition]) -> list[dict[str, Any]]:
+    """OpenAI tools as chat templates take them: no nulls, parameters always an object schema."""
     definitions: list[dict[str, Any]] = []
     for tool in tools:
         function: dict[str, Any] = {"name": tool.function.name}
