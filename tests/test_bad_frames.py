@@ -49,7 +49,7 @@ def test_garbage_on_every_socket_is_dropped_and_counted(tmp_path: Path) -> None:
         node.start()
         wait_until(
             lambda: (s := node.state())["master_node_id"] == "node0" and "node0" in s["nodes"],
-            20,
+            90,
             "single node elected itself",
         )
         before = stable_state(node)

@@ -40,7 +40,7 @@ def test_wrong_secret_and_plain_sockets_cannot_join_or_inject(tmp_path: Path) ->
                 and sum(n["status"] == "alive" for n in s["nodes"].values()) == 2
                 and s
             ),
-            20,
+            90,
             "the two nodes with the secret formed a cluster",
         )
         assert set(state["nodes"]) == {"node0", "node1"}
@@ -89,7 +89,7 @@ def test_pipeline_under_a_secret_serves_and_ignores_plain_sockets(tmp_path: Path
                 and sum(n["status"] == "alive" for n in s["nodes"].values()) == 2
                 and s
             ),
-            30,
+            90,
             "two nodes with the secret",
         )
         placed = first.post(

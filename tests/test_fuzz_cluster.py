@@ -121,7 +121,7 @@ def test_a_minute_of_fuzzed_frames_changes_nothing(tmp_path: Path) -> None:
                 and sum(n["status"] == "alive" for n in s["nodes"].values()) == 3
                 and s
             ),
-            30,
+            90,
             "three nodes agree",
         )
         before = {node.name: stable(node) for node in cluster.nodes}

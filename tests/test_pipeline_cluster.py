@@ -74,7 +74,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Any:
                 and sum(n["status"] == "alive" for n in s["nodes"].values()) == 3
                 and s["master_node_id"]
             ),
-            30,
+            90,
             "three nodes agree",
         )
         yield running
