@@ -148,8 +148,8 @@ def test_the_second_turn_skips_the_first_on_every_stage_with_the_same_output(
     assert {message.cached_tokens for message in pipeline.messages("turn-1", TokenSampled)} == {0}
     for stage in pipeline.stages.values():
         assert stage.counters.prefix_cache_hits == 1 and stage.counters.cached_prompt_tokens == expected
-        assert set(stage.snapshots.tokens) == {"turn-2"}  # turn two's entry replaced turn one's
-    assert pipeline.first.prefix_index is not None and list(pipeline.first.prefix_index.lookup(
+        assert set(stage.prefix.snapshots.tokens) == {"turn-2"}  # turn two's entry replaced turn one's
+    assert pipeline.first.prefix.index is not None and list(pipeline.first.prefix.index.lookup(
         pipeline.route, [*turn_two, 1]
     ) or ()) == ["turn-2", len(turn_two)]  # fmt: skip
     assert pipeline.idle()
@@ -160,17 +160,17 @@ def test_evictions_reach_every_stage_and_an_unfinished_request_is_not_kept() -> 
     pipeline = WiredPipeline(model, [(0, 3), (3, 6)], prefix_cache_tokens=40)
     pipeline.start("a", list(range(1, 21)), 4)
     pipeline.run()
-    assert all(set(stage.snapshots.tokens) == {"a"} for stage in pipeline.stages.values())
+    assert all(set(stage.prefix.snapshots.tokens) == {"a"} for stage in pipeline.stages.values())
     pipeline.start("b", list(range(30, 50)), 4)  # 23 more tokens: "a" must go
     pipeline.run()
-    assert all(set(stage.snapshots.tokens) == {"b"} for stage in pipeline.stages.values())
+    assert all(set(stage.prefix.snapshots.tokens) == {"b"} for stage in pipeline.stages.values())
     pipeline.start("c", list(range(60, 80)), 1000)
     pipeline.deliver()
     for _ in range(3):
         assert pipeline.step()
     pipeline.send(pipeline.route[0], GenerationCancelled(request_id="c"))
     pipeline.run()
-    assert all(set(stage.snapshots.tokens) == {"b"} for stage in pipeline.stages.values())
+    assert all(set(stage.prefix.snapshots.tokens) == {"b"} for stage in pipeline.stages.values())
     assert pipeline.idle()
 
 
@@ -210,7 +210,7 @@ def test_frames_that_would_make_stages_disagree_are_refused() -> None:
     pipeline.send(pipeline.route[0], PrefixCacheConfirmed(request_id="never-stored"))
     pipeline.deliver()
     assert first.counters.dropped_frames == 1 and last.counters.dropped_frames == 1
-    assert first.counters.stale_frames == 1 and len(last.snapshots) == 0  # nothing to keep for "x"
+    assert first.counters.stale_frames == 1 and len(last.prefix.snapshots) == 0  # nothing to keep for "x"
     assert pipeline.received.get("x") is None
 
 

@@ -97,7 +97,8 @@ class WiredPipeline:
 
     def idle(self) -> bool:
         return all(
-            not stage.requests and not stage.has_work() and not stage.parked for stage in self.stages.values()
+            not stage.requests and not stage.has_work() and not stage.prefix.parked
+            for stage in self.stages.values()
         )
 
 

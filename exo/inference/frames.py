@@ -11,7 +11,16 @@ import mlx.core as mx
 import numpy as np
 
 from exo.bus.codec import DECODE_ERRORS
-from exo.inference.protocol import WIRE_DTYPES, ActivationsSent, PipelineMessage, pipeline_decoder
+from exo.inference.protocol import (
+    WIRE_DTYPES,
+    ActivationsSent,
+    BatchRow,
+    GenerationStarted,
+    PipelineMessage,
+    encode,
+    pipeline_decoder,
+)
+from exo.inference.shard import ShardSpec
 
 Buffer = bytes | memoryview
 
@@ -62,6 +71,48 @@ def activations_problem(message: ActivationsSent, nbytes: int, hidden_size: int)
         if shape[1] != 1 or not message.sample or len(set(request_ids)) != rows:
             return "a batch is single sampled tokens of distinct requests"
     return None
+
+
+def start_problem(message: GenerationStarted, spec: ShardSpec, vocab_size: int, address: str) -> str | None:
+    """Why this stage cannot take part in this generation, or None."""
+    index, route = message.stage_index, message.route
+    if index >= len(route):
+        return f"stage_index {index} is past the route"
+    if (index == 0) != spec.is_first or (index == len(route) - 1) != spec.is_last:
+        return (
+            f"route mismatch: stage {index} of {len(route)} at {address} holds layers "
+            f"[{spec.start_layer}, {spec.end_layer}) of {spec.n_layers}"
+        )
+    if spec.is_first and any(not 0 <= token < vocab_size for token in message.prompt_tokens):
+        return f"prompt token ids must be in [0, {vocab_size})"
+    if index == 0 and (message.prefix_entry is not None or message.cached_tokens or message.store_prefix):
+        return "prefix_entry, cached_tokens and store_prefix are the first stage's to set"
+    if (message.prefix_entry is None) != (message.cached_tokens == 0) or (
+        message.cached_tokens >= len(message.prompt_tokens)
+    ):
+        return f"cached_tokens {message.cached_tokens} does not fit prefix_entry and the prompt"
+    return None
+
+
+def activation_frames(rows: Sequence[tuple[str, str, int]], hidden: mx.array, sample: bool) -> list[Outgoing]:
+    """Frames for the next stages: `rows` are (next address, request id, step) of `hidden`'s rows;
+    one frame per address, batched when several rows go there."""
+    mx.eval(hidden)
+    by_address: dict[str, list[int]] = {}
+    for position, (address, _, _) in enumerate(rows):
+        by_address.setdefault(address, []).append(position)
+    outgoing: list[Outgoing] = []
+    for address, positions in by_address.items():
+        selected = hidden if len(positions) == len(rows) else hidden[mx.array(positions)]
+        dtype, buffer = hidden_to_wire(selected)
+        (_, request_id, step), *others = [rows[position] for position in positions]
+        header = ActivationsSent(
+            request_id=request_id, step=step, shape=list(selected.shape), dtype=dtype, sample=sample,
+            batch=[BatchRow(other_id, other_step) for _, other_id, other_step in others],
+        )  # fmt: skip
+        batch_ids = tuple(other_id for _, other_id, _ in others)
+        outgoing.append(Outgoing(address, (encode(header), buffer), request_id, False, batch_ids))
+    return outgoing
 
 
 def hidden_to_wire(hidden: mx.array) -> tuple[str, np.ndarray]:

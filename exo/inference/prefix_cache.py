@@ -20,8 +20,11 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import mlx.core as mx
+import msgspec
 import numpy as np
 from mlx_lm.models.cache import KVCache
+
+from exo.inference.protocol import PrefixCacheConfirmed, PrefixCached
 
 
 class PrefixHit(NamedTuple):
@@ -180,3 +183,83 @@ class KVSnapshots:
         for entry_id in entry_ids:
             self._entries.pop(entry_id, None)
             self.tokens.pop(entry_id, None)
+
+
+class StagePrefixCache:
+    """One stage's part of the protocol: the first stage's index and decisions, every stage's
+    snapshots, and (last stage) finished requests' caches parked until the first stage decides."""
+
+    def __init__(self, *, first: bool, budget_tokens: int, max_parked: int) -> None:
+        self.index = PrefixIndex(budget_tokens) if first and budget_tokens > 0 else None
+        self.snapshots = KVSnapshots()
+        self._parked: OrderedDict[str, list[Any]] = OrderedDict()
+        self._max_parked = max_parked
+
+    def __contains__(self, request_id: object) -> bool:
+        """A finished request still parked here."""
+        return request_id in self._parked
+
+    @property
+    def parked(self) -> int:
+        return len(self._parked)
+
+    def usable_entries(self) -> int:
+        """Entries a hit may use: on the first stage, those every stage confirmed."""
+        return self.index.confirmed if self.index is not None else len(self.snapshots)
+
+    def hit(self, route: Sequence[str], prompt: Sequence[int]) -> tuple[PrefixHit, list[KVCache]] | None:
+        """First stage: the best confirmed entry for this prompt, and caches restored from it."""
+        hit = self.index.lookup(route, prompt) if self.index is not None else None
+        cache = self.snapshots.restore(hit.entry_id, hit.tokens) if hit is not None else None
+        return (hit, cache) if hit is not None and cache is not None else None
+
+    def store(
+        self, request_id: str, route: Sequence[str], tokens: Sequence[int], cache: Sequence[Any]
+    ) -> PrefixCached | None:
+        """First stage, a request that ended normally: its cache holds `tokens`. Decide, keep it
+        here, and return what the next stage must do (None with one stage: usable at once)."""
+        assert self.index is not None
+        plan = self.index.plan_store(request_id, route, tokens)
+        self.snapshots.drop(plan.evicted)
+        kept = plan.tokens
+        if kept and not self.snapshots.save(request_id, cache, kept):
+            self.index.forget(request_id)
+            kept = 0
+        if len(route) == 1:
+            if kept:
+                self.index.confirm(request_id)
+            return None
+        return PrefixCached(
+            request_id=request_id, route=list(route), stage_index=1, tokens=kept, evicted=plan.evicted
+        )
+
+    def park(self, request_id: str, cache: list[Any]) -> None:
+        """Last stage: keep a finished request's cache until the first stage's PrefixCached (or a
+        cancel) says what to do with it; the oldest go past `max_parked` (never confirmed then)."""
+        self._parked[request_id] = cache
+        while len(self._parked) > self._max_parked:
+            self._parked.popitem(last=False)
+
+    def unpark(self, request_id: str) -> list[Any] | None:
+        return self._parked.pop(request_id, None)
+
+    def apply(
+        self, message: PrefixCached, active_cache: list[Any] | None, address: str
+    ) -> PrefixCached | PrefixCacheConfirmed | None:
+        """A later stage: drop what the first stage evicted, keep the entry if this stage can, and
+        return what goes on (to the next stage, or the confirmation to the first)."""
+        self.snapshots.drop(message.evicted)
+        cache = self.unpark(message.request_id) or active_cache
+        saved = (
+            bool(message.tokens)
+            and cache is not None
+            and self.snapshots.save(message.request_id, cache, message.tokens)
+        )
+        if message.stage_index == len(message.route) - 1:
+            return (
+                PrefixCacheConfirmed(request_id=message.request_id, stage_address=address) if saved else None
+            )
+        # A stage that could not keep it tells the rest to keep nothing: it is never confirmed.
+        return msgspec.structs.replace(
+            message, stage_index=message.stage_index + 1, tokens=message.tokens if saved else 0
+        )

@@ -333,9 +333,9 @@ class Runner:
             batched_steps=counters.batched_steps,
             batched_rows=counters.batched_rows,
             largest_batch=counters.largest_batch,
-            prefix_cache_entries=self.stage.usable_prefix_entries(),
-            prefix_cache_tokens=sum(self.stage.snapshots.tokens.values()),
-            prefix_cache_bytes=self.stage.snapshots.nbytes,
+            prefix_cache_entries=self.stage.prefix.usable_entries(),
+            prefix_cache_tokens=sum(self.stage.prefix.snapshots.tokens.values()),
+            prefix_cache_bytes=self.stage.prefix.snapshots.nbytes,
             prefix_cache_hits=counters.prefix_cache_hits,
             cached_prompt_tokens=counters.cached_prompt_tokens,
         )

@@ -19,9 +19,7 @@ finished request's cache is kept on every stage by a `PrefixCached` that follows
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -32,13 +30,14 @@ from exo.inference.frames import (
     Buffer,
     MalformedFrameError,
     Outgoing,
+    activation_frames,
     activations_problem,
     decode_frames,
     hidden_from_wire,
-    hidden_to_wire,
     prefill_chunks,
+    start_problem,
 )
-from exo.inference.prefix_cache import KVSnapshots, PrefixIndex
+from exo.inference.prefix_cache import StagePrefixCache
 from exo.inference.protocol import (
     ActivationsSent,
     BatchRow,
@@ -52,46 +51,12 @@ from exo.inference.protocol import (
     TokenSampled,
     encode,
 )
+from exo.inference.request_state import RequestState, StageCounters
 from exo.inference.sampling import TokenSampler
 from exo.inference.scheduler import AdmissionQueue, StageScheduler, Work, micro_batch_limit
 from exo.inference.shard import ShardModel
 
 __all__ = ["Outgoing", "PipelineStage", "RequestState", "StageCounters", "prefill_chunks"]
-
-
-@dataclass
-class RequestState:
-    request_id: str
-    route: list[str]
-    reply_to: str
-    stage_index: int
-    max_tokens: int
-    eos_token_ids: frozenset[int]
-    cache: list[Any]
-    sampler: TokenSampler | None = None
-    tokens_sampled: int = 0
-    cached_tokens: int = 0  # prompt positions taken from the prefix cache
-    store_prefix: bool = False  # a PrefixCached follows the end: the last stage keeps the cache
-    tokens: list[int] = field(default_factory=list)  # first stage: prompt, then each token fed
-
-    @property
-    def next_address(self) -> str | None:
-        following = self.stage_index + 1
-        return self.route[following] if following < len(self.route) else None
-
-
-@dataclass
-class StageCounters:
-    steps_done: int = 0
-    requests_started: int = 0
-    tokens_sampled: int = 0
-    dropped_frames: int = 0  # malformed or impossible here
-    stale_frames: int = 0  # for a request this stage does not hold (finished or cancelled)
-    batched_steps: int = 0  # passes that ran several requests at once
-    batched_rows: int = 0
-    largest_batch: int = 0
-    prefix_cache_hits: int = 0
-    cached_prompt_tokens: int = 0
 
 
 class PipelineStage:
@@ -119,11 +84,9 @@ class PipelineStage:
             max_active_requests, max_waiting_requests
         )
         self.max_batch_size = max_batch_size if max_batch_size > 1 and enable_row_attention(shard) else 1
-        first = shard.spec.is_first
-        self.prefix_index = PrefixIndex(prefix_cache_tokens) if first and prefix_cache_tokens > 0 else None
-        self.snapshots = KVSnapshots()
-        # Last stage: finished requests whose cache waits for the first stage's PrefixCached.
-        self.parked: OrderedDict[str, RequestState] = OrderedDict()
+        self.prefix = StagePrefixCache(
+            first=shard.spec.is_first, budget_tokens=prefix_cache_tokens, max_parked=max_active_requests
+        )
 
     # --- receiving ----------------------------------------------------------------------
 
@@ -154,7 +117,7 @@ class PipelineStage:
             case PrefixCached():
                 return self._prefix_cached(message)
             case PrefixCacheConfirmed():
-                if self.prefix_index is None or not self.prefix_index.confirm(message.request_id):
+                if self.prefix.index is None or not self.prefix.index.confirm(message.request_id):
                     self.counters.stale_frames += 1
                 return []
             case GenerationFailed() | StageAlive():
@@ -171,32 +134,12 @@ class PipelineStage:
         )
         return [Outgoing(reply_to, (encode(failed),), request_id, to_requester=True)]
 
-    def _start_problem(self, message: GenerationStarted) -> str | None:
-        spec, index, route = self.shard.spec, message.stage_index, message.route
-        if index >= len(route):
-            return f"stage_index {index} is past the route"
-        if (index == 0) != spec.is_first or (index == len(route) - 1) != spec.is_last:
-            return (
-                f"route mismatch: stage {index} of {len(route)} at {self.address} holds layers "
-                f"[{spec.start_layer}, {spec.end_layer}) of {spec.n_layers}"
-            )
-        vocab = self.shard.vocab_size
-        if spec.is_first and any(not 0 <= token < vocab for token in message.prompt_tokens):
-            return f"prompt token ids must be in [0, {vocab})"
-        if index == 0 and (message.prefix_entry is not None or message.cached_tokens or message.store_prefix):
-            return "prefix_entry, cached_tokens and store_prefix are the first stage's to set"
-        if (message.prefix_entry is None) != (message.cached_tokens == 0) or (
-            message.cached_tokens >= len(message.prompt_tokens)
-        ):
-            return f"cached_tokens {message.cached_tokens} does not fit prefix_entry and the prompt"
-        return None
-
     def _start(self, message: GenerationStarted) -> list[Outgoing]:
         request_id = message.request_id
-        if request_id in self.requests or request_id in self.admission or request_id in self.parked:
+        if request_id in self.requests or request_id in self.admission or request_id in self.prefix:
             self.counters.dropped_frames += 1  # a second start would corrupt the first's cache
             return []
-        problem = self._start_problem(message)
+        problem = start_problem(message, self.shard.spec, self.shard.vocab_size, self.address)
         if problem is not None:
             return self._fail(request_id, message.reply_to, problem)
         if not self.shard.spec.is_first:
@@ -229,15 +172,14 @@ class PipelineStage:
         spec, request_id, index = self.shard.spec, message.request_id, message.stage_index
         forwarded = msgspec.structs.replace(message, stage_index=index + 1)
         cache: list[Any] | None = None
-        if spec.is_first and self.prefix_index is not None:
-            hit = self.prefix_index.lookup(message.route, message.prompt_tokens)
-            if hit is not None and (cache := self.snapshots.restore(hit.entry_id, hit.tokens)) is not None:
-                forwarded = msgspec.structs.replace(
-                    forwarded, prefix_entry=hit.entry_id, cached_tokens=hit.tokens
-                )
+        if spec.is_first and self.prefix.index is not None:
+            found = self.prefix.hit(message.route, message.prompt_tokens)
+            if found is not None:
+                (entry_id, tokens), cache = found
+                forwarded = msgspec.structs.replace(forwarded, prefix_entry=entry_id, cached_tokens=tokens)
             forwarded = msgspec.structs.replace(forwarded, store_prefix=len(message.route) > 1)
         elif message.prefix_entry is not None:
-            cache = self.snapshots.restore(message.prefix_entry, message.cached_tokens)
+            cache = self.prefix.snapshots.restore(message.prefix_entry, message.cached_tokens)
             if cache is None:  # the first stage uses confirmed entries only: this is a bug, say so
                 return self._fail(
                     request_id, message.reply_to, f"prefix cache entry {message.prefix_entry} missing here"
@@ -314,7 +256,7 @@ class PipelineStage:
         if message.request_id in self.admission.waiting:
             self.admission.end(message.request_id)  # no other stage has seen it
             return []
-        if self.parked.pop(message.request_id, None) is not None:
+        if self.prefix.unpark(message.request_id) is not None:
             return []
         state = self.requests.get(message.request_id)
         if state is None:
@@ -338,44 +280,25 @@ class PipelineStage:
         return outgoing
 
     def _store_prefix(self, state: RequestState) -> PrefixCached | None:
-        """First stage: decide and keep this finished request's prefix entry here; what the other
-        stages must do (None with one stage: the entry is usable at once)."""
-        assert self.prefix_index is not None
+        """First stage, a request that ended normally: its cache may become a prefix entry."""
         held = state.tokens[: state.cache[0].offset if state.cache else 0]
-        plan = self.prefix_index.plan_store(state.request_id, state.route, held)
-        self.snapshots.drop(plan.evicted)
-        tokens = plan.tokens
-        if tokens and not self.snapshots.save(state.request_id, state.cache, tokens):
-            self.prefix_index.forget(state.request_id)
-            tokens = 0
-        if len(state.route) == 1:
-            if tokens:
-                self.prefix_index.confirm(state.request_id)
-            return None
-        return PrefixCached(
-            request_id=state.request_id, route=state.route, stage_index=1, tokens=tokens, evicted=plan.evicted
-        )
+        return self.prefix.store(state.request_id, state.route, held, state.cache)
 
     def _prefix_cached(self, message: PrefixCached) -> list[Outgoing]:
         index, route = message.stage_index, message.route
-        last = index == len(route) - 1
-        if self.shard.spec.is_first or index >= len(route) or last != self.shard.spec.is_last:
+        if (
+            self.shard.spec.is_first
+            or index >= len(route)
+            or (index == len(route) - 1) != self.shard.spec.is_last
+        ):
             self.counters.dropped_frames += 1
             return []
-        self.snapshots.drop(message.evicted)
-        state = self.parked.pop(message.request_id, None) or self.requests.get(message.request_id)
-        saved = bool(message.tokens) and state is not None
-        saved = saved and self.snapshots.save(message.request_id, state.cache, message.tokens)  # type: ignore[union-attr]
-        if last:
-            if not saved:
-                return []
-            confirmed = PrefixCacheConfirmed(request_id=message.request_id, stage_address=self.address)
-            return [Outgoing(route[0], (encode(confirmed),), message.request_id)]
-        # A stage that could not keep it tells the rest to keep nothing: it is never confirmed.
-        forwarded = msgspec.structs.replace(
-            message, stage_index=index + 1, tokens=message.tokens if saved else 0
-        )
-        return [Outgoing(route[index + 1], (encode(forwarded),), message.request_id)]
+        state = self.requests.get(message.request_id)
+        following = self.prefix.apply(message, state.cache if state is not None else None, self.address)
+        if following is None:
+            return []
+        address = route[0] if isinstance(following, PrefixCacheConfirmed) else route[index + 1]
+        return [Outgoing(address, (encode(following),), message.request_id)]
 
     def drop_request(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
@@ -440,7 +363,8 @@ class PipelineStage:
             self.counters.largest_batch = max(self.counters.largest_batch, len(batch))
             self.counters.steps_done += 1
             if not self.shard.spec.is_last:
-                outgoing = self._send_activations(batch, output)
+                rows = [(state.next_address or "", state.request_id, work.step) for state, work in batch]
+                outgoing = activation_frames(rows, output, batch[0][1].sample)
             elif not batch[0][1].sample:  # a prompt chunk before the last: only the cache matters
                 mx.eval([layer_cache.state for layer_cache in batch[0][0].cache])
                 outgoing = []
@@ -457,31 +381,6 @@ class PipelineStage:
             for state, _ in batch:
                 outgoing.extend(self._abort(state, f"stage {self.address} failed: {error}"))
         return outgoing + self._admit_waiting()
-
-    def _send_activations(self, batch: list[tuple[RequestState, Work]], hidden: mx.array) -> list[Outgoing]:
-        mx.eval(hidden)
-        by_address: dict[str, list[int]] = {}
-        for position, (state, _) in enumerate(batch):
-            assert state.next_address is not None
-            by_address.setdefault(state.next_address, []).append(position)
-        outgoing: list[Outgoing] = []
-        for address, positions in by_address.items():
-            rows = hidden if len(positions) == len(batch) else hidden[mx.array(positions)]
-            dtype, buffer = hidden_to_wire(rows)
-            (first_state, first_work), *others = [batch[position] for position in positions]
-            header = ActivationsSent(
-                request_id=first_state.request_id,
-                step=first_work.step,
-                shape=list(rows.shape),
-                dtype=dtype,
-                sample=first_work.sample,
-                batch=[BatchRow(state.request_id, work.step) for state, work in others],
-            )
-            batch_ids = tuple(state.request_id for state, _ in others)
-            outgoing.append(
-                Outgoing(address, (encode(header), buffer), first_state.request_id, False, batch_ids)
-            )
-        return outgoing
 
     def _sample(self, state: RequestState, work: Work, logits: mx.array) -> list[Outgoing]:
         assert state.sampler is not None
@@ -507,12 +406,12 @@ class PipelineStage:
         outgoing = [Outgoing(state.reply_to, (frame,), state.request_id, to_requester=True)]
         first = self.shard.spec.is_first
         if finish_reason is not None:
-            if first and self.prefix_index is not None:
+            if first and self.prefix.index is not None:
                 self._store_prefix(state)  # one stage: nothing to tell anyone
             self.drop_request(state.request_id)
             if not first:
                 if state.store_prefix:
-                    self._park(state)
+                    self.prefix.park(state.request_id, state.cache)
                 outgoing.append(Outgoing(state.route[0], (frame,), state.request_id))
         elif first:
             self._feed(state, work.step + 1, token)
@@ -520,17 +419,7 @@ class PipelineStage:
             outgoing.append(Outgoing(state.route[0], (frame,), state.request_id))
         return outgoing
 
-    def _park(self, state: RequestState) -> None:
-        """Last stage: keep a finished request's cache until the first stage's PrefixCached."""
-        self.parked[state.request_id] = state
-        while len(self.parked) > self.max_active_requests:
-            self.parked.popitem(last=False)
-
     # --- reporting ----------------------------------------------------------------------
-
-    def usable_prefix_entries(self) -> int:
-        """Prefix cache entries a hit may use: on the first stage, those every stage confirmed."""
-        return self.prefix_index.confirmed if self.prefix_index is not None else len(self.snapshots)
 
     def requests_by_requester(self) -> dict[str, list[str]]:
         """reply_to address -> ids of the requests this stage holds for it (for StageAlive),
