@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import cast
 
+import msgspec
 import numpy as np
 import pytest
 from litestar.testing import TestClient
@@ -25,9 +26,13 @@ from exo.inference.protocol import (
     BatchRow,
     GenerationCancelled,
     GenerationFailed,
+    GenerationStarted,
+    RunnerStats,
     SamplingParams,
     TokenSampled,
+    control_from_runner_decoder,
     encode,
+    pipeline_decoder,
 )
 from exo.inference.runner import parse_arguments, runner_command
 from exo.inference.scheduler import AdmissionQueue, StageScheduler, Work, micro_batch_limit
@@ -367,3 +372,32 @@ def test_runner_flags_round_trip_and_bad_values_are_refused(capsys: pytest.Captu
         with pytest.raises(SystemExit):
             parse_arguments(["--control", "tcp://127.0.0.1:1", *bad])
     assert "must be positive" in capsys.readouterr().err
+
+
+def test_frames_without_the_new_fields_still_decode() -> None:
+    """Batching, admission and the prefix cache only added optional fields and new messages."""
+    old_frames = [
+        {"type": "GenerationStarted", "request_id": "r", "route": ["tcp://a"], "reply_to": "tcp://b",
+         "prompt_tokens": [1], "max_tokens": 2, "eos_token_ids": []},
+        {"type": "ActivationsSent", "request_id": "r", "step": 0, "shape": [1, 1, 4], "dtype": "float32"},
+        {"type": "TokenSampled", "request_id": "r", "step": 0, "token": 3},
+        {"type": "GenerationFailed", "request_id": "r", "reason": "stage busy"},
+    ]  # fmt: skip
+    started, activations, sampled, failed = (
+        pipeline_decoder.decode(msgspec.msgpack.encode(frame)) for frame in old_frames
+    )
+    assert (
+        isinstance(started, GenerationStarted) and started.prefix_entry is None and started.cached_tokens == 0
+    )
+    assert isinstance(activations, ActivationsSent) and activations.batch == []
+    assert isinstance(sampled, TokenSampled) and sampled.cached_tokens is None
+    assert isinstance(failed, GenerationFailed) and failed.code is None and failed.retry_after is None
+    stats = {
+        "type": "RunnerStats", "instance_id": "i", "steps_done": 1, "tokens_sampled": 1,
+        "active_requests": 0, "queued_work": 0, "dropped_frames": 0, "stale_frames": 0, "resident_bytes": 1,
+        "peak_resident_bytes": 1,
+    }  # fmt: skip
+    decoded = control_from_runner_decoder.decode(msgspec.msgpack.encode(stats))
+    assert isinstance(decoded, RunnerStats) and decoded.largest_batch == 0 and decoded.prefix_cache_hits == 0
+    with pytest.raises(msgspec.ValidationError):  # and the new ones are validated like the rest
+        pipeline_decoder.decode(msgspec.msgpack.encode({**old_frames[3], "code": "tired"}))
