@@ -19,6 +19,7 @@ from exo.api.services import (
     InstanceFailed,
     InstanceNotReady,
     NoCapacity,
+    Overloaded,
     ServiceError,
 )
 from exo.inference.protocol import SamplingParams
@@ -370,14 +371,23 @@ def test_stage_failure_mid_stream_ends_with_an_error_event(
     assert all(chunk["choices"][0]["finish_reason"] is None for chunk in events[:-1])
 
 
-def test_stage_failure_before_the_first_token_in_a_stream(
+def test_stage_failure_before_the_first_token_of_a_stream_is_an_http_error(
     client: TestClient[Any], services: FakeNodeServices
 ) -> None:
+    """A streamed answer's headers wait for the first token, so a failure at the start is a 500."""
     services.script = [GenerationFailed("i-1", "stage failed to load")]
-    events = sse_events(complete(client, stream=True))
-    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert events[-1]["error"]["code"] == "generation_failed"
-    assert len(events) == 2
+    message = assert_error(complete(client, stream=True), 500, "generation_failed")
+    assert "stage failed to load" in message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_overloaded_instance_is_503_with_retry_after(
+    client: TestClient[Any], services: FakeNodeServices, stream: bool
+) -> None:
+    services.script = [Overloaded("i-1", "8 requests running, queue full", retry_after_s=2.5)]
+    response = complete(client, stream=stream)
+    assert "queue full" in assert_error(response, 503, "overloaded")
+    assert response.headers["retry-after"] == "3"
 
 
 def test_stage_failure_without_streaming_is_a_server_error(

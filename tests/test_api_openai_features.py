@@ -14,6 +14,7 @@ import msgspec
 import pytest
 from litestar.testing import TestClient
 
+from exo.api import runs
 from exo.api.app import create_app
 from exo.api.completion import CompletionSettings
 from exo.api.fakes import FakeNodeServices, FakeTokenizer, model_info
@@ -482,3 +483,26 @@ def test_non_streamed_generation_is_closed_when_done(
     chat(client)
     wait_until_generation_ends(services.generate_calls[0])
     assert services.generate_calls[0].finished
+
+
+def test_cached_prompt_tokens_are_reported(client: TestClient[Any], services: FakeNodeServices) -> None:
+    assert "prompt_tokens_details" not in chat(client).json()["usage"]
+    services.cached_tokens = 12
+    usage = chat(client).json()["usage"]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 12}
+    chunks = stream_chunks(chat(client, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 12}
+
+
+async def test_an_opened_run_nobody_reads_is_cancelled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client gone between the first token and the start of its stream: the run is freed."""
+    monkeypatch.setattr(runs, "OPEN_READ_TIMEOUT_S", 0.05)
+    services = FakeNodeServices()
+    services.script = [ord(character) for character in "a long answer " * 20]
+    registry = ActiveCompletions()
+    run = await make_run(services, registry)
+    await run.open()
+    assert len(registry) == 1
+    await wait_for_generations(services)
+    assert services.generate_calls[0].closed_early
+    assert len(registry) == 0

@@ -103,9 +103,10 @@ class OutputToolUse(msgspec.Struct, frozen=True, tag="tool_use", tag_field="type
     input: dict[str, Any]
 
 
-class MessageUsage(msgspec.Struct, frozen=True):
+class MessageUsage(msgspec.Struct, frozen=True, omit_defaults=True):
     input_tokens: int
     output_tokens: int
+    cache_read_input_tokens: int | None = None  # prompt tokens the prefix cache served
 
 
 class MessageResponse(msgspec.Struct, frozen=True):
@@ -257,7 +258,7 @@ async def message_response(
     if result.text or not result.tool_calls:
         content.append(OutputText(result.text))
     content += [OutputToolUse(call.id, call.name, _input(call.arguments)) for call in result.tool_calls]
-    usage = MessageUsage(run.prompt_tokens, run.completion_tokens)
+    usage = MessageUsage(run.prompt_tokens, run.completion_tokens, run.cached_tokens)
     return MessageResponse(
         run.completion_id, model, content, stop_reason(result.ended), result.ended.stop_sequence, usage
     )

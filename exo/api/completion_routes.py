@@ -77,6 +77,7 @@ async def chat_completions(
     if not body.stream:
         return await chat_completion(run, body.model, request.receive)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
+    await run.open(request.receive)
     return event_stream(chat_completion_stream(run, body.model, include_usage))
 
 
@@ -96,6 +97,7 @@ async def completions(
     if not body.stream:
         return await text_completion(run, body.model, echo, request.receive)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
+    await run.open(request.receive)
     return event_stream(text_completion_stream(run, body.model, echo, include_usage))
 
 
@@ -124,6 +126,7 @@ async def claude_messages(  # noqa: PLR0917 (Litestar injects by name)
     run = await start(services, settings, registry, completion, id_prefix="msg_", call_id_prefix="toolu")
     if not body.stream:
         return await anthropic.message_response(run, body.model, request.receive)
+    await run.open(request.receive)
     return event_stream(anthropic.message_stream(run, body.model))
 
 
@@ -145,6 +148,7 @@ async def ollama_chat(
     load_seconds = time.monotonic() - started
     if not body.stream:
         return await ollama.chat_answer(run, body.model, load_seconds, request.receive)
+    await run.open(request.receive)
     return ndjson_stream(ollama.chat_stream(run, body.model, load_seconds))
 
 
@@ -166,6 +170,7 @@ async def ollama_generate(
     load_seconds = time.monotonic() - started
     if not body.stream:
         return await ollama.generate_answer(run, body.model, load_seconds, request.receive)
+    await run.open(request.receive)
     return ndjson_stream(ollama.generate_stream(run, body.model, load_seconds))
 
 

@@ -77,11 +77,14 @@ class ChoiceDecoder:
         self._removed: list[tuple[int, int]] = []  # raw spans that are not content (calls, cut text)
         self._calls = 0
         self.completion_tokens = 0
+        self.cached_tokens: int | None = None  # prompt tokens the prefix cache served, when reported
         self.ended: ChoiceEnded | None = None
 
     def feed(self, token: GeneratedToken) -> list[ChoiceEvent]:
         if self.ended is not None:
             return []
+        if token.cached_tokens is not None:
+            self.cached_tokens = max(self.cached_tokens or 0, token.cached_tokens)
         reason: Literal["stop", "length"] | None = token.finish_reason
         end_of_sequence = token.token_id in self._end_of_sequence
         if end_of_sequence:

@@ -160,6 +160,7 @@ class FakeNodeServices:
         # Seconds between scripted tokens: a real generation takes time, so a consumer that stops
         # early (a stop string, a cancel) does so while the generation is still running.
         self.token_interval = 0.002
+        self.cached_tokens: int | None = None  # what the prefix cache reports on the first token
         self._next_instance = 1
 
     @property
@@ -255,13 +256,15 @@ class FakeNodeServices:
         finally:
             self.generation_closed.set()
 
-    @staticmethod
-    def _token(call: GenerateCall, token: int, finish_reason: FinishReason | None) -> GeneratedToken:
-        """With logprobs on: -0.5 for the token, alternatives at -1.5, -2.5..."""
+    def _token(self, call: GenerateCall, token: int, finish_reason: FinishReason | None) -> GeneratedToken:
+        """With logprobs on: -0.5 for the token, alternatives at -1.5, -2.5... The first token
+        carries `cached_tokens` when set."""
+        cached = self.cached_tokens if call.tokens_sent == 1 else None
         if not call.sampling.logprobs:
-            return GeneratedToken(token, finish_reason)
+            return GeneratedToken(token, finish_reason, cached_tokens=cached)
         alternatives = [(token, -0.5)] + [(ord("a") + rank, -1.5 - rank) for rank in range(19)]
-        return GeneratedToken(token, finish_reason, -0.5, alternatives[: call.sampling.top_logprobs])
+        top = alternatives[: call.sampling.top_logprobs]
+        return GeneratedToken(token, finish_reason, -0.5, top, cached_tokens=cached)
 
     def _check_model(self, model_id: str) -> None:
         self._model(model_id)

@@ -122,10 +122,15 @@ class ChatCompletionRequest(msgspec.Struct, frozen=True, kw_only=True):
     user: str | None = None
 
 
-class Usage(msgspec.Struct, frozen=True):
+class PromptTokensDetails(msgspec.Struct, frozen=True):
+    cached_tokens: int  # prompt tokens whose prefill the prefix cache skipped
+
+
+class Usage(msgspec.Struct, frozen=True, omit_defaults=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None  # when the runners report a cache hit
 
 
 class TopLogprob(msgspec.Struct, frozen=True):

@@ -21,11 +21,12 @@ import msgspec
 
 from exo.api.completion import ChatPrompt, PreparedCompletion
 from exo.api.decoding import ChoiceDecoder, ChoiceEnded, ChoiceEvent, TextDelta, ToolCallMade
-from exo.api.openai_types import TokenLogprob, Usage
+from exo.api.openai_types import PromptTokensDetails, TokenLogprob, Usage
 from exo.api.services import ChatTokenizer, GeneratedToken, NodeServices, ServiceError
 from exo.api.tool_calls import ToolCallExtractor
 
 QUEUE_SLOTS_PER_CHOICE = 64
+OPEN_READ_TIMEOUT_S = 30.0  # an opened run nobody starts reading is cancelled after this
 _CANCEL_MARK = -1
 # Pumps still closing their streams after their run ended: held so they are not collected.
 _closing_pumps: set[asyncio.Task[None]] = set()
@@ -74,6 +75,10 @@ class CompletionRun:
         self.started_at = time.monotonic()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
+        self._started = False
+        self._reading = False
+        self._primed: QueueItem | None = None  # the first item, taken by open()
+        self._abandon: asyncio.TimerHandle | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -84,19 +89,58 @@ class CompletionRun:
         return sum(decoder.completion_tokens for decoder in self.decoders)
 
     @property
+    def cached_tokens(self) -> int | None:
+        reported = [decoder.cached_tokens for decoder in self.decoders if decoder.cached_tokens is not None]
+        return max(reported) if reported else None
+
+    @property
     def usage(self) -> Usage:
-        return Usage(self.prompt_tokens, self.completion_tokens, self.prompt_tokens + self.completion_tokens)
+        total = self.prompt_tokens + self.completion_tokens
+        cached = self.cached_tokens
+        details = None if cached is None else PromptTokensDetails(cached)
+        return Usage(self.prompt_tokens, self.completion_tokens, total, details)
+
+    async def open(self, receive: Callable[[], Any] | None = None) -> None:
+        """Start the generations and wait for the first token, before a streamed answer's headers
+        go out: a refusal at admission (an overloaded instance, a stage that fails at once) is then
+        a plain HTTP error (503 with Retry-After) that clients retry, not an error event.
+
+        `events()` must follow within OPEN_READ_TIMEOUT_S, else the run is cancelled (the client
+        went away before its stream began). With `receive`, a client that disconnects while
+        waiting cancels the run.
+        """
+        self._start()
+        watcher = None if receive is None else asyncio.create_task(cancel_on_disconnect(receive, self))
+        try:
+            self._primed = await self._queue.get()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        _, item = self._primed
+        if isinstance(item, BaseException) and not self.cancelled:
+            self._close()
+            raise item
+        loop = asyncio.get_running_loop()
+        self._abandon = loop.call_later(OPEN_READ_TIMEOUT_S, self._cancel_if_unread)
+
+    def _cancel_if_unread(self) -> None:
+        if not self._reading:
+            self.cancel()
+            self._close()
 
     async def events(self) -> AsyncGenerator[RunEvent, None]:
         """Every choice's events, in arrival order; a ServiceError from a stage is raised here."""
-        if self._registry is not None:
-            self._registry.add(self)
+        self._reading = True
+        if self._abandon is not None:
+            self._abandon.cancel()
+        self._start()
         try:
-            for index in range(self.choices):
-                self._start_pump(index)
             remaining = set(range(self.choices))
             while remaining:
-                index, item = await self._queue.get()
+                if self._primed is not None:
+                    (index, item), self._primed = self._primed, None
+                else:
+                    index, item = await self._queue.get()
                 if self.cancelled:
                     for cancelled in sorted(remaining):
                         for event in self.decoders[cancelled].close():
@@ -118,11 +162,23 @@ class CompletionRun:
                     remaining.discard(index)
                     self._stop_pump(index)
         finally:
-            self.finished_at = time.monotonic()
-            for index in list(self._pumps):
-                self._stop_pump(index)
-            if self._registry is not None:
-                self._registry.discard(self)
+            self._close()
+
+    def _start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        if self._registry is not None:
+            self._registry.add(self)
+        for index in range(self.choices):
+            self._start_pump(index)
+
+    def _close(self) -> None:
+        self.finished_at = self.finished_at or time.monotonic()
+        for index in list(self._pumps):
+            self._stop_pump(index)
+        if self._registry is not None:
+            self._registry.discard(self)
 
     def cancel(self) -> None:
         """End the run now: every unfinished choice ends as stopped, every stage frees the request."""
