@@ -13,7 +13,6 @@ requests this stage holds, so a stage that dies is noticed in seconds even durin
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
 import os
@@ -44,11 +43,13 @@ from exo.inference.protocol import (
     control_to_runner_decoder,
     encode,
 )
+from exo.inference.runner_options import RunnerOptions, parse_arguments, runner_command
 
 if TYPE_CHECKING:
     from exo.inference.stage import Outgoing, PipelineStage
 
 logger = logging.getLogger("exo.inference.runner")
+__all__ = ["Runner", "RunnerOptions", "main", "parse_arguments", "runner_command"]  # the worker's imports
 
 Lifecycle = Literal["starting", "loading", "ready", "failed", "stopping"]
 TRANSITIONS: dict[Lifecycle, frozenset[Lifecycle]] = {
@@ -59,23 +60,6 @@ TRANSITIONS: dict[Lifecycle, frozenset[Lifecycle]] = {
     "stopping": frozenset(),
 }
 MAX_FRAMES_PER_TURN = 256  # bound the receive drain so compute is never starved
-
-
-class RunnerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    control: str
-    runner_id: str
-    activation_host: str = "127.0.0.1"
-    advertise_host: str | None = None
-    threads: int | None = None
-    prefill_step_size: int = 2048
-    max_active_requests: int = 64
-    max_waiting_requests: int = 64
-    max_batch_size: int = 32
-    prefix_cache_tokens: int = 8192
-    retry_after: float = 1.0
-    send_timeout: float = 2.0
-    heartbeat_interval: float = 1.0
-    stats_interval: float = 2.0
 
 
 class PushSockets:
@@ -394,84 +378,6 @@ class Runner:
         if self.authenticator is not None:
             self.authenticator.stop()
         self.context.term()
-
-
-def runner_command(
-    control: str,
-    runner_id: str,
-    *,
-    activation_host: str = "127.0.0.1",
-    advertise_host: str | None = None,
-    threads: int | None = None,
-    max_active_requests: int | None = None,
-    max_waiting_requests: int | None = None,
-    max_batch_size: int | None = None,
-    prefix_cache_tokens: int | None = None,
-) -> list[str]:
-    """The argv a worker starts a runner with (the same interpreter as the caller); None leaves
-    the runner's default."""
-    command = [sys.executable, "-m", "exo.inference.runner", "--control", control, "--runner-id", runner_id]
-    command += ["--activation-host", activation_host]
-    if advertise_host is not None:
-        command += ["--advertise-host", advertise_host]
-    optional = {
-        "--threads": threads,
-        "--max-active-requests": max_active_requests,
-        "--max-waiting-requests": max_waiting_requests,
-        "--max-batch-size": max_batch_size,
-        "--prefix-cache-tokens": prefix_cache_tokens,
-    }
-    for flag, value in optional.items():
-        if value is not None:
-            command += [flag, str(value)]
-    return command
-
-
-def parse_arguments(argv: list[str] | None = None) -> RunnerOptions:
-    parser = argparse.ArgumentParser(prog="python -m exo.inference.runner", description=__doc__)
-    parser.add_argument("--control", required=True, help="the worker's ROUTER address, tcp://HOST:PORT")
-    parser.add_argument("--runner-id", default=None, help="routing id on the control channel")
-    parser.add_argument("--activation-host", default="127.0.0.1", help="interface for the activation PULL")
-    parser.add_argument("--advertise-host", default=None, help="host peers use to reach it (default: bound)")
-    parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: usable cores)")
-    parser.add_argument("--prefill-step-size", type=int, default=2048)
-    parser.add_argument("--max-active-requests", type=int, default=64, help="requests served at once")
-    parser.add_argument(
-        "--max-waiting-requests", type=int, default=64, help="requests queued beyond those; more are refused"
-    )
-    parser.add_argument(
-        "--max-batch-size", type=int, default=32, help="requests' steps in one pass (1: none)"
-    )
-    parser.add_argument(
-        "--prefix-cache-tokens", type=int, default=8192, help="tokens of finished requests' KV kept (0: off)"
-    )
-    parser.add_argument("--retry-after", type=float, default=1.0, help="seconds a refused requester waits")
-    parser.add_argument("--heartbeat-interval", type=float, default=1.0)
-    parser.add_argument("--stats-interval", type=float, default=2.0)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    arguments = parser.parse_args(argv)
-    if arguments.activation_host in ("0.0.0.0", "*", "::") and not arguments.advertise_host:
-        parser.error("--advertise-host is required when binding every interface")
-    if arguments.prefill_step_size < 1 or arguments.max_active_requests < 1 or arguments.max_batch_size < 1:
-        parser.error("--prefill-step-size, --max-active-requests and --max-batch-size must be positive")
-    if arguments.max_waiting_requests < 0 or arguments.prefix_cache_tokens < 0 or arguments.retry_after < 0:
-        parser.error("--max-waiting-requests, --prefix-cache-tokens and --retry-after cannot be negative")
-    logging.basicConfig(level=logging.DEBUG if arguments.verbose else logging.WARNING)
-    return RunnerOptions(
-        control=arguments.control,
-        runner_id=arguments.runner_id or f"runner-{os.getpid()}",
-        activation_host=arguments.activation_host,
-        advertise_host=arguments.advertise_host,
-        threads=arguments.threads,
-        prefill_step_size=arguments.prefill_step_size,
-        max_active_requests=arguments.max_active_requests,
-        max_waiting_requests=arguments.max_waiting_requests,
-        max_batch_size=arguments.max_batch_size,
-        prefix_cache_tokens=arguments.prefix_cache_tokens,
-        retry_after=arguments.retry_after,
-        heartbeat_interval=arguments.heartbeat_interval,
-        stats_interval=arguments.stats_interval,
-    )
 
 
 def import_model_code_only() -> None:
