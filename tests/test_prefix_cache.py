@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from typing import cast
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from exo.api.fakes import FakeNodeServices
+from exo.events import ShardAssignment
+from exo.generation import PipelineGenerator
 from exo.inference.client import GenerationRequest, PipelineClient, TokenSink
 from exo.inference.prefix_cache import KVSnapshots, PrefixIndex
 from exo.inference.protocol import (
@@ -21,9 +25,11 @@ from exo.inference.protocol import (
     GenerationStarted,
     PrefixCacheConfirmed,
     PrefixCached,
+    SamplingParams,
     TokenSampled,
 )
 from exo.inference.shard import ShardSpec, load_shard
+from exo.state import Instance, RunnerInfo, State
 from tests.inference_helpers import (
     N_LAYERS,
     ControlServer,
@@ -284,3 +290,25 @@ async def test_runners_reuse_the_first_turn_and_report_it(
     for runner in cached:
         stats = wait_for_stats(control, runner, "stats.prefix_cache_hits == 1 and stats.active_requests == 0")
         assert stats.cached_prompt_tokens == expected and stats.prefix_cache_bytes > 0
+
+
+class CachedClient:
+    """A PipelineClient stand-in whose tokens say 90 prompt tokens came from the prefix cache."""
+
+    async def generate(
+        self, route: list[str], request: GenerationRequest
+    ) -> AsyncGenerator[TokenSampled, None]:
+        yield TokenSampled(request_id="r", step=0, token=7, cached_tokens=90)
+        yield TokenSampled(request_id="r", step=1, token=8, finish_reason="length", cached_tokens=90)
+
+
+async def test_cached_tokens_reach_the_api_with_every_token() -> None:
+    fake = FakeNodeServices()
+    ready = RunnerInfo(status="ready", activation_address="tcp://stage0")
+    instance = Instance(
+        instance_id="i-1", model_id="exo-tiny", sharding="Pipeline", status="ready",
+        shard_assignments={"node0": ShardAssignment(0, 8, 8)}, runners={"node0": ready},
+    )  # fmt: skip
+    generator = PipelineGenerator(cast(PipelineClient, CachedClient()), fake.tokenizer, State)
+    tokens = [token async for token in generator.generate(instance, [1] * 100, SamplingParams(), 2)]
+    assert [(token.token_id, token.cached_tokens) for token in tokens] == [(7, 90), (8, 90)]
