@@ -1,6 +1,7 @@
 """Interleaved measurement rounds: every setup once per round (A, B, A, B, ...), so load from other
-processes on a shared machine falls on all of them alike; a setup that fails is recorded once,
-skipped afterwards, and its rows say why instead of vanishing."""
+processes on a shared machine falls on all of them alike. A setup that could not start is skipped
+for good; a measurement that fails (a request refused or cut short) is counted and tried again next
+round. Rows say what failed instead of vanishing."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ class Interleaved:
     def __init__(self, section: str) -> None:
         self.section = section
         self.samples: dict[str, list[float]] = {}
-        self.failures: dict[str, str] = {}
+        self.failures: dict[str, str] = {}  # setups that could not start: never measured
+        self.errors: dict[str, list[str]] = {}  # failed measurements, per setup, first line each
 
     def fail(self, setup: str, reason: str) -> None:
         self.failures.setdefault(setup, reason)
@@ -31,7 +33,7 @@ class Interleaved:
         except (ProcessFailed, httpx.HTTPError, OSError) as error:
             message = str(error) or type(error).__name__
             print(f"[{self.section}] {setup} failed: {message}", file=sys.stderr, flush=True)
-            self.failures[setup] = message.splitlines()[0]
+            self.errors.setdefault(setup, []).append(message.splitlines()[0])
             return None
         for metric, value in values.items():
             self.samples.setdefault(f"{setup}.{metric}", []).append(value)
@@ -53,17 +55,22 @@ class Interleaved:
         note: str = "",
         baseline_unit: str | None = None,
     ) -> Row:
-        """A summary row from two recorded series (`setup.metric` keys)."""
+        """A summary row from two recorded series (`setup.metric` keys); failed measurements of
+        either side are named in the note, or make the row "not measured" when nothing succeeded."""
+        notes = [note] if note else []
         for key in (measured, baseline):
             setup = key.split(".", 1)[0]
+            errors = self.errors.get(setup, [])
             if setup in self.failures:
                 return failed_row(
                     self.section, what, baseline_name, target, reason=self.failures[setup], note=note
                 )
             if not self.samples.get(key):
-                return failed_row(
-                    self.section, what, baseline_name, target, reason=f"no samples of {key}", note=note
-                )
+                reason = f"every attempt failed: {errors[0]}" if errors else f"no samples of {key}"
+                return failed_row(self.section, what, baseline_name, target, reason=reason, note=note)
+            if errors:
+                notes.append(f"{setup}: {len(errors)} failed attempt(s), first: {errors[0]}")
+        note = "; ".join(notes)
         return Row(
             self.section,
             what,

@@ -239,15 +239,40 @@ def test_sections_are_checked() -> None:
         parse_sections(" , ")
 
 
-def test_a_setup_that_fails_once_is_recorded_and_not_measured_again() -> None:
+def test_a_failed_measurement_is_counted_retried_and_named_in_the_row() -> None:
+    rounds = Interleaved("pinned")
+    outcomes: list[float | None] = [None, 20.0, 22.0]
+
+    def flaky() -> dict[str, float]:
+        value = outcomes.pop(0)
+        if value is None:
+            raise ProcessFailed("stage stopped responding\ndetails")
+        return {"aggregate_tps": value}
+
+    for _ in range(3):
+        rounds.attempt("one", flaky)
+        rounds.attempt("two", lambda: {"aggregate_tps": 30.0})
+    row = rounds.row(
+        "scaling", "two.aggregate_tps", "one", "one.aggregate_tps", "tok/s", target=at_least(1.7)
+    )
+    assert row.measured is not None and row.baseline is not None
+    assert row.baseline.values == (20.0, 22.0)
+    assert row.verdict == "missed"
+    assert row.note == "one: 1 failed attempt(s), first: stage stopped responding"
+
+
+def test_a_setup_that_never_succeeds_or_never_started_is_not_measured() -> None:
     rounds = Interleaved("serving")
-    calls: list[int] = []
 
     def broken() -> dict[str, float]:
-        calls.append(1)
         raise ProcessFailed("mlx_lm.server exited (status 1); log tail:\nTraceback ...")
 
-    assert rounds.attempt("mlx", broken) is None
-    assert rounds.attempt("mlx", broken) is None
-    assert len(calls) == 1
-    assert rounds.failures == {"mlx": "mlx_lm.server exited (status 1); log tail:"}
+    rounds.attempt("mlx", broken)
+    rounds.attempt("exo", lambda: {"decode_tps": 1.0})
+    row = rounds.row("decode", "exo.decode_tps", "mlx", "mlx.decode_tps", "tok/s")
+    assert row.verdict == "not measured"
+    assert row.failure == "every attempt failed: mlx_lm.server exited (status 1); log tail:"
+    rounds.fail("inprocess", "did not start")
+    calls: list[int] = []
+    rounds.attempt("inprocess", lambda: calls.append(1) or {"decode_tps": 1.0})
+    assert calls == []
