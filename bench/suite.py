@@ -259,8 +259,19 @@ def results_markdown(header: RunHeader, rows: Sequence[Row], details: Sequence[t
         rounds_table(rows),
     ]
     for title, body in details:
-        parts += ["", f"### {title}", "", body.strip()]
+        parts += ["", f"### {title}", "", nest_headings(body.strip())]
     return "\n".join(parts) + "\n"
+
+
+def nest_headings(markdown: str, level: int = 4) -> str:
+    """A bench's own markdown under the suite's section: its headings become level `level`, so
+    they do not break the document's outline."""
+    lines = []
+    for line in markdown.splitlines():
+        stripped = line.lstrip("#")
+        is_heading = line.startswith("#") and stripped.startswith(" ")
+        lines.append("#" * level + stripped if is_heading else line)
+    return "\n".join(lines)
 
 
 def replace_generated(document: str, generated: str) -> str:

@@ -165,6 +165,8 @@ def test_results_markdown_has_the_header_the_table_and_every_round() -> None:
     assert "(10.0 minutes)" in text
     assert "| s | decode | 1.00, 3.00 tok/s | base: 2.00, 2.50 tok/s |" in text
     assert "### Details\n\nbody text" in text
+    nested = results_markdown(header, [row], [("Events", "# events bench\n\n## Event store\n#hashtag")])
+    assert "### Events\n\n#### events bench\n\n#### Event store\n#hashtag" in nested
 
 
 def test_replace_generated_keeps_hand_written_text_around_the_block() -> None:
