@@ -301,7 +301,8 @@ class ApiServer:
         self.server.should_exit = True
         if self._task is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._task, 5)
+                async with asyncio.timeout(5):
+                    await self._task
 
 
 def main(argv: list[str] | None = None) -> None:

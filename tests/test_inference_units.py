@@ -379,6 +379,38 @@ async def test_client_refuses_invalid_requests_before_sending() -> None:
         await sink.close()
 
 
+async def test_a_reader_cancelled_as_its_token_arrives_still_frees_the_request() -> None:
+    """The race behind a runner that went on generating for a client that had gone: the token
+    lands in the reader's queue and the reader is cancelled in the same loop turn (Python 3.11's
+    asyncio.wait_for returned the token and dropped the cancel)."""
+    context = zmq.asyncio.Context()
+    first_stage = context.socket(zmq.PULL)
+    first_stage.bind("tcp://127.0.0.1:*")
+    address = first_stage.getsockopt_string(zmq.LAST_ENDPOINT)
+    sink = TokenSink(context=context)
+    await sink.start()
+    client = PipelineClient(sink, context=context)
+    loop = asyncio.get_running_loop()
+    try:
+        tokens = client.generate([address], GenerationRequest([1, 2], 4, [], request_id="raced"))
+        pending = asyncio.ensure_future(anext(tokens))
+        assert isinstance(pipeline_decoder.decode(await first_stage.recv()), GenerationStarted)
+        for _ in range(5):  # let the reader get to waiting on its queue
+            await asyncio.sleep(0)
+        sampled = TokenSampled(request_id="raced", step=0, token=7)
+        sink.deliver([encode(sampled)], loop.time())
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        cancelled = pipeline_decoder.decode(await first_stage.recv())
+        assert cancelled == GenerationCancelled(request_id="raced")
+    finally:
+        await client.close()
+        await sink.close()
+        first_stage.close(linger=0)
+        context.term()
+
+
 def test_runner_command_round_trips_through_the_runner_cli() -> None:
     command = runner_command(
         "tcp://127.0.0.1:5000", "r-1", activation_host="0.0.0.0", advertise_host="127.0.0.2"

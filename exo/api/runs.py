@@ -211,6 +211,8 @@ class CompletionRun:
             )
             async with contextlib.aclosing(stream) as tokens:
                 async for token in tokens:
+                    if self._pumps.get(index) is not asyncio.current_task():
+                        return  # stopped, though the cancel did not land: closing the stream frees it
                     await self._queue.put((index, token))
         except ServiceError as error:
             await self._queue.put((index, error))

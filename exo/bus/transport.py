@@ -214,7 +214,8 @@ class Bus:
         peer.pending[request_id] = future
         try:
             await peer.dealer.send(encode(RequestEnvelope(request_id, body)), flags=zmq.NOBLOCK)
-            return await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                return await future
         except (TimeoutError, zmq.Again) as error:
             raise RequestTimedOut(f"{type(body).__name__} to {address} unanswered") from error
         finally:

@@ -280,5 +280,8 @@ class PipelineClient:
             stage_deadline = min(
                 (seen + self.stage_timeout for seen in channel.stage_seen.values()), default=deadline
             )
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that lands
+            # as a token arrives, and the cancelled reader would then hold the request forever.
             with contextlib.suppress(TimeoutError):
-                return await asyncio.wait_for(channel.queue.get(), min(deadline, stage_deadline) - now)
+                async with asyncio.timeout(min(deadline, stage_deadline) - now):
+                    return await channel.queue.get()

@@ -486,7 +486,8 @@ class ClusterMember:
             return m.CommandAnswered(ok=False, error="not the master", status_code=503)
         outcome = decide(command, self.state, self._nodes_with_model(), f"i-{secrets.token_hex(4)}")
         try:
-            await asyncio.wait_for(self.master.submit_own(outcome.events), COMMAND_COMMIT_SECONDS)
+            async with asyncio.timeout(COMMAND_COMMIT_SECONDS):
+                await self.master.submit_own(outcome.events)
         except (TimeoutError, OverflowError) as error:
             return m.CommandAnswered(ok=False, error=f"not committed: {error!r}", status_code=503)
         return outcome.answer

@@ -91,12 +91,9 @@ class Replica:
         """Wait until `predicate(state)` holds; False on timeout."""
         assert callable(predicate)
 
-        async def _wait() -> None:
-            async with self._changed:
-                await self._changed.wait_for(lambda: bool(predicate(self.state)))
-
         try:
-            await asyncio.wait_for(_wait(), timeout)
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: bool(predicate(self.state)))
         except TimeoutError:
             return False
         return True

@@ -242,7 +242,8 @@ class Worker:
         if process is not None and process.returncode is None:
             self._send(runner.runner_id, Shutdown())
             try:
-                await asyncio.wait_for(process.wait(), STOP_GRACE_SECONDS)
+                async with asyncio.timeout(STOP_GRACE_SECONDS):
+                    await process.wait()
             except TimeoutError:
                 process.kill()
                 await process.wait()
