@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -34,7 +34,7 @@ from exo.inference.client import PipelineClient, TokenSink
 from exo.inference.synthetic import ensure_builtin_model
 from exo.roles.cluster import ClusterMember
 from exo.roles.replica import restore
-from exo.roles.worker import Worker
+from exo.roles.worker import RunnerLimits, Worker
 from exo.services import ClusterServices, ModelCatalog
 from exo.state import State
 from exo.store import open_store
@@ -63,6 +63,7 @@ class NodeConfig:
     cluster_secret: str | None
     api_key: str | None
     verbosity: int
+    runner_limits: RunnerLimits = field(default_factory=RunnerLimits)
 
 
 def parse_args(argv: list[str] | None = None) -> NodeConfig:
@@ -86,6 +87,21 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
     parser.add_argument(
         "--api-key", help="bearer token required on every route but /health (env EXO_API_KEY)"
     )
+    limits = parser.add_argument_group("serving limits (per instance, set by its first stage's node)")
+    limits.add_argument("--max-active-requests", type=int, help="requests generating at once (default 64)")
+    limits.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        help="requests queued beyond those; more get 503 with Retry-After (default 64)",
+    )
+    limits.add_argument(
+        "--max-batch-size", type=int, help="requests' decode steps in one forward pass (default 32; 1: off)"
+    )
+    limits.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        help="tokens of finished requests' KV cache kept for reuse (default 8192; 0: off)",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0)
     parser.add_argument(
         "--new-cluster-secret", action="store_true", help="print a fresh cluster secret and exit"
@@ -97,6 +113,12 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
 
     data_dir: Path = args.data_dir or Path(os.environ.get("EXO_HOME") or Path.home() / ".exo")
     models_dir: Path = args.models_dir or Path(os.environ.get("EXO_MODELS_DIR") or data_dir / "models")
+    for flag in ("max_active_requests", "max_batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("max_waiting_requests", "prefix_cache_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} cannot be negative")
     peers = tuple(peer.strip() for peer in args.peers.split(",") if peer.strip())
     for peer in peers:
         host, _, port = peer.rpartition(":")
@@ -117,6 +139,12 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
         cluster_secret=args.cluster_secret or os.environ.get("EXO_CLUSTER_SECRET") or None,
         api_key=args.api_key or os.environ.get("EXO_API_KEY") or None,
         verbosity=args.verbose,
+        runner_limits=RunnerLimits(
+            max_active_requests=args.max_active_requests,
+            max_waiting_requests=args.max_waiting_requests,
+            max_batch_size=args.max_batch_size,
+            prefix_cache_tokens=args.prefix_cache_tokens,
+        ),
     )
 
 
@@ -188,6 +216,7 @@ async def run_node(
             activation_host=bind_host,
             advertise_host=None if bind_host == host else host,
             cluster_secret=config.cluster_secret,
+            runner_limits=config.runner_limits,
         )
         await worker.start()
         stack.push_async_callback(worker.close)

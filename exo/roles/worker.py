@@ -51,6 +51,16 @@ STOP_GRACE_SECONDS = 3.0
 REANNOUNCE_SECONDS = 2.0
 
 
+class RunnerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A node's settings for the runners it starts (`exo --max-active-requests ...`); None keeps
+    the runner's default. The first stage's settings decide for the whole instance."""
+
+    max_active_requests: int | None = None
+    max_waiting_requests: int | None = None
+    max_batch_size: int | None = None
+    prefix_cache_tokens: int | None = None
+
+
 @dataclass(frozen=True)
 class StartRunner:
     instance_id: str
@@ -113,6 +123,7 @@ class Worker:
         advertise_host: str | None = None,
         runner_threads: int | None = None,
         cluster_secret: str | None = None,
+        runner_limits: RunnerLimits | None = None,
     ) -> None:
         self.node_id = node_id
         self._find_model = find_model
@@ -120,6 +131,7 @@ class Worker:
         self.activation_host = activation_host
         self.advertise_host = advertise_host
         self.runner_threads = runner_threads
+        self.runner_limits = runner_limits or RunnerLimits()
         # Runners derive the same CURVE keys for their pipeline sockets; the secret goes by environment.
         self._runner_environment = {**os.environ}
         self._runner_environment.pop(CLUSTER_SECRET_ENVIRONMENT, None)
@@ -201,13 +213,7 @@ class Worker:
         )
         runner = LocalRunner(decision.instance_id, runner_id, load)
         self.runners[decision.instance_id] = runner
-        argv = runner_command(
-            self.control_address,
-            runner_id,
-            activation_host=self.activation_host,
-            advertise_host=self.advertise_host,
-            threads=self.runner_threads,
-        )
+        argv = self.runner_argv(runner_id)
         self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "loading")])
         try:
             runner.process = await asyncio.create_subprocess_exec(*argv, env=self._runner_environment)
@@ -216,6 +222,16 @@ class Worker:
             self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "failed", str(error))])
             return
         runner.watcher = asyncio.create_task(self._watch(runner), name=f"worker-watch-{runner_id}")
+
+    def runner_argv(self, runner_id: str) -> list[str]:
+        return runner_command(
+            self.control_address,
+            runner_id,
+            activation_host=self.activation_host,
+            advertise_host=self.advertise_host,
+            threads=self.runner_threads,
+            **msgspec.structs.asdict(self.runner_limits),
+        )
 
     def _fail_early(self, instance_id: str, runner_id: str, reason: str) -> None:
         runner = LocalRunner(instance_id, runner_id, None, status="failed", failure=reason)
