@@ -1,30 +1,50 @@
 """What the cluster secret costs: events/s through the cluster and activation MB/s, with and without CURVE.
 
-    python -m bench.curve_bench [--events 30000] [--megabytes 256]
+    python -m bench.curve_bench [--events 30000] [--megabytes 256] [--pipeline-rounds 3]
 
 Activation throughput: a PUSH/PULL pair on loopback moving 1 MiB frames (a hidden state is a few
 KiB to a few MiB), plain vs CURVE, interleaved, best of 3. Events: bench.events_bench's whole path,
 once open and once with a secret. Target: each >= 0.8x of the open bus.
+
+What the raw channel figure means for inference: a two-stage pipeline of real runners on loopback,
+one pair started with the secret and one without, timed alternately on the same prompts: prefill
+of a long prompt (one multi-MiB activation frame per hop) and decode (a few KiB per token).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import os
 import platform
+import statistics
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import zmq
 
 from bench.events_bench import measure
-from exo.bus.security import derive_security, start_thread_authenticator
+from exo.bus.security import CLUSTER_SECRET_ENVIRONMENT, derive_security, start_thread_authenticator
 from exo.bus.sockets import apply_curve
+from exo.inference.client import GenerationRequest, PipelineClient, TokenSink
+from exo.inference.protocol import ShardLoaded
+from exo.inference.synthetic import SyntheticModelSpec, write_synthetic_model
+from tests.inference_helpers import ControlServer, RunnerProcess, load, spawn_runner, stop_runners
 
 FRAME_BYTES = 1024 * 1024
 SECRET = "benchmark secret"
+OUT = Path(__file__).resolve().parent / "out"
+PIPELINE_MODEL = SyntheticModelSpec(
+    layers=4, hidden=1024, intermediate=2816, heads=16, kv_heads=8, vocab=1024
+)
+LONG_PROMPT = [(7 * index + 3) % 1000 + 3 for index in range(1024)]  # 4 MiB of float32 hidden state
+DECODE_TOKENS = 32
+_FIRST_TOKENS = itertools.count(3)
 
 
 def activation_megabytes_per_second(megabytes: int, secret: str | None) -> float:
@@ -60,11 +80,90 @@ def activation_megabytes_per_second(megabytes: int, secret: str | None) -> float
     return megabytes / elapsed
 
 
+@contextlib.contextmanager
+def cluster_secret(secret: str | None) -> Iterator[None]:
+    """Runners read the secret from their environment, as a node passes it to them."""
+    previous = os.environ.pop(CLUSTER_SECRET_ENVIRONMENT, None)
+    if secret is not None:
+        os.environ[CLUSTER_SECRET_ENVIRONMENT] = secret
+    try:
+        yield
+    finally:
+        os.environ.pop(CLUSTER_SECRET_ENVIRONMENT, None)
+        if previous is not None:
+            os.environ[CLUSTER_SECRET_ENVIRONMENT] = previous
+
+
+def two_stage_pipeline(control: ControlServer, model: Path, secret: str | None) -> list[RunnerProcess]:
+    half = PIPELINE_MODEL.layers // 2
+    with cluster_secret(secret):
+        runners = [spawn_runner(control, "--prefill-step-size", "2048") for _ in range(2)]
+    for runner, (start, end) in zip(runners, [(0, half), (half, PIPELINE_MODEL.layers)], strict=True):
+        answer = load(control, runner, model, start, end, n_layers=PIPELINE_MODEL.layers)
+        if not isinstance(answer, ShardLoaded):
+            raise SystemExit(f"runner failed: {answer}")
+    return runners
+
+
+async def timed_pipeline(route: list[str], secret: str | None, rounds: int) -> list[dict[str, float]]:
+    security = derive_security(secret)
+    sink = TokenSink(security=security)
+    await sink.start()
+    client = PipelineClient(sink, security=security)
+    runs: list[dict[str, float]] = []
+    try:
+        for _ in range(rounds):
+            started = time.perf_counter()
+            stamps: list[float] = []
+            # a fresh first token every time, so the prefix cache never skips the prefill
+            prompt = [next(_FIRST_TOKENS), *LONG_PROMPT[1:]]
+            request = GenerationRequest(prompt, DECODE_TOKENS, [])
+            async with contextlib.aclosing(client.generate(route, request)) as tokens:
+                async for _ in tokens:
+                    stamps.append(time.perf_counter())
+            runs.append({
+                "prefill_s": stamps[0] - started,
+                "decode_tps": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+            })  # fmt: skip
+    finally:
+        await client.close()
+        await sink.close()
+    return runs
+
+
+def pipeline_with_and_without_secret(rounds: int) -> dict[str, list[dict[str, float]]]:
+    """Both pipelines loaded side by side, then measured alternately, one request per turn."""
+    model = OUT / "models" / "curve-l4-h1024"
+    if not (model / "config.json").exists():
+        write_synthetic_model(model, PIPELINE_MODEL)
+    control = ControlServer()
+    routes: dict[str, tuple[list[str], str | None]] = {}
+    runners: list[RunnerProcess] = []
+    try:
+        for name, secret in (("open", None), ("curve", SECRET)):
+            pair = two_stage_pipeline(control, model, secret)
+            runners += pair
+            routes[name] = ([runner.activation_address for runner in pair], secret)
+        for route, secret in routes.values():  # warm-up: first passes allocate
+            asyncio.run(timed_pipeline(route, secret, 1))
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in routes}
+        for round_number in range(rounds):
+            order = list(routes.items())
+            for name, (route, secret) in order[::-1] if round_number % 2 else order:  # ABBA
+                runs[name] += asyncio.run(timed_pipeline(route, secret, 1))
+        return runs
+    finally:
+        stop_runners(control, runners)
+        control.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=30_000)
     parser.add_argument("--megabytes", type=int, default=256)
+    parser.add_argument("--pipeline-rounds", type=int, default=3)
     arguments = parser.parse_args()
+    pipeline_runs = pipeline_with_and_without_secret(arguments.pipeline_rounds)
     plain_rates: list[float] = []
     curve_rates: list[float] = []
     for _ in range(3):  # interleaved, so both see the same machine
@@ -90,6 +189,21 @@ def main() -> None:
         f"| events/s to all 3 nodes | {plain_events.all_rate:,.0f} | {curve_events.all_rate:,.0f} "
         f"| {ratio:.2f}x | ≥ 0.8x {'✓' if ratio >= 0.8 else '✗'} |"
     )
+    open_runs, curve_runs = pipeline_runs["open"], pipeline_runs["curve"]
+    for key, label, higher_is_better in (
+        ("decode_tps", f"2-stage pipeline decode tok/s, best of {len(open_runs)}", True),
+        ("prefill_s", f"2-stage pipeline prefill of {len(LONG_PROMPT)} tokens (s), best", False),
+    ):
+        pick = max if higher_is_better else min
+        plain_value, curve_value = pick(run[key] for run in open_runs), pick(run[key] for run in curve_runs)
+        ratio = curve_value / plain_value if higher_is_better else plain_value / curve_value
+        medians = statistics.median(run[key] for run in curve_runs) / statistics.median(
+            run[key] for run in open_runs
+        )
+        print(
+            f"| {label} (median ratio {medians if higher_is_better else 1 / medians:.2f}x) "
+            f"| {plain_value:,.3g} | {curve_value:,.3g} | {ratio:.2f}x (speed) | |"
+        )
 
 
 if __name__ == "__main__":
