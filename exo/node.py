@@ -237,6 +237,11 @@ async def run_node(
                     "mapped": blas_check.library,
                 },
                 "runners": worker.status(),
+                "token_sink": {
+                    "address": sink.address,
+                    "dropped_frames": sink.dropped_frames,
+                    "stale_frames": sink.stale_frames,
+                },
             },
         )
         services.generator = PipelineGenerator(client, services.tokenizer, lambda: member.state)
