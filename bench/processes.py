@@ -11,16 +11,16 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.cluster_harness import free_port, wait_until
 
 START_TIMEOUT = 180.0  # seconds for a process to serve (a loaded 2-core machine starts slowly)
 READY_TIMEOUT = 300.0  # seconds for an instance's runners to load their shards
@@ -30,26 +30,12 @@ class ProcessFailed(RuntimeError):
     """A measured process did not start, died, or refused a request; says which and why."""
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def poll(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
     """Call `condition` until it returns something truthy, or raise naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = condition()
-        except (httpx.HTTPError, OSError, ValueError, KeyError) as error:
-            last_error = error
-            result = None
-        if result:
-            return result
-        time.sleep(interval)
-    raise ProcessFailed(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error!r})")
+    try:
+        return wait_until(condition, timeout, what, interval)
+    except AssertionError as error:  # the tests' helper fails a test; a bench run names the process
+        raise ProcessFailed(str(error)) from None
 
 
 def make_model(models_dir: Path, name: str, arguments: Sequence[str]) -> Path:
