@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, Protocol
 
 from exo.api.completion import ChatPrompt, CompletionRequest, ToolSpec
 from exo.api.decoding import ChoiceEnded, TextDelta, ToolCallMade
@@ -58,23 +58,50 @@ def chat_request(body: ChatCompletionRequest) -> CompletionRequest:
     return CompletionRequest(
         model=body.model,
         prompt=ChatPrompt(conversation(body.messages), tool_spec(body)),
-        sampling=sampling_params(
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            min_p=body.min_p,
-            seed=body.seed,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            repetition_penalty=body.repetition_penalty,
-            logit_bias=body.logit_bias,
-            logprobs=bool(body.logprobs),
-            top_logprobs=body.top_logprobs or 0,
-        ),
+        sampling=openai_sampling(body, logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0),
         max_tokens=max_tokens,
         max_tokens_param=param,
         stop=stop_strings(body.stop),
         n=body.n,
+    )
+
+
+class OpenAISamplingFields(Protocol):
+    """The sampling fields chat and legacy completion bodies share."""
+
+    @property
+    def temperature(self) -> float | None: ...
+    @property
+    def top_p(self) -> float | None: ...
+    @property
+    def top_k(self) -> int | None: ...
+    @property
+    def min_p(self) -> float | None: ...
+    @property
+    def seed(self) -> int | None: ...
+    @property
+    def presence_penalty(self) -> float | None: ...
+    @property
+    def frequency_penalty(self) -> float | None: ...
+    @property
+    def repetition_penalty(self) -> float | None: ...
+    @property
+    def logit_bias(self) -> LogitBias: ...
+
+
+def openai_sampling(body: OpenAISamplingFields, *, logprobs: bool, top_logprobs: int) -> SamplingParams:
+    return sampling_params(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logit_bias=body.logit_bias,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )
 
 

@@ -11,7 +11,7 @@ import msgspec
 from exo.api.completion import CompletionRequest, TextPrompt
 from exo.api.decoding import ChoiceEnded, TextDelta
 from exo.api.errors import ApiError
-from exo.api.openai_chat import DONE, error_body, sampling_params, stop_strings
+from exo.api.openai_chat import DONE, error_body, openai_sampling, stop_strings
 from exo.api.openai_types import (
     Choices,
     LogitBias,
@@ -102,19 +102,7 @@ def text_request(body: TextCompletionRequest) -> CompletionRequest:
     return CompletionRequest(
         model=body.model,
         prompt=single_prompt(body.prompt),
-        sampling=sampling_params(
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            min_p=body.min_p,
-            seed=body.seed,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            repetition_penalty=body.repetition_penalty,
-            logit_bias=body.logit_bias,
-            logprobs=body.logprobs is not None,
-            top_logprobs=body.logprobs or 0,
-        ),
+        sampling=openai_sampling(body, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0),
         max_tokens=body.max_tokens or DEFAULT_MAX_TOKENS,
         stop=stop_strings(body.stop),
         n=body.n,
