@@ -4,6 +4,7 @@ durability across kill -9, and refusing files that are not ours without changing
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -431,3 +432,84 @@ def test_a_store_another_process_holds_locked_is_a_clear_error(tmp_path: Path) -
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+# --- the SQLite writer: one held connection, the last index in memory ----------------------------
+
+
+@pytest.mark.parametrize(("query", "expected"), [("", 2), ("?synchronous=normal", 1)])
+async def test_the_connection_that_writes_the_log_is_wal_with_the_chosen_synchronous(
+    tmp_path: Path, query: str, expected: int
+) -> None:
+    store = SqliteEventStore(f"sqlite+aiosqlite:///{tmp_path / 'events.db'}{query}")
+    await store.open()
+    try:
+        assert await store.write_pragma("journal_mode") == "wal"
+        # 2 is FULL (the WAL is fsynced at every commit), 1 is NORMAL.
+        assert await store.write_pragma("synchronous") == expected
+        with pytest.raises(ValueError, match="not a pragma name"):
+            await store.write_pragma("synchronous; DROP TABLE events")
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("yields_before_cancel", [0, 1, 2, 3, 5, 8])
+async def test_a_cancelled_append_leaves_a_store_that_continues_its_log(
+    tmp_path: Path, yields_before_cancel: int
+) -> None:
+    store = SqliteEventStore(str(tmp_path / "events.db"))
+    await store.open()
+    try:
+        await store.append(events(1, 10))
+        append = asyncio.create_task(store.append(events(11, 2000)))
+        for _ in range(yields_before_cancel):
+            await asyncio.sleep(0)
+        append.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await append
+        # The batch landed whole or not at all, and the store knows which.
+        last = await store.last_index()
+        assert last in (10, 2000)
+        await store.append(events(last + 1, last + 5))
+        assert await store.read(1) == events(1, last + 5)
+    finally:
+        await store.close()
+
+
+async def test_a_write_refused_by_the_database_is_a_store_error_and_the_log_continues(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    store = SqliteEventStore(str(path), busy_timeout_seconds=0.05)
+    await store.open()
+    try:
+        await store.append(events(1, 3))
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(StoreError, match=r"cannot write events 4\.\.6 .*locked"):
+                await store.append(events(4, 6))
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert await store.last_index() == 3
+        await store.append(events(4, 6))
+        assert await store.read(1) == events(1, 6)
+    finally:
+        await store.close()
+
+
+async def test_truncation_and_snapshots_keep_the_writers_last_index_honest(tmp_path: Path) -> None:
+    store = SqliteEventStore(str(tmp_path / "events.db"))
+    await store.open()
+    try:
+        await store.append(events(1, 20))
+        await store.truncate_after(12)
+        assert await store.last_index() == 12
+        await store.append(events(13, 14))
+        await store.save_snapshot(Snapshot(30, state_after(30)))
+        assert await store.last_index() == 30
+        with pytest.raises(ValueError, match="expected 31"):
+            await store.append(events(15, 15))
+        await store.append(events(31, 31))
+        assert await store.read(1) == events(31, 31)
+    finally:
+        await store.close()

@@ -1,5 +1,8 @@
 """The SQLite event store: SQLAlchemy 2 async on aiosqlite, WAL, one transaction per appended batch.
 
+Schema, migrations and reads go through SQLAlchemy; every write goes through one connection held
+for the store's life (`SqliteEventWriter`), with the last index kept in memory.
+
 Durability: `synchronous=FULL` by default, so a batch that `append` returned from survives a kill -9
 of the process *and* a power cut; `?synchronous=normal` keeps the kill -9 guarantee only (see
 docs/event-store.md for the measurements behind the choice).
@@ -8,7 +11,9 @@ docs/event-store.md for the measurements behind the choice).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import msgspec
@@ -27,6 +32,7 @@ from exo.store.location import Synchronous, parse_store_url
 from exo.store.migrate import upgrade_to_head
 from exo.store.schema import events_table, snapshots_table
 from exo.store.sqlite_file import inspect_sqlite_file
+from exo.store.sqlite_writer import EventRow, SqliteEventWriter
 
 # An execution option that makes the "begin" hook take the write lock up front (BEGIN IMMEDIATE),
 # so a check-then-write transaction can never be refused half way by another writer.
@@ -45,7 +51,7 @@ class SqliteEventStore:
         # How long a write waits for another connection's write lock before failing.
         self.busy_timeout_seconds = busy_timeout_seconds
         self._engine: AsyncEngine | None = None
-        self._writer: AsyncEngine | None = None
+        self._writer: SqliteEventWriter | None = None
         self._write_lock = asyncio.Lock()
         self._encoder = msgspec.msgpack.Encoder()
 
@@ -63,10 +69,11 @@ class SqliteEventStore:
             await asyncio.to_thread(inspect_sqlite_file, path)
             engine = create_async_engine(URL.create("sqlite+aiosqlite", database=str(path)))
         _install_connection_hooks(engine, self.synchronous, round(self.busy_timeout_seconds * 1000))
-        writer = engine.execution_options(**{_WRITE_TRANSACTION: True})
+        write_options = {_WRITE_TRANSACTION: True}
         try:
-            async with writer.begin() as connection:
+            async with engine.execution_options(**write_options).begin() as connection:
                 await connection.run_sync(upgrade_to_head)
+            writer = await SqliteEventWriter.open(engine, **write_options)
         except OperationalError as error:
             # e.g. another process holds the write lock past the busy timeout, or a read-only disk.
             await engine.dispose()
@@ -77,26 +84,32 @@ class SqliteEventStore:
         self._engine, self._writer = engine, writer
 
     async def close(self) -> None:
-        engine, self._engine, self._writer = self._engine, None, None
-        if engine is not None:
+        engine, writer, self._engine, self._writer = self._engine, self._writer, None, None
+        if engine is None:
+            return
+        async with self._write_lock:
+            if writer is not None:
+                await writer.close()
             await engine.dispose()
 
     async def append(self, events: Sequence[IndexedEvent]) -> None:
-        writer = self._require_writer()
+        self._require_writer()
         if not events:
             return
-        rows = [
-            {
-                "event_index": indexed.index,
-                "term": indexed.term,
-                "event_type": event_type_name(indexed.event),
-                "payload": self._encoder.encode(indexed),
-            }
+        encode = self._encoder.encode
+        rows: list[EventRow] = [
+            (indexed.index, indexed.term, event_type_name(indexed.event), encode(indexed))
             for indexed in events
         ]
-        async with self._write_lock, writer.begin() as connection:
-            rules.check_batch_continues(events, await _last_index(connection))
-            await connection.execute(insert(events_table), rows)
+        async with self._write_lock:
+            # Taken again under the lock: close() may have run while this call waited for it.
+            writer = self._require_writer()
+            rules.check_batch_continues(events, await writer.last_index())
+            try:
+                await writer.insert(rows)
+            except sqlite3.Error as error:
+                span = f"{events[0].index}..{events[-1].index}"
+                raise StoreError(f"cannot write events {span} to {self.description}: {error}") from error
 
     async def read(self, start: int, end: int | None = None, limit: int | None = None) -> list[IndexedEvent]:
         engine = self._require_engine()
@@ -115,8 +128,9 @@ class SqliteEventStore:
         return [self._decode_event(row[0], row[1]) for row in rows]
 
     async def last_index(self) -> int:
-        async with self._require_engine().connect() as connection:
-            return await _last_index(connection)
+        writer = self._require_writer()
+        async with self._write_lock:
+            return await writer.last_index()
 
     async def first_index(self) -> int:
         query = select(
@@ -130,7 +144,7 @@ class SqliteEventStore:
     async def truncate_after(self, index: int) -> None:
         writer = self._require_writer()
         rules.check_truncate_index(index)
-        async with self._write_lock, writer.begin() as connection:
+        async with self._write_lock, self._sqlalchemy_write(writer) as connection:
             await connection.execute(delete(events_table).where(events_table.c.event_index > index))
             await connection.execute(delete(snapshots_table).where(snapshots_table.c.event_index > index))
 
@@ -138,7 +152,7 @@ class SqliteEventStore:
         writer = self._require_writer()
         rules.check_snapshot(snapshot)
         state = encode_state(snapshot.state)
-        async with self._write_lock, writer.begin() as connection:
+        async with self._write_lock, self._sqlalchemy_write(writer) as connection:
             last_event_index = (
                 await connection.execute(select(func.max(events_table.c.event_index)))
             ).scalar()
@@ -178,19 +192,25 @@ class SqliteEventStore:
             raise StoreError("the event store is not open: call open() first")
         return self._engine
 
-    def _require_writer(self) -> AsyncEngine:
+    def _require_writer(self) -> SqliteEventWriter:
         self._require_engine()
         assert self._writer is not None
         return self._writer
 
+    @contextlib.asynccontextmanager
+    async def _sqlalchemy_write(self, writer: SqliteEventWriter) -> AsyncIterator[AsyncConnection]:
+        """A SQLAlchemy transaction on the write connection (the caller holds the write lock)."""
+        try:
+            async with writer.connection.begin():
+                yield writer.connection
+        finally:
+            writer.forget_last_index()
 
-async def _last_index(connection: AsyncConnection) -> int:
-    query = select(
-        select(func.max(events_table.c.event_index)).scalar_subquery(),
-        select(func.max(snapshots_table.c.event_index)).scalar_subquery(),
-    )
-    last_event_index, newest_snapshot_index = (await connection.execute(query)).one()
-    return max(last_event_index or 0, newest_snapshot_index or 0)
+    async def write_pragma(self, name: str) -> object:
+        """A setting of the connection that writes the log, e.g. `synchronous` (2 = FULL, 1 = NORMAL)."""
+        writer = self._require_writer()
+        async with self._write_lock:
+            return await writer.pragma(name)
 
 
 def _install_connection_hooks(engine: AsyncEngine, synchronous: Synchronous, busy_timeout_ms: int) -> None:
