@@ -100,7 +100,10 @@ async def throughput(member: ClusterMember, others: list[NodeProcess], count: in
     while submitted < count:
         in_flight = submitted - (member.replica.last_index - start_index)
         if in_flight > MAX_IN_FLIGHT:
-            await member.replica.wait_for(lambda state: True, 0.01)
+            # Wait for progress: a predicate that already holds would return without yielding, and
+            # this loop would then spin forever with the event loop starved.
+            applied = member.replica.last_index
+            await member.replica.wait_for(lambda state, applied=applied: state.last_event_index > applied, 1.0)
             continue
         chunk = min(SUBMIT_CHUNK, count - submitted)
         member.submit([NodeLabelled(member.node_id, "bench", str(submitted + i)) for i in range(chunk)])
