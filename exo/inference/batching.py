@@ -1,4 +1,5 @@
-"""Several requests' single-token steps in one forward pass, each row attending to its own cache.
+"""Several requests in one forward pass, each row attending to its own cache: single-token steps,
+or prompt chunks padded on the right to the longest.
 
 The weight-heavy parts of a layer (projections, MLP) run once for the whole batch; attention runs
 row by row against each request's own mlx-lm `KVCache`, unpadded and unmasked, exactly as that
@@ -10,6 +11,10 @@ mlx-lm's attention modules call the `scaled_dot_product_attention` of their own 
 cache they were given; `enable_row_attention` wraps that function, per model module, so that a
 `RowCaches` cache is attended row by row and every other cache goes to mlx-lm's function unchanged.
 Rotary embeddings take the per-row offsets as an array, as mlx-lm's batch generation does.
+
+Prompt chunks of different lengths are padded on the right: under the causal mask a real position
+never sees a padded one, and the padded positions are trimmed from each row's cache after the pass
+(their keys are overwritten by the next step), so each request's cache ends as if it ran alone.
 
 Where batched and single rows can still differ is the matmul: with MKL, a float32 GEMM of 4 or more
 rows picks another kernel than 1 to 3 rows and rounds differently (about 1e-6 relative; measured in
@@ -63,9 +68,10 @@ def _row_attention(original: Callable[..., mx.array]) -> Callable[..., mx.array]
         if not isinstance(cache, RowCaches):
             return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
         rows = mx.split(queries, len(cache.caches), axis=0)
+        row_mask = None if queries.shape[2] == 1 else mask  # prompt chunks: causal, as alone
         return mx.concatenate(
             [
-                original(row, row_keys, row_values, cache=row_cache, scale=scale, mask=None, sinks=sinks)
+                original(row, row_keys, row_values, cache=row_cache, scale=scale, mask=row_mask, sinks=sinks)
                 for row, row_keys, row_values, row_cache in zip(rows, keys, values, cache.caches, strict=True)
             ],
             axis=0,
@@ -99,3 +105,29 @@ def forward_rows(shard: ShardModel, inputs: mx.array, caches: Sequence[Sequence[
         raise ValueError(f"a batch of {len(caches)} single-token rows cannot take inputs {inputs.shape}")
     layer_caches = [RowCaches([row[layer] for row in caches]) for layer in range(len(shard.layers))]
     return shard.forward(inputs, layer_caches)
+
+
+def forward_chunks(
+    shard: ShardModel, inputs: Sequence[mx.array], caches: Sequence[Sequence[Any]]
+) -> list[mx.array]:
+    """One pass over several requests' prompt chunks: `inputs[b]` (1, L_b) token ids on the first
+    stage or (1, L_b, H) hidden states, `caches[b]` request b's per-layer caches. The chunks are
+    padded on the right to the longest and the padding is trimmed from the caches afterwards.
+    Returns each request's output, (1, L_b, H or vocab), unpadded."""
+    if len(inputs) != len(caches) or not inputs:
+        raise ValueError(f"{len(inputs)} chunks cannot go with {len(caches)} caches")
+    lengths = [chunk.shape[1] for chunk in inputs]
+    longest = max(lengths)
+    padded = [
+        chunk
+        if length == longest
+        else mx.pad(chunk, [(0, 0), (0, longest - length)] + [(0, 0)] * (chunk.ndim - 2))
+        for chunk, length in zip(inputs, lengths, strict=True)
+    ]
+    layer_caches = [RowCaches([row[layer] for row in caches]) for layer in range(len(shard.layers))]
+    output = shard.forward(mx.concatenate(padded, axis=0), layer_caches)
+    for row_caches, length in zip(caches, lengths, strict=True):
+        if length < longest:
+            for layer_cache in row_caches:
+                layer_cache.trim(longest - length)
+    return [output[row : row + 1, :length] for row, length in enumerate(lengths)]

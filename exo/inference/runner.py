@@ -32,6 +32,7 @@ from exo.bus.codec import DECODE_ERRORS
 from exo.bus.security import CLUSTER_SECRET_ENVIRONMENT, derive_security, start_thread_authenticator
 from exo.bus.sockets import BusSecurity, apply_curve
 from exo.inference.blas import BlasInfo, load_optimized_blas
+from exo.inference.pass_threads import PassThreads, mkl_thread_setter
 from exo.inference.protocol import (
     LoadShard,
     RunnerFailed,
@@ -248,6 +249,7 @@ class Runner:
             max_batch_size=self.options.max_batch_size,
             prefix_cache_tokens=self.options.prefix_cache_tokens,
             retry_after=self.options.retry_after,
+            pass_threads=self.pass_threads(),
         )
         self.heartbeat = Heartbeat(self.context, address, self.options.heartbeat_interval, self.security)
         self.heartbeat.start()
@@ -264,6 +266,12 @@ class Runner:
             )
         )
         return None
+
+    def pass_threads(self) -> PassThreads | None:
+        set_threads = mkl_thread_setter(self.blas)
+        if set_threads is None or self.blas.threads is None:
+            return None
+        return PassThreads(set_threads, default=self.blas.threads, batched=self.options.batch_threads)
 
     def activation_address(self) -> str:
         assert self.activations is not None

@@ -21,6 +21,7 @@ class RunnerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     activation_host: str = "127.0.0.1"
     advertise_host: str | None = None
     threads: int | None = None
+    batch_threads: int = 1
     prefill_step_size: int = 2048
     max_active_requests: int = 64
     max_waiting_requests: int = 64
@@ -39,6 +40,7 @@ def runner_command(
     activation_host: str = "127.0.0.1",
     advertise_host: str | None = None,
     threads: int | None = None,
+    batch_threads: int | None = None,
     max_active_requests: int | None = None,
     max_waiting_requests: int | None = None,
     max_batch_size: int | None = None,
@@ -52,6 +54,7 @@ def runner_command(
         command += ["--advertise-host", advertise_host]
     optional = {
         "--threads": threads,
+        "--batch-threads": batch_threads,
         "--max-active-requests": max_active_requests,
         "--max-waiting-requests": max_waiting_requests,
         "--max-batch-size": max_batch_size,
@@ -70,6 +73,12 @@ def parse_arguments(argv: list[str] | None = None) -> RunnerOptions:
     parser.add_argument("--activation-host", default="127.0.0.1", help="interface for the activation PULL")
     parser.add_argument("--advertise-host", default=None, help="host peers use to reach it (default: bound)")
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: usable cores)")
+    parser.add_argument(
+        "--batch-threads",
+        type=int,
+        default=1,
+        help="BLAS threads for a pass of several requests' single-token steps (default 1)",
+    )
     parser.add_argument("--prefill-step-size", type=int, default=2048)
     parser.add_argument("--max-active-requests", type=int, default=64, help="requests served at once")
     parser.add_argument(
@@ -88,8 +97,13 @@ def parse_arguments(argv: list[str] | None = None) -> RunnerOptions:
     arguments = parser.parse_args(argv)
     if arguments.activation_host in ("0.0.0.0", "*", "::") and not arguments.advertise_host:
         parser.error("--advertise-host is required when binding every interface")
-    if arguments.prefill_step_size < 1 or arguments.max_active_requests < 1 or arguments.max_batch_size < 1:
-        parser.error("--prefill-step-size, --max-active-requests and --max-batch-size must be positive")
+    if min(arguments.prefill_step_size, arguments.max_active_requests, arguments.max_batch_size) < 1 or (
+        arguments.batch_threads < 1 or (arguments.threads is not None and arguments.threads < 1)
+    ):
+        parser.error(
+            "--prefill-step-size, --max-active-requests, --max-batch-size, --threads and --batch-threads "
+            "must be positive"
+        )
     if arguments.max_waiting_requests < 0 or arguments.prefix_cache_tokens < 0 or arguments.retry_after < 0:
         parser.error("--max-waiting-requests, --prefix-cache-tokens and --retry-after cannot be negative")
     logging.basicConfig(level=logging.DEBUG if arguments.verbose else logging.WARNING)
@@ -99,6 +113,7 @@ def parse_arguments(argv: list[str] | None = None) -> RunnerOptions:
         activation_host=arguments.activation_host,
         advertise_host=arguments.advertise_host,
         threads=arguments.threads,
+        batch_threads=arguments.batch_threads,
         prefill_step_size=arguments.prefill_step_size,
         max_active_requests=arguments.max_active_requests,
         max_waiting_requests=arguments.max_waiting_requests,

@@ -28,6 +28,13 @@ class Work:
     inputs: Any  # token ids (1, L) on the first stage, hidden states (1, L, H) elsewhere
     sample: bool  # False for prompt chunks before the last one
     batchable: bool = False  # a single sampled token: may run in one pass with other requests' steps
+    tokens: int = 1  # positions this pass adds to the request's cache
+
+    @property
+    def groupable(self) -> bool:
+        """A prompt chunk that may share a pass with other requests' chunks (padded to the
+        longest): it samples nothing, so only its cache and outputs matter."""
+        return not self.batchable and not self.sample
 
 
 @dataclass(frozen=True)
@@ -67,15 +74,17 @@ class StageScheduler:
         heads = self._heads()
         return self._pop(heads[0].work.request_id) if heads else None
 
-    def next_batch(self, limit: int) -> list[Work]:
-        """The next forward pass: one prefill chunk, or up to `limit` requests' batchable steps
-        (oldest first, one per request). Empty when nothing waits."""
+    def next_batch(self, limit: int, prefill_tokens: int = 0) -> list[Work]:
+        """The next forward pass: prefill chunks (the oldest, with other requests' chunks that fit
+        `prefill_tokens` padded positions: see `group_prefills`), or up to `limit` requests'
+        batchable steps (oldest first, one per request). Empty when nothing waits."""
         heads = self._heads()
         batchable = [queued.work for queued in heads if queued.work.batchable]
         prefills = [queued.work for queued in heads if not queued.work.batchable]
         if prefills and (not batchable or self._last_kind == "batch"):
             self._last_kind = "prefill"
-            return [self._pop(prefills[0].request_id)]
+            group = group_prefills(prefills, limit, prefill_tokens)
+            return [self._pop(work.request_id) for work in group]
         self._last_kind = "batch"
         return [self._pop(work.request_id) for work in batchable[: max(1, limit)]]
 
@@ -85,6 +94,30 @@ class StageScheduler:
         dropped = len(queue) if queue is not None else 0
         self._size -= dropped
         return dropped
+
+
+def group_prefills(prefills: list[Work], limit: int, padded_tokens: int) -> list[Work]:
+    """The oldest prompt chunk, and the next oldest groupable chunks to run with it, padded to the
+    longest: at most `limit` chunks and `padded_tokens` padded positions, with at least three
+    quarters of those positions real (padding is computed and thrown away). One chunk when the
+    first is not groupable."""
+    first = prefills[0]
+    group = [first]
+    if not first.groupable:
+        return group
+    longest, real = first.tokens, first.tokens
+    for work in prefills[1:]:
+        if len(group) >= limit:
+            break
+        if not work.groupable:
+            continue
+        grown = max(longest, work.tokens)
+        padded = grown * (len(group) + 1)
+        if padded > padded_tokens or 4 * (real + work.tokens) < 3 * padded:
+            continue
+        group.append(work)
+        longest, real = grown, real + work.tokens
+    return group
 
 
 def micro_batch_limit(max_batch_size: int, active_requests: int, pipeline_depth: int) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 import mlx.core as mx
 import msgspec
 
-from exo.inference.batching import enable_row_attention, forward_rows
+from exo.inference.batching import enable_row_attention, forward_chunks, forward_rows
 from exo.inference.frames import (
     Buffer,
     MalformedFrameError,
@@ -37,6 +37,7 @@ from exo.inference.frames import (
     prefill_chunks,
     start_problem,
 )
+from exo.inference.pass_threads import PassThreads
 from exo.inference.prefix_cache import StagePrefixCache
 from exo.inference.protocol import (
     ActivationsSent,
@@ -71,8 +72,10 @@ class PipelineStage:
         max_batch_size: int = 32,
         prefix_cache_tokens: int = 8192,
         retry_after: float = 1.0,
+        pass_threads: PassThreads | None = None,
     ) -> None:
         self.shard = shard
+        self.pass_threads = pass_threads
         self.address = address
         self.prefill_step_size = prefill_step_size
         self.max_active_requests = max_active_requests
@@ -212,7 +215,14 @@ class PipelineStage:
                 last = position == len(spans) - 1
                 chunk = mx.array(tokens[start:end])[None]
                 self.scheduler.submit(
-                    Work(request_id, 0, chunk, sample=last, batchable=last and end - start == 1)
+                    Work(
+                        request_id,
+                        0,
+                        chunk,
+                        sample=last,
+                        batchable=last and end - start == 1,
+                        tokens=end - start,
+                    )
                 )
         return outgoing
 
@@ -231,7 +241,9 @@ class PipelineStage:
                 self.counters.stale_frames += 1
                 continue
             inputs = hidden if len(rows) == 1 else hidden[position : position + 1]
-            self.scheduler.submit(Work(row.request_id, row.step, inputs, message.sample, batchable))
+            self.scheduler.submit(
+                Work(row.request_id, row.step, inputs, message.sample, batchable, tokens=message.shape[1])
+            )
         return []
 
     def _token(self, message: TokenSampled) -> list[Outgoing]:
@@ -346,41 +358,68 @@ class PipelineStage:
     def run_next(self) -> list[Outgoing]:
         batch = [
             (self.requests[work.request_id], work)
-            for work in self.scheduler.next_batch(self.batch_limit())
+            for work in self.scheduler.next_batch(self.batch_limit(), self.prefill_step_size)
             if work.request_id in self.requests
         ]
         if not batch:
             return []
+        if self.pass_threads is not None:
+            self.pass_threads.before_pass(len(batch), batch[0][1].tokens)
         try:
-            if len(batch) == 1:
-                state, work = batch[0]
-                output = self.shard.forward(work.inputs, state.cache)
+            if len(batch) > 1 and not batch[0][1].batchable:
+                outgoing = self._run_chunks(batch)
             else:
-                inputs = mx.concatenate([work.inputs for _, work in batch], axis=0)
-                output = forward_rows(self.shard, inputs, [state.cache for state, _ in batch])
-                self.counters.batched_steps += 1
-                self.counters.batched_rows += len(batch)
+                outgoing = self._run_steps(batch)
             self.counters.largest_batch = max(self.counters.largest_batch, len(batch))
             self.counters.steps_done += 1
-            if not self.shard.spec.is_last:
-                rows = [(state.next_address or "", state.request_id, work.step) for state, work in batch]
-                outgoing = activation_frames(rows, output, batch[0][1].sample)
-            elif not batch[0][1].sample:  # a prompt chunk before the last: only the cache matters
-                mx.eval([layer_cache.state for layer_cache in batch[0][0].cache])
-                outgoing = []
-            else:
-                rows = mx.split(output, len(batch), axis=0) if len(batch) > 1 else [output]
-                outgoing = [
-                    item
-                    for (state, work), row in zip(batch, rows, strict=True)
-                    for item in self._sample(state, work, row)
-                ]
         except (RuntimeError, ValueError, MemoryError) as error:
             # MLX reports allocation failures and shape errors this way; the requests cannot go on.
             outgoing = []
             for state, _ in batch:
                 outgoing.extend(self._abort(state, f"stage {self.address} failed: {error}"))
         return outgoing + self._admit_waiting()
+
+    def _run_steps(self, batch: list[tuple[RequestState, Work]]) -> list[Outgoing]:
+        """One request's pass, or several requests' single-token steps."""
+        if len(batch) == 1:
+            state, work = batch[0]
+            output = self.shard.forward(work.inputs, state.cache)
+        else:
+            inputs = mx.concatenate([work.inputs for _, work in batch], axis=0)
+            output = forward_rows(self.shard, inputs, [state.cache for state, _ in batch])
+            self.counters.batched_steps += 1
+            self.counters.batched_rows += len(batch)
+        if not self.shard.spec.is_last:
+            rows = [(state.next_address or "", state.request_id, work.step) for state, work in batch]
+            return activation_frames(rows, output, batch[0][1].sample)
+        if not batch[0][1].sample:  # a prompt chunk before the last: only the cache matters
+            mx.eval([layer_cache.state for layer_cache in batch[0][0].cache])
+            return []
+        rows = mx.split(output, len(batch), axis=0) if len(batch) > 1 else [output]
+        return [
+            item
+            for (state, work), row in zip(batch, rows, strict=True)
+            for item in self._sample(state, work, row)
+        ]
+
+    def _run_chunks(self, batch: list[tuple[RequestState, Work]]) -> list[Outgoing]:
+        """Several requests' prompt chunks (none sampled) in one padded pass."""
+        outputs = forward_chunks(
+            self.shard, [work.inputs for _, work in batch], [state.cache for state, _ in batch]
+        )
+        self.counters.batched_steps += 1
+        self.counters.batched_rows += len(batch)
+        if self.shard.spec.is_last:
+            mx.eval([layer_cache.state for state, _ in batch for layer_cache in state.cache])
+            return []
+        mx.eval(outputs)
+        return [
+            item
+            for (state, work), output in zip(batch, outputs, strict=True)
+            for item in activation_frames(
+                [(state.next_address or "", state.request_id, work.step)], mx.contiguous(output), False
+            )
+        ]
 
     def _sample(self, state: RequestState, work: Work, logits: mx.array) -> list[Outgoing]:
         assert state.sampler is not None
