@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import cast
 
+import mlx.core as mx
 import msgspec
 import numpy as np
 import pytest
@@ -20,7 +21,9 @@ from exo.api.fakes import FakeNodeServices
 from exo.api.services import Overloaded
 from exo.events import ShardAssignment
 from exo.generation import PipelineGenerator
+from exo.inference.batching import enable_row_attention, forward_chunks
 from exo.inference.client import GenerationError, GenerationRequest, PipelineClient, TokenSink
+from exo.inference.pass_threads import PassThreads
 from exo.inference.protocol import (
     ActivationsSent,
     BatchRow,
@@ -35,7 +38,8 @@ from exo.inference.protocol import (
     pipeline_decoder,
 )
 from exo.inference.runner import parse_arguments, runner_command
-from exo.inference.scheduler import AdmissionQueue, StageScheduler, Work, micro_batch_limit
+from exo.inference.scheduler import AdmissionQueue, StageScheduler, Work, group_prefills, micro_batch_limit
+from exo.inference.shard import ShardSpec, load_shard
 from exo.state import Instance, RunnerInfo, State
 from tests.inference_helpers import (
     ControlServer,
@@ -111,6 +115,55 @@ def test_scheduler_never_runs_a_request_out_of_order_and_drops_all_of_it() -> No
     assert len(scheduler) == 0 and scheduler.next() is None
 
 
+def test_waiting_prompt_chunks_are_grouped_within_the_limits() -> None:
+    def prompt_chunk(request_id: str, tokens: int, *, sample: bool = False) -> Work:
+        return Work(request_id, 0, None, sample=sample, batchable=sample and tokens == 1, tokens=tokens)
+
+    chunks = [
+        prompt_chunk(name, tokens) for name, tokens in zip("abcdef", (30, 32, 6, 28, 31, 29), strict=True)
+    ]
+    # "c" would make the group mostly padding; the limit and the padded budget hold
+    assert [work.request_id for work in group_prefills(chunks, 8, 2048)] == ["a", "b", "d", "e", "f"]
+    assert [work.request_id for work in group_prefills(chunks, 3, 2048)] == ["a", "b", "d"]
+    assert [work.request_id for work in group_prefills(chunks, 8, 64)] == ["a", "b"]
+    assert [work.request_id for work in group_prefills(chunks, 8, 31)] == ["a"]
+    # a sampled chunk (a prompt's last token on a later stage, or an unbatched step) runs alone
+    sampled = prompt_chunk("s", 4, sample=True)
+    assert group_prefills([sampled, *chunks], 8, 2048) == [sampled]
+    assert [work.request_id for work in group_prefills([chunks[0], sampled, chunks[1]], 8, 2048)] == [
+        "a",
+        "b",
+    ]
+    # the scheduler takes the group in one turn, then the steps waiting
+    scheduler = StageScheduler()
+    scheduler.submit(single("x", 3))
+    for work in chunks:
+        scheduler.submit(work)
+    assert [work.request_id for work in scheduler.next_batch(8, 2048)] == ["a", "b", "d", "e", "f"]
+    assert [work.request_id for work in scheduler.next_batch(8, 2048)] == ["x"]
+    assert [work.request_id for work in scheduler.next_batch(8, 2048)] == ["c"]
+
+
+def test_blas_threads_drop_to_one_for_batched_steps_only() -> None:
+    calls: list[int] = []
+    threads = PassThreads(calls.append, default=2, batched=1)
+    for rows, tokens in [(1, 1), (8, 1), (8, 1), (1, 40), (3, 30), (4, 1), (1, 1)]:
+        threads.before_pass(rows, tokens)
+    assert calls == [1, 2, 1, 2]  # set only when the count changes
+    with pytest.raises(ValueError, match="positive"):
+        PassThreads(calls.append, default=2, batched=0)
+
+
+def test_chunks_and_caches_must_match() -> None:
+    model = tiny_models()["llama"]
+    shard = load_shard(model, ShardSpec(0, 6, 6))
+    assert enable_row_attention(shard)
+    with pytest.raises(ValueError, match="cannot go with"):
+        forward_chunks(shard, [], [])
+    with pytest.raises(ValueError, match="cannot go with"):
+        forward_chunks(shard, [mx.array([[1, 2]])], [shard.make_cache(), shard.make_cache()])
+
+
 def test_micro_batches_split_the_active_requests_over_the_stages() -> None:
     assert micro_batch_limit(32, 8, 1) == 32
     assert micro_batch_limit(32, 8, 2) == 4
@@ -162,6 +215,38 @@ def test_eight_concurrent_requests_each_get_what_they_get_alone(
         # all eight decode together (two micro-batches of four over two stages)
         assert stage.counters.largest_batch == batch
         assert stage.counters.batched_rows > stage.counters.batched_steps > MAX_TOKENS // 2
+    assert pipeline.idle()
+
+
+@pytest.mark.parametrize(
+    ("architecture", "splits"), [("llama", ONE_STAGE), ("llama", TWO_STAGES), ("qwen2", ONE_STAGE)]
+)
+def test_prompts_prefilled_together_each_get_what_they_get_alone(
+    architecture: str, splits: list[tuple[int, int]]
+) -> None:
+    """Prompts of different lengths (padded in a shared pass) give the tokens each gives alone with
+    the same chunking; a prefix cache hit (a cache that starts full) groups as well."""
+    model = tiny_models()[architecture]
+    asked = prompts(model)
+    asked = [*asked, asked[2] + asked[4]]  # its first part is a prefix cache entry below
+    alone: list[list[int]] = []
+    for position, prompt in enumerate(asked):
+        single_pipeline = WiredPipeline(model, splits, prefix_cache_tokens=0, prefill_step_size=64)
+        single_pipeline.start(f"alone-{position}", prompt, MAX_TOKENS)
+        single_pipeline.run()
+        alone.append(single_pipeline.tokens(f"alone-{position}"))
+
+    pipeline = WiredPipeline(model, splits, prefill_step_size=64)
+    pipeline.start("earlier", asked[2], 1)  # leaves asked[2] (and its first token) cached
+    pipeline.run()
+    for position, prompt in enumerate(asked):
+        pipeline.start(f"r{position}", prompt, MAX_TOKENS)
+    pipeline.run()
+
+    assert [pipeline.tokens(f"r{position}") for position in range(len(asked))] == alone
+    assert pipeline.first.counters.prefix_cache_hits >= 1
+    for stage in pipeline.stages.values():
+        assert stage.counters.grouped_prompt_chunks >= 4
     assert pipeline.idle()
 
 
@@ -368,7 +453,15 @@ def test_runner_flags_round_trip_and_bad_values_are_refused(capsys: pytest.Captu
     options = parse_arguments(command[3:])
     assert (options.max_active_requests, options.max_waiting_requests) == (3, 0)
     assert (options.max_batch_size, options.prefix_cache_tokens) == (1, 0)
-    for bad in (["--max-batch-size", "0"], ["--max-waiting-requests", "-1"], ["--prefix-cache-tokens", "-5"]):
+    assert parse_arguments([*command[3:], "--batch-threads", "2"]).batch_threads == 2
+    assert options.batch_threads == 1
+    for bad in (
+        ["--max-batch-size", "0"],
+        ["--max-waiting-requests", "-1"],
+        ["--prefix-cache-tokens", "-5"],
+        ["--batch-threads", "0"],
+        ["--threads", "0"],
+    ):
         with pytest.raises(SystemExit):
             parse_arguments(["--control", "tcp://127.0.0.1:1", *bad])
     assert "must be positive" in capsys.readouterr().err

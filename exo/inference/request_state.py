@@ -39,5 +39,6 @@ class StageCounters:
     batched_steps: int = 0  # passes that ran several requests at once
     batched_rows: int = 0
     largest_batch: int = 0
+    grouped_prompt_chunks: int = 0  # prompt chunks prefilled in one pass with other requests' chunks
     prefix_cache_hits: int = 0
     cached_prompt_tokens: int = 0

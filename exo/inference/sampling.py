@@ -110,9 +110,17 @@ class TokenSampler:
             self._bias = (mx.array(list(params.logit_bias)), mx.array(list(params.logit_bias.values())))
 
     def __call__(self, logits: mx.array) -> SampledToken:
+        token, logprobs = self.draw(logits)
+        return self.accept(int(token.item()), logprobs)  # pyright: ignore[reportArgumentType]
+
+    def draw(self, logits: mx.array) -> tuple[mx.array, mx.array]:
+        """The token as a lazy (1,) array and the model's log-probabilities; `accept` the token
+        once evaluated. Split so that a batch's rows are evaluated together (`sample_rows`)."""
         logprobs = logprobs_from_logits(logits)
         processed = self._process(logits[:, -1, :]) if self._processing else logprobs
-        token = int(self._draw(processed).item())  # pyright: ignore[reportArgumentType]
+        return self._draw(processed), logprobs
+
+    def accept(self, token: int, logprobs: mx.array) -> SampledToken:
         self._output_counts[token] = self._output_counts.get(token, 0) + 1
         if self.params.repetition_penalty != 1.0:
             self._seen.add(token)
@@ -155,3 +163,15 @@ class TokenSampler:
         order = mx.argsort(-values)
         tokens, scores = candidates[order].tolist(), values[order].tolist()
         return [(int(token), float(score)) for token, score in zip(tokens, scores, strict=True)]  # pyright: ignore[reportArgumentType, reportCallIssue]
+
+
+def sample_rows(samplers: Sequence[TokenSampler], rows: Sequence[mx.array]) -> list[SampledToken]:
+    """Each row's logits (1, L, vocab) through its request's sampler, with one evaluation for all
+    rows instead of one per row: the same tokens as calling each sampler in turn."""
+    drawn = [sampler.draw(row) for sampler, row in zip(samplers, rows, strict=True)]
+    tokens = mx.concatenate([token.reshape(-1) for token, _ in drawn]).tolist()
+    assert isinstance(tokens, list)
+    return [
+        sampler.accept(int(token), logprobs)  # pyright: ignore[reportArgumentType]
+        for sampler, token, (_, logprobs) in zip(samplers, tokens, drawn, strict=True)
+    ]

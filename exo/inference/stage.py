@@ -20,7 +20,7 @@ finished request's cache is kept on every stage by a `PrefixCached` that follows
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import msgspec
@@ -53,7 +53,7 @@ from exo.inference.protocol import (
     encode,
 )
 from exo.inference.request_state import RequestState, StageCounters
-from exo.inference.sampling import TokenSampler
+from exo.inference.sampling import SampledToken, TokenSampler, sample_rows
 from exo.inference.scheduler import AdmissionQueue, StageScheduler, Work, micro_batch_limit
 from exo.inference.shard import ShardModel
 
@@ -395,11 +395,14 @@ class PipelineStage:
         if not batch[0][1].sample:  # a prompt chunk before the last: only the cache matters
             mx.eval([layer_cache.state for layer_cache in batch[0][0].cache])
             return []
-        rows = mx.split(output, len(batch), axis=0) if len(batch) > 1 else [output]
+        logits = [output[row : row + 1] for row in range(len(batch))] if len(batch) > 1 else [output]
+        samplers = [state.sampler for state, _ in batch]
+        assert all(sampler is not None for sampler in samplers)
+        sampled = sample_rows(cast("list[TokenSampler]", samplers), logits)
         return [
             item
-            for (state, work), row in zip(batch, rows, strict=True)
-            for item in self._sample(state, work, row)
+            for (state, work), sampled_token in zip(batch, sampled, strict=True)
+            for item in self._sampled(state, work, sampled_token)
         ]
 
     def _run_chunks(self, batch: list[tuple[RequestState, Work]]) -> list[Outgoing]:
@@ -409,6 +412,7 @@ class PipelineStage:
         )
         self.counters.batched_steps += 1
         self.counters.batched_rows += len(batch)
+        self.counters.grouped_prompt_chunks += len(batch)
         if self.shard.spec.is_last:
             mx.eval([layer_cache.state for state, _ in batch for layer_cache in state.cache])
             return []
@@ -421,9 +425,7 @@ class PipelineStage:
             )
         ]
 
-    def _sample(self, state: RequestState, work: Work, logits: mx.array) -> list[Outgoing]:
-        assert state.sampler is not None
-        sampled_token = state.sampler(logits)
+    def _sampled(self, state: RequestState, work: Work, sampled_token: SampledToken) -> list[Outgoing]:
         token = sampled_token.token
         state.tokens_sampled += 1
         self.counters.tokens_sampled += 1
