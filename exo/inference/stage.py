@@ -20,17 +20,16 @@ finished request's cache is kept on every stage by a `PrefixCached` that follows
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import mlx.core as mx
 import msgspec
 
-from exo.inference.batching import enable_row_attention, forward_chunks, forward_rows
+from exo.inference.batching import enable_row_attention
 from exo.inference.frames import (
     Buffer,
     MalformedFrameError,
     Outgoing,
-    activation_frames,
     activations_problem,
     decode_frames,
     hidden_from_wire,
@@ -53,9 +52,10 @@ from exo.inference.protocol import (
     encode,
 )
 from exo.inference.request_state import RequestState, StageCounters
-from exo.inference.sampling import SampledToken, TokenSampler, sample_rows
+from exo.inference.sampling import SampledToken, TokenSampler
 from exo.inference.scheduler import AdmissionQueue, StageScheduler, Work, micro_batch_limit
 from exo.inference.shard import ShardModel
+from exo.inference.stage_passes import run_pass
 
 __all__ = ["Outgoing", "PipelineStage", "RequestState", "StageCounters", "prefill_chunks"]
 
@@ -366,10 +366,12 @@ class PipelineStage:
         if self.pass_threads is not None:
             self.pass_threads.before_pass(len(batch), batch[0][1].tokens)
         try:
-            if len(batch) > 1 and not batch[0][1].batchable:
-                outgoing = self._run_chunks(batch)
-            else:
-                outgoing = self._run_steps(batch)
+            result = run_pass(self.shard, batch, self.counters)
+            outgoing = result.outgoing + [
+                item
+                for (state, work), sampled_token in zip(batch, result.sampled, strict=False)
+                for item in self._sampled(state, work, sampled_token)
+            ]
             self.counters.largest_batch = max(self.counters.largest_batch, len(batch))
             self.counters.steps_done += 1
         except (RuntimeError, ValueError, MemoryError) as error:
@@ -378,52 +380,6 @@ class PipelineStage:
             for state, _ in batch:
                 outgoing.extend(self._abort(state, f"stage {self.address} failed: {error}"))
         return outgoing + self._admit_waiting()
-
-    def _run_steps(self, batch: list[tuple[RequestState, Work]]) -> list[Outgoing]:
-        """One request's pass, or several requests' single-token steps."""
-        if len(batch) == 1:
-            state, work = batch[0]
-            output = self.shard.forward(work.inputs, state.cache)
-        else:
-            inputs = mx.concatenate([work.inputs for _, work in batch], axis=0)
-            output = forward_rows(self.shard, inputs, [state.cache for state, _ in batch])
-            self.counters.batched_steps += 1
-            self.counters.batched_rows += len(batch)
-        if not self.shard.spec.is_last:
-            rows = [(state.next_address or "", state.request_id, work.step) for state, work in batch]
-            return activation_frames(rows, output, batch[0][1].sample)
-        if not batch[0][1].sample:  # a prompt chunk before the last: only the cache matters
-            mx.eval([layer_cache.state for layer_cache in batch[0][0].cache])
-            return []
-        logits = [output[row : row + 1] for row in range(len(batch))] if len(batch) > 1 else [output]
-        samplers = [state.sampler for state, _ in batch]
-        assert all(sampler is not None for sampler in samplers)
-        sampled = sample_rows(cast("list[TokenSampler]", samplers), logits)
-        return [
-            item
-            for (state, work), sampled_token in zip(batch, sampled, strict=True)
-            for item in self._sampled(state, work, sampled_token)
-        ]
-
-    def _run_chunks(self, batch: list[tuple[RequestState, Work]]) -> list[Outgoing]:
-        """Several requests' prompt chunks (none sampled) in one padded pass."""
-        outputs = forward_chunks(
-            self.shard, [work.inputs for _, work in batch], [state.cache for state, _ in batch]
-        )
-        self.counters.batched_steps += 1
-        self.counters.batched_rows += len(batch)
-        self.counters.grouped_prompt_chunks += len(batch)
-        if self.shard.spec.is_last:
-            mx.eval([layer_cache.state for state, _ in batch for layer_cache in state.cache])
-            return []
-        mx.eval(outputs)
-        return [
-            item
-            for (state, work), output in zip(batch, outputs, strict=True)
-            for item in activation_frames(
-                [(state.next_address or "", state.request_id, work.step)], mx.contiguous(output), False
-            )
-        ]
 
     def _sampled(self, state: RequestState, work: Work, sampled_token: SampledToken) -> list[Outgoing]:
         token = sampled_token.token
