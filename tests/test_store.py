@@ -238,10 +238,15 @@ async def test_sqlite_file_is_wal_tagged_and_at_the_head_revision(tmp_path: Path
 
 async def test_sqlite_in_memory_database_works_without_a_file(tmp_path: Path) -> None:
     store = open_store("sqlite+aiosqlite://")
+    assert isinstance(store, SqliteEventStore)
     await store.open()
     await store.append(events(1, 3))
     assert await store.read(2) == events(2, 3)
+    # A private temporary file (the writer thread needs a file to share with the readers), gone on close.
+    temporary = store._temporary_directory  # pyright: ignore[reportPrivateUsage]
+    assert temporary is not None and os.path.isdir(temporary.name)  # noqa: ASYNC240
     await store.close()
+    assert not os.path.exists(temporary.name)  # noqa: ASYNC240
 
 
 async def test_an_empty_file_is_taken_as_a_new_store(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """The SQLite event store: SQLAlchemy 2 async on aiosqlite, WAL, one transaction per appended batch.
 
-Schema, migrations and reads go through SQLAlchemy; every write goes through one connection held
-for the store's life (`SqliteEventWriter`), with the last index kept in memory.
+Schema, migrations, reads, snapshots and truncation go through SQLAlchemy; appended events go
+through `SqliteEventWriter` (one connection on one thread, a batch per call, the last index in
+memory). `sqlite+aiosqlite://` (no path) is a private temporary file, removed on close.
 
 Durability: `synchronous=FULL` by default, so a batch that `append` returned from survives a kill -9
 of the process *and* a power cut; `?synchronous=normal` keeps the kill -9 guarantee only (see
@@ -13,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import tempfile
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -21,7 +24,6 @@ from sqlalchemy import Connection, delete, event, func, insert, select
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import StaticPool
 
 from exo.bus.codec import DECODE_ERRORS
 from exo.events import IndexedEvent, event_type_name, indexed_event_decoder
@@ -52,34 +54,38 @@ class SqliteEventStore:
         self.busy_timeout_seconds = busy_timeout_seconds
         self._engine: AsyncEngine | None = None
         self._writer: SqliteEventWriter | None = None
+        self._temporary_directory: tempfile.TemporaryDirectory[str] | None = None
         self._write_lock = asyncio.Lock()
         self._encoder = msgspec.msgpack.Encoder()
 
     @property
     def description(self) -> str:
-        return str(self.location.path) if self.location.path is not None else "an in-memory SQLite database"
+        return str(self.location.path) if self.location.path is not None else "a temporary SQLite database"
 
     async def open(self) -> None:
         if self._engine is not None:
             return
         path = self.location.path
         if path is None:
-            engine = create_async_engine(URL.create("sqlite+aiosqlite"), poolclass=StaticPool)
+            self._temporary_directory = tempfile.TemporaryDirectory(prefix="exo-events-")
+            path = Path(self._temporary_directory.name) / "events.db"
         else:
             await asyncio.to_thread(inspect_sqlite_file, path)
-            engine = create_async_engine(URL.create("sqlite+aiosqlite", database=str(path)))
-        _install_connection_hooks(engine, self.synchronous, round(self.busy_timeout_seconds * 1000))
-        write_options = {_WRITE_TRANSACTION: True}
+        engine = create_async_engine(URL.create("sqlite+aiosqlite", database=str(path)))
+        busy_timeout_ms = round(self.busy_timeout_seconds * 1000)
+        _install_connection_hooks(engine, self.synchronous, busy_timeout_ms)
+        writer = SqliteEventWriter(path, self.synchronous, busy_timeout_ms)
         try:
-            async with engine.execution_options(**write_options).begin() as connection:
+            async with self._write_engine(engine).begin() as connection:
                 await connection.run_sync(upgrade_to_head)
-            writer = await SqliteEventWriter.open(engine, **write_options)
-        except OperationalError as error:
+            await writer.open()
+        except (OperationalError, sqlite3.OperationalError) as error:
             # e.g. another process holds the write lock past the busy timeout, or a read-only disk.
-            await engine.dispose()
-            raise StoreError(f"cannot open event store {self.description}: {error.orig}") from None
+            await self._discard(engine)
+            reason = error.orig if isinstance(error, OperationalError) else error
+            raise StoreError(f"cannot open event store {self.description}: {reason}") from None
         except BaseException:
-            await engine.dispose()
+            await self._discard(engine)
             raise
         self._engine, self._writer = engine, writer
 
@@ -88,9 +94,17 @@ class SqliteEventStore:
         if engine is None:
             return
         async with self._write_lock:
-            if writer is not None:
-                await writer.close()
-            await engine.dispose()
+            try:
+                if writer is not None:
+                    await writer.close()
+            finally:
+                await self._discard(engine)
+
+    async def _discard(self, engine: AsyncEngine) -> None:
+        await engine.dispose()
+        temporary, self._temporary_directory = self._temporary_directory, None
+        if temporary is not None:
+            temporary.cleanup()
 
     async def append(self, events: Sequence[IndexedEvent]) -> None:
         self._require_writer()
@@ -199,12 +213,16 @@ class SqliteEventStore:
 
     @contextlib.asynccontextmanager
     async def _sqlalchemy_write(self, writer: SqliteEventWriter) -> AsyncIterator[AsyncConnection]:
-        """A SQLAlchemy transaction on the write connection (the caller holds the write lock)."""
+        """A write transaction on a pooled connection (the caller holds the write lock)."""
         try:
-            async with writer.connection.begin():
-                yield writer.connection
+            async with self._write_engine(self._require_engine()).begin() as connection:
+                yield connection
         finally:
             writer.forget_last_index()
+
+    @staticmethod
+    def _write_engine(engine: AsyncEngine) -> AsyncEngine:
+        return engine.execution_options(**{_WRITE_TRANSACTION: True})
 
     async def write_pragma(self, name: str) -> object:
         """A setting of the connection that writes the log, e.g. `synchronous` (2 = FULL, 1 = NORMAL)."""
