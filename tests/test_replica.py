@@ -1,10 +1,18 @@
-"""The replica shell over an in-memory store: restore, divergent-tail detection and truncation."""
+"""The replica shell over an in-memory store: restore, divergent-tail detection, truncation, and
+followers that apply first and write in the background."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Sequence
+
+import pytest
+
 from exo.events import IndexedEvent, MasterElected, NodeJoined, NodeLabelled
+from exo.roles import replica as replica_module
 from exo.roles.replica import Replica, find_common_prefix, rebuild, restore
-from exo.state import State
+from exo.state import State, apply
+from exo.store.base import StoreError
 from exo.store.memory import InMemoryEventStore
 
 
@@ -68,3 +76,170 @@ async def test_truncating_a_divergent_tail_rebuilds_state() -> None:
     assert replica.state == expected
     await replica.commit(log(5, term=2, origin="new", start=26))
     assert replica.last_index == 30
+
+
+# --- followers apply first and write in the background -------------------------------------------
+
+
+class GatedStore(InMemoryEventStore):
+    """An in-memory store whose appends wait at a gate, and can be made to fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.appends: list[list[int]] = []
+        self.failing = False
+        # Set after every append, landed or failed.
+        self.attempted = asyncio.Event()
+
+    async def append(self, events: Sequence[IndexedEvent]) -> None:
+        await self.gate.wait()
+        try:
+            if self.failing:
+                raise StoreError("disk full")
+            await super().append(events)
+            self.appends.append([event.index for event in events])
+        finally:
+            self.attempted.set()
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(5):
+            while not condition():
+                self.attempted.clear()
+                await self.attempted.wait()
+
+
+async def gated_replica() -> tuple[Replica, GatedStore]:
+    store = GatedStore()
+    await store.open()
+    return Replica(store, State()), store
+
+
+async def wait_durable(replica: Replica, index: int) -> None:
+    assert isinstance(replica.store, GatedStore)
+    await replica.store.wait_until(lambda: replica.durable_index >= index)
+
+
+async def test_received_events_apply_before_the_store_write_lands() -> None:
+    replica, store = await gated_replica()
+    store.gate.clear()
+    assert await replica.receive(log(5)) == 5
+    assert replica.last_index == 5
+    assert replica.durable_index == 0
+    assert await store.last_index() == 0
+    assert replica.unpersisted == 5
+    store.gate.set()
+    await wait_durable(replica, 5)
+    assert await store.read(1) == log(5)
+    assert replica.unpersisted == 0
+
+
+async def test_events_received_while_a_write_runs_go_in_the_next_write() -> None:
+    replica, store = await gated_replica()
+    store.gate.clear()
+    events = log(30)
+    await replica.receive(events[:10])
+    await asyncio.sleep(0)  # the background write starts and waits at the gate
+    await replica.receive(events[10:20])
+    await replica.receive(events[20:])
+    store.gate.set()
+    await wait_durable(replica, 30)
+    assert store.appends == [list(range(1, 11)), list(range(11, 31))]
+
+
+async def test_a_restart_restores_only_what_was_stored() -> None:
+    replica, store = await gated_replica()
+    await replica.receive(log(10))
+    await wait_durable(replica, 10)
+    store.gate.clear()
+    await replica.receive(log(5, start=11))
+    assert replica.last_index == 15
+    # The process dies here: its store holds 10 events, and so does the node that restarts from it.
+    restored = await restore(store)
+    assert restored.last_index == restored.durable_index == 10
+    store.gate.set()
+
+
+async def test_a_failing_store_keeps_applied_events_and_retries_until_they_land() -> None:
+    replica, store = await gated_replica()
+    store.failing = True
+    await replica.receive(log(8))
+    assert replica.last_index == 8
+    await store.wait_until(lambda: replica.persist_failures >= 2)
+    assert replica.durable_index == 0
+    store.failing = False
+    await wait_durable(replica, 8)
+    assert await store.read(1) == log(8)
+
+
+async def test_receive_waits_for_the_store_past_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replica_module, "MAX_UNPERSISTED_EVENTS", 10)
+    replica, store = await gated_replica()
+    store.gate.clear()
+    await replica.receive(log(10))
+    blocked = asyncio.create_task(replica.receive(log(5, start=11)))
+    await asyncio.sleep(0.05)
+    assert not blocked.done()
+    assert replica.last_index == 10
+    store.gate.set()
+    assert await asyncio.wait_for(blocked, 5) == 5
+    assert replica.last_index == 15
+
+
+async def test_the_masters_commit_writes_the_unstored_tail_first_in_one_commit() -> None:
+    replica, store = await gated_replica()
+    store.gate.clear()
+    await replica.receive(log(4))
+    store.gate.set()
+    await replica.commit(log(3, term=2, origin="new", start=5))
+    assert replica.durable_index == replica.last_index == 7
+    assert [1, 2, 3, 4, 5, 6, 7] in store.appends
+    assert [event.index for event in await store.read(1)] == list(range(1, 8))
+
+
+async def test_close_truncation_and_log_comparison_write_everything_applied_first() -> None:
+    replica, store = await gated_replica()
+    store.gate.clear()
+    await replica.receive(log(20))
+    store.gate.set()
+    assert await find_common_prefix(replica, lambda index: _event_of(log(20), index)) == 20
+    assert replica.durable_index == 20
+    store.gate.clear()
+    await replica.receive(log(5, start=21))
+    store.gate.set()
+    at_22 = await _state_at(log(25), 22)
+    await replica.truncate_after(22, at_22)
+    assert replica.state == at_22
+    assert await store.last_index() == 22 == replica.durable_index
+    store.gate.clear()
+    await replica.receive(log(3, start=23))
+    store.gate.set()
+    await replica.close()
+    assert await store.last_index() == 25
+
+
+async def test_read_serves_the_applied_log_including_events_still_being_written() -> None:
+    replica, store = await gated_replica()
+    await replica.receive(log(6))
+    await wait_durable(replica, 6)
+    store.gate.clear()
+    await replica.receive(log(4, start=7))
+    assert await store.read(1) == log(6)
+    assert await replica.read(1) == log(10)
+    assert await replica.read(5, limit=3) == log(10)[4:7]
+    assert await replica.read(8, end=10) == log(10)[7:9]
+    assert await replica.read(11) == []
+    store.gate.set()
+    await replica.close()
+
+
+async def _event_of(events: list[IndexedEvent], index: int) -> IndexedEvent | None:
+    return events[index - 1] if 0 < index <= len(events) else None
+
+
+async def _state_at(events: list[IndexedEvent], index: int) -> State:
+    state = State()
+    for event in events[:index]:
+        state = apply(state, event)
+    return state

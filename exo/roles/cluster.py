@@ -135,6 +135,8 @@ class ClusterMember:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A follower applies before its own write lands: what it applied is written before the store closes.
+        await self.replica.close()
 
     def queue_depths(self) -> dict[str, int]:
         depths = {
@@ -176,7 +178,7 @@ class ClusterMember:
             for node_id in self.liveness.expire(now):
                 logger.info("no frame from %s for %.1fs", node_id, self.liveness.timeout)
             alive = self.liveness.alive(now)
-            await self._act(self.election.on_tick(now, self.replica.last_index, alive))
+            await self._act(self.election.on_tick(now, self.replica.durable_index, alive))
             if now - last_heartbeat >= self.interval:
                 last_heartbeat = now
                 self._publish_heartbeat()
@@ -197,7 +199,7 @@ class ClusterMember:
                 node_id=self.node_id,
                 term=self.election.term,
                 master_node_id=self.election.master_node_id,
-                rank=self.election.rank(self.replica.last_index),
+                rank=self.election.rank(self.replica.durable_index),
                 bus_port=self.bus.bus_port,
                 memory_total_bytes=memory.total,
                 memory_available_bytes=memory.available,
@@ -254,7 +256,7 @@ class ClusterMember:
             node_id=self.node_id,
             term=self.election.term,
             master_node_id=self.node_id,
-            rank=self.election.rank(self.replica.last_index),
+            rank=self.election.rank(self.replica.durable_index),
             bus_port=self.bus.bus_port,
             memory_total_bytes=memory.total,
             memory_available_bytes=memory.available,
@@ -417,7 +419,7 @@ class ClusterMember:
         for address in heartbeat.known_peers:
             if address not in self.bus.peers:
                 self.bus.add_peer(address)
-        actions = self.election.on_heartbeat(heartbeat, now, self.replica.last_index, self.has_quorum())
+        actions = self.election.on_heartbeat(heartbeat, now, self.replica.durable_index, self.has_quorum())
         self._spawn_act(actions)
 
     def _on_election(self, message: m.ElectionMessage) -> None:
@@ -427,9 +429,9 @@ class ClusterMember:
         self.liveness.heard(message.rank.node_id, now)
         match message:
             case m.CampaignStarted():
-                actions = self.election.on_campaign(message, now, self.replica.last_index)
+                actions = self.election.on_campaign(message, now, self.replica.durable_index)
             case m.VictoryDeclared():
-                actions = self.election.on_victory(message, now, self.replica.last_index)
+                actions = self.election.on_victory(message, now, self.replica.durable_index)
         self._spawn_act(actions)
 
     def _spawn_act(self, actions: list[Action]) -> None:
