@@ -112,3 +112,21 @@ def test_liveness_marks_silent_peers_once_and_revives_them() -> None:
     assert not liveness.is_alive("a", 0.5)
     assert liveness.heard("a", 0.6) is True
     assert liveness.alive(0.6) == {"a"}
+
+
+@pytest.mark.parametrize(
+    ("batch", "released", "buffered"),
+    [
+        pytest.param([4, 5, 6], [4, 5, 6], 0, id="continues-exactly"),
+        pytest.param([5, 6], [], 2, id="starts-after-a-gap"),
+        pytest.param([4, 6, 5], [4, 5, 6], 0, id="out-of-order-inside"),
+        pytest.param([4, 4, 5], [4, 5], 0, id="duplicate-inside"),
+        pytest.param([2, 3, 4], [4], 0, id="overlaps-what-was-applied"),
+        pytest.param([4, 5, 7], [4, 5], 1, id="hole-inside"),
+    ],
+)
+def test_orderer_batches_that_continue_or_not(batch: list[int], released: list[int], buffered: int) -> None:
+    orderer = EventOrderer(last_applied=3)
+    assert [e.index for e in orderer.receive([indexed(i) for i in batch])] == released
+    assert orderer.last_applied == (released[-1] if released else 3)
+    assert orderer.buffered == buffered

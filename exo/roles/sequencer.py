@@ -111,6 +111,10 @@ class EventOrderer:
         self._retry_delay = GAP_RETRY_INITIAL
 
     def receive(self, events: Iterable[IndexedEvent]) -> list[IndexedEvent]:
+        if not self._pending and isinstance(events, list):
+            continuing = self._continuing(events)
+            if continuing is not None:
+                return continuing
         for event in events:
             if event.index <= self.last_applied or event.index in self._pending:
                 self.duplicates += 1
@@ -128,6 +132,18 @@ class EventOrderer:
             self._retry_delay = GAP_RETRY_INITIAL
             self._next_ask_at = 0.0
         return ready
+
+    def _continuing(self, events: list[IndexedEvent]) -> list[IndexedEvent] | None:
+        """The usual batch from the master continues the log exactly: release it without buffering."""
+        first = self.last_applied + 1
+        for position, event in enumerate(events):
+            if event.index != first + position:
+                return None
+        if events:
+            self.last_applied = events[-1].index
+            self._retry_delay = GAP_RETRY_INITIAL
+            self._next_ask_at = 0.0
+        return list(events)
 
     def reset(self, last_applied: int) -> None:
         """Start over from `last_applied` (after a snapshot or a truncated tail)."""
