@@ -36,7 +36,7 @@ from exo.inference.protocol import (
 )
 from exo.inference.runner import parse_arguments as parse_runner_arguments
 from exo.inference.runner import runner_command
-from exo.inference.sampling import SeededSampler, greedy, keep_top_k, keep_top_p
+from exo.inference.sampling import SeededSampler, TokenSampler, greedy, keep_top_k, keep_top_p, sample_rows
 from exo.inference.scheduler import StageScheduler, Work
 from exo.inference.shard import ShardLoadError, ShardModel, ShardSpec, load_shard
 from exo.inference.stage import Outgoing, PipelineStage, prefill_chunks
@@ -225,6 +225,26 @@ def test_seeded_sampler_reproduces_its_draws() -> None:
     sequence_b = [draws_b(logprobs).item() for _ in range(20)]
     assert sequence_a == sequence_b and sequence_a[0] == first[0]
     assert len(set(sequence_a)) > 1
+
+
+def test_a_batch_of_rows_samples_what_each_sampler_does_alone() -> None:
+    """sample_rows evaluates a batch's tokens together; each row keeps its own request's sampler
+    (greedy, seeded, penalties, log-probabilities) and state, step after step."""
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=5),
+        SamplingParams(temperature=1.0, top_k=5, seed=6, logprobs=True, top_logprobs=2),
+        SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5, logit_bias={7: 3.0}),
+    ]
+    steps = [mx.random.normal((len(params), 1, 40), key=mx.random.key(step)) for step in range(6)]
+    alone = [TokenSampler(param, [1, 2, 3]) for param in params]
+    together = [TokenSampler(param, [1, 2, 3]) for param in params]
+    for logits in steps:
+        rows = [logits[row : row + 1] for row in range(len(params))]
+        expected = [sampler(row) for sampler, row in zip(alone, rows, strict=True)]
+        assert sample_rows(together, rows) == expected
+    with pytest.raises(ValueError):
+        sample_rows(together, [steps[0][:1]])
 
 
 @pytest.mark.parametrize("sampling", [{"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -2}])
