@@ -15,8 +15,9 @@ import json
 from exo.inference.blas import load_optimized_blas, check_blas
 info = load_optimized_blas(threads=1)
 check = check_blas(matrix_size=128, repeats=1)
+again = load_optimized_blas(threads=2)  # a second call resizes the thread pool of the loaded library
 print(json.dumps({"info": info.library, "threads": info.threads, "seen": check.library,
-                  "paths": check.loaded_paths, "gflops": check.gflops}))
+                  "paths": check.loaded_paths, "gflops": check.gflops, "threads_again": again.threads}))
 """
 
 
@@ -38,6 +39,7 @@ def test_mkl_is_mapped_after_loading_and_not_when_turned_off() -> None:
     optimized = probe(EXO_BLAS="")
     assert optimized["info"] == optimized["seen"] == "mkl"
     assert optimized["threads"] == 1
+    assert optimized["threads_again"] == 2
     assert any("libmkl_rt" in path for path in optimized["paths"])  # type: ignore[union-attr]
     reference = probe(EXO_BLAS="reference")
     assert reference["info"] == reference["seen"] == "reference"

@@ -118,7 +118,7 @@ def _choose_blas(threads: int | None) -> BlasInfo:
     except OSError as error:
         warnings.warn(f"could not load MKL ({error}): MLX uses its reference BLAS", stacklevel=2)
         return BlasInfo(library="reference", path=None, threads=None, reason=f"MKL failed to load: {error}")
-    _mkl_handle = handle
+    _process.mkl_handle = handle
     actual_threads = _set_mkl_threads(handle, wanted_threads)
     return BlasInfo(library="mkl", path=str(runtime), threads=actual_threads, reason="loaded")
 
