@@ -86,6 +86,7 @@ class RunnerStats(_Message, frozen=True):
     prefix_cache_bytes: int = 0
     prefix_cache_hits: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens whose prefill a hit skipped, summed
+    grouped_prompt_chunks: int = 0  # prompt chunks prefilled in one pass with other requests' chunks
 
 
 ControlToRunner = LoadShard | Shutdown

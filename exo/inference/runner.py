@@ -330,6 +330,7 @@ class Runner:
             prefix_cache_bytes=self.stage.prefix.snapshots.nbytes,
             prefix_cache_hits=counters.prefix_cache_hits,
             cached_prompt_tokens=counters.cached_prompt_tokens,
+            grouped_prompt_chunks=counters.grouped_prompt_chunks,
         )
 
     # --- loop -----------------------------------------------------------------------------
