@@ -187,14 +187,15 @@ async def test_receive_waits_for_the_store_past_the_bound(monkeypatch: pytest.Mo
     assert replica.last_index == 15
 
 
-async def test_the_masters_commit_writes_the_unstored_tail_first_in_one_commit() -> None:
+async def test_the_masters_commit_writes_the_unstored_tail_first() -> None:
     replica, store = await gated_replica()
     store.gate.clear()
     await replica.receive(log(4))
     store.gate.set()
     await replica.commit(log(3, term=2, origin="new", start=5))
     assert replica.durable_index == replica.last_index == 7
-    assert [1, 2, 3, 4, 5, 6, 7] in store.appends
+    # The tail lands before the batch (in the same commit or the one before it), never after.
+    assert [index for batch in store.appends for index in batch] == list(range(1, 8))
     assert [event.index for event in await store.read(1)] == list(range(1, 8))
 
 
@@ -243,3 +244,21 @@ async def _state_at(events: list[IndexedEvent], index: int) -> State:
     for event in events[:index]:
         state = apply(state, event)
     return state
+
+
+async def test_a_commit_cancelled_while_its_write_runs_still_applies_what_landed() -> None:
+    replica, store = await gated_replica()
+    await replica.commit(log(3))
+    store.gate.clear()
+    commit = asyncio.create_task(replica.commit(log(4, start=4)))
+    await asyncio.sleep(0)  # the write is under way, waiting at the store
+    commit.cancel()
+    await asyncio.sleep(0)
+    assert not commit.done(), "the caller waits for the write it started"
+    store.gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await commit
+    # The store never runs ahead of the applied state: the next index is free in both.
+    assert await store.last_index() == replica.last_index == replica.durable_index == 7
+    await replica.commit(log(1, start=8))
+    assert [event.index for event in await store.read(1)] == list(range(1, 9))

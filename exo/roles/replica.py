@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 import msgspec
 
@@ -66,11 +67,18 @@ class Replica:
         if not events:
             return
         async with self._apply_lock:
-            async with self._store_lock:
-                await self._persist(events)
-            self._fold(events)
-            self.orderer.reset(self.state.last_event_index)
+            # Once the write is under way it may land whatever the caller does (it runs to its end on
+            # the store's thread), so a cancelled caller (a master stepping down) still waits for it
+            # and applies what landed: a store ahead of the applied state would make the next
+            # sequencer reuse indices the log already holds.
+            await _finish_even_if_cancelled(self._commit_locked(events))
         await self._notify()
+
+    async def _commit_locked(self, events: Sequence[IndexedEvent]) -> None:
+        async with self._store_lock:
+            await self._persist(events)
+        self._fold(events)
+        self.orderer.reset(self.state.last_event_index)
 
     async def receive(self, events: Sequence[IndexedEvent]) -> int:
         """Events from the master in any order: apply what is contiguous. Returns how many applied."""
@@ -194,6 +202,23 @@ class Replica:
         except TimeoutError:
             return False
         return True
+
+
+async def _finish_even_if_cancelled(step: Coroutine[Any, Any, None]) -> None:
+    """Run `step` to its end; a cancellation of the caller is re-raised once it has finished."""
+    task = asyncio.ensure_future(step)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+            continue
+        break
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 RESTORE_CHUNK = 50_000
