@@ -99,7 +99,7 @@ class ClusterServices:
         return self.member.state
 
     async def events_since(self, index: int, limit: int) -> list[IndexedEvent]:
-        return await self.member.replica.store.read(index + 1, limit=max(1, limit))
+        return await self.member.replica.read(index + 1, limit=max(1, limit))
 
     def node_status(self) -> dict[str, object]:
         member = self.member

@@ -101,9 +101,12 @@ def port_of(address: str) -> int:
 
 
 def stable(node: NodeProcess) -> dict[str, Any]:
+    """The state without what legitimately moves during a minute: free memory, re-measured as it
+    changes (NodeMemoryMeasured), and so the index of the last event."""
     state = node.state()
     for info in state["nodes"].values():
         info.pop("memory_available_bytes", None)
+    state.pop("last_event_index", None)
     return state
 
 

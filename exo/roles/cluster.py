@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import secrets
 import socket
@@ -124,11 +123,6 @@ class ClusterMember:
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        # Start-up imports (transformers, mlx, litestar) leave millions of long-lived objects, and
-        # every full collection walked them all: 140-270 ms pauses on the event path, measured in
-        # each node of the events bench. Frozen, collections only walk what was made since.
-        gc.collect()
-        gc.freeze()
         self.election.restart_clock(time.monotonic())
         self._tasks.append(asyncio.create_task(self._tick_loop(), name="cluster-tick"))
         self._tasks.append(asyncio.create_task(self._apply_loop(), name="cluster-apply"))
