@@ -106,6 +106,8 @@ class ClusterMember:
         self._fetch_task: asyncio.Task[bool] | None = None
         self._reconciling = False
         self._reconcile_lock = asyncio.Lock()
+        self._apply_lock = asyncio.Lock()  # held while queued events from the master are applied
+        self._apply_in_hand: list[IndexedEvent] | None = None  # taken from the queue, not yet applied
         self._reconciled_with: tuple[str, int] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.counters = ClusterCounters()
@@ -287,13 +289,24 @@ class ClusterMember:
     async def _become_master(self, term: int) -> None:
         logger.info("elected master for term %d", term)
         await self._sync_from_peers()
+        async with self._apply_lock:
+            # The previous master's events still queued here come before this term's first index:
+            # applied after the sequencer started, they would collide with the indices it hands out.
+            in_hand, self._apply_in_hand = self._apply_in_hand, None
+            if in_hand is not None:
+                await self._apply(in_hand)
+            while not self._apply_queue.empty():
+                await self._apply(self._apply_queue.get_nowait())
+            self._start_sequencing(term)
+        self._resend_all_local()
+
+    def _start_sequencing(self, term: int) -> None:
         sequencer = Sequencer(self.node_id, term, self.replica.last_index, self.replica.high_water.copy())
         self.master = Master(sequencer, self.replica, self._publish_events)
         self._master_since = time.monotonic()
         self._membership_sent_at = 0
         self.master.start()
         self.master.submit_own([MasterElected(term=term, node_id=self.node_id)])
-        self._resend_all_local()
 
     async def _sync_from_peers(self) -> None:
         """Before sequencing, take any events a live peer applied that this node missed."""
@@ -467,11 +480,18 @@ class ClusterMember:
 
     async def _apply_loop(self) -> None:
         while True:
-            events = await self._apply_queue.get()
-            while not self._apply_queue.empty() and len(events) < FETCH_LIMIT:
-                events = events + self._apply_queue.get_nowait()
-            await self.replica.receive(events)
-            self.outbox.applied(events)
+            self._apply_in_hand = await self._apply_queue.get()
+            async with self._apply_lock:
+                events, self._apply_in_hand = self._apply_in_hand, None
+                if events is None:
+                    continue  # a promotion to master applied them first
+                while not self._apply_queue.empty() and len(events) < FETCH_LIMIT:
+                    events = events + self._apply_queue.get_nowait()
+                await self._apply(events)
+
+    async def _apply(self, events: list[IndexedEvent]) -> None:
+        await self.replica.receive(events)
+        self.outbox.applied(events)
 
     def _on_local_events(self, message: m.LocalEventsSent) -> None:
         self.liveness.heard(message.node_id, time.monotonic())
