@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import zmq.asyncio
 
+from exo.bus import messages as m
 from exo.bus.sockets import SocketFactory
 from exo.bus.transport import Bus
 from exo.events import IndexedEvent, MasterElected, NodeLabelled
@@ -57,3 +58,18 @@ async def test_a_promotion_applies_the_old_masters_queued_events_before_sequenci
     assert [event.index for event in log] == list(range(1, 8))
     assert [event.term for event in log] == [1] * 6 + [2]
     assert log[-1].event == MasterElected(term=2, node_id="n1")
+
+
+async def test_nothing_of_a_new_master_is_appended_before_the_logs_are_compared(
+    member: ClusterMember,
+) -> None:
+    """A node that switches to a new master (a healed partition) must not append that master's
+    events to its own divergent tail: the two logs would then agree at their last index and the
+    comparison would keep the tail (seen in the cable-pulled namespace test)."""
+    member.election.master_node_id, member.election.master_term = "n9", 2
+    published = m.EventsPublished(2, "n9", old_master_events(1, 2))
+    member._on_global_events(published)  # pyright: ignore[reportPrivateUsage]
+    assert member._apply_queue.empty()  # pyright: ignore[reportPrivateUsage]
+    member._reconciled_with = ("n9", 2)  # pyright: ignore[reportPrivateUsage]
+    member._on_global_events(published)  # pyright: ignore[reportPrivateUsage]
+    assert member._apply_queue.qsize() == 1  # pyright: ignore[reportPrivateUsage]

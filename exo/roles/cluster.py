@@ -347,6 +347,13 @@ class ClusterMember:
             await self._reconcile_once(master_id)
             self._reconciled_with = (master_id, self.election.master_term)
 
+    def _log_matches_master(self) -> bool:
+        """Whether this log was compared with the followed master's (its divergent tail dropped).
+        Until then nothing of the master's is appended: an event placed after a divergent tail would
+        make the two logs agree at their last index, and the comparison would keep the tail."""
+        followed = (self.election.master_node_id, self.election.master_term)
+        return not self._reconciling and self._reconciled_with == followed
+
     async def _reconcile_once(self, master_id: str) -> None:
         self._reconciling = True
         try:
@@ -386,7 +393,7 @@ class ClusterMember:
         master_id = self.election.master_node_id
         if (
             master_id is None
-            or self._reconciling
+            or not self._log_matches_master()
             or (self._fetch_task is not None and not self._fetch_task.done())
         ):
             return
@@ -471,7 +478,7 @@ class ClusterMember:
             # A stale or competing master: the election decides whom to follow; catch-up fetches later.
             self.counters.stale_term_messages += 1
             return
-        if self._reconciling:
+        if not self._log_matches_master():
             return
         try:
             self._apply_queue.put_nowait(message.events)
