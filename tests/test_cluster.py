@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster_harness import LoopbackCluster, NodeProcess, wait_until
+from tests.cluster_harness import LoopbackCluster, NodeProcess, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +66,37 @@ def test_three_nodes_elect_one_master_and_agree(tmp_path: Path) -> None:
         assert {n["node_id"] for n in state["nodes"].values()} == {"node0", "node1", "node2"}
         statuses = [n.get("/node_status") for n in cluster.nodes]
         assert sum(1 for s in statuses if s["is_master"]) == 1
+
+
+def test_a_forced_master_joining_later_takes_over_without_losing_events(tmp_path: Path) -> None:
+    with LoopbackCluster(tmp_path, 2) as cluster:
+        cluster.start_all()
+        wait_until(lambda: all(n.get("/health") for n in cluster.nodes), STARTUP_SECONDS, "APIs up")
+        first = wait_until(lambda: master_of(cluster, cluster.nodes), STARTUP_SECONDS, "a first master")
+        before = cluster.states()[0]
+        forced = NodeProcess(
+            name="forced",
+            data_dir=tmp_path / "forced",
+            bus_port=free_port(),
+            api_port=free_port(),
+            peers=[f"127.0.0.1:{node.bus_port}" for node in cluster.nodes],
+            extra_args=["--force-master"],
+        )
+        cluster.nodes.append(forced)  # killed with the others
+        forced.start()
+        state = wait_until(
+            lambda: (s := cluster.converged()) and s["master_node_id"] == "forced" and s,
+            STARTUP_SECONDS,
+            "the forced node to lead all three",
+        )
+        assert first != "forced" and state["term"] > before["term"]
+        for node in cluster.nodes:
+            events = all_events(node)
+            assert [event["index"] for event in events] == list(range(1, len(events) + 1))
+            assert (
+                events[: before["last_event_index"]]
+                == all_events(cluster.nodes[0])[: before["last_event_index"]]
+            )
 
 
 def test_master_kill_failover_no_gap_and_rejoin(tmp_path: Path) -> None:

@@ -262,3 +262,42 @@ def test_a_stale_master_cannot_win_a_follower_right_after_a_victory() -> None:
     # The old master (term 1), healed back with a majority view, heartbeats before the new one does.
     assert election.on_heartbeat(heartbeat("old", 1, "old", quorum=True), 0.15, 0, True) == []
     assert election.master_node_id == "new"
+
+
+def test_a_forced_node_joining_a_running_cluster_takes_over() -> None:
+    sitting = make("a")
+    sitting.on_tick(STARTUP, 5, set())
+    sitting.on_tick(STARTUP + WINDOW, 5, set())
+    assert sitting.phase == "master" and sitting.master_term == 1
+    forced = make("f", force=True)
+    actions = forced.on_heartbeat(heartbeat("a", 1, "a", last_index=5), 0.1, 0, False)
+    campaign = CampaignStarted(2, Rank(True, 0, "f"))  # the term after the sitting master's
+    assert actions == [PersistTerm(2), AnnounceCampaign(campaign)]
+    assert sitting.on_campaign(campaign, 0.2, 5) == [PersistTerm(2)]  # outranked: no counter-campaign
+    actions = forced.on_tick(0.1 + forced.campaign_window, 0, {"a"})
+    victory = VictoryDeclared(2, Rank(True, 0, "f"))
+    assert actions == [AnnounceVictory(victory), BecomeMaster(2)]
+    assert sitting.on_victory(victory, 1.0, 5) == [FollowMaster("f", 2)]
+    # The old master's last heartbeat, still in flight, changes nothing.
+    assert forced.on_heartbeat(heartbeat("a", 1, "a", last_index=5), 1.1, 0, True)[0] == AnnounceVictory(
+        VictoryDeclared(2, Rank(True, 0, "f"))
+    )
+    assert forced.phase == "master"
+
+
+def test_a_forced_node_follows_a_forced_master_and_a_victory_of_one() -> None:
+    forced_master = Heartbeat("m", 3, "m", Rank(True, 0, "m"), bus_port=1, master_term=3, quorum=True)
+    joiner = make("f", force=True)
+    assert joiner.on_heartbeat(forced_master, 0.1, 0, False) == [PersistTerm(3), FollowMaster("m", 3)]
+    late = make("g", force=True)
+    assert late.on_victory(VictoryDeclared(4, Rank(True, 0, "m")), 0.1, 0) == [
+        PersistTerm(4),
+        FollowMaster("m", 4),
+    ]
+
+
+def test_a_forced_node_takes_over_from_a_victory_without_the_flag() -> None:
+    forced = make("f", term=6, force=True)
+    assert forced.on_victory(VictoryDeclared(2, Rank(False, 9, "a")), 0.1, 0) == []  # a stale term
+    actions = forced.on_victory(VictoryDeclared(8, Rank(False, 9, "a")), 0.1, 0)
+    assert actions == [PersistTerm(9), AnnounceCampaign(CampaignStarted(9, Rank(True, 0, "f")))]

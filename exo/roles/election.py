@@ -11,6 +11,9 @@ Rules:
   for a term at least its own joins it, and answers with its own campaign when it outranks the
   campaigner. When the window closes, the highest rank heard declares victory.
 - Campaign and victory messages of a term below the node's own are dropped.
+- A `--force-master` node that finds a master without the flag (it joined a running cluster, or
+  lost a race at start-up) campaigns for the term after that master's, and its rank wins it; a
+  forced node finds a forced master by the usual rules (so two forced nodes do not take turns).
 - Two masters (after a partition heals, or a race at start-up) resolve by `Precedence`: a master
   that reaches a majority of the known nodes outranks one that does not; then the higher term;
   then a forced master; then the node id. Every node compares the same heartbeat fields, so all
@@ -164,6 +167,8 @@ class Election:
         if self.phase == "master" and message.term == self.term:
             # Same-term race: resolved by heartbeats (they carry quorum), not by this message.
             return []
+        if self._takes_over_from(message.rank.force_master):
+            return self._campaign(now, last_index, after=message.term)
         if self.master_node_id == message.rank.node_id and self.master_term == message.term:
             return []  # already following it (victories are repeated to late campaigners)
         # Provisional precedence until the master's own heartbeat says whether it has a majority:
@@ -175,6 +180,8 @@ class Election:
         """`quorum`: whether this node, as master, reaches a majority of the known nodes now."""
         if heartbeat.master_node_id != heartbeat.node_id:
             return []  # only a master's own heartbeat says anything about who leads
+        if self._takes_over_from(heartbeat.rank.force_master):
+            return self._campaign(now, last_index, after=heartbeat.master_term)
         claim = precedence(heartbeat)
         if heartbeat.node_id == self.master_node_id:
             self.master_precedence = claim
@@ -197,9 +204,13 @@ class Election:
 
     # --- transitions ---------------------------------------------------------------------------
 
-    def _campaign(self, now: float, last_index: int) -> list[Action]:
+    def _takes_over_from(self, master_is_forced: bool) -> bool:
+        """A forced node does not follow a master without the flag: it campaigns (and wins)."""
+        return self.force_master and not master_is_forced and self.phase in ("waiting", "follower")
+
+    def _campaign(self, now: float, last_index: int, after: int = 0) -> list[Action]:
         self._move("candidate")
-        self.term += 1
+        self.term = max(self.term, after) + 1
         self.master_node_id = None
         self.master_precedence = None
         self._deadline = now + self.campaign_window
