@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import cast
 
@@ -14,6 +15,11 @@ from exo.state import Instance, State
 
 
 class PipelineGenerator:
+    """Generations for the HTTP layer. Several ready instances of one model (placed twice, on
+    different nodes) share the load: each generation goes to the one with the fewest generations
+    this node has running on it, the instance the request was given on a tie (so an idle node keeps
+    a chat on one instance and its prefix cache)."""
+
     def __init__(
         self,
         client: PipelineClient,
@@ -24,6 +30,7 @@ class PipelineGenerator:
         self._tokenizer_of = tokenizer_of
         self._current_state = current_state
         self.requests_started = 0
+        self.in_flight: Counter[str] = Counter()  # instance id -> generations running from here
 
     async def generate(
         self,
@@ -32,10 +39,51 @@ class PipelineGenerator:
         sampling: SamplingParams,
         max_tokens: int,
     ) -> AsyncIterator[GeneratedToken]:
-        live = self._current_state().instances.get(instance.instance_id, instance)
+        # Chosen and counted before the first await, so concurrent requests see each other.
+        live = self.least_busy(instance)
         route = live.route()
         if route is None:
             raise GenerationFailed(instance.instance_id, f"instance is {live.status}, not ready")
+        self.in_flight[live.instance_id] += 1
+        stream = self._generate(live, route, prompt_tokens, sampling, max_tokens)
+        try:
+            # Closed here, at once: closing it is what cancels the request on every stage.
+            async with contextlib.aclosing(stream) as tokens:
+                async for token in tokens:
+                    yield token
+        finally:
+            self.in_flight[live.instance_id] -= 1
+            if not self.in_flight[live.instance_id]:
+                del self.in_flight[live.instance_id]
+
+    def least_busy(self, instance: Instance) -> Instance:
+        """The ready instance of `instance`'s model with the fewest generations running from here."""
+        instances = self._current_state().instances
+        live = instances.get(instance.instance_id, instance)
+        ready = [
+            candidate
+            for candidate in instances.values()
+            if candidate.model_id == instance.model_id and candidate.route() is not None
+        ]
+        if not ready:
+            return live
+        return min(
+            ready,
+            key=lambda candidate: (
+                self.in_flight[candidate.instance_id],
+                candidate.instance_id != instance.instance_id,
+                candidate.instance_id,
+            ),
+        )
+
+    async def _generate(
+        self,
+        instance: Instance,
+        route: list[str],
+        prompt_tokens: Sequence[int],
+        sampling: SamplingParams,
+        max_tokens: int,
+    ) -> AsyncGenerator[GeneratedToken, None]:
         tokenizer = await self._tokenizer_of(instance.model_id)
         request = GenerationRequest(
             prompt_tokens=list(prompt_tokens),
