@@ -209,12 +209,20 @@ class ExoCluster:
 
     def place(self, model_id: str, min_nodes: int) -> dict[str, Any]:
         """Place an instance and wait until it is ready; returns its document."""
+        return self.wait_instance_ready(model_id, self.start_placing(model_id, min_nodes))
+
+    def start_placing(self, model_id: str, min_nodes: int) -> str:
+        """Ask for an instance; returns its id at once (placement counts it while it loads, so a
+        second one placed before it is ready goes to another node when one has room)."""
         any_node = next(iter(self.nodes.values()))
         body = {"model_id": model_id, "sharding": "Pipeline", "min_nodes": min_nodes}
         response = httpx.post(any_node.url + "/place_instance", json=body, timeout=120)
         if response.status_code != 200:
             raise ProcessFailed(f"placing {model_id} on {min_nodes} node(s): {response.text}")
-        instance_id = response.json()["instance_id"]
+        return str(response.json()["instance_id"])
+
+    def wait_instance_ready(self, model_id: str, instance_id: str) -> dict[str, Any]:
+        any_node = next(iter(self.nodes.values()))
 
         def ready() -> dict[str, Any] | None:
             for node in self.nodes.values():

@@ -2,7 +2,8 @@
 
 - pinned: a two-node cluster, each node (and so its runners) pinned to its own core with
   `taskset -c`; model X placed on one node (one stage, one core) against its copy X2 as a two-stage
-  pipeline over both nodes (two cores), N concurrent streams each, interleaved.
+  pipeline over both nodes (two cores), and against a third copy X3 placed twice, one replica per
+  node (the API spreads generations over them), N concurrent streams each, interleaved.
 - blas: mlx-lm's stream_generate in one process with MKL against the reference BLAS
   (EXO_BLAS=reference), short prompt (prefill on the reference BLAS takes minutes), interleaved.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from bench.http_stream import chat_body, many_chats
 from bench.machine import taskset_path, usable_cores
-from bench.processes import ExoCluster, InProcessBaseline, ProcessFailed
+from bench.processes import ExoCluster, InProcessBaseline, ProcessFailed, linked_copy
 from bench.rounds import Interleaved
 from bench.suite import Row, at_least
 from bench.workload import ModelUnderTest, Settings, user_messages
@@ -27,27 +28,36 @@ def run_pinned(model: ModelUnderTest, settings: Settings, root: Path) -> tuple[l
     cores = usable_cores()
     n = settings.streams
     what = f"aggregate, {n} streams, 2 nodes pinned to one core each (2 stages)"
+    replicas_what = f"aggregate, {n} streams, 2 nodes pinned to one core each (a replica on each)"
     baseline = "1 node pinned to one core"
+    setups = ("one", "two", "replicas")
     if taskset_path() is None or len(cores) < 2:
         reason = "taskset (util-linux) not found" if taskset_path() is None else f"only {len(cores)} core"
-        rounds.fail("one", reason)
-        rounds.fail("two", reason)
+        for setup in setups:
+            rounds.fail(setup, reason)
     else:
         with contextlib.ExitStack() as stack:
             cluster = ExoCluster(root / "pinned", model.path.parent, 2, pins=[[cores[0]], [cores[1]]])
             stack.callback(cluster.stop)
             urls: dict[str, tuple[str, str]] = {}
+            replica_model = linked_copy(model.path, f"{model.path.name}-replica")
             try:
                 cluster.start()
                 for setup, instance_model, stages in (("one", model.path, 1), ("two", model.copy, 2)):
                     instance = cluster.place(instance_model.name, stages)
                     urls[setup] = (cluster.entry_url(instance), instance_model.name)
+                placing = [cluster.start_placing(replica_model.name, 1) for _ in range(2)]
+                first, second = (cluster.wait_instance_ready(replica_model.name, each) for each in placing)
+                if set(first["shard_assignments"]) == set(second["shard_assignments"]):
+                    rounds.fail("replicas", "both replicas were placed on the same node")
+                else:
+                    urls["replicas"] = (cluster.entry_url(first), replica_model.name)
             except ProcessFailed as error:
-                for setup in ("one", "two"):
+                for setup in setups:
                     rounds.fail(setup, f"pinned cluster did not start: {error}")
             for number in range(-1, settings.rounds):  # round -1 warms up
-                order = ("one", "two") if number % 2 == 0 else ("two", "one")
-                for setup in order:
+                shift = number % len(setups)
+                for setup in setups[shift:] + setups[:shift]:
                     if setup not in urls:
                         continue
                     url, name = urls[setup]
@@ -67,12 +77,16 @@ def run_pinned(model: ModelUnderTest, settings: Settings, root: Path) -> tuple[l
                     rounds.samples.clear()
                 print(f"[pinned] round {number + 1}/{settings.rounds} done", flush=True)
     row = rounds.row(what, "two.aggregate_tps", baseline, "one.aggregate_tps", "tok/s", target=at_least(1.7))
+    replicas = rounds.row(
+        replicas_what, "replicas.aggregate_tps", baseline, "one.aggregate_tps", "tok/s", target=at_least(1.7)
+    )
     details = (
         f"Cores {cores[:2]} (of {len(cores)} usable), `taskset -c` on each node process; its runners "
         "inherit the affinity and size their BLAS thread pool to it (one thread). Requests go to the "
-        "API of the node holding the first stage."
+        "API of the node holding the first stage (for the replicas: the first replica's node, whose "
+        "API sends each generation to the replica with fewer running)."
     )
-    return [row], details
+    return [row, replicas], details
 
 
 def run_blas(model: ModelUnderTest, settings: Settings, root: Path) -> tuple[list[Row], str]:
