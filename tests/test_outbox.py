@@ -1,4 +1,5 @@
-"""The local-event outbox: batches, resend of stale events in order, forgetting applied ones."""
+"""The local-event outbox: batches, resend of stale events in order, forgetting applied ones, and
+no resend of a backlog the master is working through."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def test_applied_events_are_forgotten_only_for_this_origin() -> None:
         [
             IndexedEvent(1, 1, "a", 1, NodeLabelled("n", "k", "0")),
             IndexedEvent(2, 1, "b", 2, NodeLabelled("n", "k", "1")),
-        ]
+        ],
+        now=0.1,
     )
     everything = outbox.everything(now=5.0)
     assert [local.sequence for batch in everything for local in batch] == [2, 3]
@@ -53,3 +55,24 @@ def test_the_outbox_is_bounded() -> None:
     with pytest.raises(OverflowError):
         outbox.add(labels(2), now=0.0)
     assert len(outbox) == MAX_PENDING_LOCAL_EVENTS - 1
+
+
+def applied_as(sequences: list[int]) -> list[IndexedEvent]:
+    return [IndexedEvent(s, 1, "a", s, NodeLabelled("n", "k", str(s))) for s in sequences]
+
+
+def resent(outbox: Outbox, now: float) -> list[int]:
+    return [local.sequence for batch in outbox.stale(now) for local in batch]
+
+
+def test_a_backlog_being_applied_is_not_resent_but_a_skipped_event_is() -> None:
+    outbox = Outbox("a", first_sequence=0)
+    outbox.add(labels(6), now=0.0)
+    outbox.applied(applied_as([1, 2]), now=1.05)
+    assert resent(outbox, now=1.1) == []  # 3..6 are on their way: the master is applying ours
+    outbox.applied(applied_as([4]), now=1.2)
+    assert resent(outbox, now=1.3) == [3]  # 4 is in the log, so 3 was lost on the way
+    assert resent(outbox, now=1.4) == []
+    # No progress for a while (the master is gone): everything old enough goes again.
+    assert resent(outbox, now=2.35) == [3, 5, 6]
+    assert outbox.resent == 4

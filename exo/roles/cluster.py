@@ -382,7 +382,7 @@ class ClusterMember:
         self._send_local(self.outbox.everything(time.monotonic()))
 
     def _publish_events(self, events: Sequence[IndexedEvent]) -> None:
-        self.outbox.applied(events)
+        self.outbox.applied(events, time.monotonic())
         self.bus.publish(
             m.TOPIC_GLOBAL_EVENTS, m.EventsPublished(self.election.term, self.node_id, list(events))
         )
@@ -416,7 +416,7 @@ class ClusterMember:
             if reply.first_index > gap.since + 1:
                 return await self._install_snapshot_from(node_id)
             applied = await self.replica.receive(reply.events)
-            self.outbox.applied(reply.events)
+            self.outbox.applied(reply.events, time.monotonic())
             return applied > 0
         return False
 
@@ -498,7 +498,7 @@ class ClusterMember:
 
     async def _apply(self, events: list[IndexedEvent]) -> None:
         await self.replica.receive(events)
-        self.outbox.applied(events)
+        self.outbox.applied(events, time.monotonic())
 
     def _on_local_events(self, message: m.LocalEventsSent) -> None:
         self.liveness.heard(message.node_id, time.monotonic())

@@ -1,5 +1,10 @@
 """A node's local events on their way to the master, sans-IO: kept until seen applied, resent when stale.
 
+An event is stale RESEND_AFTER_SECONDS after it was sent, but only resent when the master skipped it
+(a later event of this node's is already applied: it was lost on the way) or when none of this
+node's events has been applied for RESEND_AFTER_SECONDS (the master is gone or stuck). A backlog the
+master is working through is left alone: resending it only made the backlog longer.
+
 Sequences rise across restarts (they start from the clock in microseconds), so the master's
 per-origin high water never mistakes a restarted node's events for old ones.
 """
@@ -32,6 +37,8 @@ class Outbox:
         # Oldest send first (a resend moves an event to the end), so the stale scan stops early.
         self._pending: OrderedDict[int, PendingLocal] = OrderedDict()
         self.resent = 0
+        self._highest_applied = 0  # this node's highest sequence seen in the log
+        self._progress_at: float | None = None  # when one of this node's events was last seen applied
 
     @property
     def last_sequence(self) -> int:
@@ -52,21 +59,25 @@ class Outbox:
             added.append(local)
         return _batches(added)
 
-    def applied(self, events: Sequence[IndexedEvent]) -> None:
+    def applied(self, events: Sequence[IndexedEvent], now: float) -> None:
         """Forget this node's events that the log now holds."""
         if not self._pending:
             return
         for event in events:
-            if event.origin_node_id == self.node_id:
-                self._pending.pop(event.origin_sequence, None)
+            if event.origin_node_id == self.node_id and self._pending.pop(event.origin_sequence, None):
+                self._highest_applied = max(self._highest_applied, event.origin_sequence)
+                self._progress_at = now
 
     def stale(self, now: float) -> list[list[LocalEvent]]:
-        """Batches of events sent more than RESEND_AFTER_SECONDS ago and still not applied."""
+        """Batches of events sent more than RESEND_AFTER_SECONDS ago, still not applied, and skipped
+        by the master or held up by a master that applies none of them (module docstring)."""
+        stalled = self._progress_at is None or now - self._progress_at > RESEND_AFTER_SECONDS
         stale: list[PendingLocal] = []
         for pending in self._pending.values():
             if now - pending.sent_at <= RESEND_AFTER_SECONDS:
                 break
-            stale.append(pending)
+            if stalled or pending.event.sequence < self._highest_applied:
+                stale.append(pending)
         for pending in stale:
             pending.sent_at = now
             self._pending.move_to_end(pending.event.sequence)
