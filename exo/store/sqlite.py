@@ -34,7 +34,7 @@ from exo.store.location import Synchronous, parse_store_url
 from exo.store.migrate import upgrade_to_head
 from exo.store.schema import events_table, snapshots_table
 from exo.store.sqlite_file import inspect_sqlite_file
-from exo.store.sqlite_writer import EventRow, SqliteEventWriter
+from exo.store.sqlite_writer import EventRow, SqliteEventWriter, apply_log_pragmas
 
 # An execution option that makes the "begin" hook take the write lock up front (BEGIN IMMEDIATE),
 # so a check-then-write transaction can never be refused half way by another writer.
@@ -237,11 +237,7 @@ def _install_connection_hooks(engine: AsyncEngine, synchronous: Synchronous, bus
         # Take BEGIN into our own hands (the driver's implicit BEGIN skips DDL, which would make
         # migrations non-atomic, and never takes the write lock up front).
         dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute(f"PRAGMA synchronous = {synchronous.upper()}")
-        cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
-        cursor.close()
+        apply_log_pragmas(dbapi_connection, synchronous, busy_timeout_ms)
 
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(connection: Connection) -> None:

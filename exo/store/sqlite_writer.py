@@ -19,7 +19,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from exo.store.location import Synchronous
 from exo.store.schema import events_table, snapshots_table
@@ -37,10 +37,22 @@ _LAST_INDEX = (
 )
 
 
+def apply_log_pragmas(connection: Any, synchronous: Synchronous, busy_timeout_ms: int) -> None:
+    """What every connection to an event log sets (this writer's and SQLAlchemy's): WAL, the
+    durability level, and how long a write waits for another connection's lock."""
+    cursor = connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+    finally:
+        cursor.close()
+
+
 class SqliteEventWriter:
     def __init__(self, path: Path, synchronous: Synchronous, busy_timeout_ms: int) -> None:
         self._path = path
-        self._synchronous = synchronous
+        self._synchronous: Synchronous = synchronous
         self._busy_timeout_ms = busy_timeout_ms
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exo-event-writer")
         # Only ever touched on the writer thread.
@@ -94,9 +106,7 @@ class SqliteEventWriter:
         # isolation_level=None: transactions are ours (BEGIN IMMEDIATE), never the driver's implicit ones.
         connection = sqlite3.connect(self._path, isolation_level=None)
         try:
-            connection.execute("PRAGMA journal_mode = WAL")
-            connection.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
-            connection.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            apply_log_pragmas(connection, self._synchronous, self._busy_timeout_ms)
         except BaseException:
             connection.close()
             raise
