@@ -97,10 +97,12 @@ def even_split(n_layers: int, stages: int) -> list[tuple[int, int]]:
     return spans
 
 
-async def timed_generation(client: PipelineClient, route: list[str], tokens: int) -> dict[str, float]:
+async def timed_generation(
+    client: PipelineClient, route: list[str], tokens: int, prompt: list[int] = PROMPT
+) -> dict[str, float]:
     started = time.perf_counter()
     stamps: list[float] = []
-    request = GenerationRequest(PROMPT, tokens, [])
+    request = GenerationRequest(prompt, tokens, [])
     async with contextlib.aclosing(client.generate(route, request)) as stream:
         async for _ in stream:
             stamps.append(time.perf_counter())
