@@ -32,6 +32,7 @@ from exo.bus.transport import Bus
 from exo.generation import PipelineGenerator
 from exo.inference.blas import check_blas, load_optimized_blas
 from exo.inference.client import PipelineClient, TokenSink
+from exo.inference.runner_options import serving_limit_problems
 from exo.inference.synthetic import ensure_builtin_model
 from exo.roles.cluster import ClusterMember
 from exo.roles.replica import restore
@@ -114,12 +115,8 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
 
     data_dir: Path = args.data_dir or Path(os.environ.get("EXO_HOME") or Path.home() / ".exo")
     models_dir: Path = args.models_dir or Path(os.environ.get("EXO_MODELS_DIR") or data_dir / "models")
-    for flag in ("max_active_requests", "max_batch_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ("max_waiting_requests", "prefix_cache_tokens"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 0:
-            parser.error(f"--{flag.replace('_', '-')} cannot be negative")
+    if problems := serving_limit_problems(vars(args)):
+        parser.error("; ".join(problems))
     peers = tuple(peer.strip() for peer in args.peers.split(",") if peer.strip())
     for peer in peers:
         host, _, port = peer.rpartition(":")

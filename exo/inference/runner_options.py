@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping
 
 import msgspec
 
@@ -31,6 +32,27 @@ class RunnerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     send_timeout: float = 2.0
     heartbeat_interval: float = 1.0
     stats_interval: float = 2.0
+
+
+# The serving limits a node passes on to its runners (`exo --max-active-requests ...`), and the
+# least each may be: the node and the runner check them alike.
+SERVING_LIMIT_MINIMUMS = {
+    "max_active_requests": 1,
+    "max_waiting_requests": 0,
+    "max_batch_size": 1,
+    "prefix_cache_tokens": 0,
+}
+
+
+def serving_limit_problems(values: Mapping[str, object]) -> list[str]:
+    """What is wrong with the serving limits in `values` (argparse's namespace as a dict)."""
+    problems: list[str] = []
+    for name, least in SERVING_LIMIT_MINIMUMS.items():
+        value = values.get(name)
+        if isinstance(value, int) and value < least:
+            flag = "--" + name.replace("_", "-")
+            problems.append(f"{flag} must be at least {least}" if least else f"{flag} cannot be negative")
+    return problems
 
 
 def runner_command(
@@ -97,15 +119,14 @@ def parse_arguments(argv: list[str] | None = None) -> RunnerOptions:
     arguments = parser.parse_args(argv)
     if arguments.activation_host in ("0.0.0.0", "*", "::") and not arguments.advertise_host:
         parser.error("--advertise-host is required when binding every interface")
-    if min(arguments.prefill_step_size, arguments.max_active_requests, arguments.max_batch_size) < 1 or (
-        arguments.batch_threads < 1 or (arguments.threads is not None and arguments.threads < 1)
+    if min(arguments.prefill_step_size, arguments.batch_threads) < 1 or (
+        arguments.threads is not None and arguments.threads < 1
     ):
-        parser.error(
-            "--prefill-step-size, --max-active-requests, --max-batch-size, --threads and --batch-threads "
-            "must be positive"
-        )
-    if arguments.max_waiting_requests < 0 or arguments.prefix_cache_tokens < 0 or arguments.retry_after < 0:
-        parser.error("--max-waiting-requests, --prefix-cache-tokens and --retry-after cannot be negative")
+        parser.error("--prefill-step-size, --threads and --batch-threads must be positive")
+    if arguments.retry_after < 0:
+        parser.error("--retry-after cannot be negative")
+    if problems := serving_limit_problems(vars(arguments)):
+        parser.error("; ".join(problems))
     logging.basicConfig(level=logging.DEBUG if arguments.verbose else logging.WARNING)
     return RunnerOptions(
         control=arguments.control,
