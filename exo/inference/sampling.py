@@ -109,6 +109,13 @@ class TokenSampler:
         if params.logit_bias:
             self._bias = (mx.array(list(params.logit_bias)), mx.array(list(params.logit_bias.values())))
 
+    @property
+    def depends_on_output(self) -> bool:
+        """Whether the next draw depends on the tokens drawn so far (the penalties): such a sampler
+        must `accept` each token before the next `draw`."""
+        params = self.params
+        return bool(params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
+
     def __call__(self, logits: mx.array) -> SampledToken:
         token, logprobs = self.draw(logits)
         return self.accept(int(token.item()), logprobs)  # pyright: ignore[reportArgumentType]
@@ -165,13 +172,31 @@ class TokenSampler:
         return [(int(token), float(score)) for token, score in zip(tokens, scores, strict=True)]  # pyright: ignore[reportArgumentType, reportCallIssue]
 
 
-def sample_rows(samplers: Sequence[TokenSampler], rows: Sequence[mx.array]) -> list[SampledToken]:
-    """Each row's logits (1, L, vocab) through its request's sampler, with one evaluation for all
-    rows instead of one per row: the same tokens as calling each sampler in turn."""
+class DrawnRows(NamedTuple):
+    """A batch's tokens, drawn but perhaps not yet computed (`tokens` is lazy, one per row)."""
+
+    tokens: mx.array
+    logprobs: list[mx.array]
+
+
+def draw_rows(samplers: Sequence[TokenSampler], rows: Sequence[mx.array]) -> DrawnRows:
+    """Each row's logits (1, L, vocab) through its request's sampler, as one lazy (rows,) array:
+    evaluated once for all rows instead of once per row."""
     drawn = [sampler.draw(row) for sampler, row in zip(samplers, rows, strict=True)]
-    tokens = mx.concatenate([token.reshape(-1) for token, _ in drawn]).tolist()
+    tokens = mx.concatenate([token.reshape(-1) for token, _ in drawn])
+    return DrawnRows(tokens, [logprobs for _, logprobs in drawn])
+
+
+def accept_rows(samplers: Sequence[TokenSampler], drawn: DrawnRows) -> list[SampledToken]:
+    """Wait for the drawn tokens and hand each to its sampler (counts, log-probabilities)."""
+    tokens = drawn.tokens.tolist()
     assert isinstance(tokens, list)
     return [
         sampler.accept(int(token), logprobs)  # pyright: ignore[reportArgumentType]
-        for sampler, token, (_, logprobs) in zip(samplers, tokens, drawn, strict=True)
+        for sampler, token, logprobs in zip(samplers, tokens, drawn.logprobs, strict=True)
     ]
+
+
+def sample_rows(samplers: Sequence[TokenSampler], rows: Sequence[mx.array]) -> list[SampledToken]:
+    """The same tokens as calling each sampler in turn, with one evaluation for all rows."""
+    return accept_rows(samplers, draw_rows(samplers, rows))

@@ -55,7 +55,7 @@ from exo.inference.request_state import RequestState, StageCounters
 from exo.inference.sampling import SampledToken, TokenSampler
 from exo.inference.scheduler import AdmissionQueue, StageScheduler, Work, micro_batch_limit
 from exo.inference.shard import ShardModel
-from exo.inference.stage_passes import run_pass
+from exo.inference.stage_passes import LaunchedPass, launch_pass
 
 __all__ = ["Outgoing", "PipelineStage", "RequestState", "StageCounters", "prefill_chunks"]
 
@@ -82,6 +82,7 @@ class PipelineStage:
         self.retry_after = retry_after
         self.requests: dict[str, RequestState] = {}
         self.scheduler = StageScheduler()
+        self.in_flight: LaunchedPass | None = None  # launched, its result not yet taken
         self.counters = StageCounters()
         self.admission: AdmissionQueue[GenerationStarted] = AdmissionQueue(
             max_active_requests, max_waiting_requests
@@ -347,7 +348,7 @@ class PipelineStage:
     # --- computing ----------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return len(self.scheduler) > 0
+        return len(self.scheduler) > 0 or self.in_flight is not None
 
     def batch_limit(self) -> int:
         if self.max_batch_size == 1 or not self.shard.spec.is_first:
@@ -356,32 +357,77 @@ class PipelineStage:
         return micro_batch_limit(self.max_batch_size, len(self.requests), depth)
 
     def run_next(self) -> list[Outgoing]:
+        """Launch the next pass, then finish the one launched before it: MLX computes that one
+        while this one's graph is built (as mlx-lm's generate_step overlaps its steps)."""
+        outgoing: list[Outgoing] = []
+        if self.in_flight is not None and not self.in_flight.overlappable:
+            outgoing.extend(self._finish_in_flight())
+        launched, failed = self._launch_next()
+        outgoing.extend(failed)
+        outgoing.extend(self._finish_in_flight())
+        self.in_flight = launched
+        return outgoing + self._admit_waiting()
+
+    def _launch_next(self) -> tuple[LaunchedPass | None, list[Outgoing]]:
         batch = [
             (self.requests[work.request_id], work)
             for work in self.scheduler.next_batch(self.batch_limit(), self.prefill_step_size)
             if work.request_id in self.requests
         ]
         if not batch:
-            return []
+            return None, []
         if self.pass_threads is not None:
             self.pass_threads.before_pass(len(batch), batch[0][1].tokens)
         try:
-            result = run_pass(self.shard, batch, self.counters)
-            outgoing = result.outgoing + [
-                item
-                for (state, work), sampled_token in zip(batch, result.sampled, strict=False)
-                for item in self._sampled(state, work, sampled_token)
-            ]
-            self.counters.largest_batch = max(self.counters.largest_batch, len(batch))
-            self.counters.steps_done += 1
+            launched = launch_pass(self.shard, batch, self.counters)
         except (RuntimeError, ValueError, MemoryError) as error:
-            # MLX reports allocation failures and shape errors this way; the requests cannot go on.
-            outgoing = []
-            for state, _ in batch:
-                outgoing.extend(self._abort(state, f"stage {self.address} failed: {error}"))
-        return outgoing + self._admit_waiting()
+            return None, self._abort_batch(batch, error)
+        if launched.drawn is not None and self.shard.spec.is_first:
+            self._feed_ahead(launched)
+        return launched, []
 
-    def _sampled(self, state: RequestState, work: Work, sampled_token: SampledToken) -> list[Outgoing]:
+    def _feed_ahead(self, launched: LaunchedPass) -> None:
+        """One stage samples and embeds: queue each request's next step on its token before the
+        token is computed, unless the request ends at this length or its sampler needs every
+        token accepted before the next draw. A request that then stops at this token (EOS) has
+        one step too many computed, thrown away with the request."""
+        for row, (state, work) in enumerate(launched.batch):
+            assert state.sampler is not None
+            if work.step + 1 >= state.max_tokens or state.sampler.depends_on_output:
+                continue
+            self.scheduler.submit(
+                Work(state.request_id, work.step + 1, launched.next_input(row), sample=True, batchable=True)
+            )
+            launched.fed_ahead.add(state.request_id)
+
+    def _finish_in_flight(self) -> list[Outgoing]:
+        launched, self.in_flight = self.in_flight, None
+        if launched is None:
+            return []
+        try:
+            result = launched.finish()
+        except (RuntimeError, ValueError, MemoryError) as error:
+            held = [row for row in launched.batch if self.requests.get(row[0].request_id) is row[0]]
+            return self._abort_batch(held, error)
+        outgoing = list(result.outgoing)
+        for (state, work), sampled_token in zip(launched.batch, result.sampled, strict=False):
+            if self.requests.get(state.request_id) is state:  # not cancelled meanwhile
+                fed_ahead = state.request_id in launched.fed_ahead
+                outgoing.extend(self._sampled(state, work, sampled_token, fed_ahead=fed_ahead))
+        self.counters.largest_batch = max(self.counters.largest_batch, len(launched.batch))
+        self.counters.steps_done += 1
+        return outgoing
+
+    def _abort_batch(self, batch: list[tuple[RequestState, Work]], error: Exception) -> list[Outgoing]:
+        # MLX reports allocation failures and shape errors this way; the requests cannot go on.
+        outgoing: list[Outgoing] = []
+        for state, _ in batch:
+            outgoing.extend(self._abort(state, f"stage {self.address} failed: {error}"))
+        return outgoing
+
+    def _sampled(
+        self, state: RequestState, work: Work, sampled_token: SampledToken, *, fed_ahead: bool = False
+    ) -> list[Outgoing]:
         token = sampled_token.token
         state.tokens_sampled += 1
         self.counters.tokens_sampled += 1
@@ -402,6 +448,8 @@ class PipelineStage:
         frame = encode(sampled)
         outgoing = [Outgoing(state.reply_to, (frame,), state.request_id, to_requester=True)]
         first = self.shard.spec.is_first
+        if first and fed_ahead:
+            state.tokens.append(token)  # its step is queued already (and may be computed)
         if finish_reason is not None:
             if first and self.prefix.index is not None:
                 self._store_prefix(state)  # one stage: nothing to tell anyone
@@ -410,9 +458,9 @@ class PipelineStage:
                 if state.store_prefix:
                     self.prefix.park(state.request_id, state.cache)
                 outgoing.append(Outgoing(state.route[0], (frame,), state.request_id))
-        elif first:
+        elif first and not fed_ahead:
             self._feed(state, work.step + 1, token)
-        else:
+        elif not first:
             outgoing.append(Outgoing(state.route[0], (frame,), state.request_id))
         return outgoing
 

@@ -1,39 +1,73 @@
-"""One forward pass over the work a stage's scheduler chose, and what it produces.
+"""One forward pass over the work a stage's scheduler chose: launched, then finished.
 
 A pass is one request's chunk or step, several requests' single-token steps (`forward_rows`), or
-several requests' prompt chunks padded to the longest (`forward_chunks`). A stage that is not the
-last sends the hidden states on; the last one samples the rows that sample, evaluating every row's
-token at once, and otherwise only makes the caches real.
+several requests' prompt chunks padded to the longest (`forward_chunks`). `launch_pass` builds the
+pass's graph and hands it to MLX (`mx.async_eval`), which computes it on its own thread; the stage
+builds the next pass's graph meanwhile, as mlx-lm's generate_step does, and then calls `finish`,
+which waits for the result. A stage that is not the last sends the hidden states on; the last one
+samples the rows that sample, drawing every row's token at once, and otherwise only makes the
+caches real. A sampling pass's tokens are available before they are computed (`next_input`), so a
+stage that is both first and last can queue each request's next step on them straight away.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, cast
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import cast
 
 import mlx.core as mx
 
 from exo.inference.batching import forward_chunks, forward_rows
 from exo.inference.frames import Outgoing, activation_frames
 from exo.inference.request_state import RequestState, StageCounters
-from exo.inference.sampling import SampledToken, TokenSampler, sample_rows
+from exo.inference.sampling import DrawnRows, SampledToken, TokenSampler, accept_rows, draw_rows
 from exo.inference.scheduler import Work
 from exo.inference.shard import ShardModel
 
 Batch = list[tuple[RequestState, Work]]
 
 
-class PassResult(NamedTuple):
+@dataclass(frozen=True)
+class PassResult:
     outgoing: list[Outgoing]  # hidden states for the next stage
     sampled: list[SampledToken]  # the last stage's tokens, one per row of the batch (or none)
 
 
-def run_pass(shard: ShardModel, batch: Batch, counters: StageCounters) -> PassResult:
+@dataclass
+class LaunchedPass:
+    """A pass MLX is computing. `finish` waits for it; `drawn` holds a sampling pass's tokens
+    (lazy until then); `fed_ahead` are the requests whose next step the stage queued on them."""
+
+    batch: Batch
+    finish: Callable[[], PassResult]
+    drawn: DrawnRows | None = None
+    fed_ahead: set[str] = field(default_factory=set[str])
+
+    @property
+    def overlappable(self) -> bool:
+        """Whether another pass may be launched before this one finishes: single-token steps only,
+        so a long prompt chunk's intermediate buffers are never alive twice at once."""
+        return all(work.tokens == 1 for _, work in self.batch)
+
+    def next_input(self, row: int) -> mx.array:
+        """Row `row`'s sampled token as the (1, 1) input of its request's next step, uncomputed."""
+        assert self.drawn is not None
+        return self.drawn.tokens[row : row + 1].reshape(1, 1)
+
+
+def launch_pass(shard: ShardModel, batch: Batch, counters: StageCounters) -> LaunchedPass:
     if len(batch) > 1 and not batch[0][1].batchable:
-        return _run_chunks(shard, batch, counters)
-    return _run_steps(shard, batch, counters)
+        return _launch_chunks(shard, batch, counters)
+    return _launch_steps(shard, batch, counters)
 
 
-def _run_steps(shard: ShardModel, batch: Batch, counters: StageCounters) -> PassResult:
+def _evaluated(arrays: list[mx.array]) -> PassResult:
+    mx.eval(arrays)
+    return PassResult([], [])
+
+
+def _launch_steps(shard: ShardModel, batch: Batch, counters: StageCounters) -> LaunchedPass:
     """One request's pass, or several requests' single-token steps."""
     if len(batch) == 1:
         state, work = batch[0]
@@ -43,33 +77,43 @@ def _run_steps(shard: ShardModel, batch: Batch, counters: StageCounters) -> Pass
         output = forward_rows(shard, inputs, [state.cache for state, _ in batch])
         counters.batched_steps += 1
         counters.batched_rows += len(batch)
+    sample = batch[0][1].sample
     if not shard.spec.is_last:
         rows = [(state.next_address or "", state.request_id, work.step) for state, work in batch]
-        return PassResult(activation_frames(rows, output, batch[0][1].sample), [])
-    if not batch[0][1].sample:  # a prompt chunk before the last: only the cache matters
-        mx.eval([layer_cache.state for layer_cache in batch[0][0].cache])
-        return PassResult([], [])
+        mx.async_eval(output)
+        return LaunchedPass(batch, lambda: PassResult(activation_frames(rows, output, sample), []))
+    if not sample:  # a prompt chunk before the last: only the cache matters
+        states = [layer_cache.state for layer_cache in batch[0][0].cache]
+        mx.async_eval(states)
+        return LaunchedPass(batch, lambda: _evaluated(states))
     logits = [output[row : row + 1] for row in range(len(batch))] if len(batch) > 1 else [output]
-    samplers = [state.sampler for state, _ in batch]
+    samplers = cast("list[TokenSampler]", [state.sampler for state, _ in batch])
     assert all(sampler is not None for sampler in samplers)
-    return PassResult([], sample_rows(cast("list[TokenSampler]", samplers), logits))
+    drawn = draw_rows(samplers, logits)
+    mx.async_eval(drawn.tokens)
+    return LaunchedPass(batch, lambda: PassResult([], accept_rows(samplers, drawn)), drawn)
 
 
-def _run_chunks(shard: ShardModel, batch: Batch, counters: StageCounters) -> PassResult:
+def _launch_chunks(shard: ShardModel, batch: Batch, counters: StageCounters) -> LaunchedPass:
     """Several requests' prompt chunks (none sampled) in one padded pass."""
     outputs = forward_chunks(shard, [work.inputs for _, work in batch], [state.cache for state, _ in batch])
     counters.batched_steps += 1
     counters.batched_rows += len(batch)
     counters.grouped_prompt_chunks += len(batch)
     if shard.spec.is_last:
-        mx.eval([layer_cache.state for state, _ in batch for layer_cache in state.cache])
-        return PassResult([], [])
-    mx.eval(outputs)
-    outgoing = [
-        item
-        for (state, work), output in zip(batch, outputs, strict=True)
-        for item in activation_frames(
-            [(state.next_address or "", state.request_id, work.step)], mx.contiguous(output), False
-        )
-    ]
-    return PassResult(outgoing, [])
+        states = [layer_cache.state for state, _ in batch for layer_cache in state.cache]
+        mx.async_eval(states)
+        return LaunchedPass(batch, lambda: _evaluated(states))
+    mx.async_eval(outputs)
+
+    def finish() -> PassResult:
+        outgoing = [
+            item
+            for (state, work), output in zip(batch, outputs, strict=True)
+            for item in activation_frames(
+                [(state.next_address or "", state.request_id, work.step)], mx.contiguous(output), False
+            )
+        ]
+        return PassResult(outgoing, [])
+
+    return LaunchedPass(batch, finish)
