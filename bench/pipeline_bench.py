@@ -192,7 +192,8 @@ def compare_blas(model: Path, rounds: int, tokens: int = 16, prompt_length: int 
 async def measure_rounds(
     baseline: SingleProcess, routes: dict[int, list[str]], tokens: int, rounds: int
 ) -> tuple[list[dict[str, float]], dict[int, list[dict[str, float]]]]:
-    """Baseline and every pipeline measured in turn, `rounds` times, so load spikes hit all alike."""
+    """Baseline and every pipeline measured in turn, `rounds` times, so load spikes hit all alike
+    (this VM's speed drifts by 10-15% over tens of seconds: many short rounds, not a few long ones)."""
     sink = TokenSink()
     await sink.start()
     client = PipelineClient(sink)
@@ -202,10 +203,15 @@ async def measure_rounds(
         baseline.run(4)  # warm-up
         for route in routes.values():
             await timed_generation(client, route, 4)
+        setups: list[int | None] = [None, *routes]  # None: the baseline
         for round_number in range(rounds):
-            baseline_runs.append(baseline.run(tokens))
-            for stages, route in routes.items():
-                pipeline_runs[stages].append(await timed_generation(client, route, tokens))
+            # Every other round in reverse, so a machine that speeds up or slows down over a round
+            # favours no setup.
+            for setup in setups if round_number % 2 == 0 else setups[::-1]:
+                if setup is None:
+                    baseline_runs.append(baseline.run(tokens))
+                else:
+                    pipeline_runs[setup].append(await timed_generation(client, routes[setup], tokens))
             print(f"round {round_number + 1}: baseline {baseline_runs[-1]}, "
                   f"pipelines {[runs[-1] for runs in pipeline_runs.values()]}", flush=True)  # fmt: skip
     finally:

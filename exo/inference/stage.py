@@ -358,14 +358,17 @@ class PipelineStage:
 
     def run_next(self) -> list[Outgoing]:
         """Launch the next pass, then finish the one launched before it: MLX computes that one
-        while this one's graph is built (as mlx-lm's generate_step overlaps its steps)."""
-        outgoing: list[Outgoing] = []
-        if self.in_flight is not None and not self.in_flight.overlappable:
-            outgoing.extend(self._finish_in_flight())
+        while this one's graph is built (as mlx-lm's generate_step overlaps its steps).
+
+        Only a pass whose requests' next steps were fed ahead stays in flight past this call.
+        Any other is finished here too: a pipeline stage that returned early would launch the
+        rows of its next micro-batch as they trickle in, in several smaller passes that each read
+        all the weights (8 streams over 2 stages lost a quarter of their throughput that way)."""
         launched, failed = self._launch_next()
-        outgoing.extend(failed)
-        outgoing.extend(self._finish_in_flight())
+        outgoing = failed + self._finish_in_flight()
         self.in_flight = launched
+        if launched is not None and not launched.fed_ahead:
+            outgoing.extend(self._finish_in_flight())
         return outgoing + self._admit_waiting()
 
     def _launch_next(self) -> tuple[LaunchedPass | None, list[Outgoing]]:

@@ -2,9 +2,9 @@
 
 A pass is one request's chunk or step, several requests' single-token steps (`forward_rows`), or
 several requests' prompt chunks padded to the longest (`forward_chunks`). `launch_pass` builds the
-pass's graph and hands it to MLX (`mx.async_eval`), which computes it on its own thread; the stage
-builds the next pass's graph meanwhile, as mlx-lm's generate_step does, and then calls `finish`,
-which waits for the result. A stage that is not the last sends the hidden states on; the last one
+pass's graph and hands it to MLX (`mx.async_eval`), which computes it on its own thread; `finish`
+waits for the result. In between, a stage may build its next pass (see PipelineStage.run_next), as
+mlx-lm's generate_step does. A stage that is not the last sends the hidden states on; the last one
 samples the rows that sample, drawing every row's token at once, and otherwise only makes the
 caches real. A sampling pass's tokens are available before they are computed (`next_input`), so a
 stage that is both first and last can queue each request's next step on them straight away.
@@ -43,12 +43,6 @@ class LaunchedPass:
     finish: Callable[[], PassResult]
     drawn: DrawnRows | None = None
     fed_ahead: set[str] = field(default_factory=set[str])
-
-    @property
-    def overlappable(self) -> bool:
-        """Whether another pass may be launched before this one finishes: single-token steps only,
-        so a long prompt chunk's intermediate buffers are never alive twice at once."""
-        return all(work.tokens == 1 for _, work in self.batch)
 
     def next_input(self, row: int) -> mx.array:
         """Row `row`'s sampled token as the (1, 1) input of its request's next step, uncomputed."""
