@@ -464,7 +464,8 @@ class PipelineStage:
         elif first and not fed_ahead:
             self._feed(state, work.step + 1, token)
         elif not first:
-            outgoing.append(Outgoing(state.route[0], (frame,), state.request_id))
+            # the first stage's copy first: the next step waits for it, the requester does not
+            outgoing.insert(0, Outgoing(state.route[0], (frame,), state.request_id))
         return outgoing
 
     # --- reporting ----------------------------------------------------------------------
