@@ -90,10 +90,12 @@ class GatedStore(InMemoryEventStore):
         self.gate.set()
         self.appends: list[list[int]] = []
         self.failing = False
+        self.writing = asyncio.Event()  # set when an append begins
         # Set after every append, landed or failed.
         self.attempted = asyncio.Event()
 
     async def append(self, events: Sequence[IndexedEvent]) -> None:
+        self.writing.set()
         await self.gate.wait()
         try:
             if self.failing:
@@ -140,12 +142,27 @@ async def test_events_received_while_a_write_runs_go_in_the_next_write() -> None
     store.gate.clear()
     events = log(30)
     await replica.receive(events[:10])
-    await asyncio.sleep(0)  # the background write starts and waits at the gate
+    async with asyncio.timeout(5):
+        await store.writing.wait()  # the background write started and waits at the gate
     await replica.receive(events[10:20])
     await replica.receive(events[20:])
     store.gate.set()
     await wait_durable(replica, 30)
     assert store.appends == [list(range(1, 11)), list(range(11, 31))]
+
+
+async def test_a_follower_groups_its_writes_until_enough_events_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replica_module, "PERSIST_GROUP_SECONDS", 60.0)
+    monkeypatch.setattr(replica_module, "PERSIST_GROUP_EVENTS", 20)
+    replica, store = await gated_replica()
+    events = log(25)
+    await replica.receive(events[:10])
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not store.writing.is_set()  # fewer than 20 wait: the write waits for more
+    await replica.receive(events[10:])
+    await wait_durable(replica, 25)
+    assert store.appends == [list(range(1, 26))]  # one commit, not one per batch received
 
 
 async def test_a_restart_restores_only_what_was_stored() -> None:

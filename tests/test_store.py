@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -98,6 +99,19 @@ async def test_a_batch_that_does_not_continue_the_log_is_refused_whole(
     assert await store.read(1) == events(1, 3)
     await store.append(events(4, 4))
     assert await store.last_index() == 4
+
+
+async def test_append_now_keeps_the_same_log_rules_alongside_append(store: EventStore) -> None:
+    await store.append_now(events(1, 3))
+    with pytest.raises(ValueError, match="does not continue the log"):
+        await store.append_now(events(5, 6))
+    # both ways at once land in call order, each batch whole
+    await asyncio.gather(
+        store.append(events(4, 10)), store.append_now(events(11, 12)), store.append(events(13, 20))
+    )
+    await store.append_now(events(21, 21))
+    assert await store.read(1) == events(1, 21)
+    assert await store.last_index() == 21
 
 
 async def test_the_first_event_must_be_index_one(store: EventStore) -> None:
@@ -518,3 +532,32 @@ async def test_truncation_and_snapshots_keep_the_writers_last_index_honest(tmp_p
         assert await store.read(1) == events(31, 31)
     finally:
         await store.close()
+
+
+async def test_append_now_commits_on_the_callers_thread_and_append_on_the_writers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from exo.store import sqlite_writer
+
+    threads: list[int] = []
+    insert = sqlite_writer.SqliteEventWriter._insert  # pyright: ignore[reportPrivateUsage]
+
+    def recording_insert(self: sqlite_writer.SqliteEventWriter, rows: list[sqlite_writer.EventRow]) -> None:
+        threads.append(threading.get_ident())
+        insert(self, rows)
+
+    monkeypatch.setattr(sqlite_writer.SqliteEventWriter, "_insert", recording_insert)
+    store = open_store(str(tmp_path / "events.db"))
+    await store.open()
+    try:
+        await store.append_now(events(1, 2))
+        await store.append(events(3, 4))
+    finally:
+        await store.close()
+    assert threads[0] == threading.get_ident() != threads[1]
+    reopened = open_store(str(tmp_path / "events.db"))
+    await reopened.open()
+    try:
+        assert await reopened.read(1) == events(1, 4)  # both committed to the file
+    finally:
+        await reopened.close()

@@ -5,8 +5,10 @@ own events.db always agree once the node's writes land.
 
 Two paths: `commit` (the master's own sequencing) makes events durable, then applies them. `receive`
 (events from the master, whose copy is already durable) applies them as soon as they are
-contiguous and writes them to this node's store in the background, grouping whatever arrived while
-the last write ran; under load a follower's fsync was the larger half of the event path's latency.
+contiguous and writes them to this node's store in the background, grouping what arrives within
+PERSIST_GROUP_SECONDS (or until PERSIST_GROUP_EVENTS wait) into one commit; under load a follower's
+fsync was the larger half of the event path's latency, and its many small commits queued on the
+disk ahead of the master's.
 `durable_index` is what this node's store holds: the election ranks by it, and a restart restores
 exactly that (the rest is fetched from the master again). Truncation, snapshots, log comparison and
 `close` first write everything applied.
@@ -33,6 +35,11 @@ logger = logging.getLogger(__name__)
 # follower never runs far ahead of what it could restore).
 MAX_UNPERSISTED_EVENTS = 50_000
 PERSIST_RETRY_INITIAL = 0.05
+# A follower groups its background writes: at most one commit per PERSIST_GROUP_SECONDS unless
+# PERSIST_GROUP_EVENTS wait. Every node's fsync goes to the same disk, and a follower writing each
+# small batch as it came queued its fsyncs ahead of the master's, which is on the event path.
+PERSIST_GROUP_SECONDS = 0.01
+PERSIST_GROUP_EVENTS = 1024
 PERSIST_RETRY_MAX = 1.0
 
 
@@ -51,6 +58,7 @@ class Replica:
         self._store_lock = asyncio.Lock()
         self._unpersisted: list[IndexedEvent] = []
         self._persister: asyncio.Task[None] | None = None
+        self._group_full = asyncio.Event()  # PERSIST_GROUP_EVENTS wait: write without waiting longer
         # Called with each batch right after it is applied (benchmarks, the node's own bookkeeping).
         self.applied_listeners: list[Callable[[Sequence[IndexedEvent]], None]] = []
 
@@ -76,7 +84,7 @@ class Replica:
 
     async def _commit_locked(self, events: Sequence[IndexedEvent]) -> None:
         async with self._store_lock:
-            await self._persist(events)
+            await self._persist(events, now=True)  # apply and publish wait for it anyway
         self._fold(events)
         self.orderer.reset(self.state.last_event_index)
 
@@ -90,6 +98,8 @@ class Replica:
                 return 0
             self._fold(ready)
             self._unpersisted.extend(ready)
+            if len(self._unpersisted) >= PERSIST_GROUP_EVENTS:
+                self._group_full.set()
             if self._persister is None or self._persister.done():
                 self._persister = asyncio.create_task(self._persist_in_background(), name="replica-persist")
         await self._notify()
@@ -144,7 +154,7 @@ class Replica:
             self.orderer.reset(index)
         await self._notify()
 
-    async def _persist(self, extra: Sequence[IndexedEvent] = ()) -> None:
+    async def _persist(self, extra: Sequence[IndexedEvent] = (), *, now: bool = False) -> None:
         """Write the applied-but-unstored events, then `extra`, in one commit (_store_lock held)."""
         if self._unpersisted:
             # A write whose caller was cancelled may have landed anyway: the store says what it holds.
@@ -158,13 +168,17 @@ class Replica:
             return
         # `receive` may add events while this write runs: only the ones written leave the list.
         written = len(self._unpersisted)
-        await self.store.append(batch)
+        await (self.store.append_now(batch) if now else self.store.append(batch))
         del self._unpersisted[:written]
         self.durable_index = batch[-1].index
 
     async def _persist_in_background(self) -> None:
         delay = PERSIST_RETRY_INITIAL
         while self._unpersisted:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PERSIST_GROUP_SECONDS):
+                    await self._group_full.wait()
+            self._group_full.clear()
             try:
                 await self.flush()
             except (StoreError, ValueError) as error:

@@ -32,6 +32,11 @@ class EventStore(Protocol):
         """Make a batch durable in one commit. Indices must continue the log without a gap."""
         ...
 
+    async def append_now(self, events: Sequence[IndexedEvent]) -> None:
+        """`append` without leaving the caller's thread: it blocks the event loop for the commit.
+        For a caller whose next step waits for the commit anyway (the master's sequencer)."""
+        ...
+
     async def read(self, start: int, end: int | None = None, limit: int | None = None) -> list[IndexedEvent]:
         """Events with `start <= index` (and `index < end` when given), in index order."""
         ...

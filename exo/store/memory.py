@@ -30,6 +30,9 @@ class InMemoryEventStore:
             self._first_event_index = events[0].index
         self._events.extend(events)
 
+    async def append_now(self, events: Sequence[IndexedEvent]) -> None:
+        await self.append(events)  # never leaves the caller's thread anyway
+
     async def read(self, start: int, end: int | None = None, limit: int | None = None) -> list[IndexedEvent]:
         self._check_open()
         if limit is not None and limit < 0:

@@ -107,6 +107,12 @@ class SqliteEventStore:
             temporary.cleanup()
 
     async def append(self, events: Sequence[IndexedEvent]) -> None:
+        await self._append(events, now=False)
+
+    async def append_now(self, events: Sequence[IndexedEvent]) -> None:
+        await self._append(events, now=True)
+
+    async def _append(self, events: Sequence[IndexedEvent], *, now: bool) -> None:
         self._require_writer()
         if not events:
             return
@@ -118,9 +124,13 @@ class SqliteEventStore:
         async with self._write_lock:
             # Taken again under the lock: close() may have run while this call waited for it.
             writer = self._require_writer()
-            rules.check_batch_continues(events, await writer.last_index())
             try:
-                await writer.insert(rows)
+                if now:
+                    rules.check_batch_continues(events, writer.last_index_now())
+                    writer.insert_now(rows)
+                else:
+                    rules.check_batch_continues(events, await writer.last_index())
+                    await writer.insert(rows)
             except sqlite3.Error as error:
                 span = f"{events[0].index}..{events[-1].index}"
                 raise StoreError(f"cannot write events {span} to {self.description}: {error}") from error
