@@ -35,12 +35,12 @@ logger = logging.getLogger(__name__)
 # follower never runs far ahead of what it could restore).
 MAX_UNPERSISTED_EVENTS = 50_000
 PERSIST_RETRY_INITIAL = 0.05
+PERSIST_RETRY_MAX = 1.0
 # A follower groups its background writes: at most one commit per PERSIST_GROUP_SECONDS unless
 # PERSIST_GROUP_EVENTS wait. Every node's fsync goes to the same disk, and a follower writing each
 # small batch as it came queued its fsyncs ahead of the master's, which is on the event path.
 PERSIST_GROUP_SECONDS = 0.01
 PERSIST_GROUP_EVENTS = 1024
-PERSIST_RETRY_MAX = 1.0
 
 
 class Replica:

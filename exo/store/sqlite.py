@@ -124,12 +124,11 @@ class SqliteEventStore:
         async with self._write_lock:
             # Taken again under the lock: close() may have run while this call waited for it.
             writer = self._require_writer()
+            rules.check_batch_continues(events, writer.last_index_now() if now else await writer.last_index())
             try:
                 if now:
-                    rules.check_batch_continues(events, writer.last_index_now())
                     writer.insert_now(rows)
                 else:
-                    rules.check_batch_continues(events, await writer.last_index())
                     await writer.insert(rows)
             except sqlite3.Error as error:
                 span = f"{events[0].index}..{events[-1].index}"

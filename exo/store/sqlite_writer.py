@@ -63,7 +63,7 @@ class SqliteEventWriter:
         self._busy_timeout_ms = busy_timeout_ms
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exo-event-writer")
         self._connection_lock = threading.Lock()  # the writer thread's calls and insert_now
-        # Only ever touched on the writer thread.
+        # Used on the writer thread, and by insert_now on the caller's; always under _connection_lock.
         self._connection: sqlite3.Connection | None = None
         # None while unknown (a write that failed or whose caller was cancelled): read it again.
         self._last_index: int | None = None
@@ -127,7 +127,7 @@ class SqliteEventWriter:
         with self._connection_lock:
             return function(*arguments)
 
-    # --- on the writer thread ------------------------------------------------------------------
+    # --- under _connection_lock (on the writer thread, or the caller's for the *_now calls) ------
 
     def _connect(self) -> int:
         # isolation_level=None: transactions are ours (BEGIN IMMEDIATE), never the driver's implicit ones.
