@@ -15,12 +15,11 @@ from exo.inference import stage_passes
 from exo.inference.protocol import (
     GenerationCancelled,
     GenerationFailed,
-    GenerationStarted,
     SamplingParams,
     TokenSampled,
 )
 from tests.inference_helpers import tiny_models
-from tests.wired_pipeline import REQUESTER, WiredPipeline, generate_alone
+from tests.wired_pipeline import WiredPipeline, generate_alone
 
 ONE_STAGE = [(0, 6)]
 TWO_STAGES = [(0, 3), (3, 6)]
@@ -36,21 +35,11 @@ def prompt(model: Path) -> list[int]:
     return Tokenizer.from_file(str(model / "tokenizer.json")).encode("The river runs through the valley").ids
 
 
-def start(
-    pipeline: WiredPipeline, request_id: str, prompt: list[int], max_tokens: int, **fields: object
-) -> None:
-    message = GenerationStarted(
-        request_id=request_id, route=pipeline.route, reply_to=REQUESTER, prompt_tokens=prompt,
-        max_tokens=max_tokens, **fields,  # pyright: ignore[reportArgumentType]
-    )  # fmt: skip
-    pipeline.send(pipeline.route[0], message)
-
-
 def test_the_next_step_is_queued_before_the_token_is_known_and_output_is_unchanged(
     model: Path, prompt: list[int]
 ) -> None:
     pipeline = WiredPipeline(model, ONE_STAGE, prefix_cache_tokens=0)
-    start(pipeline, "r", prompt, 8, eos_token_ids=[])
+    pipeline.start("r", prompt, 8)
     fed_ahead = 0
     while pipeline.step():
         in_flight = pipeline.first.in_flight
@@ -71,7 +60,7 @@ def test_a_stop_token_ends_the_answer_though_a_step_past_it_was_computed(
     stop_at = next(position for position in range(3, 10) if expected[position] not in expected[:position])
     eos = expected[stop_at]
     pipeline = WiredPipeline(model, splits)
-    start(pipeline, "r", prompt, 12, eos_token_ids=[eos])
+    pipeline.start("r", prompt, 12, eos_token_ids=[eos])
     pipeline.run()
     sampled = pipeline.messages("r", TokenSampled)
     assert [message.token for message in sampled] == expected[: stop_at + 1]
@@ -79,7 +68,7 @@ def test_a_stop_token_ends_the_answer_though_a_step_past_it_was_computed(
     assert pipeline.idle()
     # The first turn's cache (with the extra step's position) serves a second turn exactly.
     follow_up = prompt + expected[: stop_at + 1] + prompt[:4]
-    start(pipeline, "second", follow_up, 6, eos_token_ids=[])
+    pipeline.start("second", follow_up, 6)
     pipeline.run()
     cached = pipeline.messages("second", TokenSampled)[0].cached_tokens
     assert cached >= len(prompt) + stop_at  # the prompt and every token fed back
@@ -88,7 +77,7 @@ def test_a_stop_token_ends_the_answer_though_a_step_past_it_was_computed(
 
 def test_a_cancel_while_a_step_is_in_flight_gets_no_further_token(model: Path, prompt: list[int]) -> None:
     pipeline = WiredPipeline(model, ONE_STAGE)
-    start(pipeline, "r", prompt, 40, eos_token_ids=[])
+    pipeline.start("r", prompt, 40)
     while len(pipeline.tokens("r")) < 3:
         assert pipeline.step()
     pipeline.deliver()  # every token sent so far reaches the requester
@@ -106,12 +95,12 @@ def test_penalties_wait_for_each_token_and_give_what_sampling_in_turn_gives(
 ) -> None:
     sampling = SamplingParams(temperature=0.7, seed=11, repetition_penalty=1.3, presence_penalty=0.5)
     pipeline = WiredPipeline(model, ONE_STAGE, prefix_cache_tokens=0)
-    start(pipeline, "r", prompt, 10, eos_token_ids=[], sampling=sampling)
+    pipeline.start("r", prompt, 10, sampling=sampling)
     while pipeline.step():
         in_flight = pipeline.first.in_flight
         assert in_flight is None or not in_flight.fed_ahead
     two_stages = WiredPipeline(model, TWO_STAGES, prefix_cache_tokens=0)  # never feeds ahead
-    start(two_stages, "r", prompt, 10, eos_token_ids=[], sampling=sampling)
+    two_stages.start("r", prompt, 10, sampling=sampling)
     two_stages.run()
     assert pipeline.tokens("r") == two_stages.tokens("r")
     assert len(set(pipeline.tokens("r"))) > 1
@@ -121,7 +110,7 @@ def test_a_pass_that_fails_when_finished_fails_its_requests_and_frees_them(
     model: Path, prompt: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pipeline = WiredPipeline(model, ONE_STAGE)
-    start(pipeline, "r", prompt, 20, eos_token_ids=[])
+    pipeline.start("r", prompt, 20)
     while len(pipeline.tokens("r")) < 2:
         assert pipeline.step()
 

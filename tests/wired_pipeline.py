@@ -52,11 +52,13 @@ class WiredPipeline:
         prompt: Sequence[int],
         max_tokens: int,
         sampling: SamplingParams | None = None,
+        eos_token_ids: Sequence[int] = (),
         **fields: Any,
     ) -> None:
         message = GenerationStarted(
             request_id=request_id, route=self.route, reply_to=REQUESTER, prompt_tokens=list(prompt),
-            max_tokens=max_tokens, eos_token_ids=[], sampling=sampling or SamplingParams(), **fields,
+            max_tokens=max_tokens, eos_token_ids=list(eos_token_ids), sampling=sampling or SamplingParams(),
+            **fields,
         )  # fmt: skip
         self.send(self.route[0], message)
 
