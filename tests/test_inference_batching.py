@@ -381,7 +381,12 @@ async def test_runner_refuses_past_its_queue_with_busy_and_finishes_the_others(
 ) -> None:
     route = [runners["tight"][0].activation_address]
     model = tiny_models()["llama"]
-    running, waiting, refused = (GenerationRequest(prompt, 40, []) for prompt in prompts(model)[:3])
+    # The running request is long: the waiting one must still be waiting when the runner's stats
+    # (every 0.2 s) are read, and since steps overlap their graph building, 40 tiny-model tokens
+    # could all be done by then.
+    first_prompt, second_prompt, third_prompt = prompts(model)[:3]
+    running = GenerationRequest(first_prompt, 1000, [])
+    waiting, refused = GenerationRequest(second_prompt, 40, []), GenerationRequest(third_prompt, 40, [])
     async with pipeline_client() as client:
         alone = [await generate(client, route, request) for request in (running, waiting)]
         first_token = asyncio.Event()
