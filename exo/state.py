@@ -80,33 +80,96 @@ class State(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 def apply(state: State, indexed: IndexedEvent) -> State:
     """Fold one indexed event into the state. Indices are checked by the caller (the sequencer)."""
-    match indexed.event:
-        case MasterElected() as event:
-            state = _apply_master_elected(state, event)
-        case NodeJoined() as event:
-            state = _apply_node_joined(state, event)
-        case NodeTimedOut() as event:
-            state = _apply_node_timed_out(state, event)
-        case NodeMemoryMeasured() as event:
-            state = _apply_node_memory_measured(state, event)
-        case NodeLabelled() as event:
-            state = _apply_node_labelled(state, event)
-        case InstanceCreated() as event:
-            state = _apply_instance_created(state, event)
-        case InstanceDeleted() as event:
-            state = _apply_instance_deleted(state, event)
-        case RunnerStatusUpdated() as event:
-            state = _apply_runner_status_updated(state, event)
-        case _:
-            assert_never(indexed.event)
-    return replace(state, last_event_index=indexed.index)
+    builder = StateBuilder(state)
+    builder.apply(indexed)
+    return builder.build()
 
 
-def _apply_master_elected(state: State, event: MasterElected) -> State:
-    return replace(state, master_node_id=event.node_id, term=max(state.term, event.term))
+class StateBuilder:
+    """Folds a run of events into a State without building a State per event.
+
+    Copy-on-write over the start state: a dict (nodes, instances) is copied on its first change,
+    then changed in place until `build`, so folding n events copies each dict once instead of n
+    times, and the only State built is the last. Entries stay frozen Structs, replaced, never
+    changed. `apply(state, event)` is the one-event case, so there is one set of `_apply_*` rules;
+    replay and catch-up fold whole pages through one builder.
+    """
+
+    __slots__ = (
+        "_own_instances",
+        "_own_nodes",
+        "instances",
+        "last_event_index",
+        "master_node_id",
+        "nodes",
+        "term",
+    )
+
+    def __init__(self, state: State) -> None:
+        self.master_node_id = state.master_node_id
+        self.term = state.term
+        self.last_event_index = state.last_event_index
+        self.nodes = state.nodes
+        self.instances = state.instances
+        # Whether this builder made the dict (and may change it in place); the start state's are shared.
+        self._own_nodes = False
+        self._own_instances = False
+
+    def apply(self, indexed: IndexedEvent) -> None:
+        # The cases run in the order they are tried: most frequent first (measurements, runner
+        # reports and labels are nearly all of a long-lived cluster's log).
+        match indexed.event:
+            case NodeMemoryMeasured() as event:
+                _apply_node_memory_measured(self, event)
+            case RunnerStatusUpdated() as event:
+                _apply_runner_status_updated(self, event)
+            case NodeLabelled() as event:
+                _apply_node_labelled(self, event)
+            case NodeJoined() as event:
+                _apply_node_joined(self, event)
+            case NodeTimedOut() as event:
+                _apply_node_timed_out(self, event)
+            case InstanceCreated() as event:
+                _apply_instance_created(self, event)
+            case InstanceDeleted() as event:
+                _apply_instance_deleted(self, event)
+            case MasterElected() as event:
+                _apply_master_elected(self, event)
+            case _:
+                assert_never(indexed.event)
+        self.last_event_index = indexed.index
+
+    def build(self) -> State:
+        state = State(self.master_node_id, self.term, self.last_event_index, self.nodes, self.instances)
+        # The built state now shares these dicts: the next change copies them again.
+        self._own_nodes = self._own_instances = False
+        return state
+
+    def set_node(self, node: NodeInfo) -> None:
+        if not self._own_nodes:
+            self.nodes = dict(self.nodes)
+            self._own_nodes = True
+        self.nodes[node.node_id] = node
+
+    def set_instance(self, instance: Instance) -> None:
+        self._writable_instances()[instance.instance_id] = instance
+
+    def delete_instance(self, instance_id: str) -> None:
+        del self._writable_instances()[instance_id]
+
+    def _writable_instances(self) -> dict[str, Instance]:
+        if not self._own_instances:
+            self.instances = dict(self.instances)
+            self._own_instances = True
+        return self.instances
 
 
-def _apply_node_joined(state: State, event: NodeJoined) -> State:
+def _apply_master_elected(state: StateBuilder, event: MasterElected) -> None:
+    state.master_node_id = event.node_id
+    state.term = max(state.term, event.term)
+
+
+def _apply_node_joined(state: StateBuilder, event: NodeJoined) -> None:
     previous = state.nodes.get(event.node_id)
     node = NodeInfo(
         node_id=event.node_id,
@@ -117,44 +180,42 @@ def _apply_node_joined(state: State, event: NodeJoined) -> State:
         hostname=event.hostname,
         labels=previous.labels if previous is not None else {},
     )
-    return replace(state, nodes={**state.nodes, event.node_id: node})
+    state.set_node(node)
 
 
-def _apply_node_timed_out(state: State, event: NodeTimedOut) -> State:
+def _apply_node_timed_out(state: StateBuilder, event: NodeTimedOut) -> None:
     node = state.nodes.get(event.node_id)
     if node is None:
-        return state
-    nodes = {**state.nodes, event.node_id: replace(node, status="gone")}
+        return
+    state.set_node(replace(node, status="gone"))
     # A gone node's runners are gone with it: every instance with a stage there has failed.
-    instances = dict(state.instances)
-    for instance_id, instance in state.instances.items():
+    for instance in list(state.instances.values()):
         if event.node_id in instance.shard_assignments and instance.status != "failed":
             runners = {**instance.runners, event.node_id: RunnerInfo("failed", f"node {event.node_id} gone")}
-            instances[instance_id] = _with_runners(instance, runners)
-    return replace(state, nodes=nodes, instances=instances)
+            state.set_instance(_with_runners(instance, runners))
 
 
-def _apply_node_memory_measured(state: State, event: NodeMemoryMeasured) -> State:
+def _apply_node_memory_measured(state: StateBuilder, event: NodeMemoryMeasured) -> None:
     node = state.nodes.get(event.node_id)
     if node is None:
-        return state
-    node = replace(
-        node,
-        memory_total_bytes=event.memory_total_bytes,
-        memory_available_bytes=event.memory_available_bytes,
+        return
+    state.set_node(
+        replace(
+            node,
+            memory_total_bytes=event.memory_total_bytes,
+            memory_available_bytes=event.memory_available_bytes,
+        )
     )
-    return replace(state, nodes={**state.nodes, event.node_id: node})
 
 
-def _apply_node_labelled(state: State, event: NodeLabelled) -> State:
+def _apply_node_labelled(state: StateBuilder, event: NodeLabelled) -> None:
     node = state.nodes.get(event.node_id)
     if node is None:
-        return state
-    node = replace(node, labels={**node.labels, event.key: event.value})
-    return replace(state, nodes={**state.nodes, event.node_id: node})
+        return
+    state.set_node(replace(node, labels={**node.labels, event.key: event.value}))
 
 
-def _apply_instance_created(state: State, event: InstanceCreated) -> State:
+def _apply_instance_created(state: StateBuilder, event: InstanceCreated) -> None:
     instance = Instance(
         instance_id=event.instance_id,
         model_id=event.model_id,
@@ -162,28 +223,25 @@ def _apply_instance_created(state: State, event: InstanceCreated) -> State:
         status="placing",
         shard_assignments=event.shard_assignments,
     )
-    return replace(state, instances={**state.instances, event.instance_id: instance})
+    state.set_instance(instance)
 
 
-def _apply_instance_deleted(state: State, event: InstanceDeleted) -> State:
-    if event.instance_id not in state.instances:
-        return state
-    instances = {k: v for k, v in state.instances.items() if k != event.instance_id}
-    return replace(state, instances=instances)
+def _apply_instance_deleted(state: StateBuilder, event: InstanceDeleted) -> None:
+    if event.instance_id in state.instances:
+        state.delete_instance(event.instance_id)
 
 
-def _apply_runner_status_updated(state: State, event: RunnerStatusUpdated) -> State:
+def _apply_runner_status_updated(state: StateBuilder, event: RunnerStatusUpdated) -> None:
     instance = state.instances.get(event.instance_id)
     if instance is None or event.node_id not in instance.shard_assignments:
-        return state
+        return
+    runners = {**instance.runners, event.node_id: _runner_info(event)}
     if instance.status == "failed" and event.status != "failed":
         # A failed instance stays failed until it is deleted or placed again: a late "ready"
         # from a surviving stage must not resurrect a pipeline with a hole in it.
-        runners = {**instance.runners, event.node_id: _runner_info(event)}
-        instance = replace(instance, runners=runners)
-        return replace(state, instances={**state.instances, event.instance_id: instance})
-    runners = {**instance.runners, event.node_id: _runner_info(event)}
-    return replace(state, instances={**state.instances, event.instance_id: _with_runners(instance, runners)})
+        state.set_instance(replace(instance, runners=runners))
+        return
+    state.set_instance(_with_runners(instance, runners))
 
 
 def _runner_info(event: RunnerStatusUpdated) -> RunnerInfo:
@@ -200,12 +258,14 @@ def _with_runners(instance: Instance, runners: dict[str, RunnerInfo]) -> Instanc
 def _instance_status(
     assignments: dict[str, ShardAssignment], runners: dict[str, RunnerInfo]
 ) -> tuple[InstanceStatus, str | None]:
-    for node_id in sorted(runners):
+    failed = [node_id for node_id, runner in runners.items() if runner.status in ("failed", "stopped")]
+    if failed:
+        # The reason names the first failed stage by node id, whatever order the reports came in.
+        node_id = min(failed)
         runner = runners[node_id]
-        if runner.status in ("failed", "stopped"):
-            return "failed", runner.reason or f"runner on {node_id} {runner.status}"
+        return "failed", runner.reason or f"runner on {node_id} {runner.status}"
     if assignments and all(
-        runners.get(node_id, RunnerInfo("loading")).status == "ready" for node_id in assignments
+        (runner := runners.get(node_id)) is not None and runner.status == "ready" for node_id in assignments
     ):
         return "ready", None
     if runners:

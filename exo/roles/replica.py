@@ -26,7 +26,7 @@ import msgspec
 
 from exo.events import IndexedEvent
 from exo.roles.sequencer import EventOrderer, OriginHighWater
-from exo.state import State, apply
+from exo.state import State, StateBuilder
 from exo.store.base import EventStore, Snapshot, StoreError
 
 logger = logging.getLogger(__name__)
@@ -193,12 +193,12 @@ class Replica:
                 delay = PERSIST_RETRY_INITIAL
 
     def _fold(self, events: Sequence[IndexedEvent]) -> None:
-        state = self.state
+        builder = StateBuilder(self.state)
         high_water = self.high_water
         for event in events:
-            state = apply(state, event)
+            builder.apply(event)
             high_water.observe(event)
-        self.state = state
+        self.state = builder.build()
         for listener in self.applied_listeners:
             listener(events)
 
@@ -251,11 +251,11 @@ async def restore(store: EventStore) -> Replica:
 async def rebuild(store: EventStore, until: int | None = None) -> State:
     """The state at index `until` (the end when None): newest snapshot at or before it, then events."""
     snapshot = await store.load_snapshot(until)
-    state = snapshot.state if snapshot is not None else State()
-    async for events in _chunks(store, state.last_event_index + 1, until):
+    builder = StateBuilder(snapshot.state if snapshot is not None else State())
+    async for events in _chunks(store, builder.last_event_index + 1, until):
         for event in events:
-            state = apply(state, event)
-    return state
+            builder.apply(event)
+    return builder.build()
 
 
 async def _chunks(store: EventStore, start: int, until: int | None) -> AsyncIterator[list[IndexedEvent]]:
