@@ -35,6 +35,7 @@ from exo.store.migrate import upgrade_to_head
 from exo.store.schema import events_table, snapshots_table
 from exo.store.sqlite_file import inspect_sqlite_file
 from exo.store.sqlite_writer import EventRow, SqliteEventWriter, apply_log_pragmas
+from exo.store.wal_checkpoint import WalCheckpointer
 
 # An execution option that makes the "begin" hook take the write lock up front (BEGIN IMMEDIATE),
 # so a check-then-write transaction can never be refused half way by another writer.
@@ -54,6 +55,7 @@ class SqliteEventStore:
         self.busy_timeout_seconds = busy_timeout_seconds
         self._engine: AsyncEngine | None = None
         self._writer: SqliteEventWriter | None = None
+        self._checkpointer: WalCheckpointer | None = None
         self._temporary_directory: tempfile.TemporaryDirectory[str] | None = None
         self._write_lock = asyncio.Lock()
         self._encoder = msgspec.msgpack.Encoder()
@@ -61,6 +63,11 @@ class SqliteEventStore:
     @property
     def description(self) -> str:
         return str(self.location.path) if self.location.path is not None else "a temporary SQLite database"
+
+    @property
+    def wal_checkpointer(self) -> WalCheckpointer | None:
+        """The thread that checkpoints this store's WAL while it is open."""
+        return self._checkpointer
 
     async def open(self) -> None:
         if self._engine is not None:
@@ -88,13 +95,18 @@ class SqliteEventStore:
             await self._discard(engine)
             raise
         self._engine, self._writer = engine, writer
+        self._checkpointer = WalCheckpointer(path, busy_timeout_ms)
+        self._checkpointer.start()
 
     async def close(self) -> None:
         engine, writer, self._engine, self._writer = self._engine, self._writer, None, None
+        checkpointer, self._checkpointer = self._checkpointer, None
         if engine is None:
             return
         async with self._write_lock:
             try:
+                if checkpointer is not None:
+                    await asyncio.to_thread(checkpointer.stop)
                 if writer is not None:
                     await writer.close()
             finally:

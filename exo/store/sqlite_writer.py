@@ -46,12 +46,14 @@ _LAST_INDEX = (
 
 def apply_log_pragmas(connection: Any, synchronous: Synchronous, busy_timeout_ms: int) -> None:
     """What every connection to an event log sets (this writer's and SQLAlchemy's): WAL, the
-    durability level, and how long a write waits for another connection's lock."""
+    durability level, how long a write waits for another connection's lock, and no checkpoint
+    inside a commit (the store's WalCheckpointer thread runs them, see exo/store/wal_checkpoint.py)."""
     cursor = connection.cursor()
     try:
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+        cursor.execute("PRAGMA wal_autocheckpoint = 0")
     finally:
         cursor.close()
 
