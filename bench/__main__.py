@@ -97,7 +97,7 @@ def subprocess_sections(quick: bool, settings: Settings) -> dict[str, Callable[[
 
     def replay() -> tuple[list[Row], str]:
         arguments = (
-            ["--events", "20000", "--repeat", "1"] if quick else ["--events", "200000", "--repeat", "3"]
+            ["--events", "20000", "--repeat", "1"] if quick else ["--events", "1000000", "--repeat", "3"]
         )
         output = run_bench("bench.replay_bench", arguments, None, 900)
         return replay_rows(output), output.markdown or f"not measured: {output.failure}"
