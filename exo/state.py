@@ -146,16 +146,19 @@ class StateBuilder:
         return state
 
     def set_node(self, node: NodeInfo) -> None:
-        if not self._own_nodes:
-            self.nodes = dict(self.nodes)
-            self._own_nodes = True
-        self.nodes[node.node_id] = node
+        self._writable_nodes()[node.node_id] = node
 
     def set_instance(self, instance: Instance) -> None:
         self._writable_instances()[instance.instance_id] = instance
 
     def delete_instance(self, instance_id: str) -> None:
         del self._writable_instances()[instance_id]
+
+    def _writable_nodes(self) -> dict[str, NodeInfo]:
+        if not self._own_nodes:
+            self.nodes = dict(self.nodes)
+            self._own_nodes = True
+        return self.nodes
 
     def _writable_instances(self) -> dict[str, Instance]:
         if not self._own_instances:
@@ -164,13 +167,13 @@ class StateBuilder:
         return self.instances
 
 
-def _apply_master_elected(state: StateBuilder, event: MasterElected) -> None:
-    state.master_node_id = event.node_id
-    state.term = max(state.term, event.term)
+def _apply_master_elected(builder: StateBuilder, event: MasterElected) -> None:
+    builder.master_node_id = event.node_id
+    builder.term = max(builder.term, event.term)
 
 
-def _apply_node_joined(state: StateBuilder, event: NodeJoined) -> None:
-    previous = state.nodes.get(event.node_id)
+def _apply_node_joined(builder: StateBuilder, event: NodeJoined) -> None:
+    previous = builder.nodes.get(event.node_id)
     node = NodeInfo(
         node_id=event.node_id,
         status="alive",
@@ -180,26 +183,26 @@ def _apply_node_joined(state: StateBuilder, event: NodeJoined) -> None:
         hostname=event.hostname,
         labels=previous.labels if previous is not None else {},
     )
-    state.set_node(node)
+    builder.set_node(node)
 
 
-def _apply_node_timed_out(state: StateBuilder, event: NodeTimedOut) -> None:
-    node = state.nodes.get(event.node_id)
+def _apply_node_timed_out(builder: StateBuilder, event: NodeTimedOut) -> None:
+    node = builder.nodes.get(event.node_id)
     if node is None:
         return
-    state.set_node(replace(node, status="gone"))
+    builder.set_node(replace(node, status="gone"))
     # A gone node's runners are gone with it: every instance with a stage there has failed.
-    for instance in list(state.instances.values()):
+    for instance in list(builder.instances.values()):
         if event.node_id in instance.shard_assignments and instance.status != "failed":
             runners = {**instance.runners, event.node_id: RunnerInfo("failed", f"node {event.node_id} gone")}
-            state.set_instance(_with_runners(instance, runners))
+            builder.set_instance(_with_runners(instance, runners))
 
 
-def _apply_node_memory_measured(state: StateBuilder, event: NodeMemoryMeasured) -> None:
-    node = state.nodes.get(event.node_id)
+def _apply_node_memory_measured(builder: StateBuilder, event: NodeMemoryMeasured) -> None:
+    node = builder.nodes.get(event.node_id)
     if node is None:
         return
-    state.set_node(
+    builder.set_node(
         replace(
             node,
             memory_total_bytes=event.memory_total_bytes,
@@ -208,14 +211,14 @@ def _apply_node_memory_measured(state: StateBuilder, event: NodeMemoryMeasured) 
     )
 
 
-def _apply_node_labelled(state: StateBuilder, event: NodeLabelled) -> None:
-    node = state.nodes.get(event.node_id)
+def _apply_node_labelled(builder: StateBuilder, event: NodeLabelled) -> None:
+    node = builder.nodes.get(event.node_id)
     if node is None:
         return
-    state.set_node(replace(node, labels={**node.labels, event.key: event.value}))
+    builder.set_node(replace(node, labels={**node.labels, event.key: event.value}))
 
 
-def _apply_instance_created(state: StateBuilder, event: InstanceCreated) -> None:
+def _apply_instance_created(builder: StateBuilder, event: InstanceCreated) -> None:
     instance = Instance(
         instance_id=event.instance_id,
         model_id=event.model_id,
@@ -223,25 +226,25 @@ def _apply_instance_created(state: StateBuilder, event: InstanceCreated) -> None
         status="placing",
         shard_assignments=event.shard_assignments,
     )
-    state.set_instance(instance)
+    builder.set_instance(instance)
 
 
-def _apply_instance_deleted(state: StateBuilder, event: InstanceDeleted) -> None:
-    if event.instance_id in state.instances:
-        state.delete_instance(event.instance_id)
+def _apply_instance_deleted(builder: StateBuilder, event: InstanceDeleted) -> None:
+    if event.instance_id in builder.instances:
+        builder.delete_instance(event.instance_id)
 
 
-def _apply_runner_status_updated(state: StateBuilder, event: RunnerStatusUpdated) -> None:
-    instance = state.instances.get(event.instance_id)
+def _apply_runner_status_updated(builder: StateBuilder, event: RunnerStatusUpdated) -> None:
+    instance = builder.instances.get(event.instance_id)
     if instance is None or event.node_id not in instance.shard_assignments:
         return
     runners = {**instance.runners, event.node_id: _runner_info(event)}
     if instance.status == "failed" and event.status != "failed":
         # A failed instance stays failed until it is deleted or placed again: a late "ready"
         # from a surviving stage must not resurrect a pipeline with a hole in it.
-        state.set_instance(replace(instance, runners=runners))
+        builder.set_instance(replace(instance, runners=runners))
         return
-    state.set_instance(_with_runners(instance, runners))
+    builder.set_instance(_with_runners(instance, runners))
 
 
 def _runner_info(event: RunnerStatusUpdated) -> RunnerInfo:
