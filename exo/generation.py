@@ -25,10 +25,13 @@ class PipelineGenerator:
         client: PipelineClient,
         tokenizer_of: Callable[[str], Awaitable[ChatTokenizer]],
         current_state: Callable[[], State],
+        holds_its_stage: Callable[[Instance], bool] | None = None,
     ) -> None:
         self.client = client
         self._tokenizer_of = tokenizer_of
         self._current_state = current_state
+        # See ClusterServices: an instance whose stage here is a dead runner's is not a candidate.
+        self._holds_its_stage = holds_its_stage or (lambda _instance: True)
         self.requests_started = 0
         self.in_flight: Counter[str] = Counter()  # instance id -> generations running from here
 
@@ -63,7 +66,9 @@ class PipelineGenerator:
         ready = [
             candidate
             for candidate in instances.values()
-            if candidate.model_id == instance.model_id and candidate.route() is not None
+            if candidate.model_id == instance.model_id
+            and candidate.route() is not None
+            and self._holds_its_stage(candidate)
         ]
         if not ready:
             return live

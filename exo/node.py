@@ -241,8 +241,11 @@ async def run_node(
                     "stale_frames": sink.stale_frames,
                 },
             },
+            holds_its_stage=worker.holds_its_stage,
         )
-        services.generator = PipelineGenerator(client, services.tokenizer, lambda: member.state)
+        services.generator = PipelineGenerator(
+            client, services.tokenizer, lambda: member.state, holds_its_stage=worker.holds_its_stage
+        )
         if config.discovery:
             discovery = await start_discovery(node_id, config, bus)
             if discovery is not None:

@@ -83,9 +83,13 @@ class ClusterServices:
         catalog: ModelCatalog,
         *,
         node_status_extra: Callable[[], dict[str, Any]] | None = None,
+        holds_its_stage: Callable[[Instance], bool] | None = None,
     ) -> None:
         self.member = member
         self.catalog = catalog
+        # Whether this node's stage of an instance is served by a runner of this process (the
+        # worker's answer); a stage restored from the log may name a runner that died with the node.
+        self._holds_its_stage = holds_its_stage or (lambda _instance: True)
         self.started_at = time.monotonic()
         self._node_status_extra = node_status_extra or dict
         self._tokenizers: dict[str, ChatTokenizer] = {}
@@ -215,7 +219,7 @@ class ClusterServices:
 
         def settled(state: State) -> bool:
             current = state.instances.get(instance_id)
-            return current is None or current.status in ("ready", "failed")
+            return current is None or current.status == "failed" or self._servable(current)
 
         await self.member.replica.wait_for(settled, max(0.0, deadline - time.monotonic()))
         current = self.state().instances.get(instance_id)
@@ -223,9 +227,12 @@ class ClusterServices:
             raise InstanceFailed(instance_id, "deleted while loading")
         if current.status == "failed":
             raise InstanceFailed(instance_id, current.failure_reason or "failed")
-        if current.status != "ready":
+        if not self._servable(current):
             raise InstanceNotReady(instance_id, timeout_s)
         return current
+
+    def _servable(self, instance: Instance) -> bool:
+        return instance.status == "ready" and self._holds_its_stage(instance)
 
     def _usable_instance(self, model_id: str) -> Instance | None:
         candidates = [

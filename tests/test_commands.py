@@ -13,9 +13,10 @@ from exo.events import (
     RunnerStatusUpdated,
     ShardAssignment,
 )
+from exo.inference.models import ModelInfo
 from exo.roles.commands import decide, replacement_events
 from exo.roles.placement import ModelFootprint
-from exo.roles.worker import StartRunner, StopRunner, plan
+from exo.roles.worker import LocalRunner, StartRunner, StopRunner, Worker, plan
 from exo.state import State, apply
 
 GIB = 1024**3
@@ -100,6 +101,31 @@ def test_worker_plan_starts_missing_runners_and_stops_orphans() -> None:
     assert plan(state, "a", {"gone": "stopping"}) == [StartRunner("i-1", "m", ShardAssignment(0, 4, 4))]
     failed = apply(state, IndexedEvent(4, 1, "m", -1, RunnerStatusUpdated("i-1", "a", "failed", "x")))
     assert plan(failed, "a", {"i-1": "failed"}) == [StopRunner("i-1")]
+
+
+def test_a_worker_holds_its_stage_only_through_a_ready_runner_of_its_own_at_the_recorded_address() -> None:
+    def no_model(model_id: str) -> ModelInfo:
+        raise AssertionError(model_id)
+
+    state = state_of(
+        NodeJoined("a", "a:1"),
+        InstanceCreated("i-1", "m", "Pipeline", {"a": ShardAssignment(0, 4, 4)}),
+        InstanceCreated("i-2", "m", "Pipeline", {"b": ShardAssignment(0, 4, 4)}),
+        RunnerStatusUpdated("i-1", "a", "ready", activation_address="tcp://a:7000"),
+    )
+    worker = Worker("a", no_model, lambda events: None)
+    restored, elsewhere = state.instances["i-1"], state.instances["i-2"]
+    assert worker.holds_its_stage(elsewhere)  # no stage here
+    assert not worker.holds_its_stage(restored)  # the log's runner is not this process's
+    worker.runners["i-1"] = LocalRunner("i-1", "i-1@a", None, status="loading")
+    assert not worker.holds_its_stage(restored)
+    worker.runners["i-1"] = LocalRunner(
+        "i-1", "i-1@a", None, status="ready", activation_address="tcp://a:7001"
+    )
+    assert not worker.holds_its_stage(restored)  # ready, but its report is not applied yet
+    report = RunnerStatusUpdated("i-1", "a", "ready", activation_address="tcp://a:7001")
+    renewed = apply(state, IndexedEvent(5, 1, "m", -1, report))
+    assert worker.holds_its_stage(renewed.instances["i-1"])
 
 
 def test_membership_waits_longer_before_marking_a_node_gone() -> None:

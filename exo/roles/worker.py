@@ -34,7 +34,7 @@ from exo.inference.protocol import (
     encode,
 )
 from exo.inference.runner import runner_command
-from exo.state import State
+from exo.state import Instance, State
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +162,22 @@ class Worker:
 
     def local_statuses(self) -> dict[str, LocalStatus]:
         return {instance_id: runner.status for instance_id, runner in self.runners.items()}
+
+    def holds_its_stage(self, instance: Instance) -> bool:
+        """Whether the runner `instance` records for this node is a ready runner of this process
+        (True when no stage of it is here). False for a stage restored from the log whose runner
+        died with the node's previous process: the recorded address is stale until the new
+        runner's report is applied, and a request sent there would fail."""
+        if self.node_id not in instance.shard_assignments:
+            return True
+        recorded = instance.runners.get(self.node_id)
+        runner = self.runners.get(instance.instance_id)
+        return (
+            recorded is not None
+            and runner is not None
+            and runner.status == "ready"
+            and recorded.activation_address == runner.activation_address
+        )
 
     async def reconcile(self, state: State) -> None:
         for decision in plan(state, self.node_id, self.local_statuses()):
