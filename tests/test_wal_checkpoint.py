@@ -94,7 +94,7 @@ async def test_the_checkpointer_keeps_the_wal_from_growing_with_the_log(tmp_path
 def test_a_checkpointer_that_cannot_open_the_log_counts_the_failure_and_stops_cleanly(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    checkpointer = WalCheckpointer(tmp_path / "missing" / "events.db", 100, interval_seconds=0.01)
+    checkpointer = WalCheckpointer(tmp_path / "missing" / "events.db", "full", 100, interval_seconds=0.01)
     checkpointer.start()
     try:
         wait_for(lambda: checkpointer.failures >= 3, "three failed checkpoints")
@@ -107,7 +107,7 @@ def test_a_checkpointer_that_cannot_open_the_log_counts_the_failure_and_stops_cl
 
 
 def test_a_checkpointer_starts_once() -> None:
-    checkpointer = WalCheckpointer(Path("unused.db"), 100)
+    checkpointer = WalCheckpointer(Path("unused.db"), "full", 100)
     checkpointer.stop()  # never started: nothing to wait for
     assert checkpointer.lifecycle == "stopped"
     with pytest.raises(RuntimeError, match="stopped"):

@@ -95,7 +95,7 @@ class SqliteEventStore:
             await self._discard(engine)
             raise
         self._engine, self._writer = engine, writer
-        self._checkpointer = WalCheckpointer(path, busy_timeout_ms)
+        self._checkpointer = WalCheckpointer(path, self.synchronous, busy_timeout_ms)
         self._checkpointer.start()
 
     async def close(self) -> None:

@@ -58,6 +58,19 @@ def apply_log_pragmas(connection: Any, synchronous: Synchronous, busy_timeout_ms
         cursor.close()
 
 
+def connect_to_log(path: Path, synchronous: Synchronous, busy_timeout_ms: int) -> sqlite3.Connection:
+    """A stdlib connection to an event log with `apply_log_pragmas` set. isolation_level=None:
+    transactions are the caller's (BEGIN IMMEDIATE), never the driver's implicit ones;
+    check_same_thread off: the caller serialises its use across threads."""
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        apply_log_pragmas(connection, synchronous, busy_timeout_ms)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
 class SqliteEventWriter:
     def __init__(self, path: Path, synchronous: Synchronous, busy_timeout_ms: int) -> None:
         self._path = path
@@ -132,15 +145,8 @@ class SqliteEventWriter:
     # --- under _connection_lock (on the writer thread, or the caller's for the *_now calls) ------
 
     def _connect(self) -> int:
-        # isolation_level=None: transactions are ours (BEGIN IMMEDIATE), never the driver's implicit ones.
-        # check_same_thread off: insert_now uses it from the caller's thread, under the lock.
-        connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        try:
-            apply_log_pragmas(connection, self._synchronous, self._busy_timeout_ms)
-        except BaseException:
-            connection.close()
-            raise
-        self._connection = connection
+        # Used on the writer thread and by insert_now on the caller's, under _connection_lock.
+        self._connection = connect_to_log(self._path, self._synchronous, self._busy_timeout_ms)
         return self._read_last_index()
 
     def _disconnect(self) -> None:

@@ -22,6 +22,9 @@ import threading
 from pathlib import Path
 from typing import Literal
 
+from exo.store.location import Synchronous
+from exo.store.sqlite_writer import connect_to_log
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_INTERVAL_SECONDS = 0.5
@@ -33,9 +36,14 @@ class WalCheckpointer:
     """A thread running `PRAGMA wal_checkpoint(PASSIVE)` on its own connection every interval."""
 
     def __init__(
-        self, path: Path, busy_timeout_ms: int, interval_seconds: float = CHECKPOINT_INTERVAL_SECONDS
+        self,
+        path: Path,
+        synchronous: Synchronous,
+        busy_timeout_ms: int,
+        interval_seconds: float = CHECKPOINT_INTERVAL_SECONDS,
     ) -> None:
         self._path = path
+        self._synchronous: Synchronous = synchronous
         self._busy_timeout_ms = busy_timeout_ms
         self._interval_seconds = interval_seconds
         self._stop = threading.Event()
@@ -66,7 +74,7 @@ class WalCheckpointer:
             while not self._stop.wait(self._interval_seconds):
                 try:
                     if connection is None:
-                        connection = self._connect()
+                        connection = connect_to_log(self._path, self._synchronous, self._busy_timeout_ms)
                     busy, frames, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error as error:
                     self._failed(str(error))
@@ -77,16 +85,6 @@ class WalCheckpointer:
         finally:
             if connection is not None:
                 connection.close()
-
-    def _connect(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        try:
-            connection.execute("PRAGMA wal_autocheckpoint = 0")
-            connection.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
-        except BaseException:
-            connection.close()
-            raise
-        return connection
 
     def _failed(self, error: str) -> None:
         # Logged when the error changes, not every interval: the next checkpoint retries anyway,
