@@ -21,8 +21,8 @@ _request_decoder = msgspec.msgpack.Decoder(RequestEnvelope)
 _reply_decoder = msgspec.msgpack.Decoder(ReplyEnvelope)
 
 LOG_INTERVAL_SECONDS = 1.0
-# What decoding an untrusted frame can raise: msgspec reports invalid UTF-8 in a string as a plain
-# UnicodeDecodeError, not as a DecodeError, so every receive path catches this tuple.
+# What decoding an untrusted frame can raise: msgspec before 0.23 reported invalid UTF-8 in a string
+# as a plain UnicodeDecodeError (0.23 raises DecodeError), so every receive path catches this tuple.
 DECODE_ERRORS: tuple[type[Exception], ...] = (
     msgspec.DecodeError,
     msgspec.ValidationError,
