@@ -43,6 +43,8 @@ from exo.store import open_store
 from exo.store.base import StoreError
 
 logger = logging.getLogger("exo")
+# The start line and `ready:` are said at every verbosity: a user needs them more than any warning.
+announce = logging.getLogger("exo.node")
 
 DEFAULT_API_PORT = 52415
 DEFAULT_BUS_PORT = 52414
@@ -173,6 +175,7 @@ async def run_node(
     # The tokenizer stack (transformers) takes seconds to import: do it now, before the node has
     # heartbeats to keep, rather than on the first chat request.
     importlib.import_module("mlx_lm.tokenizer_utils")
+    quiet_transformers()
     blas_check = check_blas()
     if blas_check.library == "reference":
         logger.warning(
@@ -250,10 +253,14 @@ async def run_node(
             discovery = await start_discovery(node_id, config, bus)
             if discovery is not None:
                 stack.push_async_callback(discovery.close)
+        announce.info(
+            start_line(config, node_id, host, store_url=config.event_store, blas=blas_check.library)
+        )
         if config.api:
             api = ApiServer(create_app(services, api_key=config.api_key), config.api_host, config.api_port)
             await api.start()
             stack.push_async_callback(api.stop)
+            announce.info("ready: %s", api_url(config))
         # Start-up imports (transformers, mlx, litestar) leave millions of long-lived objects, and
         # every full collection walked them all: 140-270 ms pauses on the event path, measured in
         # each node of the events bench. Frozen, collections only walk what was made since.
@@ -267,6 +274,41 @@ async def run_node(
         if on_ready is not None:
             on_ready(member)
         await stop.wait()
+
+
+def api_url(config: NodeConfig) -> str:
+    host = f"[{config.api_host}]" if ":" in config.api_host else config.api_host
+    return f"http://{host}:{config.api_port}"
+
+
+def start_line(config: NodeConfig, node_id: str, host: str, *, store_url: str, blas: str) -> str:
+    """Where this node is, in one line: what a user needs to reach it, find its files and trust it."""
+    bus = "CURVE (--cluster-secret)" if config.cluster_secret else "OPEN (no --cluster-secret)"
+    api = api_url(config) if config.api else "off (--no-api)"
+    return (
+        f"exo node {node_id}: bus {host}:{config.bus_port} {bus}, api {api}, data {config.data_dir}, "
+        f"models {config.models_dir}, store {store_url}, BLAS {blas}"
+    )
+
+
+def configure_logging(verbosity: int) -> None:
+    """One format for every logger: uvicorn's and transformers' records go through the root handler."""
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbosity, 2)],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    announce.setLevel(min(logging.INFO, logging.getLogger().level))
+
+
+def quiet_transformers() -> None:
+    """transformers warns on every prompt longer than the tokenizer's nominal maximum ("... will result
+    in indexing errors"); exo refuses prompts longer than the model's context itself, in its own words.
+    Its errors still reach the log, in exo's format."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
 
 
 def advertise_host(config: NodeConfig) -> str:
@@ -324,7 +366,16 @@ class ApiServer:
     def __init__(self, app: Litestar, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", access_log=False)
+            # log_config=None: uvicorn's records go through the node's own handler and format.
+            uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                log_level="warning",
+                lifespan="on",
+                access_log=False,
+                log_config=None,
+            )
         )
         self._task: asyncio.Task[None] | None = None
 
@@ -347,10 +398,7 @@ class ApiServer:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
-    logging.basicConfig(
-        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(config.verbosity, 2)],
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.verbosity)
 
     async def _main() -> None:
         stop = asyncio.Event()

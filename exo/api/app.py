@@ -297,6 +297,9 @@ def create_app(
             title="exo", version="0.1.0", path="/schema", render_plugins=render_plugins(REQUEST_BODIES)
         ),
         request_max_body_size=max_request_bytes,
+        # The node configures logging once, one format for every logger; Litestar's default config
+        # would replace the root handler and its level.
+        logging_config=None,
     )
 
 
