@@ -66,6 +66,9 @@ class InstanceCreated(_Event, frozen=True):
     model_id: str
     sharding: Sharding
     shard_assignments: dict[str, ShardAssignment]
+    # What the user asked for: a re-placement after a node is gone keeps it while enough nodes remain.
+    # Logs written before it existed decode with 1, what their placements used.
+    min_nodes: int = 1
 
 
 class InstanceDeleted(_Event, frozen=True):

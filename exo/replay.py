@@ -186,7 +186,7 @@ def _run(arguments: argparse.Namespace, out: Output) -> int:
             return 0
         state = rebuild(reader, arguments.until)
         if arguments.json:
-            out.raw(state_document(state) + b"\n")
+            out.raw(state_document(state))  # exactly the bytes GET /state serves, no newline added
         else:
             out.line(summary(state, reader, arguments.until))
         return 0

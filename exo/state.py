@@ -54,6 +54,7 @@ class Instance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shard_assignments: dict[str, ShardAssignment]
     runners: dict[str, RunnerInfo] = {}
     failure_reason: str | None = None
+    min_nodes: int = 1  # as placed; kept by re-placement while enough nodes remain
 
     def stage_order(self) -> list[str]:
         """Node ids in pipeline order (by first layer)."""
@@ -225,6 +226,7 @@ def _apply_instance_created(builder: StateBuilder, event: InstanceCreated) -> No
         sharding=event.sharding,
         status="placing",
         shard_assignments=event.shard_assignments,
+        min_nodes=event.min_nodes,
     )
     builder.set_instance(instance)
 

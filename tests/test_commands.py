@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from exo.bus.messages import DeleteInstance, LabelNode, PlaceInstance
 from exo.events import (
     IndexedEvent,
@@ -78,6 +80,44 @@ def test_instance_that_lost_a_node_is_replaced_on_the_survivors() -> None:
     created = events[1]
     assert isinstance(created, InstanceCreated) and created.instance_id == "i-2"
     assert "b" not in created.shard_assignments
+
+
+@pytest.mark.parametrize(
+    ("placed_on", "min_nodes", "alive_after", "stages_after"),
+    [
+        (3, 3, 2, 2),  # fewer nodes left than asked for: every node left, not 1
+        (3, 3, 3, 3),  # one gone, three left: the min_nodes asked for
+        (2, 2, 4, 2),
+        (2, 1, 3, 1),  # asked for 1 (placed on 2 for memory): the fewest that fit, as placed
+    ],
+)
+def test_a_replacement_keeps_the_min_nodes_it_was_placed_with(
+    placed_on: int, min_nodes: int, alive_after: int, stages_after: int
+) -> None:
+    nodes = [f"n{i}" for i in range(alive_after + 1)]
+    width = 12 // placed_on
+    assignments = {nodes[i]: ShardAssignment(i * width, (i + 1) * width, 12) for i in range(placed_on)}
+    state = state_of(
+        *(NodeJoined(node, f"{node}:1", 16 * GIB, 8 * GIB) for node in nodes),
+        InstanceCreated("i-1", "m", "Pipeline", assignments, min_nodes=min_nodes),
+        NodeTimedOut(nodes[0]),
+    )
+    assert state.instances["i-1"].min_nodes == min_nodes
+    events = replacement_events(state, {"m": set(nodes)}, lambda model_id: FOOTPRINT, lambda: "i-2")
+    assert events[0] == InstanceDeleted("i-1")
+    created = events[1]
+    assert isinstance(created, InstanceCreated)
+    assert len(created.shard_assignments) == stages_after
+    assert nodes[0] not in created.shard_assignments
+    assert created.min_nodes == min_nodes  # what the user asked for, for the next failover too
+
+
+def test_place_instance_records_min_nodes() -> None:
+    outcome = decide(
+        PlaceInstance("m", FOOTPRINT, "Pipeline", 2), cluster("a", "b", "c"), {"m": {"a", "b", "c"}}, "i"
+    )
+    (created,) = outcome.events
+    assert isinstance(created, InstanceCreated) and created.min_nodes == 2
 
 
 def test_instance_failed_for_another_reason_is_not_replaced() -> None:

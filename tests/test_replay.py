@@ -111,7 +111,7 @@ def test_summary_names_the_figures(log: Path, capsys: pytest.CaptureFixture[str]
 def test_json_is_the_state_document_of_the_folded_log(log: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_main(capsys, str(log), "--json")
     assert code == 0
-    assert out.encode() == state_document(fold(scenario())) + b"\n"
+    assert out.encode() == state_document(fold(scenario()))
     document = json.loads(out)
     assert document["last_event_index"] == EVENT_COUNT
     assert document["instances"]["i-1"]["status"] == "failed"
@@ -121,7 +121,7 @@ def test_json_is_the_state_document_of_the_folded_log(log: Path, capsys: pytest.
 def test_until_stops_after_that_index(log: Path, capsys: pytest.CaptureFixture[str], until: int) -> None:
     code, out, _ = run_main(capsys, f"sqlite+aiosqlite:///{log}", "--json", "--until", str(until))
     assert code == 0
-    assert out.encode() == state_document(fold(scenario()[:until])) + b"\n"
+    assert out.encode() == state_document(fold(scenario()[:until]))
 
 
 def test_until_starts_from_the_newest_snapshot_at_or_before_it(
@@ -137,7 +137,7 @@ def test_until_starts_from_the_newest_snapshot_at_or_before_it(
     for until in (100, 180):
         code, out, _ = run_main(capsys, str(path), "--json", "--until", str(until))
         assert code == 0
-        assert out.encode() == state_document(fold(events[:until])) + b"\n"
+        assert out.encode() == state_document(fold(events[:until]))
     code, _, err = run_main(capsys, str(path), "--until", "50")
     assert code == 1
     assert err == "exo-replay: bad index 1: missing (the log continues at 101)\n"
@@ -201,7 +201,7 @@ def test_an_empty_store_replays_to_the_empty_state(
 ) -> None:
     path = tmp_path / "events.db"
     write_log(path, [])
-    assert run_main(capsys, str(path), "--json") == (0, state_document(State()).decode() + "\n", "")
+    assert run_main(capsys, str(path), "--json") == (0, state_document(State()).decode(), "")
     assert run_main(capsys, str(path), "--verify")[:2] == (0, "ok: 0 events\n")
 
 
@@ -285,7 +285,7 @@ def _command(*arguments: str) -> subprocess.CompletedProcess[str]:
 def test_the_command_prints_json_and_errors_without_tracebacks(log: Path, tmp_path: Path) -> None:
     result = _command(str(log), "--json", "--until", "150")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.encode() == state_document(fold(scenario()[:150])) + b"\n"
+    assert result.stdout.encode() == state_document(fold(scenario()[:150]))
     missing = _command(str(tmp_path / "missing.db"))
     assert missing.returncode == 2
     assert missing.stderr.startswith("exo-replay: ") and "Traceback" not in missing.stderr
@@ -323,6 +323,6 @@ def test_a_snapshot_with_its_events_gone_cannot_rebuild_before_it(
     with sqlite3.connect(path) as connection:
         connection.execute("DELETE FROM events")
     connection.close()
-    assert run_main(capsys, str(path), "--json")[:2] == (0, state_document(fold(events)).decode() + "\n")
+    assert run_main(capsys, str(path), "--json")[:2] == (0, state_document(fold(events)).decode())
     code, _, err = run_main(capsys, str(path), "--until", "10")
     assert (code, err) == (1, "exo-replay: bad index 1: missing (no later event is stored)\n")

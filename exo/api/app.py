@@ -39,6 +39,7 @@ from exo.api.ollama_types import (
 from exo.api.openai_completions import TextCompletionRequest
 from exo.api.openai_types import ChatCompletionRequest, ModelList, ModelObject
 from exo.api.openapi import render_plugins
+from exo.api.request_body import check_request_body
 from exo.api.runs import ActiveCompletions
 from exo.api.services import InstanceNotFound, ModelNotFound, NodeServices, text_tokenizer
 from exo.events import Event, IndexedEvent, Sharding
@@ -291,6 +292,7 @@ def create_app(
             "registry": Provide(provide_registry, sync_to_thread=False),
         },
         guards=[] if api_key is None else [_require_api_key(api_key)],
+        before_request=check_request_body,
         exception_handlers=EXCEPTION_HANDLERS,
         cors_config=CORSConfig(allow_origins=["*"], allow_headers=["*"], allow_methods=["*"]),
         openapi_config=OpenAPIConfig(

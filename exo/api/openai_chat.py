@@ -180,8 +180,19 @@ def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 
 def message_text(message: ChatMessage, message_index: int) -> str:
-    if message.content is None or isinstance(message.content, str):
-        return message.content or ""
+    if message.content is None:
+        # OpenAI requires content on every turn but the assistant's (which may carry only tool
+        # calls, or be a placeholder some clients send as null).
+        if message.role != "assistant":
+            raise ApiError(
+                400,
+                f"messages[{message_index}]: a {message.role!r} message needs a 'content'",
+                param=f"messages[{message_index}].content",
+                code="invalid_request",
+            )
+        return ""
+    if isinstance(message.content, str):
+        return message.content
     texts: list[str] = []
     for part_index, part in enumerate(message.content):
         if isinstance(part, ImageContentPart):

@@ -93,6 +93,9 @@ class Bus:
         self.frames_received = 0
         self._answering: set[asyncio.Task[None]] = set()
         self.self_address: str | None = None
+        # Addresses that turned out to be this node (a static peer list or gossip naming it): never
+        # dialled again, never listed as a peer.
+        self._own_addresses: set[str] = set()
 
     # --- set-up --------------------------------------------------------------------------------
 
@@ -145,6 +148,8 @@ class Bus:
 
     def add_peer(self, address: str) -> None:
         """Connect to a peer's bus port and say hello until it answers (idempotent)."""
+        if address in self._own_addresses:
+            return
         peer = self.peers.get(address)
         if peer is None:
             dealer = self.factory.make(zmq.DEALER, server=False)
@@ -179,8 +184,11 @@ class Bus:
 
     def _hello_answered(self, peer: Peer, reply: HelloAnswered) -> None:
         if reply.node_id == self.node_id:
-            # An address of our own (a static peer list that names this node): how others reach us.
+            # An address of our own (a static peer list that names this node): how others reach us,
+            # not a peer.
             self.self_address = self.self_address or peer.address
+            self._own_addresses.add(peer.address)
+            self._forget(peer)
             return
         host, _ = split_address(peer.address)
         pub_address = f"tcp://{host}:{reply.pub_port}"
@@ -196,6 +204,19 @@ class Bus:
             self._subscribed_to[reply.node_id] = pub_address
         for handler in self._peer_handlers:
             handler(reply.node_id, peer.address)
+
+    def _forget(self, peer: Peer) -> None:
+        """Drop a peer entry; its reader stops and its socket closes in a task that close() awaits."""
+        self.peers.pop(peer.address, None)
+
+        async def close_peer() -> None:
+            if peer.reader_task is not None:
+                peer.reader_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await peer.reader_task
+            peer.dealer.close(linger=0)
+
+        self._tasks.append(asyncio.create_task(close_peer(), name=f"bus-forget-{peer.address}"))
 
     # --- request / reply -----------------------------------------------------------------------
 

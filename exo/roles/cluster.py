@@ -301,7 +301,13 @@ class ClusterMember:
         self._resend_all_local()
 
     def _start_sequencing(self, term: int) -> None:
-        sequencer = Sequencer(self.node_id, term, self.replica.last_index, self.replica.high_water.copy())
+        sequencer = Sequencer(
+            self.node_id,
+            term,
+            self.replica.last_index,
+            self.replica.high_water.copy(),
+            instances=self.replica.state.instances,
+        )
         self.master = Master(sequencer, self.replica, self._publish_events)
         self._master_since = time.monotonic()
         self._membership_sent_at = 0
@@ -382,7 +388,7 @@ class ClusterMember:
         self._send_local(self.outbox.everything(time.monotonic()))
 
     def _publish_events(self, events: Sequence[IndexedEvent]) -> None:
-        self.outbox.applied(events, time.monotonic())
+        self.outbox.applied(events, time.monotonic(), self.replica.state.instances)
         self.bus.publish(
             m.TOPIC_GLOBAL_EVENTS, m.EventsPublished(self.election.term, self.node_id, list(events))
         )
@@ -416,7 +422,7 @@ class ClusterMember:
             if reply.first_index > gap.since + 1:
                 return await self._install_snapshot_from(node_id)
             applied = await self.replica.receive(reply.events)
-            self.outbox.applied(reply.events, time.monotonic())
+            self.outbox.applied(reply.events, time.monotonic(), self.replica.state.instances)
             return applied > 0
         return False
 
@@ -498,7 +504,7 @@ class ClusterMember:
 
     async def _apply(self, events: list[IndexedEvent]) -> None:
         await self.replica.receive(events)
-        self.outbox.applied(events, time.monotonic())
+        self.outbox.applied(events, time.monotonic(), self.replica.state.instances)
 
     def _on_local_events(self, message: m.LocalEventsSent) -> None:
         self.liveness.heard(message.node_id, time.monotonic())

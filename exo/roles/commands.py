@@ -57,14 +57,21 @@ def decide(
 
 
 def _place(
-    command: PlaceInstance, state: State, nodes_with_model: Mapping[str, set[str]], instance_id: str
+    command: PlaceInstance,
+    state: State,
+    nodes_with_model: Mapping[str, set[str]],
+    instance_id: str,
+    *,
+    at_most_available: bool = False,
 ) -> CommandOutcome:
+    """`at_most_available`: a re-placement asks for min_nodes or every candidate left, if fewer."""
     holders = nodes_with_model.get(command.model_id, set())
     candidates = [node for node in state.nodes.values() if node.status == "alive" and node.node_id in holders]
     if not candidates:
         return _refused(f"no alive node has model {command.model_id!r} in its models dir", 503)
     reserved = reserved_bytes(state, {command.model_id: command.footprint})
-    result = place(command.footprint, candidates, command.min_nodes, reserved)
+    min_nodes = min(command.min_nodes, len(candidates)) if at_most_available else command.min_nodes
+    result = place(command.footprint, candidates, min_nodes, reserved)
     if isinstance(result, PlacementRefusal):
         return _refused(f"cannot place {command.model_id!r}: {'; '.join(result.reasons)}", 503)
     created = InstanceCreated(
@@ -72,6 +79,7 @@ def _place(
         model_id=command.model_id,
         sharding=command.sharding,
         shard_assignments=result.shard_assignments,
+        min_nodes=command.min_nodes,
     )
     return CommandOutcome(CommandAnswered(ok=True, result={"instance_id": instance_id}), [created])
 
@@ -89,9 +97,9 @@ def replacement_events(
 ) -> list[Event]:
     """Re-place every instance that failed because a stage's node went away, on the nodes still alive.
 
-    The failed instance is deleted and a new one created (same model, same stage count at least 1),
-    so requests in flight on it end and new requests use the new one. An instance that no longer
-    fits stays failed with its reason.
+    The failed instance is deleted and a new one created (same model, at least the `min_nodes` it was
+    placed with, or every node left that has the model when fewer remain), so requests in flight on
+    it end and new requests use the new one. An instance that no longer fits stays failed.
     """
     events: list[Event] = []
     for instance_id, instance in sorted(state.instances.items()):
@@ -100,8 +108,8 @@ def replacement_events(
         footprint = footprint_of(instance.model_id)
         if footprint is None:
             continue
-        command = PlaceInstance(instance.model_id, footprint, instance.sharding, 1)
-        outcome = _place(command, state, nodes_with_model, new_instance_id())
+        command = PlaceInstance(instance.model_id, footprint, instance.sharding, instance.min_nodes)
+        outcome = _place(command, state, nodes_with_model, new_instance_id(), at_most_available=True)
         if outcome.answer.ok:
             events.extend([InstanceDeleted(instance_id), *outcome.events])
     return events

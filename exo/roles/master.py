@@ -148,8 +148,9 @@ class Master:
             except Exception as error:
                 # Not durable: roll the sequencer back so the indices are reused, and let origins resend.
                 logger.exception("could not store %d events; they will be resent", len(batch))
-                self.sequencer.next_index = self.replica.last_index + 1
-                self.sequencer.high_water = self.replica.high_water.copy()
+                self.sequencer.rewind(
+                    self.replica.last_index, self.replica.high_water.copy(), self.replica.state.instances
+                )
                 for future in waiting:
                     if not future.done():
                         future.set_exception(error)
