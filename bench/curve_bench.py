@@ -35,7 +35,7 @@ from exo.bus.sockets import apply_curve
 from exo.inference.client import PipelineClient, TokenSink
 from exo.inference.protocol import ShardLoaded
 from exo.inference.synthetic import SyntheticModelSpec, write_synthetic_model
-from tests.inference_helpers import ControlServer, RunnerProcess, load, spawn_runner, stop_runners
+from tests.harness.inference_helpers import ControlServer, RunnerProcess, load, spawn_runner, stop_runners
 
 FRAME_BYTES = 1024 * 1024
 SECRET = "benchmark secret"

@@ -18,8 +18,8 @@ from collections.abc import Iterable, Sequence
 
 import msgspec
 
-from exo.events import IndexedEvent, event_type_name
-from exo.state import State, StateBuilder, state_document
+from exo.core.events import IndexedEvent, event_type_name
+from exo.core.state import State, StateBuilder, state_document
 from exo.store.base import EventStore, StoreError
 from exo.store.reader import EventDecodeError, LogReader
 
@@ -38,7 +38,7 @@ class LogGapError(ValueError):
 
 
 def replay_state(events: Iterable[IndexedEvent], start_state: State | None = None) -> State:
-    """Fold `events` into `start_state` (empty when None) with exo.state's rules, in one StateBuilder.
+    """Fold `events` into `start_state` (empty when None) with exo.core.state's rules, in one StateBuilder.
 
     The events must continue the state exactly (first index = start_state.last_event_index + 1,
     then no hole); LogGapError otherwise, since a state folded over a hole would be silently wrong.

@@ -9,7 +9,7 @@ import pytest
 from litestar.testing import TestClient
 
 from exo.api.app import create_app
-from exo.api.fakes import FakeNodeServices
+from tests.harness.fakes import FakeNodeServices
 from tests.test_api_routes import assert_error, build_state
 
 API_KEY = "s3cret-key"

@@ -11,9 +11,7 @@ import pytest
 from litestar.testing import TestClient
 
 from exo.api.app import create_app
-from exo.api.completion import CompletionSettings
-from exo.api.fakes import END_OF_SEQUENCE, FakeNodeServices, FakeTokenizer, GenerateCall
-from exo.api.services import (
+from exo.api.cluster_port import (
     ClusterUnavailable,
     GenerationFailed,
     InstanceFailed,
@@ -22,7 +20,9 @@ from exo.api.services import (
     Overloaded,
     ServiceError,
 )
+from exo.api.completion import CompletionSettings
 from exo.inference.protocol import SamplingParams
+from tests.harness.fakes import END_OF_SEQUENCE, FakeNodeServices, FakeTokenizer, GenerateCall
 from tests.test_api_routes import assert_error
 
 USER_HI = [{"role": "user", "content": "hi"}]

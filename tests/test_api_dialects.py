@@ -10,11 +10,11 @@ import pytest
 from litestar.testing import TestClient
 
 from exo.api.app import create_app
+from exo.api.cluster_port import GenerationFailed, NoCapacity
 from exo.api.completion import CompletionSettings
-from exo.api.fakes import FakeNodeServices, FakeTokenizer
-from exo.api.services import GenerationFailed, NoCapacity
-from exo.events import ShardAssignment
-from exo.state import Instance, State
+from exo.core.events import ShardAssignment
+from exo.core.state import Instance, State
+from tests.harness.fakes import FakeNodeServices, FakeTokenizer
 
 HEADERS = {"anthropic-version": "2023-06-01"}
 CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'

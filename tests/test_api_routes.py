@@ -10,10 +10,10 @@ import pytest
 from litestar.testing import TestClient
 
 from exo.api.app import MAX_EVENTS_PAGE, create_app
-from exo.api.fakes import FakeNodeServices, model_info
-from exo.api.services import ClusterUnavailable, NoCapacity
-from exo.events import IndexedEvent, InstanceCreated, MasterElected, NodeJoined, ShardAssignment
-from exo.state import Instance, RunnerInfo, State, apply, state_document
+from exo.api.cluster_port import ClusterUnavailable, NoCapacity
+from exo.core.events import IndexedEvent, InstanceCreated, MasterElected, NodeJoined, ShardAssignment
+from exo.core.state import Instance, RunnerInfo, State, apply, state_document
+from tests.harness.fakes import FakeNodeServices, model_info
 
 GIB = 1024**3
 

@@ -14,8 +14,8 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper, load
 from tokenizers import ByteLevelBPETokenizer
 
 from exo.api.app import create_app
-from exo.api.fakes import END_OF_SEQUENCE, FakeNodeServices
-from exo.api.services import ChatTokenizer
+from exo.api.cluster_port import ChatTokenizer
+from tests.harness.fakes import END_OF_SEQUENCE, FakeNodeServices
 from tests.test_api_chat import sse_events, streamed_text
 
 ANSWER = "Héllo wörld 🙂 done"

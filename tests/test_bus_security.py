@@ -8,9 +8,9 @@ import msgspec
 import pytest
 import zmq
 
-from exo.bus import messages as m
 from exo.bus.security import cluster_tag, derive_security
-from tests.cluster_harness import LoopbackCluster, wait_until
+from exo.core import messages as m
+from tests.harness.cluster_harness import LoopbackCluster, wait_until
 
 pytestmark = pytest.mark.slow
 

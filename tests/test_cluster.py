@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster_harness import LoopbackCluster, NodeProcess, free_port, wait_until
+from tests.harness.cluster_harness import LoopbackCluster, NodeProcess, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 

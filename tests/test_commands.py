@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from exo.bus.messages import DeleteInstance, LabelNode, PlaceInstance
-from exo.events import (
+from exo.core.events import (
     IndexedEvent,
     InstanceCreated,
     InstanceDeleted,
@@ -13,11 +12,12 @@ from exo.events import (
     RunnerStatusUpdated,
     ShardAssignment,
 )
+from exo.core.messages import DeleteInstance, LabelNode, PlaceInstance
+from exo.core.state import State, apply
 from exo.inference.models import ModelInfo
+from exo.node.worker import LocalRunner, StartRunner, StopRunner, Worker, plan
 from exo.roles.commands import decide, replacement_events
 from exo.roles.placement import ModelFootprint
-from exo.roles.worker import LocalRunner, StartRunner, StopRunner, Worker, plan
-from exo.state import State, apply
 
 GIB = 1024**3
 FOOTPRINT = ModelFootprint.uniform(12, GIB // 4)
@@ -129,8 +129,8 @@ def test_a_worker_holds_its_stage_only_through_a_ready_runner_of_its_own_at_the_
 
 
 def test_membership_waits_longer_before_marking_a_node_gone() -> None:
-    from exo.bus.messages import Heartbeat, Rank
-    from exo.roles.master import membership_events
+    from exo.core.messages import Heartbeat, Rank
+    from exo.node.master import membership_events
 
     state = cluster("a", "b")
     heartbeats = {

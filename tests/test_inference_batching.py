@@ -17,10 +17,9 @@ from litestar.testing import TestClient
 from tokenizers import Tokenizer
 
 from exo.api.app import create_app
-from exo.api.fakes import FakeNodeServices
-from exo.api.services import Overloaded
-from exo.events import ShardAssignment
-from exo.generation import PipelineGenerator
+from exo.api.cluster_port import Overloaded
+from exo.core.events import ShardAssignment
+from exo.core.state import Instance, RunnerInfo, State
 from exo.inference.batching import enable_row_attention, forward_chunks
 from exo.inference.client import GenerationError, GenerationRequest, PipelineClient, TokenSink
 from exo.inference.pass_threads import PassThreads
@@ -40,8 +39,9 @@ from exo.inference.protocol import (
 from exo.inference.runner import parse_arguments, runner_command
 from exo.inference.scheduler import AdmissionQueue, StageScheduler, Work, group_prefills, micro_batch_limit
 from exo.inference.shard import ShardSpec, load_shard
-from exo.state import Instance, RunnerInfo, State
-from tests.inference_helpers import (
+from exo.node.generation import PipelineGenerator
+from tests.harness.fakes import FakeNodeServices
+from tests.harness.inference_helpers import (
     ControlServer,
     RunnerProcess,
     load,
@@ -50,7 +50,7 @@ from tests.inference_helpers import (
     tiny_models,
     wait_for_stats,
 )
-from tests.wired_pipeline import WiredPipeline, generate_alone
+from tests.harness.wired_pipeline import WiredPipeline, generate_alone
 
 TEXTS = [
     "Hi",

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from exo.inference.client import GenerationError, GenerationRequest, PipelineClient, TokenSink
 from exo.inference.protocol import SamplingParams
-from tests.inference_helpers import (
+from tests.harness.inference_helpers import (
     ControlServer,
     RunnerProcess,
     launch_pipeline,

@@ -46,7 +46,7 @@ from exo.inference.synthetic import (
     parse_arguments,
     write_synthetic_model,
 )
-from tests.inference_helpers import N_LAYERS, tiny_models
+from tests.harness.inference_helpers import N_LAYERS, tiny_models
 
 SMALL_SPEC = SyntheticModelSpec(layers=2, hidden=64, intermediate=128, vocab=300)
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests import netns
-from tests.netns import (
+from tests.harness.netns import (
     REPO_ROOT,
     LineWatcher,
     NetnsCluster,

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from exo.events import ShardAssignment
+from exo.core.events import ShardAssignment
+from exo.core.state import NodeInfo, NodeStatus
 from exo.inference.models import ModelInfo
 from exo.roles.placement import (
     ModelFootprint,
@@ -17,7 +18,6 @@ from exo.roles.placement import (
     previews,
     split_layers,
 )
-from exo.state import NodeInfo, NodeStatus
 
 GIB = 1024**3
 

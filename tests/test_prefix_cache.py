@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from exo.api.fakes import FakeNodeServices
-from exo.events import ShardAssignment
-from exo.generation import PipelineGenerator
+from exo.core.events import ShardAssignment
+from exo.core.state import Instance, RunnerInfo, State
 from exo.inference.client import GenerationRequest, PipelineClient, TokenSink
 from exo.inference.prefix_cache import KVSnapshots, PrefixIndex
 from exo.inference.protocol import (
@@ -29,8 +28,9 @@ from exo.inference.protocol import (
     TokenSampled,
 )
 from exo.inference.shard import ShardSpec, load_shard
-from exo.state import Instance, RunnerInfo, State
-from tests.inference_helpers import (
+from exo.node.generation import PipelineGenerator
+from tests.harness.fakes import FakeNodeServices
+from tests.harness.inference_helpers import (
     N_LAYERS,
     ControlServer,
     RunnerProcess,
@@ -40,7 +40,7 @@ from tests.inference_helpers import (
     tiny_models,
     wait_for_stats,
 )
-from tests.wired_pipeline import REQUESTER, WiredPipeline
+from tests.harness.wired_pipeline import REQUESTER, WiredPipeline
 
 ROUTE = ["tcp://stage0", "tcp://stage1"]
 SYSTEM = (

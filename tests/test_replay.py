@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from exo.events import (
+from exo.core.events import (
     Event,
     IndexedEvent,
     InstanceCreated,
@@ -25,8 +25,8 @@ from exo.events import (
     RunnerStatusUpdated,
     ShardAssignment,
 )
+from exo.core.state import State, apply, state_document
 from exo.replay import LogGapError, main, replay_state, restore_state
-from exo.state import State, apply, state_document
 from exo.store import InMemoryEventStore, Snapshot, SqliteEventStore
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -8,10 +8,10 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from exo.events import IndexedEvent, MasterElected, NodeJoined, NodeLabelled
-from exo.roles import replica as replica_module
-from exo.roles.replica import Replica, find_common_prefix, rebuild, restore
-from exo.state import State, apply
+from exo.core.events import IndexedEvent, MasterElected, NodeJoined, NodeLabelled
+from exo.core.state import State, apply
+from exo.node import replica as replica_module
+from exo.node.replica import Replica, find_common_prefix, rebuild, restore
 from exo.store.base import StoreError
 from exo.store.memory import InMemoryEventStore
 

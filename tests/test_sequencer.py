@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from exo.bus.liveness import Liveness
-from exo.bus.messages import LocalEvent
-from exo.events import IndexedEvent, NodeLabelled
+from exo.core.events import IndexedEvent, NodeLabelled
+from exo.core.messages import LocalEvent
+from exo.roles.liveness import Liveness
 from exo.roles.sequencer import (
     GAP_RETRY_INITIAL,
     GAP_RETRY_MAX,

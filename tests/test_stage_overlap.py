@@ -18,8 +18,8 @@ from exo.inference.protocol import (
     SamplingParams,
     TokenSampled,
 )
-from tests.inference_helpers import tiny_models
-from tests.wired_pipeline import WiredPipeline, generate_alone
+from tests.harness.inference_helpers import tiny_models
+from tests.harness.wired_pipeline import WiredPipeline, generate_alone
 
 ONE_STAGE = [(0, 6)]
 TWO_STAGES = [(0, 3), (3, 6)]

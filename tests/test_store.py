@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from exo.events import IndexedEvent, NodeJoined, NodeLabelled
-from exo.state import State, apply
+from exo.core.events import IndexedEvent, NodeJoined, NodeLabelled
+from exo.core.state import State, apply
 from exo.store import EventStore, InMemoryEventStore, Snapshot, SqliteEventStore, StoreError, open_store
 from exo.store.location import parse_store_url
 from exo.store.migrate import head_revision

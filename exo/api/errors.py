@@ -19,7 +19,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
 
-from exo.api.services import (
+from exo.api.cluster_port import (
     ClusterUnavailable,
     GenerationFailed,
     InstanceFailed,

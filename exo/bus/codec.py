@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from exo.bus.messages import TOPIC_TYPES, ReplyEnvelope, RequestEnvelope
+from exo.core.messages import TOPIC_TYPES, ReplyEnvelope, RequestEnvelope
 
 logger = logging.getLogger(__name__)
 

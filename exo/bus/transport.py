@@ -19,7 +19,8 @@ import zmq
 import zmq.asyncio
 
 from exo.bus.codec import DropCounter, decode_reply, decode_request, decode_topic, encode
-from exo.bus.messages import (
+from exo.bus.sockets import SocketFactory, bind_ephemeral
+from exo.core.messages import (
     HelloAnswered,
     HelloRequested,
     Reply,
@@ -28,7 +29,6 @@ from exo.bus.messages import (
     RequestEnvelope,
     RequestFailed,
 )
-from exo.bus.sockets import SocketFactory, bind_ephemeral
 
 logger = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from exo.bus.messages import Command, CommandAnswered, DeleteInstance, LabelNode, PlaceInstance
-from exo.events import Event, InstanceCreated, InstanceDeleted, NodeLabelled
+from exo.core.events import Event, InstanceCreated, InstanceDeleted, NodeLabelled
+from exo.core.messages import Command, CommandAnswered, DeleteInstance, LabelNode, PlaceInstance
+from exo.core.state import State
 from exo.roles.placement import ModelFootprint, PlacementRefusal, place
-from exo.state import State
 
 
 @dataclass(frozen=True)

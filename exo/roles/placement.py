@@ -17,9 +17,9 @@ from collections.abc import Iterable, Mapping
 
 import msgspec
 
-from exo.events import ShardAssignment
+from exo.core.events import ShardAssignment
+from exo.core.state import NodeInfo
 from exo.inference.models import ModelInfo
-from exo.state import NodeInfo
 
 
 class ModelFootprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

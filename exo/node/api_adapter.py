@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from exo.api.services import (
+from exo.api.cluster_port import (
     ChatTokenizer,
     ClusterUnavailable,
     InstanceFailed,
@@ -18,9 +18,10 @@ from exo.api.services import (
     NoCapacity,
     TokenStream,
 )
-from exo.bus import messages as m
 from exo.bus.transport import RequestTimedOut
-from exo.events import IndexedEvent, Sharding
+from exo.core import messages as m
+from exo.core.events import IndexedEvent, Sharding
+from exo.core.state import Instance, State
 from exo.inference.models import (
     InvalidModelIdError,
     ModelInfo,
@@ -29,10 +30,9 @@ from exo.inference.models import (
     list_models,
 )
 from exo.inference.protocol import SamplingParams
-from exo.roles.cluster import ClusterMember
+from exo.node.cluster import ClusterMember
 from exo.roles.commands import reserved_bytes
 from exo.roles.placement import ModelFootprint, PlacementPreview, previews
-from exo.state import Instance, State
 
 COMMAND_SECONDS = 10.0
 MASTER_WAIT_SECONDS = 10.0

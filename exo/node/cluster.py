@@ -19,10 +19,12 @@ from typing import Any
 
 import psutil
 
-from exo.bus import messages as m
-from exo.bus.liveness import HEARTBEAT_INTERVAL, Liveness
 from exo.bus.transport import Bus, RequestTimedOut
-from exo.events import Event, IndexedEvent, MasterElected
+from exo.core import messages as m
+from exo.core.events import Event, IndexedEvent, MasterElected
+from exo.core.state import State, decode_state, encode_state
+from exo.node.master import Master, membership_events
+from exo.node.replica import Replica, find_common_prefix, rebuild
 from exo.roles.commands import decide, replacement_events
 from exo.roles.election import (
     Action,
@@ -33,12 +35,10 @@ from exo.roles.election import (
     FollowMaster,
     PersistTerm,
 )
-from exo.roles.master import Master, membership_events
+from exo.roles.liveness import HEARTBEAT_INTERVAL, Liveness
 from exo.roles.outbox import Outbox
 from exo.roles.placement import ModelFootprint
-from exo.roles.replica import Replica, find_common_prefix, rebuild
 from exo.roles.sequencer import GapRequest, Sequencer
-from exo.state import State, decode_state, encode_state
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from exo.inference.protocol import (
 )
 from exo.inference.shard import ShardSpec, load_shard
 from exo.inference.stage import Outgoing, PipelineStage
-from tests.inference_helpers import N_LAYERS, PREFILL_STEP_SIZE
+from tests.harness.inference_helpers import N_LAYERS, PREFILL_STEP_SIZE
 
 REQUESTER = "tcp://requester"
 

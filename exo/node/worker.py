@@ -21,7 +21,8 @@ import zmq.asyncio
 
 from exo.bus.codec import DECODE_ERRORS
 from exo.bus.security import CLUSTER_SECRET_ENVIRONMENT
-from exo.events import Event, RunnerStatusUpdated, ShardAssignment
+from exo.core.events import Event, RunnerStatusUpdated, ShardAssignment
+from exo.core.state import Instance, State
 from exo.inference.models import ModelInfo
 from exo.inference.protocol import (
     LoadShard,
@@ -34,7 +35,6 @@ from exo.inference.protocol import (
     encode,
 )
 from exo.inference.runner import runner_command
-from exo.state import Instance, State
 
 logger = logging.getLogger(__name__)
 

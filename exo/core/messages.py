@@ -10,7 +10,7 @@ from typing import Final
 
 import msgspec
 
-from exo.events import Event, IndexedEvent, Sharding
+from exo.core.events import Event, IndexedEvent, Sharding
 from exo.roles.placement import ModelFootprint
 
 

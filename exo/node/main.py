@@ -29,16 +29,16 @@ from exo.bus.discovery import Discovery, DiscoveryError
 from exo.bus.security import cluster_tag, derive_security, new_cluster_secret, start_authenticator
 from exo.bus.sockets import SocketFactory
 from exo.bus.transport import Bus
-from exo.generation import PipelineGenerator
+from exo.core.state import State
 from exo.inference.blas import check_blas, load_optimized_blas
 from exo.inference.client import PipelineClient, TokenSink
 from exo.inference.runner_options import serving_limit_problems
 from exo.inference.synthetic import ensure_builtin_model
-from exo.roles.cluster import ClusterMember
-from exo.roles.replica import restore
-from exo.roles.worker import RunnerLimits, Worker
-from exo.services import ClusterServices, ModelCatalog
-from exo.state import State
+from exo.node.api_adapter import ClusterServices, ModelCatalog
+from exo.node.cluster import ClusterMember
+from exo.node.generation import PipelineGenerator
+from exo.node.replica import restore
+from exo.node.worker import RunnerLimits, Worker
 from exo.store import open_store
 from exo.store.base import StoreError
 
@@ -364,7 +364,3 @@ def main(argv: list[str] | None = None) -> None:
     except StoreError as error:
         print(f"exo: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()

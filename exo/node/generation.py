@@ -8,10 +8,10 @@ from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import cast
 
-from exo.api.services import ChatTokenizer, GeneratedToken, GenerationFailed, Overloaded
+from exo.api.cluster_port import ChatTokenizer, GeneratedToken, GenerationFailed, Overloaded
+from exo.core.state import Instance, State
 from exo.inference.client import GenerationError, GenerationRequest, PipelineClient
 from exo.inference.protocol import SamplingParams, TokenSampled
-from exo.state import Instance, State
 
 
 class PipelineGenerator:

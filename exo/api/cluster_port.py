@@ -13,11 +13,11 @@ from typing import Any, Literal, Protocol, cast
 
 import msgspec
 
-from exo.events import IndexedEvent, Sharding
+from exo.core.events import IndexedEvent, Sharding
+from exo.core.state import Instance, State
 from exo.inference.models import ModelInfo
 from exo.inference.protocol import SamplingParams
 from exo.roles.placement import PlacementPreview
-from exo.state import Instance, State
 
 FinishReason = Literal["stop", "length"]
 

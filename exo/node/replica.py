@@ -24,9 +24,9 @@ from typing import Any
 
 import msgspec
 
-from exo.events import IndexedEvent
+from exo.core.events import IndexedEvent
+from exo.core.state import State, StateBuilder
 from exo.roles.sequencer import EventOrderer, OriginHighWater
-from exo.state import State, StateBuilder
 from exo.store.base import EventStore, Snapshot, StoreError
 
 logger = logging.getLogger(__name__)

@@ -12,11 +12,11 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from exo.bus.messages import Heartbeat, LocalEvent
-from exo.events import Event, IndexedEvent, NodeJoined, NodeMemoryMeasured, NodeTimedOut
-from exo.roles.replica import Replica
+from exo.core.events import Event, IndexedEvent, NodeJoined, NodeMemoryMeasured, NodeTimedOut
+from exo.core.messages import Heartbeat, LocalEvent
+from exo.core.state import State
+from exo.node.replica import Replica
 from exo.roles.sequencer import Sequencer
-from exo.state import State
 
 logger = logging.getLogger(__name__)
 

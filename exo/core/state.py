@@ -11,7 +11,7 @@ from typing import Literal, assert_never
 import msgspec
 from msgspec.structs import replace
 
-from exo.events import (
+from exo.core.events import (
     IndexedEvent,
     InstanceCreated,
     InstanceDeleted,
