@@ -21,7 +21,7 @@ from exo.api.cluster_port import (
     ServiceError,
 )
 from exo.api.completion import CompletionSettings
-from exo.inference.protocol import SamplingParams
+from exo.core.sampling import SamplingParams
 from tests.harness.fakes import END_OF_SEQUENCE, FakeNodeServices, FakeTokenizer, GenerateCall
 from tests.test_api_routes import assert_error
 

@@ -20,7 +20,7 @@ from exo.api.completion import CompletionSettings
 from exo.api.openai_chat import chat_completion_stream, chat_request
 from exo.api.openai_types import ChatCompletionRequest
 from exo.api.runs import ActiveCompletions, CompletionRun
-from exo.inference.protocol import SamplingParams
+from exo.core.sampling import SamplingParams
 from tests.harness.fakes import FakeNodeServices, FakeTokenizer, model_info
 from tests.test_api_chat import sse_events, wait_until_generation_ends
 from tests.test_api_routes import assert_error

@@ -13,11 +13,11 @@ from exo.core.events import (
     ShardAssignment,
 )
 from exo.core.messages import DeleteInstance, LabelNode, PlaceInstance
+from exo.core.models import ModelFootprint, ModelInfo
 from exo.core.state import State, apply
-from exo.inference.models import ModelInfo
-from exo.node.worker import LocalRunner, StartRunner, StopRunner, Worker, plan
+from exo.node.worker import LocalRunner, Worker
 from exo.roles.commands import decide, replacement_events
-from exo.roles.placement import ModelFootprint
+from exo.roles.worker_plan import StartRunner, StopRunner, plan
 
 GIB = 1024**3
 FOOTPRINT = ModelFootprint.uniform(12, GIB // 4)
@@ -130,7 +130,7 @@ def test_a_worker_holds_its_stage_only_through_a_ready_runner_of_its_own_at_the_
 
 def test_membership_waits_longer_before_marking_a_node_gone() -> None:
     from exo.core.messages import Heartbeat, Rank
-    from exo.node.master import membership_events
+    from exo.roles.membership import membership_events
 
     state = cluster("a", "b")
     heartbeats = {

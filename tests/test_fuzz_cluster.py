@@ -20,8 +20,8 @@ import msgspec
 import pytest
 import zmq
 
-from exo.bus.codec import DECODE_ERRORS
 from exo.core import messages as m
+from exo.core.decoding import DECODE_ERRORS
 from exo.core.events import IndexedEvent, NodeLabelled
 from exo.core.messages import TOPIC_TYPES, Rank
 from exo.inference.frames import MalformedFrameError, decode_frames

@@ -10,9 +10,10 @@ from typing import cast
 
 from exo.api.cluster_port import GeneratedToken
 from exo.core.events import ShardAssignment
+from exo.core.sampling import SamplingParams
 from exo.core.state import Instance, RunnerInfo, State
 from exo.inference.client import GenerationRequest, PipelineClient
-from exo.inference.protocol import SamplingParams, TokenSampled
+from exo.inference.protocol import TokenSampled
 from exo.node.generation import PipelineGenerator
 from tests.harness.fakes import FakeNodeServices
 

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from exo.api.app import create_app
 from exo.api.cluster_port import Overloaded
 from exo.core.events import ShardAssignment
+from exo.core.sampling import SamplingParams
 from exo.core.state import Instance, RunnerInfo, State
 from exo.inference.batching import enable_row_attention, forward_chunks
 from exo.inference.client import GenerationError, GenerationRequest, PipelineClient, TokenSink
@@ -30,7 +31,6 @@ from exo.inference.protocol import (
     GenerationFailed,
     GenerationStarted,
     RunnerStats,
-    SamplingParams,
     TokenSampled,
     control_from_runner_decoder,
     encode,

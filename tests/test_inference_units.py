@@ -15,6 +15,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from exo.core.sampling import SamplingParams
 from exo.inference.client import GenerationError, GenerationRequest, PipelineClient, TokenSink
 from exo.inference.models import (
     InvalidModelIdError,
@@ -28,7 +29,6 @@ from exo.inference.protocol import (
     GenerationCancelled,
     GenerationFailed,
     GenerationStarted,
-    SamplingParams,
     StageAlive,
     TokenSampled,
     encode,

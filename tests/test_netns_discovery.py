@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests import netns
+from tests.harness import netns
 from tests.harness.netns import (
     REPO_ROOT,
     LineWatcher,

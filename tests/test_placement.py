@@ -8,16 +8,10 @@ import random
 import pytest
 
 from exo.core.events import ShardAssignment
+from exo.core.models import ModelFootprint, ModelInfo
+from exo.core.placement import Placement, PlacementRefusal
 from exo.core.state import NodeInfo, NodeStatus
-from exo.inference.models import ModelInfo
-from exo.roles.placement import (
-    ModelFootprint,
-    Placement,
-    PlacementRefusal,
-    place,
-    previews,
-    split_layers,
-)
+from exo.roles.placement import place, previews, split_layers
 
 GIB = 1024**3
 

@@ -15,6 +15,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from exo.core.events import ShardAssignment
+from exo.core.sampling import SamplingParams
 from exo.core.state import Instance, RunnerInfo, State
 from exo.inference.client import GenerationRequest, PipelineClient, TokenSink
 from exo.inference.prefix_cache import KVSnapshots, PrefixIndex
@@ -24,7 +25,6 @@ from exo.inference.protocol import (
     GenerationStarted,
     PrefixCacheConfirmed,
     PrefixCached,
-    SamplingParams,
     TokenSampled,
 )
 from exo.inference.shard import ShardSpec, load_shard

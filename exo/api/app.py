@@ -42,9 +42,9 @@ from exo.api.openai_types import ChatCompletionRequest, ModelList, ModelObject
 from exo.api.openapi import render_plugins
 from exo.api.runs import ActiveCompletions
 from exo.core.events import Event, IndexedEvent, Sharding
+from exo.core.models import ModelInfo
+from exo.core.placement import PlacementPreview
 from exo.core.state import Instance, State, state_document
-from exo.inference.models import ModelInfo
-from exo.roles.placement import PlacementPreview
 
 MAX_EVENTS_PAGE = 1000
 MAX_REQUEST_BYTES = 16 * 1024 * 1024

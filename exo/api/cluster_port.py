@@ -14,10 +14,10 @@ from typing import Any, Literal, Protocol, cast
 import msgspec
 
 from exo.core.events import IndexedEvent, Sharding
+from exo.core.models import ModelInfo
+from exo.core.placement import PlacementPreview
+from exo.core.sampling import SamplingParams
 from exo.core.state import Instance, State
-from exo.inference.models import ModelInfo
-from exo.inference.protocol import SamplingParams
-from exo.roles.placement import PlacementPreview
 
 FinishReason = Literal["stop", "length"]
 

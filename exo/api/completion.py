@@ -15,8 +15,8 @@ from exo.api.cluster_port import ChatTokenizer, NodeServices, text_tokenizer
 from exo.api.errors import ApiError
 from exo.api.model_limits import context_length
 from exo.api.tool_calls import HERMES_OPEN
+from exo.core.sampling import SamplingParams
 from exo.core.state import Instance
-from exo.inference.protocol import SamplingParams
 
 ToolMode = Literal["auto", "required", "named"]
 

@@ -39,8 +39,8 @@ from exo.api.ollama_types import (
 )
 from exo.api.openai_chat import function_definitions, sampling_params
 from exo.api.runs import ChoiceResult, CompletionRun, collect
-from exo.inference.models import ModelInfo
-from exo.inference.protocol import SamplingParams
+from exo.core.models import ModelInfo
+from exo.core.sampling import SamplingParams
 
 OLLAMA_VERSION = "0.12.0"  # the Ollama API version these routes follow
 LATEST = ":latest"

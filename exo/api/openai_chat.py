@@ -31,7 +31,7 @@ from exo.api.openai_types import (
     ToolDefinition,
 )
 from exo.api.runs import CompletionRun, collect, server_sent_event
-from exo.inference.protocol import SamplingParams
+from exo.core.sampling import SamplingParams
 
 DONE = b"data: [DONE]\n\n"
 

@@ -30,7 +30,7 @@ from exo.api.openai_types import (
     Usage,
 )
 from exo.api.runs import CompletionRun, collect, server_sent_event
-from exo.inference.protocol import MAX_TOP_LOGPROBS
+from exo.core.sampling import MAX_TOP_LOGPROBS
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 

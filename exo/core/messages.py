@@ -11,7 +11,7 @@ from typing import Final
 import msgspec
 
 from exo.core.events import Event, IndexedEvent, Sharding
-from exo.roles.placement import ModelFootprint
+from exo.core.models import ModelFootprint
 
 
 class _Message(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):

@@ -21,18 +21,14 @@ from exo.api.cluster_port import (
 from exo.bus.transport import RequestTimedOut
 from exo.core import messages as m
 from exo.core.events import IndexedEvent, Sharding
+from exo.core.models import ModelFootprint, ModelInfo
+from exo.core.placement import PlacementPreview
+from exo.core.sampling import SamplingParams
 from exo.core.state import Instance, State
-from exo.inference.models import (
-    InvalidModelIdError,
-    ModelInfo,
-    ModelNotFoundError,
-    get_model,
-    list_models,
-)
-from exo.inference.protocol import SamplingParams
+from exo.inference.models import InvalidModelIdError, ModelNotFoundError, get_model, list_models
 from exo.node.cluster import ClusterMember
 from exo.roles.commands import reserved_bytes
-from exo.roles.placement import ModelFootprint, PlacementPreview, previews
+from exo.roles.placement import previews
 
 COMMAND_SECONDS = 10.0
 MASTER_WAIT_SECONDS = 10.0

@@ -22,8 +22,9 @@ import psutil
 from exo.bus.transport import Bus, RequestTimedOut
 from exo.core import messages as m
 from exo.core.events import Event, IndexedEvent, MasterElected
+from exo.core.models import ModelFootprint
 from exo.core.state import State, decode_state, encode_state
-from exo.node.master import Master, membership_events
+from exo.node.master import Master
 from exo.node.replica import Replica, find_common_prefix, rebuild
 from exo.roles.commands import decide, replacement_events
 from exo.roles.election import (
@@ -36,8 +37,8 @@ from exo.roles.election import (
     PersistTerm,
 )
 from exo.roles.liveness import HEARTBEAT_INTERVAL, Liveness
+from exo.roles.membership import membership_events
 from exo.roles.outbox import Outbox
-from exo.roles.placement import ModelFootprint
 from exo.roles.sequencer import GapRequest, Sequencer
 
 logger = logging.getLogger(__name__)

@@ -9,9 +9,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from typing import cast
 
 from exo.api.cluster_port import ChatTokenizer, GeneratedToken, GenerationFailed, Overloaded
+from exo.core.sampling import SamplingParams
 from exo.core.state import Instance, State
 from exo.inference.client import GenerationError, GenerationRequest, PipelineClient
-from exo.inference.protocol import SamplingParams, TokenSampled
+from exo.inference.protocol import TokenSampled
 
 
 class PipelineGenerator:

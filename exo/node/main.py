@@ -213,7 +213,7 @@ async def run_node(
             member.submit,
             activation_host=bind_host,
             advertise_host=None if bind_host == host else host,
-            cluster_secret=config.cluster_secret,
+            security=security,
             runner_limits=config.runner_limits,
         )
         await worker.start()

@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 
 from exo.core.events import Event, InstanceCreated, InstanceDeleted, NodeLabelled
 from exo.core.messages import Command, CommandAnswered, DeleteInstance, LabelNode, PlaceInstance
+from exo.core.models import ModelFootprint
+from exo.core.placement import PlacementRefusal
 from exo.core.state import State
-from exo.roles.placement import ModelFootprint, PlacementRefusal, place
+from exo.roles.placement import place
 
 
 @dataclass(frozen=True)

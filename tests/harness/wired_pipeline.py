@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from exo.core.sampling import SamplingParams
 from exo.inference.protocol import (
     GenerationFailed,
     GenerationStarted,
     PipelineMessage,
-    SamplingParams,
     TokenSampled,
     encode,
     pipeline_decoder,
