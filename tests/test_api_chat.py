@@ -13,7 +13,7 @@ from litestar.testing import TestClient
 from exo.api.app import create_app
 from exo.api.cluster_port import (
     ClusterUnavailable,
-    GenerationFailed,
+    GenerationAborted,
     InstanceFailed,
     InstanceNotReady,
     NoCapacity,
@@ -360,7 +360,7 @@ def test_errors_before_generation_are_http_errors(  # noqa: PLR0917 (pytest para
 def test_stage_failure_mid_stream_ends_with_an_error_event(
     client: TestClient[Any], services: FakeNodeServices
 ) -> None:
-    services.script = [1000, 1001, GenerationFailed("i-1", "stage on node1 went away"), 1002]
+    services.script = [1000, 1001, GenerationAborted("i-1", "stage on node1 went away"), 1002]
     events = sse_events(complete(client, stream=True))
     assert "[DONE]" not in events
     error = events[-1]["error"]
@@ -375,7 +375,7 @@ def test_stage_failure_before_the_first_token_of_a_stream_is_an_http_error(
     client: TestClient[Any], services: FakeNodeServices
 ) -> None:
     """A streamed answer's headers wait for the first token, so a failure at the start is a 500."""
-    services.script = [GenerationFailed("i-1", "stage failed to load")]
+    services.script = [GenerationAborted("i-1", "stage failed to load")]
     message = assert_error(complete(client, stream=True), 500, "generation_failed")
     assert "stage failed to load" in message
 
@@ -393,6 +393,6 @@ def test_an_overloaded_instance_is_503_with_retry_after(
 def test_stage_failure_without_streaming_is_a_server_error(
     client: TestClient[Any], services: FakeNodeServices
 ) -> None:
-    services.script = [1000, GenerationFailed("i-1", "stage on node1 went away")]
+    services.script = [1000, GenerationAborted("i-1", "stage on node1 went away")]
     message = assert_error(complete(client), 500, "generation_failed")
     assert "stage on node1 went away" in message

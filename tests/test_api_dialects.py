@@ -10,7 +10,7 @@ import pytest
 from litestar.testing import TestClient
 
 from exo.api.app import create_app
-from exo.api.cluster_port import GenerationFailed, NoCapacity
+from exo.api.cluster_port import GenerationAborted, NoCapacity
 from exo.api.completion import CompletionSettings
 from exo.core.events import ShardAssignment
 from exo.core.state import Instance, State
@@ -216,7 +216,7 @@ def test_claude_no_capacity_and_stage_failure(client: TestClient[Any], services:
     services.ensure_error = NoCapacity("exo-tiny", ["node0: short by 1 GiB"])
     assert "short by 1 GiB" in assert_claude_error(claude(client), 503, "overloaded_error")
     services.ensure_error = None
-    services.script = [1000, GenerationFailed("i-1", "stage gone")]
+    services.script = [1000, GenerationAborted("i-1", "stage gone")]
     events = claude_events(claude(client, stream=True))
     assert events[-1][0] == "error" and "stage gone" in events[-1][1]["error"]["message"]
 
@@ -350,7 +350,7 @@ def test_ollama_errors(
 
 
 def test_ollama_stage_failure_mid_stream(client: TestClient[Any], services: FakeNodeServices) -> None:
-    services.script = [1000, GenerationFailed("i-1", "stage gone")]
+    services.script = [1000, GenerationAborted("i-1", "stage gone")]
     lines = ndjson(ollama_chat(client))
     assert "stage gone" in lines[-1]["error"]
     assert not any(line.get("done") for line in lines)

@@ -199,7 +199,7 @@ class NodeServices(Protocol):
         At most `max_tokens` tokens; the last one carries the finish reason, then the iterator ends.
         Closing the iterator early (`aclose()`, which the API does on a stop string or a client that
         went away) cancels the generation on every stage.
-        Raises GenerationFailed (before or between tokens) promptly, within seconds, when a stage
+        Raises GenerationAborted (before or between tokens) promptly, within seconds, when a stage
         fails or goes away; never hangs on a dead stage.
         """
         ...
@@ -251,7 +251,7 @@ class InstanceNotReady(ServiceError):
         self.timeout_s = timeout_s
 
 
-class GenerationFailed(ServiceError):
+class GenerationAborted(ServiceError):
     """A stage failed or went away during a generation."""
 
     def __init__(self, instance_id: str, reason: str) -> None:

@@ -22,11 +22,11 @@ from exo.core.sampling import SamplingParams
 # --- control: worker <-> runner -------------------------------------------------------------
 
 
-class _Message(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+class _RunnerMessage(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     pass
 
 
-class LoadShard(_Message, frozen=True):
+class LoadShard(_RunnerMessage, frozen=True):
     """Load layers [start_layer, end_layer) of the model at `model_path` (a folder in HF layout)."""
 
     instance_id: str
@@ -37,18 +37,18 @@ class LoadShard(_Message, frozen=True):
     n_layers: Annotated[int, msgspec.Meta(ge=1)]
 
 
-class Shutdown(_Message, frozen=True):
+class Shutdown(_RunnerMessage, frozen=True):
     pass
 
 
-class RunnerStarted(_Message, frozen=True):
+class RunnerStarted(_RunnerMessage, frozen=True):
     """First message of a runner: the worker learns its routing id and pid."""
 
     runner_id: str
     pid: int
 
 
-class ShardLoaded(_Message, frozen=True):
+class ShardLoaded(_RunnerMessage, frozen=True):
     instance_id: str
     activation_address: str  # tcp://HOST:PORT of the runner's PULL socket
     start_layer: int
@@ -58,14 +58,14 @@ class ShardLoaded(_Message, frozen=True):
     blas: str
 
 
-class RunnerFailed(_Message, frozen=True):
+class RunnerFailed(_RunnerMessage, frozen=True):
     """The runner cannot do its job (missing model, unsupported architecture, out of memory...)."""
 
     reason: str
     instance_id: str | None = None
 
 
-class RunnerStats(_Message, frozen=True):
+class RunnerStats(_RunnerMessage, frozen=True):
     """Sent every few seconds once a shard is loaded; local figures for `/node_status`."""
 
     instance_id: str
@@ -98,7 +98,7 @@ ControlFromRunner = RunnerStarted | ShardLoaded | RunnerFailed | RunnerStats
 # --- pipeline: requester <-> stages -----------------------------------------------------------
 
 
-class GenerationStarted(_Message, frozen=True):
+class GenerationStarted(_RunnerMessage, frozen=True):
     """Sent by the requester to route[0]; each stage forwards it (stage_index + 1) to the next."""
 
     request_id: str
@@ -122,7 +122,7 @@ class BatchRow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_li
     step: Annotated[int, msgspec.Meta(ge=0)]
 
 
-class ActivationsSent(_Message, frozen=True):
+class ActivationsSent(_RunnerMessage, frozen=True):
     """Hidden state for the next stage; the raw buffer is the frame after this header.
 
     `step` is the index of the token this pass produces. A prompt is sent as one or more chunks
@@ -139,7 +139,7 @@ class ActivationsSent(_Message, frozen=True):
     batch: list[BatchRow] = []
 
 
-class TokenSampled(_Message, frozen=True):
+class TokenSampled(_RunnerMessage, frozen=True):
     """From the last stage to reply_to and to route[0] (the next step's input).
 
     With finish_reason "stop" the token is the EOS token, not content. A finished TokenSampled
@@ -158,7 +158,7 @@ class TokenSampled(_Message, frozen=True):
     cached_tokens: int | None = None
 
 
-class GenerationCancelled(_Message, frozen=True):
+class GenerationCancelled(_RunnerMessage, frozen=True):
     """From the requester to route[0]; each stage frees the request and forwards it."""
 
     request_id: str
@@ -167,7 +167,7 @@ class GenerationCancelled(_Message, frozen=True):
 FailureCode = Literal["busy"]
 
 
-class GenerationFailed(_Message, frozen=True):
+class GenerationFailed(_RunnerMessage, frozen=True):
     request_id: str
     reason: str
     stage_address: str = ""
@@ -177,7 +177,7 @@ class GenerationFailed(_Message, frozen=True):
     retry_after: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
 
 
-class PrefixCached(_Message, frozen=True):
+class PrefixCached(_RunnerMessage, frozen=True):
     """A finished request's KV cache kept as a prefix cache entry (named by its request id).
 
     The first stage decides and sends it along the route, ahead of the finished TokenSampled:
@@ -192,14 +192,14 @@ class PrefixCached(_Message, frozen=True):
     evicted: list[str] = []
 
 
-class PrefixCacheConfirmed(_Message, frozen=True):
+class PrefixCacheConfirmed(_RunnerMessage, frozen=True):
     """From the last stage to route[0]: every stage holds entry `request_id`, so it may be used."""
 
     request_id: str
     stage_address: str = ""
 
 
-class StageAlive(_Message, frozen=True):
+class StageAlive(_RunnerMessage, frozen=True):
     """Heartbeat from a stage to a requester: it still holds these requests."""
 
     stage_address: str

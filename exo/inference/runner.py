@@ -108,7 +108,7 @@ class PushSockets:
         self._sockets.clear()
 
 
-class Heartbeat:
+class StageBeacon:
     """A thread sending StageAlive to each requester with requests here, every interval, and at
     once when a request arrives (so a requester knows every stage of its route within
     milliseconds, and notices any of them dying)."""
@@ -181,7 +181,7 @@ class Runner:
         self.activations: zmq.Socket[bytes] | None = None
         self.pushes = PushSockets(self.context, options.send_timeout, self.security)
         self.stage: PipelineStage | None = None
-        self.heartbeat: Heartbeat | None = None
+        self.heartbeat: StageBeacon | None = None
         self.dropped_control_frames = 0
         self.exit_code = 0
         self._parent_pid = os.getppid()
@@ -251,7 +251,7 @@ class Runner:
             retry_after=self.options.retry_after,
             pass_threads=self.pass_threads(),
         )
-        self.heartbeat = Heartbeat(self.context, address, self.options.heartbeat_interval, self.security)
+        self.heartbeat = StageBeacon(self.context, address, self.options.heartbeat_interval, self.security)
         self.heartbeat.start()
         self.transition("ready")
         self.send_control(

@@ -25,7 +25,7 @@ from exo.core.events import Event, IndexedEvent, MasterElected
 from exo.core.models import ModelFootprint
 from exo.core.state import State, decode_state, encode_state
 from exo.node.master import Master
-from exo.node.replica import Replica, find_common_prefix, rebuild
+from exo.node.replica import Replica, find_common_prefix
 from exo.roles.commands import decide, replacement_events
 from exo.roles.election import (
     Action,
@@ -40,6 +40,7 @@ from exo.roles.liveness import HEARTBEAT_INTERVAL, Liveness
 from exo.roles.membership import membership_events
 from exo.roles.outbox import Outbox
 from exo.roles.sequencer import GapRequest, Sequencer
+from exo.store.restore import restore_state
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,11 @@ class ClusterMember:
         *,
         force_master: bool = False,
         interval: float = HEARTBEAT_INTERVAL,
+        local_models: Callable[[], list[str]] = list,
+        footprint_of: Callable[[str], ModelFootprint | None] = lambda _model_id: None,
     ) -> None:
+        """`local_models`: the models this node can serve (announced in heartbeats). `footprint_of`:
+        a model's memory needs, for the master re-placing instances that lost a stage."""
         self.node_id = node_id
         self.bus = bus
         self.replica = replica
@@ -112,9 +117,8 @@ class ClusterMember:
         self._reconciled_with: tuple[str, int] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.counters = ClusterCounters()
-        self.local_models: Callable[[], list[str]] = list
-        # The master re-places instances that lost a stage; it needs the model's footprint.
-        self.footprint_of: Callable[[str], ModelFootprint | None] = lambda model_id: None
+        self.local_models = local_models
+        self.footprint_of = footprint_of
         self.hostname = socket.gethostname()
         bus.on_topic(m.TOPIC_CONNECTION, self._on_heartbeat)
         bus.on_topic(m.TOPIC_ELECTION, self._on_election)
@@ -366,7 +370,7 @@ class ClusterMember:
                     self.replica.last_index,
                     master_id,
                 )
-                await self.replica.truncate_after(common, await rebuild(self.replica.store, common))
+                await self.replica.truncate_after(common, await restore_state(self.replica.store, common))
                 self.counters.events_dropped_on_reconcile += self.replica.last_index - common
         except RequestTimedOut:
             logger.warning("could not compare logs with %s; catch-up continues from here", master_id)
@@ -513,14 +517,14 @@ class ClusterMember:
     async def execute(self, command: m.Command) -> m.CommandAnswered:
         """Decide and sequence a command (master only); answers once its events are applied here."""
         if self.master is None:
-            return m.CommandAnswered(ok=False, error="not the master", status_code=503)
+            return m.CommandAnswered(m.Refused("not_master", "not the master"))
         outcome = decide(command, self.state, self._nodes_with_model(), f"i-{secrets.token_hex(4)}")
         try:
             async with asyncio.timeout(COMMAND_COMMIT_SECONDS):
                 await self.master.submit_own(outcome.events)
         except (TimeoutError, OverflowError) as error:
-            return m.CommandAnswered(ok=False, error=f"not committed: {error!r}", status_code=503)
-        return outcome.answer
+            return m.CommandAnswered(m.Refused("not_committed", f"not committed: {error!r}"))
+        return m.CommandAnswered(outcome.answer)
 
     def _nodes_with_model(self) -> dict[str, set[str]]:
         holders: dict[str, set[str]] = {}

@@ -29,6 +29,7 @@ from exo.bus.discovery import Discovery, DiscoveryError
 from exo.bus.security import cluster_tag, derive_security, new_cluster_secret, start_authenticator
 from exo.bus.sockets import SocketFactory
 from exo.bus.transport import Bus
+from exo.core.fold import LogGapError
 from exo.core.state import State
 from exo.inference.blas import check_blas, load_optimized_blas
 from exo.inference.client import PipelineClient, TokenSink
@@ -193,15 +194,24 @@ async def run_node(
         authenticator = start_authenticator(context, security)
         if authenticator is not None:
             stack.callback(authenticator.stop)
-        replica = await restore(store)
-        member = ClusterMember(
-            node_id, bus, replica, config.data_dir / "term", force_master=config.force_master
-        )
+        try:
+            replica = await restore(store)
+        except LogGapError as error:
+            raise StoreError(
+                f"the event log has a hole ({error}): `exo-replay --verify` shows where"
+            ) from None
         # The built-in model, so a fresh machine with no network answers a chat request.
         await asyncio.to_thread(ensure_builtin_model, config.models_dir)
         catalog = ModelCatalog(config.models_dir)
-        member.local_models = catalog.supported_ids
-        member.footprint_of = catalog.footprint
+        member = ClusterMember(
+            node_id,
+            bus,
+            replica,
+            config.data_dir / "term",
+            force_master=config.force_master,
+            local_models=catalog.supported_ids,
+            footprint_of=catalog.footprint,
+        )
         await bus.start()
         stack.push_async_callback(bus.close)
         stack.push_async_callback(member.close)
@@ -225,9 +235,13 @@ async def run_node(
         stack.push_async_callback(sink.close)
         client = PipelineClient(sink, context=context, security=security)
         stack.push_async_callback(client.close)
+        generator = PipelineGenerator(
+            client, catalog.tokenizer, lambda: member.state, holds_its_stage=worker.holds_its_stage
+        )
         services = ClusterServices(
             member,
             catalog,
+            generator,
             node_status_extra=lambda: {
                 "blas": {
                     **msgspec.to_builtins(blas),
@@ -242,9 +256,6 @@ async def run_node(
                 },
             },
             holds_its_stage=worker.holds_its_stage,
-        )
-        services.generator = PipelineGenerator(
-            client, services.tokenizer, lambda: member.state, holds_its_stage=worker.holds_its_stage
         )
         if config.discovery:
             discovery = await start_discovery(node_id, config, bus)
