@@ -34,8 +34,7 @@ from exo.inference.prefix_cache import KVSnapshots  # noqa: E402
 from exo.inference.sampling import logprobs_from_logits  # noqa: E402
 from exo.inference.shard import ShardModel, ShardSpec, load_shard  # noqa: E402
 from tests.harness.inference_helpers import N_LAYERS, PREFILL_STEP_SIZE, tiny_models  # noqa: E402
-from tests.test_inference_batching import TEXTS  # noqa: E402
-from tests.test_prefix_cache import NEXT_USER, TURN_ONE  # noqa: E402
+from tests.harness.prompts import NEXT_USER, TEXTS, TURN_ONE  # noqa: E402
 
 
 def prefill(shard: ShardModel, prompt: list[int], cache: Sequence[Any], start: int = 0) -> mx.array:

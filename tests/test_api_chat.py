@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from litestar.testing import TestClient
 
-from exo.api.app import create_app
 from exo.api.cluster_port import (
     ClusterUnavailable,
     GenerationAborted,
@@ -22,62 +18,19 @@ from exo.api.cluster_port import (
 )
 from exo.api.completion import CompletionSettings
 from exo.core.sampling import SamplingParams
-from tests.harness.fakes import END_OF_SEQUENCE, FakeNodeServices, FakeTokenizer, GenerateCall
-from tests.test_api_routes import assert_error
+from tests.harness.api_checks import assert_error, sse_events, streamed_text, wait_until_generation_ends
+from tests.harness.fakes import END_OF_SEQUENCE, FakeNodeServices
 
 USER_HI = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture
-def services() -> FakeNodeServices:
-    fake = FakeNodeServices()
-    # Multi-character tokens so tests can split text across tokens where they like.
-    fake.tokenizers["exo-tiny"] = FakeTokenizer(
-        {1000: "Hel", 1001: "lo", 1002: " wo", 1003: "rld", 1004: "!"}
-    )
-    fake.script = [1000, 1001, 1002, 1003, 1004]  # "Hello world!"
-    return fake
-
-
-@pytest.fixture
-def client(services: FakeNodeServices) -> Iterator[TestClient[Any]]:
-    settings = CompletionSettings(default_max_tokens=64, instance_ready_timeout_s=42.0)
-    with TestClient(create_app(services, completion_settings=settings)) as test_client:
-        yield test_client
+@pytest.fixture(scope="module")
+def completion_settings() -> CompletionSettings:
+    return CompletionSettings(default_max_tokens=64, instance_ready_timeout_s=42.0)
 
 
 def complete(client: TestClient[Any], **body: Any) -> Any:
     return client.post("/v1/chat/completions", json={"model": "exo-tiny", "messages": USER_HI, **body})
-
-
-def sse_events(response: Any) -> list[Any]:
-    """The `data:` payloads of an SSE body, JSON-decoded ("[DONE]" kept as a string)."""
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/event-stream")
-    text = response.text
-    assert text.endswith("\n\n")
-    events: list[Any] = []
-    for block in text.split("\n\n")[:-1]:
-        assert block.startswith("data: "), block
-        payload = block.removeprefix("data: ")
-        events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
-
-
-def streamed_text(events: list[Any]) -> str:
-    return "".join(
-        event["choices"][0]["delta"].get("content") or ""
-        for event in events
-        if isinstance(event, dict) and event.get("choices")
-    )
-
-
-def wait_until_generation_ends(call: GenerateCall, timeout: float = 5.0) -> None:
-    """The response can be complete a moment before the app's task closes the generation."""
-    deadline = time.monotonic() + timeout
-    while not (call.finished or call.closed_early):
-        assert time.monotonic() < deadline, "the generation neither finished nor was closed"
-        time.sleep(0.005)
 
 
 def test_non_streaming_completion(client: TestClient[Any], services: FakeNodeServices) -> None:

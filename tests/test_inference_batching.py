@@ -50,18 +50,9 @@ from tests.harness.inference_helpers import (
     tiny_models,
     wait_for_stats,
 )
+from tests.harness.prompts import TEXTS
 from tests.harness.wired_pipeline import WiredPipeline, generate_alone
 
-TEXTS = [
-    "Hi",
-    "The river runs through the valley",
-    "Please summarize the following paragraph in one sentence and explain",
-    "Once upon a time",
-    "Explain your reasoning step by step, then answer",
-    "a b c d e f g",
-    "What is the capital of France?",
-    "Write a poem about the sea and the old mill by the river",
-]
 MAX_TOKENS = 16
 ONE_STAGE = [(0, 6)]
 TWO_STAGES = [(0, 3), (3, 6)]

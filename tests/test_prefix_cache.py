@@ -40,15 +40,10 @@ from tests.harness.inference_helpers import (
     tiny_models,
     wait_for_stats,
 )
+from tests.harness.prompts import NEXT_USER, TURN_ONE
 from tests.harness.wired_pipeline import REQUESTER, WiredPipeline
 
 ROUTE = ["tcp://stage0", "tcp://stage1"]
-SYSTEM = (
-    "<|im_start|>system\nYou are a careful assistant who answers questions about rivers, old mills "
-    "and the sea, briefly and in plain words.<|im_end|>\n"
-)
-TURN_ONE = SYSTEM + "<|im_start|>user\nTell me about the tide.<|im_end|>\n<|im_start|>assistant\n"
-NEXT_USER = "<|im_end|>\n<|im_start|>user\nAnd what does the moon do?<|im_end|>\n<|im_start|>assistant\n"
 MAX_TOKENS = 12
 
 
