@@ -289,5 +289,5 @@ def decode_state(data: bytes) -> State:
 
 
 def state_document(state: State) -> bytes:
-    """The JSON state document of DESIGN.md (`GET /state`, `exo-replay --json`)."""
+    """The JSON state document (`GET /state`, `exo-replay --json`; docs/api.md describes its keys)."""
     return msgspec.json.encode(state)

@@ -266,8 +266,8 @@ async def run_node(
             await api.start()
             stack.push_async_callback(api.stop)
         # Start-up imports (transformers, mlx, litestar) leave millions of long-lived objects, and
-        # every full collection walked them all: 140-270 ms pauses on the event path, measured in
-        # each node of the events bench. Frozen, collections only walk what was made since.
+        # every full collection walked them all, pausing the event path (docs/benchmarks-store.md).
+        # Frozen, collections only walk what was made since.
         gc.collect()
         gc.freeze()
         # Last: the election's listening window starts once everything else is up.
