@@ -107,6 +107,7 @@ class ClusterMember:
         self.heartbeats: dict[str, m.Heartbeat] = {}
         self.master: Master | None = None
         self._master_since = 0.0
+        self._membership_sent_at = 0  # the index the last membership events were sequenced at
         self.outbox = Outbox(node_id)
         self._apply_queue: asyncio.Queue[list[IndexedEvent]] = asyncio.Queue(APPLY_QUEUE_BATCHES)
         self._fetch_task: asyncio.Task[bool] | None = None
@@ -254,7 +255,7 @@ class ClusterMember:
             self.master.submit_own(events)
 
     def _membership_in_flight(self) -> bool:
-        sent_at = getattr(self, "_membership_sent_at", 0)
+        sent_at = self._membership_sent_at
         return self.replica.last_index < sent_at
 
     def _own_heartbeat_view(self) -> m.Heartbeat:

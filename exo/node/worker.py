@@ -94,12 +94,12 @@ class Worker:
         self.runner_threads = runner_threads
         self.runner_limits = runner_limits or RunnerLimits()
         # Runners use the node's CURVE keys for their pipeline sockets; the keys go by environment.
-        self._runner_environment = {**os.environ}
-        self._runner_environment.pop(CLUSTER_KEYS_ENVIRONMENT, None)
-        self._runner_environment.pop("EXO_CLUSTER_SECRET", None)  # the runner needs the keys, not this
+        self.runner_environment = {**os.environ}
+        self.runner_environment.pop(CLUSTER_KEYS_ENVIRONMENT, None)
+        self.runner_environment.pop("EXO_CLUSTER_SECRET", None)  # the runner needs the keys, not this
         keys = (security or BusSecurity()).environment_value()
         if keys is not None:
-            self._runner_environment[CLUSTER_KEYS_ENVIRONMENT] = keys
+            self.runner_environment[CLUSTER_KEYS_ENVIRONMENT] = keys
         self.runners: dict[str, LocalRunner] = {}
         self._context = zmq.asyncio.Context.instance()
         self._control: zmq.asyncio.Socket | None = None
@@ -195,7 +195,7 @@ class Worker:
         argv = self.runner_argv(runner_id)
         self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "loading")])
         try:
-            runner.process = await asyncio.create_subprocess_exec(*argv, env=self._runner_environment)
+            runner.process = await asyncio.create_subprocess_exec(*argv, env=self.runner_environment)
         except OSError as error:
             runner.move("failed")
             self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "failed", str(error))])

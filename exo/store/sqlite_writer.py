@@ -8,7 +8,8 @@ caller is cancelled. The store is the only writer of its file, so the last index
 
 `insert_now` writes on the caller's thread instead, blocking it for the commit: for the master's
 sequencer, whose next step (apply, publish) waits for the commit anyway: the hop into the thread
-and back cost more than the commit itself there (docs/benchmarks-store.md). A lock keeps the two ways from using the connection at once.
+and back cost more than the commit itself there (docs/benchmarks-store.md). A lock keeps the two
+ways from using the connection at once.
 
 The connection takes the same settings as the store's SQLAlchemy connections (WAL, `synchronous`,
 busy timeout); callers serialise every use (the store's write lock).
