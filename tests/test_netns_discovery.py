@@ -27,7 +27,7 @@ from tests.harness.netns import (
 pytestmark = pytest.mark.netns
 
 DEADLINE = 20.0
-PEER_SCRIPT = str(REPO_ROOT / "tests" / "discovery_peer.py")
+PEER_SCRIPT = str(REPO_ROOT / "tests" / "harness" / "discovery_peer.py")
 
 
 class Peer:

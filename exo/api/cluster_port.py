@@ -1,4 +1,4 @@
-"""What the HTTP API needs from the node: one Protocol, its value types and its typed errors.
+"""The API's port onto the cluster: one Protocol (`NodeServices`), its value types, its typed errors.
 
 The API holds no cluster logic. Every controller is a few lines over a `NodeServices`, which the
 node implements over its state, its bus and its runners (and tests implement with fakes). The
