@@ -9,8 +9,8 @@ import pytest
 from litestar.testing import TestClient
 
 from exo.api.app import create_app
-from exo.api.fakes import FakeNodeServices
-from tests.test_api_routes import assert_error, build_state
+from tests.harness.api_checks import assert_error, build_state
+from tests.harness.fakes import FakeNodeServices
 
 API_KEY = "s3cret-key"
 CHAT_BODY = {"model": "exo-tiny", "messages": [{"role": "user", "content": "hi"}]}

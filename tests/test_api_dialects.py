@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from litestar.testing import TestClient
 
-from exo.api.app import create_app
+from exo.api.cluster_port import GenerationAborted, NoCapacity
 from exo.api.completion import CompletionSettings
-from exo.api.fakes import FakeNodeServices, FakeTokenizer
-from exo.api.services import GenerationFailed, NoCapacity
-from exo.events import ShardAssignment
-from exo.state import Instance, State
+from exo.core.events import ShardAssignment
+from exo.core.state import Instance, State
+from tests.harness.fakes import FakeNodeServices, FakeTokenizer
+
+
+@pytest.fixture(scope="module")
+def completion_settings() -> CompletionSettings:
+    return CompletionSettings(default_max_tokens=256)
+
 
 HEADERS = {"anthropic-version": "2023-06-01"}
 CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -23,31 +27,6 @@ CLAUDE_TOOL = {
     "description": "Weather in a city",
     "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
 }
-
-
-@pytest.fixture(scope="module")
-def app() -> Iterator[tuple[FakeNodeServices, TestClient[Any]]]:
-    fake = FakeNodeServices()
-    with TestClient(
-        create_app(fake, completion_settings=CompletionSettings(default_max_tokens=256))
-    ) as client:
-        yield fake, client
-
-
-@pytest.fixture
-def services(app: tuple[FakeNodeServices, TestClient[Any]]) -> FakeNodeServices:
-    fake, _ = app
-    fake.__dict__.update(FakeNodeServices().__dict__)
-    fake.tokenizers["exo-tiny"] = FakeTokenizer(
-        {1000: "Hel", 1001: "lo", 1002: " wo", 1003: "rld", 1004: "!"}
-    )
-    fake.script = [1000, 1001, 1002, 1003, 1004]  # "Hello world!"
-    return fake
-
-
-@pytest.fixture
-def client(app: tuple[FakeNodeServices, TestClient[Any]], services: FakeNodeServices) -> TestClient[Any]:
-    return app[1]
 
 
 def script_text(services: FakeNodeServices, text: str) -> None:
@@ -216,7 +195,7 @@ def test_claude_no_capacity_and_stage_failure(client: TestClient[Any], services:
     services.ensure_error = NoCapacity("exo-tiny", ["node0: short by 1 GiB"])
     assert "short by 1 GiB" in assert_claude_error(claude(client), 503, "overloaded_error")
     services.ensure_error = None
-    services.script = [1000, GenerationFailed("i-1", "stage gone")]
+    services.script = [1000, GenerationAborted("i-1", "stage gone")]
     events = claude_events(claude(client, stream=True))
     assert events[-1][0] == "error" and "stage gone" in events[-1][1]["error"]["message"]
 
@@ -350,7 +329,7 @@ def test_ollama_errors(
 
 
 def test_ollama_stage_failure_mid_stream(client: TestClient[Any], services: FakeNodeServices) -> None:
-    services.script = [1000, GenerationFailed("i-1", "stage gone")]
+    services.script = [1000, GenerationAborted("i-1", "stage gone")]
     lines = ndjson(ollama_chat(client))
     assert "stage gone" in lines[-1]["error"]
     assert not any(line.get("done") for line in lines)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -15,15 +14,19 @@ import pytest
 from litestar.testing import TestClient
 
 from exo.api import runs
-from exo.api.app import create_app
 from exo.api.completion import CompletionSettings
-from exo.api.fakes import FakeNodeServices, FakeTokenizer, model_info
 from exo.api.openai_chat import chat_completion_stream, chat_request
 from exo.api.openai_types import ChatCompletionRequest
 from exo.api.runs import ActiveCompletions, CompletionRun
-from exo.inference.protocol import SamplingParams
-from tests.test_api_chat import sse_events, wait_until_generation_ends
-from tests.test_api_routes import assert_error
+from exo.core.sampling import SamplingParams
+from tests.harness.api_checks import assert_error, sse_events, wait_until_generation_ends
+from tests.harness.fakes import FakeNodeServices, FakeTokenizer, model_info
+
+
+@pytest.fixture(scope="module")
+def completion_settings() -> CompletionSettings:
+    return CompletionSettings(default_max_tokens=256)
+
 
 USER_HI = [{"role": "user", "content": "hi"}]
 WEATHER_TOOL = {
@@ -40,31 +43,6 @@ CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}
 
 def tokens_of(tokenizer: FakeTokenizer, text: str) -> list[int]:
     return tokenizer.encode(text)
-
-
-@pytest.fixture(scope="module")
-def app() -> Iterator[tuple[FakeNodeServices, TestClient[Any]]]:
-    """One app per module (building one takes a while); each test resets the fake it holds."""
-    fake = FakeNodeServices()
-    settings = CompletionSettings(default_max_tokens=256)
-    with TestClient(create_app(fake, completion_settings=settings)) as test_client:
-        yield fake, test_client
-
-
-@pytest.fixture
-def services(app: tuple[FakeNodeServices, TestClient[Any]]) -> FakeNodeServices:
-    fake, _ = app
-    fake.__dict__.update(FakeNodeServices().__dict__)  # a fresh fake in the object the app holds
-    fake.tokenizers["exo-tiny"] = FakeTokenizer(
-        {1000: "Hel", 1001: "lo", 1002: " wo", 1003: "rld", 1004: "!"}
-    )
-    fake.script = [1000, 1001, 1002, 1003, 1004]  # "Hello world!"
-    return fake
-
-
-@pytest.fixture
-def client(app: tuple[FakeNodeServices, TestClient[Any]], services: FakeNodeServices) -> TestClient[Any]:
-    return app[1]
 
 
 def chat(client: TestClient[Any], **body: Any) -> Any:

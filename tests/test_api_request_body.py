@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from litestar.testing import TestClient
 
-from exo.api.app import create_app
-from exo.api.fakes import FakeNodeServices
+from tests.harness.fakes import FakeNodeServices
 
 CLAUDE_HEADERS = {"anthropic-version": "2023-06-01"}
 BODY_ROUTES = [
@@ -20,17 +18,6 @@ BODY_ROUTES = [
     "/ollama/api/generate",
     "/place_instance",
 ]
-
-
-@pytest.fixture
-def services() -> FakeNodeServices:
-    return FakeNodeServices()
-
-
-@pytest.fixture
-def client(services: FakeNodeServices) -> Iterator[TestClient[Any]]:
-    with TestClient(create_app(services)) as test_client:
-        yield test_client
 
 
 def error_message(path: str, body: Any) -> str:

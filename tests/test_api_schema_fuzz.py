@@ -16,7 +16,7 @@ from schemathesis.config import SchemathesisConfig
 
 from exo.api.app import create_app
 from exo.api.completion import CompletionSettings
-from exo.api.fakes import FakeNodeServices, FakeTokenizer
+from tests.harness.fakes import FakeNodeServices, FakeTokenizer
 
 MAX_EXAMPLES = 30
 

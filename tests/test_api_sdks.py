@@ -22,8 +22,8 @@ import ollama
 import openai
 import pytest
 
-from tests.cluster_harness import NodeProcess, free_port, wait_until
-from tests.inference_helpers import tiny_models
+from tests.harness.cluster_harness import NodeProcess, free_port, wait_until
+from tests.harness.inference_helpers import tiny_models
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.cluster_harness import LoopbackCluster, NodeProcess, free_port, wait_until
+from tests.harness.cluster_harness import LoopbackCluster, NodeProcess, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import zmq.asyncio
 
-from exo.bus import messages as m
 from exo.bus.sockets import SocketFactory
 from exo.bus.transport import Bus
-from exo.events import IndexedEvent, MasterElected, NodeLabelled
-from exo.roles.cluster import ClusterMember
-from exo.roles.replica import restore
+from exo.core import messages as m
+from exo.core.events import IndexedEvent, MasterElected, NodeLabelled
+from exo.node.cluster import ClusterMember
+from exo.node.replica import restore
 from exo.store.memory import InMemoryEventStore
-from tests.cluster_harness import free_port
+from tests.harness.cluster_harness import free_port
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from exo.bus import messages as m
 from exo.bus.codec import DropCounter, decode_reply, decode_request, decode_topic, encode
+from exo.core import messages as m
 
 INVALID_UTF8_LOCAL_EVENTS = b"\x83\xa4type\xafL\xbecalEventsSent\xa7no\x0ee_id\xa1x\xa6events\x90"
 

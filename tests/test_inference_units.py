@@ -15,6 +15,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from exo.core.sampling import SamplingParams
 from exo.inference.client import GenerationError, GenerationRequest, PipelineClient, TokenSink
 from exo.inference.models import (
     InvalidModelIdError,
@@ -28,7 +29,6 @@ from exo.inference.protocol import (
     GenerationCancelled,
     GenerationFailed,
     GenerationStarted,
-    SamplingParams,
     StageAlive,
     TokenSampled,
     encode,
@@ -46,7 +46,7 @@ from exo.inference.synthetic import (
     parse_arguments,
     write_synthetic_model,
 )
-from tests.inference_helpers import N_LAYERS, tiny_models
+from tests.harness.inference_helpers import N_LAYERS, tiny_models
 
 SMALL_SPEC = SyntheticModelSpec(layers=2, hidden=64, intermediate=128, vocab=300)
 

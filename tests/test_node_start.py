@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exo.node import quiet_transformers
-from tests.cluster_harness import free_port
+from exo.node.main import quiet_transformers
+from tests.harness.cluster_harness import free_port
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
 DEADLINE = 90.0

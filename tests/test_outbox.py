@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from exo.events import IndexedEvent, InstanceDeleted, NodeLabelled, RunnerStatusUpdated
+from exo.core.events import IndexedEvent, InstanceDeleted, NodeLabelled, RunnerStatusUpdated
 from exo.roles.outbox import MAX_LOCAL_BATCH, MAX_PENDING_LOCAL_EVENTS, RESEND_AFTER_SECONDS, Outbox
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from exo.bus.liveness import Liveness
-from exo.bus.messages import LocalEvent
-from exo.events import (
+from exo.core.events import (
     IndexedEvent,
     InstanceCreated,
     InstanceDeleted,
@@ -14,6 +12,8 @@ from exo.events import (
     RunnerStatusUpdated,
     ShardAssignment,
 )
+from exo.core.messages import LocalEvent
+from exo.roles.liveness import Liveness
 from exo.roles.sequencer import (
     GAP_RETRY_INITIAL,
     GAP_RETRY_MAX,

@@ -15,13 +15,13 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from exo.api.cluster_port import ServiceError
 from exo.api.completion import ChatPrompt, CompletionRequest, ToolSpec
 from exo.api.decoding import ChoiceEnded, TextDelta, ToolCallMade
 from exo.api.errors import ApiError, anthropic_error, service_error_body
 from exo.api.openai_chat import sampling_params
 from exo.api.openai_types import MAX_STOP_STRINGS, NonEmptyString, StopString, TopK, TopP
 from exo.api.runs import CompletionRun, collect, server_sent_event
-from exo.api.services import ServiceError
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
 

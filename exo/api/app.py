@@ -22,6 +22,7 @@ from litestar.params import JSONBody, Parameter, SkipValidation
 
 from exo.api import ollama
 from exo.api.anthropic import MessagesRequest
+from exo.api.cluster_port import InstanceNotFound, ModelNotFound, NodeServices, text_tokenizer
 from exo.api.completion import CompletionSettings
 from exo.api.completion_routes import COMPLETION_ROUTES
 from exo.api.errors import BODY, EXCEPTION_HANDLERS, QUERY, READ, decode_strictly, error_responses
@@ -41,11 +42,10 @@ from exo.api.openai_types import ChatCompletionRequest, ModelList, ModelObject
 from exo.api.openapi import render_plugins
 from exo.api.request_body import check_request_body
 from exo.api.runs import ActiveCompletions
-from exo.api.services import InstanceNotFound, ModelNotFound, NodeServices, text_tokenizer
-from exo.events import Event, IndexedEvent, Sharding
-from exo.inference.models import ModelInfo
-from exo.roles.placement import PlacementPreview
-from exo.state import Instance, State, state_document
+from exo.core.events import Event, IndexedEvent, Sharding
+from exo.core.models import ModelInfo
+from exo.core.placement import PlacementPreview
+from exo.core.state import Instance, State, state_document
 
 MAX_EVENTS_PAGE = 1000
 MAX_REQUEST_BYTES = 16 * 1024 * 1024

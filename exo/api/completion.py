@@ -11,12 +11,12 @@ from typing import Any, Literal
 
 import msgspec
 
+from exo.api.cluster_port import ChatTokenizer, NodeServices, text_tokenizer
 from exo.api.errors import ApiError
 from exo.api.model_limits import context_length
-from exo.api.services import ChatTokenizer, NodeServices, text_tokenizer
 from exo.api.tool_calls import HERMES_OPEN
-from exo.inference.protocol import SamplingParams
-from exo.state import Instance
+from exo.core.sampling import SamplingParams
+from exo.core.state import Instance
 
 ToolMode = Literal["auto", "required", "named"]
 

@@ -14,8 +14,8 @@ from typing import Literal
 
 import msgspec
 
+from exo.api.cluster_port import ChatTokenizer, GeneratedToken, text_tokenizer
 from exo.api.openai_types import TokenLogprob, TopLogprob
-from exo.api.services import ChatTokenizer, GeneratedToken, text_tokenizer
 from exo.api.stop_strings import StopStringMatcher
 from exo.api.tool_calls import ContentPiece, Piece, ToolCallExtractor
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from exo.api.cluster_port import ServiceError
 from exo.api.completion import ChatPrompt, CompletionRequest, TextPrompt, ToolSpec
 from exo.api.decoding import ChoiceEnded, TextDelta, ToolCallMade
 from exo.api.errors import ApiError, service_error_body
@@ -38,9 +39,8 @@ from exo.api.ollama_types import (
 )
 from exo.api.openai_chat import function_definitions, sampling_params
 from exo.api.runs import ChoiceResult, CompletionRun, collect
-from exo.api.services import ServiceError
-from exo.inference.models import ModelInfo
-from exo.inference.protocol import SamplingParams
+from exo.core.models import ModelInfo
+from exo.core.sampling import SamplingParams
 
 OLLAMA_VERSION = "0.12.0"  # the Ollama API version these routes follow
 LATEST = ":latest"

@@ -7,6 +7,7 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any, Protocol
 
+from exo.api.cluster_port import ServiceError
 from exo.api.completion import ChatPrompt, CompletionRequest, ToolSpec
 from exo.api.decoding import ChoiceEnded, TextDelta, ToolCallMade
 from exo.api.errors import ApiError, ErrorBody, service_error_body
@@ -30,8 +31,7 @@ from exo.api.openai_types import (
     ToolDefinition,
 )
 from exo.api.runs import CompletionRun, collect, server_sent_event
-from exo.api.services import ServiceError
-from exo.inference.protocol import SamplingParams
+from exo.core.sampling import SamplingParams
 
 DONE = b"data: [DONE]\n\n"
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from exo.inference.protocol import MAX_TOP_LOGPROBS
+from exo.core.sampling import MAX_TOP_LOGPROBS
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 ChatFinishReason = Literal["stop", "length", "tool_calls"]

@@ -19,10 +19,10 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from exo.api.cluster_port import ChatTokenizer, GeneratedToken, NodeServices, ServiceError
 from exo.api.completion import ChatPrompt, PreparedCompletion
 from exo.api.decoding import ChoiceDecoder, ChoiceEnded, ChoiceEvent, TextDelta, ToolCallMade
 from exo.api.openai_types import PromptTokensDetails, TokenLogprob, Usage
-from exo.api.services import ChatTokenizer, GeneratedToken, NodeServices, ServiceError
 from exo.api.tool_calls import ToolCallExtractor
 
 QUEUE_SLOTS_PER_CHOICE = 64

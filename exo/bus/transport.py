@@ -19,7 +19,8 @@ import zmq
 import zmq.asyncio
 
 from exo.bus.codec import DropCounter, decode_reply, decode_request, decode_topic, encode
-from exo.bus.messages import (
+from exo.bus.sockets import SocketFactory, bind_ephemeral
+from exo.core.messages import (
     HelloAnswered,
     HelloRequested,
     Reply,
@@ -28,7 +29,6 @@ from exo.bus.messages import (
     RequestEnvelope,
     RequestFailed,
 )
-from exo.bus.sockets import SocketFactory, bind_ephemeral
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class RequestTimedOut(Exception):
 
 
 @dataclass
-class Peer:
+class PeerLink:
     """A peer as seen through one bus address."""
 
     address: str
@@ -83,7 +83,7 @@ class Bus:
         self._topic_handlers: dict[bytes, TopicHandler] = {}
         self._request_handler: RequestHandler | None = None
         self._peer_handlers: list[PeerHandler] = []
-        self.peers: dict[str, Peer] = {}  # by bus address
+        self.peers: dict[str, PeerLink] = {}  # by bus address
         self._request_ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._router: zmq.asyncio.Socket | None = None
@@ -154,7 +154,7 @@ class Bus:
         if peer is None:
             dealer = self.factory.make(zmq.DEALER, server=False)
             dealer.connect(f"tcp://{address}")
-            peer = Peer(address=address, dealer=dealer)
+            peer = PeerLink(address=address, dealer=dealer)
             self.peers[address] = peer
             peer.reader_task = asyncio.create_task(self._read_replies(peer), name=f"bus-dealer-{address}")
         if peer.hello_task is None or peer.hello_task.done():
@@ -169,7 +169,7 @@ class Bus:
     def known_addresses(self) -> list[str]:
         return sorted(address for address, peer in self.peers.items() if peer.node_id is not None)
 
-    async def _hello(self, peer: Peer) -> None:
+    async def _hello(self, peer: PeerLink) -> None:
         request = HelloRequested(node_id=self.node_id, bus_port=self.bus_port)
         while True:
             try:
@@ -182,7 +182,7 @@ class Bus:
                 return
             await asyncio.sleep(HELLO_RETRY_SECONDS)
 
-    def _hello_answered(self, peer: Peer, reply: HelloAnswered) -> None:
+    def _hello_answered(self, peer: PeerLink, reply: HelloAnswered) -> None:
         if reply.node_id == self.node_id:
             # An address of our own (a static peer list that names this node): how others reach us,
             # not a peer.
@@ -205,7 +205,7 @@ class Bus:
         for handler in self._peer_handlers:
             handler(reply.node_id, peer.address)
 
-    def _forget(self, peer: Peer) -> None:
+    def _forget(self, peer: PeerLink) -> None:
         """Drop a peer entry; its reader stops and its socket closes in a task that close() awaits."""
         self.peers.pop(peer.address, None)
 
@@ -242,7 +242,7 @@ class Bus:
         finally:
             peer.pending.pop(request_id, None)
 
-    async def _read_replies(self, peer: Peer) -> None:
+    async def _read_replies(self, peer: PeerLink) -> None:
         while True:
             frames = await peer.dealer.recv_multipart()
             self.frames_received += 1

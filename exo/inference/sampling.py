@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from exo.inference.protocol import SamplingParams
+from exo.core.sampling import SamplingParams
 
 Sampler = Callable[[mx.array], mx.array]  # log-probabilities (1, vocab) -> token ids (1,)
 

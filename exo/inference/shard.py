@@ -146,8 +146,8 @@ class ShardModel:
             # Start computing each layer while Python builds the next one's graph. On MLX's CPU
             # backend an async_eval blocks until all but the last few queued ops have run, so one
             # async_eval per pass computes after its whole graph is built: a pipeline stage, which
-            # cannot build ahead of its input, would add its build time (~0.3 ms a layer here) to
-            # every token. Same ops in the same order: the outputs are bit-identical.
+            # cannot build ahead of its input, would add its build time to every token
+            # (docs/benchmarks-inference.md). Same ops in the same order: the outputs are bit-identical.
             mx.async_eval(hidden)
         if not self.spec.is_last:
             return hidden

@@ -5,20 +5,33 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from exo.bus.messages import Command, CommandAnswered, DeleteInstance, LabelNode, PlaceInstance
-from exo.events import Event, InstanceCreated, InstanceDeleted, NodeLabelled
-from exo.roles.placement import ModelFootprint, PlacementRefusal, place
-from exo.state import State
+from exo.core.events import Event, InstanceCreated, InstanceDeleted, NodeLabelled
+from exo.core.messages import (
+    Command,
+    CommandAnswer,
+    Deleted,
+    DeleteInstance,
+    Labelled,
+    LabelNode,
+    Placed,
+    PlaceInstance,
+    RefusalReason,
+    Refused,
+)
+from exo.core.models import ModelFootprint
+from exo.core.placement import PlacementRefusal
+from exo.core.state import State
+from exo.roles.placement import place
 
 
 @dataclass(frozen=True)
 class CommandOutcome:
-    answer: CommandAnswered
+    answer: CommandAnswer
     events: list[Event] = field(default_factory=list[Event])
 
 
-def _refused(error: str, status_code: int) -> CommandOutcome:
-    return CommandOutcome(CommandAnswered(ok=False, error=error, status_code=status_code))
+def _refused(reason: RefusalReason, detail: str) -> CommandOutcome:
+    return CommandOutcome(Refused(reason, detail))
 
 
 def reserved_bytes(state: State, footprints: Mapping[str, ModelFootprint]) -> dict[str, int]:
@@ -46,14 +59,12 @@ def decide(
             return _place(command, state, nodes_with_model, new_instance_id)
         case DeleteInstance(instance_id=instance_id):
             if instance_id not in state.instances:
-                return _refused(f"instance {instance_id!r} not found", 404)
-            return CommandOutcome(
-                CommandAnswered(ok=True, result={"instance_id": instance_id}), [InstanceDeleted(instance_id)]
-            )
+                return _refused("instance_not_found", f"instance {instance_id!r} not found")
+            return CommandOutcome(Deleted(instance_id), [InstanceDeleted(instance_id)])
         case LabelNode(node_id=node_id, key=key, value=value):
             if node_id not in state.nodes:
-                return _refused(f"node {node_id!r} not found", 404)
-            return CommandOutcome(CommandAnswered(ok=True), [NodeLabelled(node_id, key, value)])
+                return _refused("node_not_found", f"node {node_id!r} not found")
+            return CommandOutcome(Labelled(node_id), [NodeLabelled(node_id, key, value)])
 
 
 def _place(
@@ -68,12 +79,12 @@ def _place(
     holders = nodes_with_model.get(command.model_id, set())
     candidates = [node for node in state.nodes.values() if node.status == "alive" and node.node_id in holders]
     if not candidates:
-        return _refused(f"no alive node has model {command.model_id!r} in its models dir", 503)
+        return _refused("model_not_held", f"no alive node has model {command.model_id!r} in its models dir")
     reserved = reserved_bytes(state, {command.model_id: command.footprint})
     min_nodes = min(command.min_nodes, len(candidates)) if at_most_available else command.min_nodes
     result = place(command.footprint, candidates, min_nodes, reserved)
     if isinstance(result, PlacementRefusal):
-        return _refused(f"cannot place {command.model_id!r}: {'; '.join(result.reasons)}", 503)
+        return _refused("does_not_fit", f"cannot place {command.model_id!r}: {'; '.join(result.reasons)}")
     created = InstanceCreated(
         instance_id=instance_id,
         model_id=command.model_id,
@@ -81,7 +92,7 @@ def _place(
         shard_assignments=result.shard_assignments,
         min_nodes=command.min_nodes,
     )
-    return CommandOutcome(CommandAnswered(ok=True, result={"instance_id": instance_id}), [created])
+    return CommandOutcome(Placed(instance_id), [created])
 
 
 def gone_node_failure(reason: str | None) -> bool:
@@ -110,6 +121,6 @@ def replacement_events(
             continue
         command = PlaceInstance(instance.model_id, footprint, instance.sharding, instance.min_nodes)
         outcome = _place(command, state, nodes_with_model, new_instance_id(), at_most_available=True)
-        if outcome.answer.ok:
+        if isinstance(outcome.answer, Placed):
             events.extend([InstanceDeleted(instance_id), *outcome.events])
     return events

@@ -16,8 +16,8 @@ from collections import OrderedDict
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
-from exo.bus.messages import LocalEvent
-from exo.events import Event, IndexedEvent, InstanceDeleted, RunnerStatusUpdated
+from exo.core.events import Event, IndexedEvent, InstanceDeleted, RunnerStatusUpdated
+from exo.core.messages import LocalEvent
 
 RESEND_AFTER_SECONDS = 1.0
 MAX_PENDING_LOCAL_EVENTS = 100_000

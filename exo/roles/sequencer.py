@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from exo.bus.messages import LocalEvent
-from exo.events import Event, IndexedEvent, InstanceCreated, InstanceDeleted, RunnerStatusUpdated
+from exo.core.events import Event, IndexedEvent, InstanceCreated, InstanceDeleted, RunnerStatusUpdated
+from exo.core.messages import LocalEvent
 
 # Out-of-order events held while a gap is being fetched; past this the newest are dropped and
 # fetched again later (bounded memory beats buffering an unbounded burst).

@@ -1,4 +1,4 @@
-"""What the HTTP API needs from the node: one Protocol, its value types and its typed errors.
+"""The API's port onto the cluster: one Protocol (`NodeServices`), its value types, its typed errors.
 
 The API holds no cluster logic. Every controller is a few lines over a `NodeServices`, which the
 node implements over its state, its bus and its runners (and tests implement with fakes). The
@@ -13,11 +13,11 @@ from typing import Any, Literal, Protocol, cast
 
 import msgspec
 
-from exo.events import IndexedEvent, Sharding
-from exo.inference.models import ModelInfo
-from exo.inference.protocol import SamplingParams
-from exo.roles.placement import PlacementPreview
-from exo.state import Instance, State
+from exo.core.events import IndexedEvent, Sharding
+from exo.core.models import ModelInfo
+from exo.core.placement import PlacementPreview
+from exo.core.sampling import SamplingParams
+from exo.core.state import Instance, State
 
 FinishReason = Literal["stop", "length"]
 
@@ -199,7 +199,7 @@ class NodeServices(Protocol):
         At most `max_tokens` tokens; the last one carries the finish reason, then the iterator ends.
         Closing the iterator early (`aclose()`, which the API does on a stop string or a client that
         went away) cancels the generation on every stage.
-        Raises GenerationFailed (before or between tokens) promptly, within seconds, when a stage
+        Raises GenerationAborted (before or between tokens) promptly, within seconds, when a stage
         fails or goes away; never hangs on a dead stage.
         """
         ...
@@ -251,7 +251,7 @@ class InstanceNotReady(ServiceError):
         self.timeout_s = timeout_s
 
 
-class GenerationFailed(ServiceError):
+class GenerationAborted(ServiceError):
     """A stage failed or went away during a generation."""
 
     def __init__(self, instance_id: str, reason: str) -> None:

@@ -1,6 +1,6 @@
 """A minimal process that runs `Discovery` and prints one JSON line per event (used inside namespaces).
 
-    python tests/discovery_peer.py --node-id A --bus-port 52414 [--cluster-tag T] [--address IP]
+    python tests/harness/discovery_peer.py --node-id A --bus-port 52414 [--cluster-tag T] [--address IP]
 
 Lines: {"event": "started", "addresses": [...]}, {"event": "found", "node_id", "address"},
 {"event": "lost", "node_id"}, {"event": "ignored", "reason", "count"}. Runs until SIGTERM or SIGINT.

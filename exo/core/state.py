@@ -11,7 +11,7 @@ from typing import Literal, assert_never
 import msgspec
 from msgspec.structs import replace
 
-from exo.events import (
+from exo.core.events import (
     IndexedEvent,
     InstanceCreated,
     InstanceDeleted,
@@ -291,5 +291,5 @@ def decode_state(data: bytes) -> State:
 
 
 def state_document(state: State) -> bytes:
-    """The JSON state document of DESIGN.md (`GET /state`, `exo-replay --json`)."""
+    """The JSON state document (`GET /state`, `exo-replay --json`; docs/api.md describes its keys)."""
     return msgspec.json.encode(state)

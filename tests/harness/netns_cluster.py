@@ -1,9 +1,9 @@
 """Real exo nodes inside network namespaces: start, kill -9, restart, and read each node's HTTP API.
 
-Each node runs in its own `NetnsHost` (tests/netns.py) with discovery on, so the nodes find each
+Each node runs in its own `NetnsHost` (tests/harness/netns.py) with discovery on, so the nodes find each
 other by mDNS on the private switch, and every node can use the same ports (namespaces don't share
 them). The API listens on 127.0.0.1 inside the node's namespace and is read through connections
-made inside that namespace (tests/netns_http.py), so it stays reachable while the node's cable is
+made inside that namespace (tests/harness/netns_http.py), so it stays reachable while the node's cable is
 out or it is partitioned away.
 """
 
@@ -22,8 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from tests.netns import NetnsCluster, NetnsHost, python_env
-from tests.netns_http import NamespaceConnection, NodeApiError, NodeApiStatusError
+from tests.harness.netns import NetnsCluster, NetnsHost, python_env
+from tests.harness.netns_http import NamespaceConnection, NodeApiError, NodeApiStatusError
 
 __all__ = ["ExoNode", "NetnsExoCluster", "NodeApiError", "NodeApiStatusError", "event_line", "replay_verify"]
 

@@ -19,10 +19,13 @@ from typing import Any
 
 import psutil
 
-from exo.bus import messages as m
-from exo.bus.liveness import HEARTBEAT_INTERVAL, Liveness
 from exo.bus.transport import Bus, RequestTimedOut
-from exo.events import Event, IndexedEvent, MasterElected
+from exo.core import messages as m
+from exo.core.events import Event, IndexedEvent, MasterElected
+from exo.core.models import ModelFootprint
+from exo.core.state import State, decode_state, encode_state
+from exo.node.master import Master
+from exo.node.replica import Replica, find_common_prefix
 from exo.roles.commands import decide, replacement_events
 from exo.roles.election import (
     Action,
@@ -33,12 +36,11 @@ from exo.roles.election import (
     FollowMaster,
     PersistTerm,
 )
-from exo.roles.master import Master, membership_events
+from exo.roles.liveness import HEARTBEAT_INTERVAL, Liveness
+from exo.roles.membership import membership_events
 from exo.roles.outbox import Outbox
-from exo.roles.placement import ModelFootprint
-from exo.roles.replica import Replica, find_common_prefix, rebuild
 from exo.roles.sequencer import GapRequest, Sequencer
-from exo.state import State, decode_state, encode_state
+from exo.store.restore import restore_state
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +90,11 @@ class ClusterMember:
         *,
         force_master: bool = False,
         interval: float = HEARTBEAT_INTERVAL,
+        local_models: Callable[[], list[str]] = list,
+        footprint_of: Callable[[str], ModelFootprint | None] = lambda _model_id: None,
     ) -> None:
+        """`local_models`: the models this node can serve (announced in heartbeats). `footprint_of`:
+        a model's memory needs, for the master re-placing instances that lost a stage."""
         self.node_id = node_id
         self.bus = bus
         self.replica = replica
@@ -101,6 +107,7 @@ class ClusterMember:
         self.heartbeats: dict[str, m.Heartbeat] = {}
         self.master: Master | None = None
         self._master_since = 0.0
+        self._membership_sent_at = 0  # the index the last membership events were sequenced at
         self.outbox = Outbox(node_id)
         self._apply_queue: asyncio.Queue[list[IndexedEvent]] = asyncio.Queue(APPLY_QUEUE_BATCHES)
         self._fetch_task: asyncio.Task[bool] | None = None
@@ -111,9 +118,8 @@ class ClusterMember:
         self._reconciled_with: tuple[str, int] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.counters = ClusterCounters()
-        self.local_models: Callable[[], list[str]] = list
-        # The master re-places instances that lost a stage; it needs the model's footprint.
-        self.footprint_of: Callable[[str], ModelFootprint | None] = lambda model_id: None
+        self.local_models = local_models
+        self.footprint_of = footprint_of
         self.hostname = socket.gethostname()
         bus.on_topic(m.TOPIC_CONNECTION, self._on_heartbeat)
         bus.on_topic(m.TOPIC_ELECTION, self._on_election)
@@ -249,7 +255,7 @@ class ClusterMember:
             self.master.submit_own(events)
 
     def _membership_in_flight(self) -> bool:
-        sent_at = getattr(self, "_membership_sent_at", 0)
+        sent_at = self._membership_sent_at
         return self.replica.last_index < sent_at
 
     def _own_heartbeat_view(self) -> m.Heartbeat:
@@ -371,7 +377,7 @@ class ClusterMember:
                     self.replica.last_index,
                     master_id,
                 )
-                await self.replica.truncate_after(common, await rebuild(self.replica.store, common))
+                await self.replica.truncate_after(common, await restore_state(self.replica.store, common))
                 self.counters.events_dropped_on_reconcile += self.replica.last_index - common
         except RequestTimedOut:
             logger.warning("could not compare logs with %s; catch-up continues from here", master_id)
@@ -518,14 +524,14 @@ class ClusterMember:
     async def execute(self, command: m.Command) -> m.CommandAnswered:
         """Decide and sequence a command (master only); answers once its events are applied here."""
         if self.master is None:
-            return m.CommandAnswered(ok=False, error="not the master", status_code=503)
+            return m.CommandAnswered(m.Refused("not_master", "not the master"))
         outcome = decide(command, self.state, self._nodes_with_model(), f"i-{secrets.token_hex(4)}")
         try:
             async with asyncio.timeout(COMMAND_COMMIT_SECONDS):
                 await self.master.submit_own(outcome.events)
         except (TimeoutError, OverflowError) as error:
-            return m.CommandAnswered(ok=False, error=f"not committed: {error!r}", status_code=503)
-        return outcome.answer
+            return m.CommandAnswered(m.Refused("not_committed", f"not committed: {error!r}"))
+        return m.CommandAnswered(outcome.answer)
 
     def _nodes_with_model(self) -> dict[str, set[str]]:
         holders: dict[str, set[str]] = {}

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from exo.api.services import (
+from exo.api.cluster_port import (
     ChatTokenizer,
     ClusterUnavailable,
     InstanceFailed,
@@ -18,21 +18,18 @@ from exo.api.services import (
     NoCapacity,
     TokenStream,
 )
-from exo.bus import messages as m
 from exo.bus.transport import RequestTimedOut
-from exo.events import IndexedEvent, Sharding
-from exo.inference.models import (
-    InvalidModelIdError,
-    ModelInfo,
-    ModelNotFoundError,
-    get_model,
-    list_models,
-)
-from exo.inference.protocol import SamplingParams
-from exo.roles.cluster import ClusterMember
+from exo.core import messages as m
+from exo.core.events import IndexedEvent, Sharding
+from exo.core.models import ModelFootprint, ModelInfo
+from exo.core.placement import PlacementPreview
+from exo.core.sampling import SamplingParams
+from exo.core.state import Instance, State
+from exo.inference.models import InvalidModelIdError, ModelNotFoundError, get_model, list_models
+from exo.node.cluster import ClusterMember
+from exo.node.generation import PipelineGenerator
 from exo.roles.commands import reserved_bytes
-from exo.roles.placement import ModelFootprint, PlacementPreview, previews
-from exo.state import Instance, State
+from exo.roles.placement import previews
 
 COMMAND_SECONDS = 10.0
 MASTER_WAIT_SECONDS = 10.0
@@ -47,6 +44,7 @@ class ModelCatalog:
         self.models_dir = models_dir
         self._listed_at = -MODEL_LIST_CACHE_SECONDS
         self._models: list[ModelInfo] = []
+        self._tokenizers: dict[str, ChatTokenizer] = {}
 
     def all(self) -> list[ModelInfo]:
         now = time.monotonic()
@@ -75,12 +73,25 @@ class ModelCatalog:
         except (ModelNotFoundError, InvalidModelIdError) as error:
             raise ModelNotFound(model_id) from error
 
+    async def tokenizer(self, model_id: str) -> ChatTokenizer:
+        """The model's tokenizer, loaded once (in a thread: it reads files and imports mlx)."""
+        cached = self._tokenizers.get(model_id)
+        if cached is not None:
+            return cached
+        model = self.get(model_id)
+        from mlx_lm.tokenizer_utils import load as load_tokenizer  # imports mlx: after the BLAS loader
+
+        tokenizer: ChatTokenizer = await asyncio.to_thread(load_tokenizer, Path(model.path))
+        self._tokenizers[model_id] = tokenizer
+        return tokenizer
+
 
 class ClusterServices:
     def __init__(
         self,
         member: ClusterMember,
         catalog: ModelCatalog,
+        generator: PipelineGenerator,
         *,
         node_status_extra: Callable[[], dict[str, Any]] | None = None,
         holds_its_stage: Callable[[Instance], bool] | None = None,
@@ -92,8 +103,7 @@ class ClusterServices:
         self._holds_its_stage = holds_its_stage or (lambda _instance: True)
         self.started_at = time.monotonic()
         self._node_status_extra = node_status_extra or dict
-        self._tokenizers: dict[str, ChatTokenizer] = {}
-        self.generator: Any = None  # set by the node once inference is wired
+        self.generator = generator
 
     @property
     def node_id(self) -> str:
@@ -185,11 +195,15 @@ class ClusterServices:
         answer = await self._command(
             m.PlaceInstance(model_id, ModelFootprint.of_model(model), sharding, min_nodes)
         )
-        if not answer.ok:
-            if answer.status_code == 404:
-                raise ModelNotFound(model_id)
-            raise NoCapacity(model_id, [answer.error or "placement refused"])
-        instance_id = answer.result["instance_id"]
+        match answer.answer:
+            case m.Placed(instance_id=instance_id):
+                pass
+            case m.Refused(reason="model_not_held" | "does_not_fit", detail=detail):
+                raise NoCapacity(model_id, [detail or "placement refused"])
+            case m.Refused(detail=detail):
+                raise ClusterUnavailable(detail or "placement refused")
+            case other:
+                raise ClusterUnavailable(f"unexpected answer to PlaceInstance: {type(other).__name__}")
         await self._wait_applied(lambda state: instance_id in state.instances)
         return self.state().instances[instance_id]
 
@@ -204,10 +218,15 @@ class ClusterServices:
         if instance_id not in self.state().instances:
             raise InstanceNotFound(instance_id)
         answer = await self._command(m.DeleteInstance(instance_id))
-        if not answer.ok:
-            if answer.status_code == 404:
+        match answer.answer:
+            case m.Deleted():
+                pass
+            case m.Refused(reason="instance_not_found"):
                 raise InstanceNotFound(instance_id)
-            raise ClusterUnavailable(answer.error or "delete refused")
+            case m.Refused(detail=detail):
+                raise ClusterUnavailable(detail or "delete refused")
+            case other:
+                raise ClusterUnavailable(f"unexpected answer to DeleteInstance: {type(other).__name__}")
         await self._wait_applied(lambda state: instance_id not in state.instances)
 
     async def ensure_instance(self, model_id: str, timeout_s: float) -> Instance:
@@ -252,17 +271,7 @@ class ClusterServices:
         sampling: SamplingParams,
         max_tokens: int,
     ) -> TokenStream:
-        if self.generator is None:
-            raise ClusterUnavailable("this node has no inference client")
-        return self.generator.generate(instance, prompt_tokens, sampling, max_tokens)  # type: ignore[no-any-return]
+        return self.generator.generate(instance, prompt_tokens, sampling, max_tokens)
 
     async def tokenizer(self, model_id: str) -> ChatTokenizer:
-        cached = self._tokenizers.get(model_id)
-        if cached is not None:
-            return cached
-        model = self.catalog.get(model_id)
-        from mlx_lm.tokenizer_utils import load as load_tokenizer  # imports mlx: after the BLAS loader
-
-        tokenizer: ChatTokenizer = await asyncio.to_thread(load_tokenizer, Path(model.path))
-        self._tokenizers[model_id] = tokenizer
-        return tokenizer
+        return await self.catalog.tokenizer(model_id)

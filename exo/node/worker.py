@@ -1,7 +1,7 @@
 """The worker: starts, watches and stops this node's runner subprocesses (one per shard it holds).
 
-`plan` is the sans-IO part: from the state and the local runners it decides what to start and
-stop. `Worker` is the shell: subprocesses, the control ROUTER, and the runner events it reports.
+`exo.roles.worker_plan.plan` decides what to start and stop; `Worker` is the shell that does it:
+subprocesses, the control ROUTER, and the runner events it reports.
 """
 
 from __future__ import annotations
@@ -11,18 +11,18 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import msgspec
 import zmq
 import zmq.asyncio
 
-from exo.bus.codec import DECODE_ERRORS
-from exo.bus.security import CLUSTER_SECRET_ENVIRONMENT
-from exo.events import Event, RunnerStatusUpdated, ShardAssignment
-from exo.inference.models import ModelInfo
+from exo.core.decoding import DECODE_ERRORS
+from exo.core.events import Event, RunnerStatusUpdated
+from exo.core.models import ModelInfo
+from exo.core.security import CLUSTER_KEYS_ENVIRONMENT, BusSecurity
+from exo.core.state import Instance, State
 from exo.inference.protocol import (
     LoadShard,
     RunnerFailed,
@@ -34,18 +34,10 @@ from exo.inference.protocol import (
     encode,
 )
 from exo.inference.runner import runner_command
-from exo.state import Instance, State
+from exo.roles.worker_plan import LOCAL_TRANSITIONS, LocalStatus, StartRunner, StopRunner, plan
 
 logger = logging.getLogger(__name__)
 
-LocalStatus = Literal["starting", "loading", "ready", "failed", "stopping"]
-LOCAL_TRANSITIONS: dict[LocalStatus, frozenset[LocalStatus]] = {
-    "starting": frozenset({"loading", "failed", "stopping"}),
-    "loading": frozenset({"ready", "failed", "stopping"}),
-    "ready": frozenset({"failed", "stopping"}),
-    "failed": frozenset({"stopping"}),
-    "stopping": frozenset(),
-}
 STOP_GRACE_SECONDS = 3.0
 # A status report not yet visible in the log is repeated at most this often.
 REANNOUNCE_SECONDS = 2.0
@@ -59,37 +51,6 @@ class RunnerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_waiting_requests: int | None = None
     max_batch_size: int | None = None
     prefix_cache_tokens: int | None = None
-
-
-@dataclass(frozen=True)
-class StartRunner:
-    instance_id: str
-    model_id: str
-    assignment: ShardAssignment
-
-
-@dataclass(frozen=True)
-class StopRunner:
-    instance_id: str
-
-
-Decision = StartRunner | StopRunner
-
-
-def plan(state: State, node_id: str, local: Mapping[str, LocalStatus]) -> list[Decision]:
-    """Runners to start (a live instance has a shard here and no runner holds it) and to stop."""
-    decisions: list[Decision] = []
-    for instance_id, instance in sorted(state.instances.items()):
-        assignment = instance.shard_assignments.get(node_id)
-        if assignment is None or instance.status == "failed" or instance_id in local:
-            continue
-        decisions.append(StartRunner(instance_id, instance.model_id, assignment))
-    for instance_id, status in sorted(local.items()):
-        instance = state.instances.get(instance_id)
-        gone = instance is None or node_id not in instance.shard_assignments or instance.status == "failed"
-        if gone and status != "stopping":
-            decisions.append(StopRunner(instance_id))
-    return decisions
 
 
 @dataclass
@@ -122,7 +83,7 @@ class Worker:
         activation_host: str = "127.0.0.1",
         advertise_host: str | None = None,
         runner_threads: int | None = None,
-        cluster_secret: str | None = None,
+        security: BusSecurity | None = None,
         runner_limits: RunnerLimits | None = None,
     ) -> None:
         self.node_id = node_id
@@ -132,11 +93,13 @@ class Worker:
         self.advertise_host = advertise_host
         self.runner_threads = runner_threads
         self.runner_limits = runner_limits or RunnerLimits()
-        # Runners derive the same CURVE keys for their pipeline sockets; the secret goes by environment.
-        self._runner_environment = {**os.environ}
-        self._runner_environment.pop(CLUSTER_SECRET_ENVIRONMENT, None)
-        if cluster_secret:
-            self._runner_environment[CLUSTER_SECRET_ENVIRONMENT] = cluster_secret
+        # Runners use the node's CURVE keys for their pipeline sockets; the keys go by environment.
+        self.runner_environment = {**os.environ}
+        self.runner_environment.pop(CLUSTER_KEYS_ENVIRONMENT, None)
+        self.runner_environment.pop("EXO_CLUSTER_SECRET", None)  # the runner needs the keys, not this
+        keys = (security or BusSecurity()).environment_value()
+        if keys is not None:
+            self.runner_environment[CLUSTER_KEYS_ENVIRONMENT] = keys
         self.runners: dict[str, LocalRunner] = {}
         self._context = zmq.asyncio.Context.instance()
         self._control: zmq.asyncio.Socket | None = None
@@ -232,7 +195,7 @@ class Worker:
         argv = self.runner_argv(runner_id)
         self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "loading")])
         try:
-            runner.process = await asyncio.create_subprocess_exec(*argv, env=self._runner_environment)
+            runner.process = await asyncio.create_subprocess_exec(*argv, env=self.runner_environment)
         except OSError as error:
             runner.move("failed")
             self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "failed", str(error))])

@@ -37,7 +37,7 @@ from typing import IO, Self
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SUBNET = "198.18.0.0/24"
 MAX_HOSTS = 200
 NAMESPACE_NAME = re.compile(r"exo-(?P<pid>\d+)-(?:probe|\d+-(?:sw|h\d+))")

@@ -11,18 +11,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from exo.core.sampling import SamplingParams
 from exo.inference.protocol import (
     GenerationFailed,
     GenerationStarted,
     PipelineMessage,
-    SamplingParams,
     TokenSampled,
     encode,
     pipeline_decoder,
 )
 from exo.inference.shard import ShardSpec, load_shard
 from exo.inference.stage import Outgoing, PipelineStage
-from tests.inference_helpers import N_LAYERS, PREFILL_STEP_SIZE
+from tests.harness.inference_helpers import N_LAYERS, PREFILL_STEP_SIZE
 
 REQUESTER = "tcp://requester"
 

@@ -6,22 +6,22 @@ is dropped and counted by the receiving socket's shell, never raised into the no
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Literal
 
 import msgspec
 
-from exo.events import Event, IndexedEvent, Sharding
-from exo.roles.placement import ModelFootprint
+from exo.core.events import Event, IndexedEvent, Sharding
+from exo.core.models import ModelFootprint
 
 
-class _Message(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+class _BusMessage(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     pass
 
 
 # --- topic `global_events` (master -> all) ---------------------------------------------------
 
 
-class EventsPublished(_Message, frozen=True):
+class EventsPublished(_BusMessage, frozen=True):
     term: int
     master_node_id: str
     events: list[IndexedEvent]
@@ -38,7 +38,7 @@ class LocalEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_
     event: Event
 
 
-class LocalEventsSent(_Message, frozen=True):
+class LocalEventsSent(_BusMessage, frozen=True):
     node_id: str
     events: list[LocalEvent]
 
@@ -57,12 +57,12 @@ class Rank(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=T
     node_id: str
 
 
-class CampaignStarted(_Message, frozen=True):
+class CampaignStarted(_BusMessage, frozen=True):
     term: int
     rank: Rank
 
 
-class VictoryDeclared(_Message, frozen=True):
+class VictoryDeclared(_BusMessage, frozen=True):
     term: int
     rank: Rank
 
@@ -73,7 +73,7 @@ ElectionMessage = CampaignStarted | VictoryDeclared
 # --- topic `connection` -----------------------------------------------------------------------
 
 
-class Heartbeat(_Message, frozen=True):
+class Heartbeat(_BusMessage, frozen=True):
     """`term`: the highest term the sender has seen; `master_term`: the term of the master it follows
     (its own, for a master). `quorum`: a master's claim that it reaches a majority of the known nodes."""
 
@@ -97,7 +97,7 @@ ConnectionMessage = Heartbeat
 # --- topic `commands` (any -> master, fire and forget; answered ones go over request/reply) ---
 
 
-class PlaceInstance(_Message, frozen=True):
+class PlaceInstance(_BusMessage, frozen=True):
     """`footprint` comes from the asking node's copy of the model: the master may not have it."""
 
     model_id: str
@@ -106,11 +106,11 @@ class PlaceInstance(_Message, frozen=True):
     min_nodes: int = 1
 
 
-class DeleteInstance(_Message, frozen=True):
+class DeleteInstance(_BusMessage, frozen=True):
     instance_id: str
 
 
-class LabelNode(_Message, frozen=True):
+class LabelNode(_BusMessage, frozen=True):
     node_id: str
     key: str
     value: str
@@ -122,7 +122,7 @@ Command = PlaceInstance | DeleteInstance | LabelNode
 # --- request / reply (DEALER -> ROUTER on the bus port) --------------------------------------
 
 
-class HelloRequested(_Message, frozen=True):
+class HelloRequested(_BusMessage, frozen=True):
     """`bus_host` empty: the answering node uses the address the request came from."""
 
     node_id: str
@@ -130,7 +130,7 @@ class HelloRequested(_Message, frozen=True):
     bus_host: str = ""
 
 
-class HelloAnswered(_Message, frozen=True):
+class HelloAnswered(_BusMessage, frozen=True):
     """Ports are on the host the asker connected to: it alone knows which address reached us."""
 
     node_id: str
@@ -139,40 +139,71 @@ class HelloAnswered(_Message, frozen=True):
     master_node_id: str | None
 
 
-class EventsRequested(_Message, frozen=True):
+class EventsRequested(_BusMessage, frozen=True):
     """Events with index > `since`, at most `limit` of them."""
 
     since: int
     limit: int = 10_000
 
 
-class EventsAnswered(_Message, frozen=True):
+class EventsAnswered(_BusMessage, frozen=True):
     events: list[IndexedEvent]
     last_index: int
     first_index: int
 
 
-class SnapshotRequested(_Message, frozen=True):
+class SnapshotRequested(_BusMessage, frozen=True):
     pass
 
 
-class SnapshotAnswered(_Message, frozen=True):
+class SnapshotAnswered(_BusMessage, frozen=True):
     index: int
     state: bytes
 
 
-class CommandRequested(_Message, frozen=True):
+class CommandRequested(_BusMessage, frozen=True):
     command: Command
 
 
-class CommandAnswered(_Message, frozen=True):
-    ok: bool
-    result: dict[str, str] = {}
-    error: str | None = None
-    status_code: int = 200
+# Why the master refused a command: a closed set, so the asking side decides what each means to its
+# user (only the API turns them into HTTP status codes).
+RefusalReason = Literal[
+    "instance_not_found",  # DeleteInstance of an instance the log does not hold
+    "node_not_found",  # LabelNode of a node the log does not hold
+    "model_not_held",  # PlaceInstance: no alive node has the model in its models dir
+    "does_not_fit",  # PlaceInstance: the alive nodes that have it lack the memory
+    "not_master",  # the asked node is not (or no longer) the master
+    "not_committed",  # the master could not commit the command's events in time
+]
 
 
-class RequestFailed(_Message, frozen=True):
+class Placed(_BusMessage, frozen=True):
+    instance_id: str
+
+
+class Deleted(_BusMessage, frozen=True):
+    instance_id: str
+
+
+class Labelled(_BusMessage, frozen=True):
+    node_id: str
+
+
+class Refused(_BusMessage, frozen=True):
+    """`detail`: the master's words for a person (placement's reasons, the failed commit)."""
+
+    reason: RefusalReason
+    detail: str = ""
+
+
+CommandAnswer = Placed | Deleted | Labelled | Refused
+
+
+class CommandAnswered(_BusMessage, frozen=True):
+    answer: CommandAnswer
+
+
+class RequestFailed(_BusMessage, frozen=True):
     reason: str
 
 

@@ -13,12 +13,13 @@ from typing import Any
 
 import msgspec
 
-from exo.api.services import FinishReason, GeneratedToken, InstanceNotFound, ModelNotFound, ServiceError
-from exo.events import IndexedEvent, ShardAssignment, Sharding
-from exo.inference.models import ModelInfo
-from exo.inference.protocol import SamplingParams
-from exo.roles.placement import ModelFootprint, PlacementPreview, previews
-from exo.state import Instance, State
+from exo.api.cluster_port import FinishReason, GeneratedToken, InstanceNotFound, ModelNotFound, ServiceError
+from exo.core.events import IndexedEvent, ShardAssignment, Sharding
+from exo.core.models import ModelFootprint, ModelInfo
+from exo.core.placement import PlacementPreview
+from exo.core.sampling import SamplingParams
+from exo.core.state import Instance, State
+from exo.roles.placement import previews
 
 END_OF_SEQUENCE = 0
 

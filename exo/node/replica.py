@@ -19,15 +19,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import msgspec
 
-from exo.events import IndexedEvent
+from exo.core.events import IndexedEvent
+from exo.core.state import State, StateBuilder
 from exo.roles.sequencer import EventOrderer, OriginHighWater
-from exo.state import State, StateBuilder
 from exo.store.base import EventStore, Snapshot, StoreError
+from exo.store.restore import restore_state
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +45,11 @@ PERSIST_GROUP_EVENTS = 1024
 
 
 class Replica:
-    def __init__(self, store: EventStore, state: State) -> None:
+    def __init__(self, store: EventStore, state: State, high_water: OriginHighWater | None = None) -> None:
         self.store = store
         self.state = state
         self.orderer = EventOrderer(state.last_event_index)
-        self.high_water = OriginHighWater()
+        self.high_water = high_water if high_water is not None else OriginHighWater()
         self.durable_index = state.last_event_index
         self.persist_failures = 0
         self._changed = asyncio.Condition()
@@ -235,37 +236,16 @@ async def _finish_even_if_cancelled(step: Coroutine[Any, Any, None]) -> None:
         raise asyncio.CancelledError
 
 
-RESTORE_CHUNK = 50_000
-
-
 async def restore(store: EventStore) -> Replica:
-    """Rebuild the node's state from its own log: newest snapshot, then every event after it."""
-    replica = Replica(store, await rebuild(store))
-    replica.orderer.reset(replica.last_index)
-    async for events in _chunks(store, replica.last_index + 1, None):
+    """The node's state from its own log (newest snapshot, then every event after it, refused with
+    LogGapError when the log has a hole), and the origins' high water from the same pass."""
+    high_water = OriginHighWater()
+
+    def observe(events: Sequence[IndexedEvent]) -> None:
         for event in events:
-            replica.high_water.observe(event)
-    return replica
+            high_water.observe(event)
 
-
-async def rebuild(store: EventStore, until: int | None = None) -> State:
-    """The state at index `until` (the end when None): newest snapshot at or before it, then events."""
-    snapshot = await store.load_snapshot(until)
-    builder = StateBuilder(snapshot.state if snapshot is not None else State())
-    async for events in _chunks(store, builder.last_event_index + 1, until):
-        for event in events:
-            builder.apply(event)
-    return builder.build()
-
-
-async def _chunks(store: EventStore, start: int, until: int | None) -> AsyncIterator[list[IndexedEvent]]:
-    while True:
-        end = None if until is None else until + 1
-        events = await store.read(start, end, limit=RESTORE_CHUNK)
-        if not events:
-            return
-        yield events
-        start = events[-1].index + 1
+    return Replica(store, await restore_state(store, on_events=observe), high_water)
 
 
 async def find_common_prefix(

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import cast
 
-from exo.api.services import ChatTokenizer, GeneratedToken, GenerationFailed, Overloaded
+from exo.api.cluster_port import ChatTokenizer, GeneratedToken, GenerationAborted, Overloaded
+from exo.core.sampling import SamplingParams
+from exo.core.state import Instance, State
 from exo.inference.client import GenerationError, GenerationRequest, PipelineClient
-from exo.inference.protocol import SamplingParams, TokenSampled
-from exo.state import Instance, State
+from exo.inference.protocol import TokenSampled
 
 
 class PipelineGenerator:
@@ -41,12 +42,12 @@ class PipelineGenerator:
         prompt_tokens: Sequence[int],
         sampling: SamplingParams,
         max_tokens: int,
-    ) -> AsyncIterator[GeneratedToken]:
+    ) -> AsyncGenerator[GeneratedToken, None]:
         # Chosen and counted before the first await, so concurrent requests see each other.
         live = self.least_busy(instance)
         route = live.route()
         if route is None:
-            raise GenerationFailed(instance.instance_id, f"instance is {live.status}, not ready")
+            raise GenerationAborted(instance.instance_id, f"instance is {live.status}, not ready")
         self.in_flight[live.instance_id] += 1
         stream = self._generate(live, route, prompt_tokens, sampling, max_tokens)
         try:
@@ -114,6 +115,6 @@ class PipelineGenerator:
                 if error.code == "busy":
                     retry_after = error.retry_after if error.retry_after is not None else 1.0
                     raise Overloaded(instance.instance_id, error.reason, retry_after) from error
-                raise GenerationFailed(instance.instance_id, error.reason) from error
+                raise GenerationAborted(instance.instance_id, error.reason) from error
             except ValueError as error:  # the client refused the request before sending it
-                raise GenerationFailed(instance.instance_id, f"invalid request: {error}") from error
+                raise GenerationAborted(instance.instance_id, f"invalid request: {error}") from error

@@ -29,22 +29,23 @@ from exo.bus.discovery import Discovery, DiscoveryError
 from exo.bus.security import cluster_tag, derive_security, new_cluster_secret, start_authenticator
 from exo.bus.sockets import SocketFactory
 from exo.bus.transport import Bus
-from exo.generation import PipelineGenerator
+from exo.core.fold import LogGapError
+from exo.core.state import State
 from exo.inference.blas import check_blas, load_optimized_blas
 from exo.inference.client import PipelineClient, TokenSink
 from exo.inference.runner_options import serving_limit_problems
 from exo.inference.synthetic import ensure_builtin_model
-from exo.roles.cluster import ClusterMember
-from exo.roles.replica import restore
-from exo.roles.worker import RunnerLimits, Worker
-from exo.services import ClusterServices, ModelCatalog
-from exo.state import State
+from exo.node.api_adapter import ClusterServices, ModelCatalog
+from exo.node.cluster import ClusterMember
+from exo.node.generation import PipelineGenerator
+from exo.node.replica import restore
+from exo.node.worker import RunnerLimits, Worker
 from exo.store import open_store
 from exo.store.base import StoreError
 
 logger = logging.getLogger("exo")
 # The start line and `ready:` are said at every verbosity: a user needs them more than any warning.
-announce = logging.getLogger("exo.node")
+announce = logging.getLogger(__name__)
 
 DEFAULT_API_PORT = 52415
 DEFAULT_BUS_PORT = 52414
@@ -196,15 +197,24 @@ async def run_node(
         authenticator = start_authenticator(context, security)
         if authenticator is not None:
             stack.callback(authenticator.stop)
-        replica = await restore(store)
-        member = ClusterMember(
-            node_id, bus, replica, config.data_dir / "term", force_master=config.force_master
-        )
+        try:
+            replica = await restore(store)
+        except LogGapError as error:
+            raise StoreError(
+                f"the event log has a hole ({error}): `exo-replay --verify` shows where"
+            ) from None
         # The built-in model, so a fresh machine with no network answers a chat request.
         await asyncio.to_thread(ensure_builtin_model, config.models_dir)
         catalog = ModelCatalog(config.models_dir)
-        member.local_models = catalog.supported_ids
-        member.footprint_of = catalog.footprint
+        member = ClusterMember(
+            node_id,
+            bus,
+            replica,
+            config.data_dir / "term",
+            force_master=config.force_master,
+            local_models=catalog.supported_ids,
+            footprint_of=catalog.footprint,
+        )
         await bus.start()
         stack.push_async_callback(bus.close)
         stack.push_async_callback(member.close)
@@ -216,7 +226,7 @@ async def run_node(
             member.submit,
             activation_host=bind_host,
             advertise_host=None if bind_host == host else host,
-            cluster_secret=config.cluster_secret,
+            security=security,
             runner_limits=config.runner_limits,
         )
         await worker.start()
@@ -228,9 +238,13 @@ async def run_node(
         stack.push_async_callback(sink.close)
         client = PipelineClient(sink, context=context, security=security)
         stack.push_async_callback(client.close)
+        generator = PipelineGenerator(
+            client, catalog.tokenizer, lambda: member.state, holds_its_stage=worker.holds_its_stage
+        )
         services = ClusterServices(
             member,
             catalog,
+            generator,
             node_status_extra=lambda: {
                 "blas": {
                     **msgspec.to_builtins(blas),
@@ -246,9 +260,6 @@ async def run_node(
             },
             holds_its_stage=worker.holds_its_stage,
         )
-        services.generator = PipelineGenerator(
-            client, services.tokenizer, lambda: member.state, holds_its_stage=worker.holds_its_stage
-        )
         if config.discovery:
             discovery = await start_discovery(node_id, config, bus)
             if discovery is not None:
@@ -262,8 +273,8 @@ async def run_node(
             stack.push_async_callback(api.stop)
             announce.info("ready: %s", api_url(config))
         # Start-up imports (transformers, mlx, litestar) leave millions of long-lived objects, and
-        # every full collection walked them all: 140-270 ms pauses on the event path, measured in
-        # each node of the events bench. Frozen, collections only walk what was made since.
+        # every full collection walked them all, pausing the event path (docs/benchmarks-store.md).
+        # Frozen, collections only walk what was made since.
         gc.collect()
         gc.freeze()
         # Last: the election's listening window starts once everything else is up.
@@ -412,7 +423,3 @@ def main(argv: list[str] | None = None) -> None:
     except StoreError as error:
         print(f"exo: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()
