@@ -18,9 +18,17 @@ from exo.api.app import create_app
 from exo.api.completion import CompletionSettings
 from exo.api.errors import ApiError
 from exo.api.fakes import FakeNodeServices, FakeTokenizer, model_info
+from exo.api.openai_types import NamedFunction, NamedToolChoice, ResponseFormat
+from exo.api.responses import translate
 from exo.api.responses_routes import Responses, response_stream, start_response
 from exo.api.responses_store import ResponseStore, StoredResponse
-from exo.api.responses_types import OutputMessage, ResponseObject, ResponsesRequest
+from exo.api.responses_types import (
+    OutputMessage,
+    ResponseObject,
+    ResponsesRequest,
+    TextConfig,
+    TextFormatJsonObject,
+)
 from exo.api.runs import ActiveCompletions
 from exo.api.services import GenerationFailed
 from tests.test_api_routes import assert_error
@@ -564,3 +572,40 @@ async def test_a_client_gone_mid_stream_leaves_the_response_cancelled() -> None:
     (message,) = stored.response.output  # what was sent before the client left
     assert isinstance(message, OutputMessage) and message.status == "incomplete"
     assert message.content[0].text == "a"  # the one delta sent
+
+
+def test_translation_to_the_chat_request() -> None:
+    """What the chat path receives: it is what makes text.format and tools work once the chat path
+    constrains decoding."""
+    body = msgspec.convert(
+        {
+            "model": "exo-tiny",
+            "input": "hi",
+            "instructions": "rules",
+            "max_output_tokens": 7,
+            "tools": [WEATHER],
+            "tool_choice": "required",
+            "parallel_tool_calls": False,
+            "text": {
+                "format": {
+                    "type": "json_schema",
+                    "name": "answer",
+                    "schema": {"type": "object"},
+                    "strict": True,
+                }
+            },
+        },
+        ResponsesRequest,
+    )
+    chat = translate(body, None).chat
+    assert chat.response_format == ResponseFormat(
+        "json_schema", {"name": "answer", "schema": {"type": "object"}, "strict": True}
+    )
+    assert chat.max_tokens == 7 and chat.tool_choice == "required" and chat.parallel_tool_calls is False
+    assert chat.tools is not None and chat.tools[0].function.name == "get_weather"
+    assert chat.tools[0].function.parameters == WEATHER["parameters"]
+    assert [message.role for message in chat.messages] == ["system", "user"]
+    json_object = msgspec.structs.replace(body, text=TextConfig(TextFormatJsonObject()))
+    assert translate(json_object, None).chat.response_format == ResponseFormat("json_object")
+    named = msgspec.structs.replace(body, tool_choice={"type": "function", "name": "get_weather"})
+    assert translate(named, None).chat.tool_choice == NamedToolChoice(NamedFunction("get_weather"))

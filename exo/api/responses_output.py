@@ -140,6 +140,7 @@ class ResponseBuilder:
             incomplete_details=incomplete,
             completed_at=int(time.time()) if status == "completed" else None,
             user=body.user,
+            truncation=body.truncation or "disabled",
         )
 
     def conversation(self) -> list[ChatMessage]:
