@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from contextlib import aclosing
 from pathlib import Path
@@ -29,7 +30,7 @@ from exo.api.responses_types import (
     TextConfig,
     TextFormatJsonObject,
 )
-from exo.api.runs import ActiveCompletions
+from exo.api.runs import OPEN_READ_TIMEOUT_S, ActiveCompletions
 from exo.api.services import GenerationFailed
 from tests.test_api_routes import assert_error
 
@@ -609,3 +610,21 @@ def test_translation_to_the_chat_request() -> None:
     assert translate(json_object, None).chat.response_format == ResponseFormat("json_object")
     named = msgspec.structs.replace(body, tool_choice={"type": "function", "name": "get_weather"})
     assert translate(named, None).chat.tool_choice == NamedToolChoice(NamedFunction("get_weather"))
+
+
+async def test_a_stream_whose_body_never_started_is_ended_later() -> None:
+    """The client left right after the headers: the run was cancelled unread, and the next
+    response begun on the node ends it (stored as cancelled, no longer cancellable)."""
+    services = FakeNodeServices()
+    responses = Responses()
+    body = ResponsesRequest(model="exo-tiny", input="hi", stream=True)
+    settings = CompletionSettings()
+    abandoned = await start_response(services, settings, ActiveCompletions(), responses, body, 10)
+    responses.begin(abandoned)
+    abandoned.run.cancel()
+    abandoned.run.finished_at = time.monotonic() - 2 * OPEN_READ_TIMEOUT_S - 1  # as its watchdog left it
+    responses.begin(await start_response(services, settings, ActiveCompletions(), responses, body, 10))
+    response_id = abandoned.builder.response_id
+    assert response_id not in responses.live
+    stored = responses.store.get(response_id)
+    assert stored is not None and stored.response.status == "cancelled"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Annotated, Any, Literal
 
@@ -34,7 +35,13 @@ from exo.api.responses_types import (
     ResponsesRequest,
     StreamEvent,
 )
-from exo.api.runs import ActiveCompletions, CompletionRun, cancel_on_disconnect, server_sent_event
+from exo.api.runs import (
+    OPEN_READ_TIMEOUT_S,
+    ActiveCompletions,
+    CompletionRun,
+    cancel_on_disconnect,
+    server_sent_event,
+)
 from exo.api.services import NodeServices, ServiceError
 
 Services = SkipValidation[NodeServices]
@@ -60,9 +67,18 @@ class Responses:
         self.live: dict[str, LiveResponse] = {}
 
     def begin(self, live: LiveResponse) -> None:
+        self._prune()
         response_id = live.builder.response_id
         self.live[response_id] = live
         self._keep(live, live.builder.snapshot("in_progress"))
+
+    def _prune(self) -> None:
+        """End streams whose body never started (the client left right after the headers): their
+        run was cancelled unread (runs.py), and their generator, never started, cannot end them."""
+        deadline = time.monotonic() - 2 * OPEN_READ_TIMEOUT_S
+        for live in list(self.live.values()):
+            if live.run.finished_at is not None and live.run.finished_at < deadline:
+                self.end(live)
 
     def end(self, live: LiveResponse) -> None:
         """The answer is over (finished, failed, or its client gone): keep its last state."""
