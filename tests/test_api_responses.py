@@ -374,6 +374,7 @@ def test_whole_answer_failure_is_an_error_and_stored_as_failed(
         ({"input": ""}, 400, "invalid_request", "input"),
         ({"input": []}, 400, "invalid_request", "input"),
         ({"input": None}, 400, "invalid_request", "input"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, 400, "invalid_request", "input"),
         ({"input": [{"type": "input_audio"}]}, 400, "unsupported_input_item", "input[0].type"),
         ({"input": [{"content": "no role"}]}, 400, "unsupported_input_item", "input[0].type"),
         (

@@ -88,6 +88,10 @@ def translate(body: ResponsesRequest, previous: StoredResponse | None) -> Transl
         raise ApiError(400, "input must not be empty", "input", "invalid_request")
     earlier = list(previous.conversation) if previous is not None else []
     new_messages = conversation(items, earlier)
+    if not earlier and not new_messages:
+        raise ApiError(
+            400, "input has no message to answer (only reasoning items)", "input", "invalid_request"
+        )
     instructions = [ChatMessage("system", body.instructions)] if body.instructions else []
     tools = function_tools(body.tools)
     tool_choice = responses_tool_choice(body.tool_choice)
