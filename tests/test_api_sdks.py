@@ -582,3 +582,27 @@ def test_openai_sdk_responses_stream_helper_final_response(
         final = stream.get_final_response()
     assert final.status == "completed" and final.output_text == "".join(deltas) == whole.output_text
     assert openai_client.responses.retrieve(final.id).output_text == final.output_text
+
+
+def test_anthropic_sdk_count_tokens(node: NodeProcess) -> None:
+    client = anthropic.Anthropic(base_url=node.url, api_key=API_KEY, max_retries=0)
+    tool: Any = {
+        "name": "get_weather",
+        "description": "Weather",
+        "input_schema": WEATHER_TOOL["function"]["parameters"],
+    }
+    for extra in ({}, {"system": "Be brief.", "tools": [tool]}):
+        counted = client.messages.count_tokens(model=QWEN, messages=USER_HI, **extra)
+        answered = client.messages.create(model=QWEN, max_tokens=1, messages=USER_HI, **extra)
+        assert counted.input_tokens == answered.usage.input_tokens
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.count_tokens(model="nope", messages=USER_HI)
+
+
+def test_embeddings_are_not_supported(openai_client: openai.OpenAI, node: NodeProcess) -> None:
+    with pytest.raises(openai.APIStatusError) as refused:
+        openai_client.embeddings.create(model=QWEN, input="hi")
+    assert refused.value.status_code == 501 and refused.value.code == "not_supported"
+    with pytest.raises(ollama.ResponseError) as ollama_refused:
+        ollama.Client(host=node.url + "/ollama", headers=AUTH).embed(model=QWEN, input="hi")
+    assert ollama_refused.value.status_code == 501 and "not supported" in ollama_refused.value.error
