@@ -629,3 +629,22 @@ async def test_a_stream_whose_body_never_started_is_ended_later() -> None:
     assert response_id not in responses.live
     stored = responses.store.get(response_id)
     assert stored is not None and stored.response.status == "cancelled"
+
+
+def test_logprobs_with_include(client: TestClient[Any], services: FakeNodeServices) -> None:
+    include = ["message.output_text.logprobs"]
+    body = create(client, include=include, top_logprobs=2).json()
+    assert services.generate_calls[0].sampling.logprobs
+    assert services.generate_calls[0].sampling.top_logprobs == 2
+    part = body["output"][0]["content"][0]
+    assert "".join(entry["token"] for entry in part["logprobs"]) == part["text"] == "Hello world!"
+    assert [len(entry["top_logprobs"]) for entry in part["logprobs"]] == [2] * 5
+    assert body["top_logprobs"] == 2
+    events = stream_events(create(client, include=include, stream=True))
+    deltas = [event for event in events if event["type"] == "response.output_text.delta"]
+    assert all("".join(entry["token"] for entry in delta["logprobs"]) == delta["delta"] for delta in deltas)
+    done = next(event for event in events if event["type"] == "response.output_text.done")
+    assert [entry["token"] for entry in done["logprobs"]] == ["Hel", "lo", " wo", "rld", "!"]
+    plain = create(client, top_logprobs=2).json()  # without include: none, as OpenAI
+    assert plain["output"][0]["content"][0]["logprobs"] == []
+    assert not services.generate_calls[-1].sampling.logprobs

@@ -154,3 +154,14 @@ def test_bad_input_is_a_typed_error(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as empty:
         client.responses.create(model="exo-tiny", input="")
     assert empty.value.param == "input"
+
+
+def test_logprobs_parse(client: openai.OpenAI) -> None:
+    response = client.responses.create(
+        model="exo-tiny", input="hi", include=["message.output_text.logprobs"], top_logprobs=1
+    )
+    message = response.output[0]
+    assert message.type == "message" and message.content[0].type == "output_text"
+    logprobs = message.content[0].logprobs
+    assert logprobs is not None and "".join(entry.token for entry in logprobs) == "Hello there."
+    assert all(len(entry.top_logprobs) == 1 for entry in logprobs)

@@ -30,6 +30,7 @@ from exo.api.openai_types import (
 )
 from exo.api.responses_store import StoredResponse
 from exo.api.responses_types import (
+    INCLUDE_LOGPROBS,
     ITEM_TYPES,
     FunctionCallItem,
     FunctionCallOutputItem,
@@ -96,6 +97,7 @@ def translate(body: ResponsesRequest, previous: StoredResponse | None) -> Transl
     tools = function_tools(body.tools)
     tool_choice = responses_tool_choice(body.tool_choice)
     text = body.text or TextConfig()
+    logprobs = INCLUDE_LOGPROBS in (body.include or [])
     chat = ChatCompletionRequest(
         model=body.model,
         messages=[*instructions, *earlier, *new_messages],
@@ -106,6 +108,8 @@ def translate(body: ResponsesRequest, previous: StoredResponse | None) -> Transl
         tool_choice=_chat_tool_choice(tool_choice),
         parallel_tool_calls=body.parallel_tool_calls,
         response_format=response_format(text),
+        logprobs=logprobs or None,
+        top_logprobs=body.top_logprobs if logprobs else None,
         user=body.user,
     )
     return Translated(

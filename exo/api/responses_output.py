@@ -14,7 +14,7 @@ from typing import Literal, assert_never
 import msgspec
 
 from exo.api.decoding import ChoiceEnded, ChoiceEvent, TextDelta, ToolCallMade
-from exo.api.openai_types import ChatMessage, FunctionCall, MessageToolCall, Usage
+from exo.api.openai_types import ChatMessage, FunctionCall, MessageToolCall, TokenLogprob, Usage
 from exo.api.responses import Translated, assistant_turn
 from exo.api.responses_types import (
     ArgumentsDeltaEvent,
@@ -57,6 +57,8 @@ class ResponseBuilder:
         self._open_text: list[str] = []
         self._calls: list[MessageToolCall] = []
         self._texts: list[str] = []
+        self._logprobs: list[TokenLogprob] = []  # not yet sent in a delta
+        self._open_logprobs: list[TokenLogprob] = []
         self.final: ResponseObject | None = None
 
     def start(self) -> list[StreamEvent]:
@@ -70,7 +72,8 @@ class ResponseBuilder:
 
     def feed(self, event: ChoiceEvent) -> list[StreamEvent]:
         match event:
-            case TextDelta(text=text):
+            case TextDelta(text=text, logprobs=logprobs):
+                self._logprobs += logprobs  # may come before their text (held back by the decoder)
                 return self._numbered(self._text(text) if text else [])
             case ToolCallMade():
                 return self._numbered([*self._close_message("completed"), *self._call(event)])
@@ -133,6 +136,7 @@ class ResponseBuilder:
             tool_choice=self._translated.tool_choice,
             parallel_tool_calls=body.parallel_tool_calls is not False,
             text=self._translated.text,
+            top_logprobs=body.top_logprobs,
             metadata=dict(body.metadata or {}),
             store=body.store,
             usage=usage,
@@ -156,6 +160,7 @@ class ResponseBuilder:
         if self._open_id is None:
             self._open_id = f"msg_{uuid.uuid4().hex}"
             self._open_text = []
+            self._open_logprobs = []
             item = OutputMessage(self._open_id, "in_progress", [])
             events += [
                 OutputItemEvent("response.output_item.added", index, item),
@@ -163,7 +168,9 @@ class ResponseBuilder:
             ]
         self._open_text.append(text)
         self._texts.append(text)
-        events.append(TextDeltaEvent("response.output_text.delta", self._open_id, index, 0, text))
+        logprobs, self._logprobs = self._logprobs, []
+        self._open_logprobs += logprobs
+        events.append(TextDeltaEvent("response.output_text.delta", self._open_id, index, 0, text, logprobs))
         return events
 
     def _close_message(self, status: ItemStatus) -> list[StreamEvent]:
@@ -171,11 +178,13 @@ class ResponseBuilder:
             return []
         item_id, index, text = self._open_id, len(self._output), "".join(self._open_text)
         self._open_id = None
-        part = OutputText(text)
+        logprobs = self._open_logprobs + self._logprobs
+        self._logprobs = []
+        part = OutputText(text, [], logprobs)
         item = OutputMessage(item_id, status, [part])
         self._output.append(item)
         return [
-            TextDoneEvent("response.output_text.done", item_id, index, 0, text),
+            TextDoneEvent("response.output_text.done", item_id, index, 0, text, logprobs),
             ContentPartEvent("response.content_part.done", item_id, index, 0, part),
             OutputItemEvent("response.output_item.done", index, item),
         ]

@@ -11,11 +11,19 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from exo.api.openai_types import NonEmptyString, PositiveInt, Temperature, TopP
+from exo.api.openai_types import (
+    MAX_TOP_LOGPROBS,
+    NonEmptyString,
+    PositiveInt,
+    Temperature,
+    TokenLogprob,
+    TopP,
+)
 
 ResponseStatus = Literal["completed", "failed", "in_progress", "cancelled", "incomplete"]
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
 MAX_METADATA_PAIRS = 16
+INCLUDE_LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for logprobs
 
 # --- request ----------------------------------------------------------------------------------
 
@@ -69,6 +77,8 @@ class ResponsesRequest(msgspec.Struct, frozen=True, kw_only=True):
     metadata: Metadata | None = None
     user: str | None = None
     truncation: Literal["auto", "disabled"] | None = None
+    include: list[str] | None = None  # only INCLUDE_LOGPROBS has an effect
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
 
 # Input items, converted from the request's objects one at a time.
@@ -161,7 +171,7 @@ class NamedFunctionChoice(msgspec.Struct, frozen=True):
 class OutputText(msgspec.Struct, frozen=True, tag="output_text", tag_field="type"):
     text: str
     annotations: list[Any] = []
-    logprobs: list[Any] = []
+    logprobs: list[TokenLogprob] = []  # with include INCLUDE_LOGPROBS
 
 
 class OutputMessage(msgspec.Struct, frozen=True, tag="message", tag_field="type"):
@@ -222,6 +232,7 @@ class ResponseObject(msgspec.Struct, frozen=True, kw_only=True):
     tool_choice: ToolChoiceMode | NamedFunctionChoice
     parallel_tool_calls: bool
     text: TextConfig
+    top_logprobs: int | None
     metadata: dict[str, str]
     store: bool
     usage: ResponseUsage | None = None
@@ -287,7 +298,7 @@ class TextDeltaEvent(msgspec.Struct, frozen=True):
     output_index: int
     content_index: int
     delta: str
-    logprobs: list[Any] = []
+    logprobs: list[TokenLogprob] = []
     sequence_number: int = 0
 
 
@@ -297,7 +308,7 @@ class TextDoneEvent(msgspec.Struct, frozen=True):
     output_index: int
     content_index: int
     text: str
-    logprobs: list[Any] = []
+    logprobs: list[TokenLogprob] = []
     sequence_number: int = 0
 
 
