@@ -198,10 +198,8 @@ async def start_response(  # noqa: PLR0917
 ) -> LiveResponse:
     """Every check and the preparation (each failure a plain HTTP error), then the run, not started."""
     if body.background:
-        raise ApiError(
-            400, "background responses are not supported: exo answers while the request is open",
-            "background", "unsupported_parameter",
-        )  # fmt: skip
+        message = "background responses are not supported: exo answers while the request is open"
+        raise ApiError(400, message, "background", "unsupported_parameter")
     previous = None
     if body.previous_response_id is not None:
         previous = responses.store.get(body.previous_response_id)
