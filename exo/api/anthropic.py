@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
 
 from exo.api.completion import ChatPrompt, CompletionRequest, ToolSpec
+from exo.api.constraints import OutputFormat
 from exo.api.decoding import ChoiceEnded, TextDelta, ToolCallMade
 from exo.api.errors import ApiError, anthropic_error, service_error_body
 from exo.api.openai_chat import sampling_params
@@ -73,7 +74,7 @@ class ToolChoice(msgspec.Struct, frozen=True):
 
 
 class OutputConfig(msgspec.Struct, frozen=True):
-    format: dict[str, Any] | None = None  # structured output: refused, never ignored
+    format: dict[str, Any] | None = None  # structured output: {"type": "json_schema", "schema": ...}
     effort: str | None = None
 
 
@@ -124,19 +125,31 @@ class MessageResponse(msgspec.Struct, frozen=True):
 
 
 def messages_request(body: MessagesRequest) -> CompletionRequest:
-    if body.output_config is not None and body.output_config.format is not None:
-        raise ApiError(
-            400,
-            "output_config.format (structured output) is not supported: exo does not constrain decoding yet",
-            "output_config.format",
-            "unsupported_response_format",
-        )
     return CompletionRequest(
         model=body.model,
         prompt=ChatPrompt(conversation(body), tool_spec(body)),
         sampling=sampling_params(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k),
         max_tokens=body.max_tokens,
         stop=list(body.stop_sequences or []),
+        output=output_format(body.output_config),
+    )
+
+
+def output_format(config: OutputConfig | None) -> OutputFormat | None:
+    """Claude's structured output, `{"type": "json_schema", "schema": {...}}`: always strict."""
+    if config is None or config.format is None:
+        return None
+    fmt = config.format
+    schema = fmt.get("schema")
+    if fmt.get("type") != "json_schema" or not isinstance(schema, dict):
+        raise ApiError(
+            400,
+            'output_config.format must be {"type": "json_schema", "schema": {...}}',
+            "output_config.format",
+            "invalid_request",
+        )
+    return OutputFormat(
+        schema=cast("dict[str, Any]", schema), strict=True, param="output_config.format.schema"
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from exo.api.completion import ChatPrompt, CompletionRequest, TextPrompt, ToolSpec
+from exo.api.constraints import OutputFormat
 from exo.api.decoding import ChoiceEnded, TextDelta, ToolCallMade
 from exo.api.errors import ApiError, service_error_body
 from exo.api.model_limits import context_length
@@ -67,14 +68,18 @@ def timestamp(seconds: float) -> str:
 # --- requests --------------------------------------------------------------------------------
 
 
-def _check_format(format_: Format) -> None:
-    if format_ not in (None, ""):
-        raise ApiError(
-            400,
-            "format (JSON output) is not supported: exo does not constrain decoding yet",
-            "format",
-            "invalid_request",
-        )
+def output_format(format_: Format) -> OutputFormat | None:
+    """Ollama's `format`: "json" is any JSON object, an object is a JSON schema. As Ollama's own
+    schema-to-grammar conversion, keywords the grammar library lacks are ignored."""
+    if format_ is None or format_ == "":
+        return None
+    if format_ == "json":
+        return OutputFormat(schema=None, param="format")
+    if isinstance(format_, dict):
+        return OutputFormat(schema=format_, strict=False, param="format")
+    raise ApiError(
+        400, f'format must be "json" or a JSON schema, got {format_!r}', "format", "invalid_request"
+    )
 
 
 def _options_sampling(options: Options | None) -> tuple[SamplingParams, int | None, list[str]]:
@@ -95,7 +100,6 @@ def _options_sampling(options: Options | None) -> tuple[SamplingParams, int | No
 
 
 def chat_request(body: ChatRequest) -> CompletionRequest:
-    _check_format(body.format)
     sampling, max_tokens, stop = _options_sampling(body.options)
     tools = ToolSpec(definitions=function_definitions(body.tools)) if body.tools else None
     return CompletionRequest(
@@ -105,6 +109,7 @@ def chat_request(body: ChatRequest) -> CompletionRequest:
         max_tokens=max_tokens,
         max_tokens_param="options.num_predict",
         stop=stop,
+        output=output_format(body.format),
     )
 
 
@@ -134,7 +139,6 @@ def conversation(messages: list[Message]) -> list[dict[str, Any]]:
 
 
 def generate_request(body: GenerateRequest) -> CompletionRequest:
-    _check_format(body.format)
     for field, value in (
         ("suffix", body.suffix),
         ("template", body.template),
@@ -156,6 +160,7 @@ def generate_request(body: GenerateRequest) -> CompletionRequest:
         max_tokens=max_tokens,
         max_tokens_param="options.num_predict",
         stop=stop,
+        output=output_format(body.format),
     )
 
 
