@@ -2,8 +2,8 @@
 Python packages, raw HTTP for the errors, a client that disconnects, a cancel by id.
 
 One node for the module (`python -m exo.node`, with an API key so every client authenticates)
-with a synthetic qwen2 model, whose chat template renders tools, and the built-in exo-tiny, whose
-template does not. Synthetic weights are random: tool-call tests check shapes, not choices.
+with a synthetic qwen2 model, whose chat template renders tools, and a llama one, whose template
+does not. Synthetic weights are random: tool-call tests check shapes, not choices.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 API_KEY = "sdk-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 QWEN = "tiny-qwen2"  # renders tools (Hermes <tool_call> form)
-PLAIN = "exo-tiny"  # the built-in model: ChatML without tools
+PLAIN = "tiny-llama"  # plain ChatML: its template does not render tools
 HUGE = "huge-qwen2"  # headers claim 1.2 TB of weights: never fits
 USER_HI: Any = [{"role": "user", "content": "Tell me about the sea."}]  # each SDK types it its own way
 WEATHER_TOOL: Any = {
@@ -69,6 +69,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     models = root / "models"
     models.mkdir()
     shutil.copytree(tiny_models()["qwen2"], models / QWEN)
+    shutil.copytree(tiny_models()["llama"], models / PLAIN)
     write_huge_model(models / HUGE, models / QWEN)
     process = NodeProcess(
         name="node0",
