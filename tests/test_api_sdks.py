@@ -273,8 +273,9 @@ def test_errors_on_a_real_node(node: NodeProcess) -> None:
     )
     stream_options = {"model": QWEN, "messages": USER_HI, "stream_options": {"include_usage": True}}
     assert_error(chat(node, stream_options), 400, "invalid_request", "stream_options")
-    json_mode = {"model": QWEN, "messages": USER_HI, "response_format": {"type": "json_object"}}
-    assert_error(chat(node, json_mode), 400, "unsupported_response_format", "response_format")
+    unsupported = {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {"if": {}}}}
+    json_mode = {"model": QWEN, "messages": USER_HI, "response_format": unsupported}
+    assert_error(chat(node, json_mode), 400, "unsupported_schema", "response_format.json_schema.schema")
     tool_choice = {"model": QWEN, "messages": USER_HI, "tool_choice": "required"}
     assert_error(chat(node, tool_choice), 400, "invalid_request", "tool_choice")
     assert "nope" in assert_error(

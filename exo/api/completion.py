@@ -22,6 +22,9 @@ from exo.state import Instance
 class ChatPrompt(msgspec.Struct, frozen=True, tag=True):
     messages: list[dict[str, Any]]  # as Hugging Face chat templates take them
     tools: ToolSpec | None = None
+    # Template variables: `enable_thinking` (Qwen 3 and the templates mlx-lm knows) and
+    # `reasoning_effort` (gpt-oss); templates ignore the ones they do not use.
+    template_options: dict[str, Any] = {}
 
 
 class TextPrompt(msgspec.Struct, frozen=True, tag=True):
@@ -88,8 +91,9 @@ async def prepare(
 def render_chat(tokenizer: ChatTokenizer, prompt: ChatPrompt) -> list[int]:
     """The prompt's tokens; a 400 when tools are offered to a template that does not render them."""
     tools = prompt.tools
-    prompt_tokens = _apply_template(tokenizer, prompt.messages, tools.definitions if tools else None)
-    if tools is not None and prompt_tokens == _apply_template(tokenizer, prompt.messages, None):
+    options = prompt.template_options
+    prompt_tokens = _apply_template(tokenizer, prompt.messages, tools.definitions if tools else None, options)
+    if tools is not None and prompt_tokens == _apply_template(tokenizer, prompt.messages, None, options):
         raise ApiError(
             400,
             "this model's chat template does not render tools, so it cannot call them",
@@ -100,14 +104,19 @@ def render_chat(tokenizer: ChatTokenizer, prompt: ChatPrompt) -> list[int]:
 
 
 def _apply_template(
-    tokenizer: ChatTokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    tokenizer: ChatTokenizer,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    options: dict[str, Any],
 ) -> list[int]:
     try:
         if tools is None:
-            rendered = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            rendered = tokenizer.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=True, **options
+            )
         else:
             rendered = tokenizer.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=True, tools=tools
+                messages, tokenize=True, add_generation_prompt=True, tools=tools, **options
             )
         return list(rendered)
     # A chat template is code from the model folder run on client input: whatever it raises

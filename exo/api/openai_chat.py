@@ -9,7 +9,7 @@ from typing import Any, Protocol, cast
 
 from exo.api.completion import ChatPrompt, CompletionRequest, ToolSpec
 from exo.api.constraints import OutputFormat
-from exo.api.decoding import ChoiceEnded, TextDelta, ToolCallMade
+from exo.api.decoding import ChoiceEnded, ReasoningDelta, TextDelta, ToolCallMade
 from exo.api.errors import ApiError, ErrorBody, service_error_body
 from exo.api.openai_types import (
     AssistantMessage,
@@ -51,7 +51,9 @@ def chat_request(body: ChatCompletionRequest) -> CompletionRequest:
         max_tokens, param = body.max_tokens, "max_tokens"
     return CompletionRequest(
         model=body.model,
-        prompt=ChatPrompt(conversation(body.messages), tool_spec(body)),
+        prompt=ChatPrompt(
+            conversation(body.messages), tool_spec(body), reasoning_options(body.reasoning_effort)
+        ),
         sampling=openai_sampling(body, logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0),
         max_tokens=max_tokens,
         max_tokens_param=param,
@@ -59,6 +61,16 @@ def chat_request(body: ChatCompletionRequest) -> CompletionRequest:
         n=body.n,
         output=output_format(body.response_format),
     )
+
+
+def reasoning_options(effort: str | None) -> dict[str, Any]:
+    """`reasoning_effort` as template variables: "none" turns thinking off (`enable_thinking`),
+    the others turn it on and are passed as `reasoning_effort` for templates that take it."""
+    if effort is None:
+        return {}
+    if effort == "none":
+        return {"enable_thinking": False}
+    return {"enable_thinking": True, "reasoning_effort": effort}
 
 
 def output_format(response_format: ResponseFormat | None) -> OutputFormat | None:
@@ -301,7 +313,7 @@ async def chat_completion(
         content: str | None = result.text
         if calls and not result.text.strip():
             content = None
-        message = AssistantMessage("assistant", content, calls or None)
+        message = AssistantMessage("assistant", content, calls or None, result.reasoning_text)
         choice_logprobs = ChoiceLogprobs(result.logprobs) if logprobs else None
         choices.append(Choice(index, message, result.ended.reason, choice_logprobs))
     return ChatCompletion(run.completion_id, "chat.completion", run.created, model, choices, run.usage)
@@ -328,6 +340,8 @@ async def chat_completion_stream(
                     case TextDelta(text=text, logprobs=entries):
                         choice_logprobs = ChoiceLogprobs(entries) if logprobs else None
                         yield chunk(ChunkChoice(index, Delta(content=text), logprobs=choice_logprobs))
+                    case ReasoningDelta(text=text):
+                        yield chunk(ChunkChoice(index, Delta(reasoning_content=text)))
                     case ToolCallMade():
                         header = ToolCallDelta(
                             event.index, ToolCallDeltaFunction(event.name, ""), event.id, "function"

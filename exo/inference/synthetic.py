@@ -23,12 +23,13 @@ import msgspec
 import numpy as np
 from safetensors.numpy import save_file
 
-from exo.inference.chat_templates import CHATML_TEMPLATE, QWEN2_TOOLS_TEMPLATE
+from exo.inference.chat_templates import CHATML_TEMPLATE, QWEN2_TOOLS_TEMPLATE, THINKING_TOOLS_TEMPLATE
 from exo.inference.corpus import ENGLISH_CORPUS
 
 Architecture = Literal["llama", "qwen2"]
 # "chatml": plain ChatML; "tools": ChatML that renders tools and calls (Hermes / Qwen 2.5 form).
-TemplateName = Literal["chatml", "tools"]
+# "thinking": "tools" plus Qwen 3's thinking block (adds <think> and </think> to the vocabulary).
+TemplateName = Literal["chatml", "tools", "thinking"]
 
 BUILTIN_MODEL_ID = "exo-tiny"
 END_OF_TEXT = "<|endoftext|>"
@@ -37,6 +38,7 @@ IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [END_OF_TEXT, IM_START, IM_END]
 # Added (not special) tokens, as in Qwen2: tool calls are text a client can see and parse.
 TOOL_TOKENS = ["<tool_call>", "</tool_call>"]
+THINK_TOKENS = ["<think>", "</think>"]
 
 
 class SyntheticModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -72,7 +74,15 @@ class SyntheticModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     @property
     def chat_template(self) -> str:
         name = self.template or ("tools" if self.architecture == "qwen2" else "chatml")
-        return QWEN2_TOOLS_TEMPLATE if name == "tools" else CHATML_TEMPLATE
+        return {
+            "chatml": CHATML_TEMPLATE,
+            "tools": QWEN2_TOOLS_TEMPLATE,
+            "thinking": THINKING_TOOLS_TEMPLATE,
+        }[name]
+
+    @property
+    def added_tokens(self) -> list[str]:
+        return TOOL_TOKENS + THINK_TOKENS if self.template == "thinking" else TOOL_TOKENS
 
     @property
     def tied(self) -> bool:
@@ -81,7 +91,7 @@ class SyntheticModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True
         return self.architecture == "qwen2"
 
 
-def train_tokenizer(vocab_size: int) -> tuple[object, int]:
+def train_tokenizer(vocab_size: int, added_tokens: list[str] = TOOL_TOKENS) -> tuple[object, int]:
     """Byte-level BPE over the built-in corpus; returns (tokenizers.Tokenizer, actual vocab size)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -90,13 +100,13 @@ def train_tokenizer(vocab_size: int) -> tuple[object, int]:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(TOOL_TOKENS),
+        vocab_size=vocab_size - len(added_tokens),
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(ENGLISH_CORPUS.split("\n"), trainer=trainer)
-    tokenizer.add_tokens(TOOL_TOKENS)
+    tokenizer.add_tokens(added_tokens)
     return tokenizer, tokenizer.get_vocab_size()
 
 
@@ -187,7 +197,7 @@ def write_synthetic_model(out: Path, spec: SyntheticModelSpec) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
-        tokenizer, vocab_size = train_tokenizer(spec.vocab)
+        tokenizer, vocab_size = train_tokenizer(spec.vocab, spec.added_tokens)
         eos_ids = [tokenizer.token_to_id(IM_END), tokenizer.token_to_id(END_OF_TEXT)]  # type: ignore[attr-defined]
         tokenizer.save(str(building / "tokenizer.json"))  # type: ignore[attr-defined]
         (building / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(spec), indent=2))
@@ -274,7 +284,7 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModel
     parser.add_argument("--vocab", type=int, default=BUILTIN_SPEC.vocab)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--proj-scale", type=float, default=BUILTIN_SPEC.proj_scale)
-    parser.add_argument("--template", choices=["chatml", "tools"], default=None)
+    parser.add_argument("--template", choices=["chatml", "tools", "thinking"], default=None)
     tie = parser.add_mutually_exclusive_group()
     tie.add_argument("--tie", dest="tie", action="store_true", default=None, help="tie lm_head to embeddings")
     tie.add_argument("--no-tie", dest="tie", action="store_false", help="separate lm_head")
