@@ -1,6 +1,7 @@
 """What agent frameworks call, with the real SDKs, against the built-in exo-tiny split over two
 node processes (a two-stage pipeline): structured output (`.parse()` with a Pydantic model,
-Ollama `format`), tools with every `tool_choice` (OpenAI and Claude), the errors.
+Ollama `format`), tools with every `tool_choice` (OpenAI and Claude), the errors; and reasoning on
+a synthetic model whose template opens Qwen 3's `<think>` block.
 
 The weights are random and sampled at temperature 1, so the model picks whatever the grammar
 allows: every structured answer must still parse and match its schema, and every forced call must
@@ -16,16 +17,19 @@ from typing import Any, Literal
 import anthropic
 import httpx
 import jsonschema_rs
+import msgspec
 import ollama
 import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from exo.inference.synthetic import BUILTIN_SPEC, write_synthetic_model
 from tests.cluster_harness import LoopbackCluster, NodeProcess, wait_until
 
 pytestmark = pytest.mark.slow
 
 MODEL = "exo-tiny"
+THINKER = "tiny-thinker"  # its template opens <think> for the model: random weights think all along
 USER: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
 CITY = {
     "type": "object",
@@ -57,6 +61,9 @@ class Person(BaseModel):
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     root = tmp_path_factory.mktemp("agents")
+    write_synthetic_model(
+        root / "models" / THINKER, msgspec.structs.replace(BUILTIN_SPEC, template="thinking")
+    )
     with LoopbackCluster(root, 2, ["--models-dir", str(root / "models")]) as cluster:
         cluster.start_all()
         first = cluster.nodes[0]
@@ -233,3 +240,34 @@ def test_bad_inputs_are_400(client: openai.OpenAI, node: NodeProcess) -> None:
         timeout=30,
     )
     assert response.status_code == 400 and "type must be a string" in response.text
+
+
+def test_reasoning_is_separated_in_every_dialect(client: openai.OpenAI, node: NodeProcess) -> None:
+    thought = client.chat.completions.create(model=THINKER, messages=USER, temperature=0, max_tokens=12)
+    message = thought.choices[0].message
+    assert getattr(message, "reasoning_content", None) and not message.content
+    plain = client.chat.completions.create(
+        model=THINKER, messages=USER, temperature=0, max_tokens=12, reasoning_effort="none"
+    )
+    assert (
+        plain.choices[0].message.content
+        and getattr(plain.choices[0].message, "reasoning_content", None) is None
+    )
+    stream = client.chat.completions.create(
+        model=THINKER, messages=USER, temperature=0, max_tokens=12, stream=True
+    )
+    streamed = "".join(
+        getattr(choice.delta, "reasoning_content", None) or "" for chunk in stream for choice in chunk.choices
+    )
+    assert streamed == getattr(message, "reasoning_content", None)
+    claude = anthropic.Anthropic(base_url=node.url, api_key="unused", max_retries=0, timeout=300)
+    answer = claude.messages.create(model=THINKER, max_tokens=12, messages=USER)
+    assert answer.content[0].type == "thinking" and answer.content[0].thinking
+    with claude.messages.stream(model=THINKER, max_tokens=12, messages=USER) as claude_stream:
+        final = claude_stream.get_final_message()
+    assert final.content[0].type == "thinking" and final.content[0].thinking
+    ollama_client = ollama.Client(host=node.url + "/ollama", timeout=300)
+    thinking = ollama_client.chat(model=THINKER, messages=USER, think=True, options={"num_predict": 12})
+    assert thinking.message.thinking and not thinking.message.content
+    unthinking = ollama_client.chat(model=THINKER, messages=USER, think=False, options={"num_predict": 12})
+    assert unthinking.message.content and not unthinking.message.thinking
