@@ -271,3 +271,5 @@ def test_reasoning_is_separated_in_every_dialect(client: openai.OpenAI, node: No
     assert thinking.message.thinking and not thinking.message.content
     unthinking = ollama_client.chat(model=THINKER, messages=USER, think=False, options={"num_predict": 12})
     assert unthinking.message.content and not unthinking.message.thinking
+    assert "thinking" in (ollama_client.show(THINKER).capabilities or [])
+    assert "thinking" not in (ollama_client.show(MODEL).capabilities or [])

@@ -123,9 +123,12 @@ def build_grammar(
 def validate_grammar(grammar: GrammarSpec, param: str) -> None:
     """Compile the grammar as the sampling stage will; a 400 naming what llguidance refused.
     Cost grows with the schema: call it off the event loop."""
-    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
-        llguidance.LLMatcher.grammar_from_lark(grammar.lark)
-    )
+    try:
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+            llguidance.LLMatcher.grammar_from_lark(grammar.lark)
+        )
+    except (ValueError, RuntimeError) as error:  # documented not to raise on a bad grammar; be sure
+        failed, messages = True, [str(error)]
     if failed:
         raise ApiError(
             400, f"the schema is not supported: {_reason(messages)}", param=param, code="unsupported_schema"
