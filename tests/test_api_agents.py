@@ -271,5 +271,9 @@ def test_reasoning_is_separated_in_every_dialect(client: openai.OpenAI, node: No
     assert thinking.message.thinking and not thinking.message.content
     unthinking = ollama_client.chat(model=THINKER, messages=USER, think=False, options={"num_predict": 12})
     assert unthinking.message.content and not unthinking.message.thinking
+    parsed = client.chat.completions.parse(
+        model=THINKER, messages=USER, response_format=Person, reasoning_effort="none", max_tokens=200, seed=1
+    )
+    assert isinstance(parsed.choices[0].message.parsed, Person)  # thinking off: the answer is the JSON
     assert "thinking" in (ollama_client.show(THINKER).capabilities or [])
     assert "thinking" not in (ollama_client.show(MODEL).capabilities or [])

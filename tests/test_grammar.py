@@ -10,6 +10,7 @@ from typing import Any
 
 import jsonschema_rs
 import mlx.core as mx
+import msgspec
 import numpy as np
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
@@ -20,6 +21,7 @@ from exo.api.errors import ApiError
 from exo.inference.grammar import GrammarConstraint, GrammarError, grammar_tokenizer, make_constraint
 from exo.inference.protocol import GenerationFailed, GrammarSpec, SamplingParams, TokenSampled
 from exo.inference.sampling import TokenSampler
+from exo.inference.synthetic import BUILTIN_SPEC, write_synthetic_model
 from tests.inference_helpers import tiny_models
 from tests.wired_pipeline import WiredPipeline
 
@@ -254,3 +256,28 @@ def test_schemas_llguidance_cannot_compile_are_400(
     with pytest.raises(ApiError) as raised:
         validate_grammar(grammar, "format")
     assert raised.value.status_code == 400 and raised.value.param == "format" and refused in str(raised.value)
+
+
+def test_a_prompt_that_opened_thinking_gets_free_thinking_then_the_constrained_answer(tmp_path: Path) -> None:
+    """A thinking template opens `<think>` in the prompt: the grammar lets the model think freely,
+    then requires `</think>` and the JSON (else the JSON would land in the thinking)."""
+    folder = write_synthetic_model(
+        tmp_path / "thinker", msgspec.structs.replace(BUILTIN_SPEC, layers=1, template="thinking")
+    )
+    thinker = load_tokenizer(folder)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    grammar = build_grammar(thinker, None, OutputFormat(schema=schema), thinking_end="</think>")
+    assert grammar is not None and grammar.lark.startswith("start: thinking <[")
+    validate_grammar(grammar, "response_format")
+    config = json.loads((folder / "config.json").read_text())
+    constraint = make_constraint(grammar, folder, config["vocab_size"], config["eos_token_id"])
+    text = thinker.encode("Let me think: five.", add_special_tokens=False)
+    answer = thinker.encode('{"a": 5}', add_special_tokens=False)
+    for token in [*text, *thinker.encode("</think>", add_special_tokens=False), *answer]:
+        mask = constraint.mask()
+        assert mask is not None and bool(mask[0, token])
+        constraint.accept(token)
+    brace = thinker.encode("{", add_special_tokens=False)[0]
+    final = constraint.mask()
+    assert final is not None and not bool(final[0, brace])  # the JSON is complete: it may only end
+    assert all(bool(final[0, token]) for token in config["eos_token_id"])

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from exo.api.channels import opens_thinking
 from exo.api.constraints import OutputFormat, ToolSpec, build_grammar, validate_grammar
 from exo.api.errors import ApiError
 from exo.api.model_limits import context_length
@@ -72,7 +73,10 @@ async def prepare(
         prompt_tokens = tokens_of_text(services, tokenizer, request.model, request.prompt)
     max_tokens = check_context(services, request, len(prompt_tokens), settings.default_max_tokens)
     check_logit_bias(services, request)
-    grammar = build_grammar(tokenizer, tools, request.output)
+    thinking_end = None
+    if isinstance(request.prompt, ChatPrompt) and opens_thinking(tokenizer, prompt_tokens):
+        thinking_end = str(getattr(tokenizer, "think_end", ""))
+    grammar = build_grammar(tokenizer, tools, request.output, thinking_end or None)
     if grammar is not None:
         param = request.output.param if request.output is not None else "tools"
         await asyncio.to_thread(validate_grammar, grammar, param)

@@ -76,10 +76,25 @@ class ToolSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def build_grammar(
-    tokenizer: ChatTokenizer, tools: ToolSpec | None, output: OutputFormat | None
+    tokenizer: ChatTokenizer,
+    tools: ToolSpec | None,
+    output: OutputFormat | None,
+    thinking_end: str | None = None,
 ) -> GrammarSpec | None:
     """None when nothing constrains the output (no format; tools on a format without a grammar and
-    tool_choice "auto")."""
+    tool_choice "auto"). `thinking_end`: the prompt opened a thinking block, so the constrained
+    answer comes after free thinking and this marker."""
+    grammar = _grammar(tokenizer, tools, output)
+    if grammar is None or grammar.trigger or thinking_end is None:
+        return grammar
+    lark = grammar.lark.replace("start:", "answer_all:", 1)
+    closer = _marker(tokenizer, thinking_end)
+    return GrammarSpec(f'start: thinking {closer} answer_all\nthinking[stop=""]: /(?s:.*)/\n{lark}')
+
+
+def _grammar(
+    tokenizer: ChatTokenizer, tools: ToolSpec | None, output: OutputFormat | None
+) -> GrammarSpec | None:
     answer = (
         None
         if output is None
