@@ -351,6 +351,12 @@ def test_ollama_model_routes(client: TestClient[Any], services: FakeNodeServices
         ),
         (
             "/ollama/api/chat",
+            {"model": "exo-tiny", "messages": [{"role": "user", "content": "hi"}], "think": "extreme"},
+            400,
+            "think",
+        ),
+        (
+            "/ollama/api/chat",
             {"model": "exo-tiny", "messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]},
             400,
             "images",
@@ -405,3 +411,26 @@ def test_ollama_format_becomes_a_grammar(
         assert client.post(path, json=body).status_code == 200
         grammar = services.generate_calls[-1].sampling.grammar
         assert grammar is not None and grammar.lark.startswith(f"start: {expected}")
+
+
+@pytest.mark.parametrize(
+    ("think", "claude_thinking", "options"),
+    [
+        (False, {"type": "disabled"}, {"enable_thinking": False}),
+        (True, {"type": "enabled", "budget_tokens": 1024}, {"enable_thinking": True}),
+    ],
+)
+def test_think_flags_become_template_variables(
+    client: TestClient[Any], services: FakeNodeServices, think: bool, claude_thinking: Any, options: Any
+) -> None:
+    script_text(services, "hi")
+    chat = {
+        "model": "exo-tiny",
+        "stream": False,
+        "think": think,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    assert client.post("/ollama/api/chat", json=chat).status_code == 200
+    assert services.tokenizers["exo-tiny"].template_options[-1] == options
+    assert claude(client, thinking=claude_thinking).status_code == 200
+    assert services.tokenizers["exo-tiny"].template_options[-1] == options

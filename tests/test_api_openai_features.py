@@ -180,6 +180,7 @@ def test_sampling_fields_reach_the_runner(client: TestClient[Any], services: Fak
             "unsupported_schema",
         ),
         ({"response_format": {"type": "xml"}}, "response_format.type", "invalid_request"),
+        ({"reasoning_effort": "extreme"}, "reasoning_effort", "invalid_request"),
         ({"tool_choice": "required"}, "tool_choice", "invalid_request"),
         (
             {"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": [WEATHER_TOOL]},
@@ -618,3 +619,20 @@ async def test_an_opened_run_nobody_reads_is_cancelled(monkeypatch: pytest.Monke
     await wait_for_generations(services)
     assert services.generate_calls[0].closed_early
     assert len(registry) == 0
+
+
+@pytest.mark.parametrize(
+    ("effort", "options"),
+    [
+        (None, {}),
+        ("none", {"enable_thinking": False}),
+        ("high", {"enable_thinking": True, "reasoning_effort": "high"}),
+    ],
+)
+def test_reasoning_effort_becomes_template_variables(
+    client: TestClient[Any], services: FakeNodeServices, effort: str | None, options: dict[str, Any]
+) -> None:
+    script_text(services, "hi")
+    extra = {} if effort is None else {"reasoning_effort": effort}
+    assert chat(client, **extra).status_code == 200
+    assert services.tokenizers["exo-tiny"].template_options[-1] == options
