@@ -1,6 +1,6 @@
 """`python -m bench`: every benchmark in one run, one table, and docs/benchmarks.md rewritten.
 
-    python -m bench [--quick] [--only serving,pinned,blas,pipeline,events,replay] [--rounds N]
+    python -m bench [--quick] [--only serving,pinned,blas,pipeline,events,replay,structured] [--rounds N]
                     [--write-docs | --no-docs]
 
 Makes its models with `python -m exo.inference.synthetic` (into bench/out/models), starts exo nodes,
@@ -28,6 +28,7 @@ from bench.existing import events_rows, pipeline_rows, replay_rows, run_bench
 from bench.processes import eos_token_ids, linked_copy, make_model
 from bench.scaling import run_blas, run_pinned
 from bench.serving import run_serving
+from bench.structured import run_structured
 from bench.suite import Row, RunHeader, replace_generated, results_markdown, summary_table, tally
 from bench.workload import (
     DEFAULT_MODEL_ARGUMENTS,
@@ -46,7 +47,7 @@ DOCS = machine.REPO / "docs" / "benchmarks.md"
 # The event-path sections first: run right after the inference sections (which start and stop
 # processes holding gigabytes), the events bench saw one 70-90 ms stall in its 5 s latency window in
 # two suite runs out of two, and none in six runs on its own or right after the pipeline bench.
-SECTIONS = ("events", "replay", "serving", "pinned", "blas", "pipeline")
+SECTIONS = ("events", "replay", "serving", "pinned", "blas", "pipeline", "structured")
 DOCS_SKELETON = "# Benchmarks\n\nEvery figure is a ratio against a baseline measured in the same run.\n"
 
 
@@ -122,6 +123,7 @@ SECTION_TITLES = {
     "pipeline": "Pipelines on loopback against one process (bench/pipeline_bench.py)",
     "events": "Events through the cluster path (bench/events_bench.py)",
     "replay": "Event store: replay and appends (bench/replay_bench.py)",
+    "structured": "Constrained decoding: json_schema against free decoding (bench/structured.py)",
 }
 
 
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             "serving": lambda: run_serving(model, settings, root),
             "pinned": lambda: run_pinned(model, settings, root),
             "blas": lambda: run_blas(model, settings, root),
+            "structured": lambda: run_structured(model, settings, root),
             **subprocess_sections(arguments.quick, settings),
         }
         for name in SECTIONS:

@@ -15,16 +15,16 @@ from litestar.testing import TestClient
 from exo.api.app import create_app
 from exo.api.cluster_port import GenerationAborted
 from exo.api.completion import CompletionSettings
+from exo.api.decoding import ChoiceEnded, ReasoningDelta, TextDelta
+from exo.api.openai_types import Usage
+from exo.api.responses import translate
+from exo.api.responses_output import ResponseBuilder
+from exo.api.responses_types import ResponsesRequest
+from tests.harness.api_checks import assert_error
 from tests.harness.fakes import FakeNodeServices, FakeTokenizer, model_info
-from tests.test_api_routes import assert_error
+from tests.harness.responses_checks import WEATHER, create, stream_events
 
 CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "Weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-}
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +51,6 @@ def client(app: tuple[FakeNodeServices, TestClient[Any]], services: FakeNodeServ
     return app[1]
 
 
-def create(client: TestClient[Any], **body: Any) -> Any:
-    return client.post("/v1/responses", json={"model": "exo-tiny", "input": "hi", **body})
-
-
 def script_text(services: FakeNodeServices, text: str) -> None:
     services.tokenizers["exo-tiny"] = FakeTokenizer()
     services.script = [ord(character) for character in text]
@@ -62,20 +58,6 @@ def script_text(services: FakeNodeServices, text: str) -> None:
 
 def rendered(services: FakeNodeServices, call: int = -1) -> str:
     return "".join(chr(token) for token in services.generate_calls[call].prompt_tokens)
-
-
-def stream_events(response: Any) -> list[dict[str, Any]]:
-    """Each SSE block is `event: <type>` then `data: <json>`, and the two types agree."""
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/event-stream")
-    events: list[dict[str, Any]] = []
-    for block in response.text.split("\n\n")[:-1]:
-        name_line, data_line = block.split("\n")
-        payload = json.loads(data_line.removeprefix("data: "))
-        assert name_line == f"event: {payload['type']}"
-        events.append(payload)
-    assert [event["sequence_number"] for event in events] == list(range(len(events)))
-    return events
 
 
 # --- whole answers ----------------------------------------------------------------------------
@@ -186,6 +168,9 @@ def test_function_calls_sent_as_items_join_one_assistant_turn(
 
 
 def test_tool_choice_named_and_none(client: TestClient[Any], services: FakeNodeServices) -> None:
+    """A named function is enforced by the chat path's grammar: the model's calls must be JSON
+    between markers, as a Hermes-style template's are."""
+    services.tokenizers["exo-tiny"].chat_template = "... <tool_call> ..."
     other = {**WEATHER, "name": "get_time"}
     body = create(client, tools=[WEATHER, other], tool_choice={"type": "function", "name": "get_time"}).json()
     assert body["tool_choice"] == {"type": "function", "name": "get_time"}
@@ -257,12 +242,19 @@ def test_a_finished_response_cannot_be_cancelled(client: TestClient[Any], servic
 
 
 def test_text_format_goes_to_the_chat_path(client: TestClient[Any], services: FakeNodeServices) -> None:
-    """The chat path refuses JSON formats today; the refusal names the Responses field."""
+    """text.format becomes the chat path's response_format: a grammar the sampling stage enforces;
+    a schema the grammar library cannot enforce is refused naming the Responses field."""
     schema = {"type": "json_schema", "name": "answer", "schema": {"type": "object"}, "strict": True}
     for text_format in (schema, {"type": "json_object"}):
         response = create(client, text={"format": text_format})
-        assert_error(response, 400, "unsupported_response_format", "text.format")
+        assert response.status_code == 200, response.text
+        assert response.json()["text"]["format"]["type"] == text_format["type"]
+        grammar = services.generate_calls[-1].sampling.grammar
+        assert grammar is not None and grammar.trigger == []
+    unsupported = {**schema, "schema": {"type": "object", "if": {"type": "object"}}}
+    assert_error(create(client, text={"format": unsupported}), 400, "unsupported_schema", "text.format")
     assert create(client, text={"format": {"type": "text"}}).status_code == 200
+    assert services.generate_calls[-1].sampling.grammar is None
 
 
 # --- streaming --------------------------------------------------------------------------------
@@ -470,3 +462,39 @@ def test_logprobs_with_include(client: TestClient[Any], services: FakeNodeServic
     plain = create(client, top_logprobs=2).json()  # without include: none, as OpenAI
     assert plain["output"][0]["content"][0]["logprobs"] == []
     assert not services.generate_calls[-1].sampling.logprobs
+
+
+def test_reasoning_becomes_a_reasoning_item_before_the_message() -> None:
+    """Thinking separated by the chat path (models with thinking markers) is a `reasoning` output
+    item with its own typed deltas, closed before the answer's message opens."""
+    body = msgspec.json.decode(b'{"model": "exo-tiny", "input": "hi"}', type=ResponsesRequest)
+    builder = ResponseBuilder("resp_1", body, translate(body, None), created_at=0)
+    events = builder.start()
+    for event in (ReasoningDelta("It is "), ReasoningDelta("sunny."), TextDelta("Sunny.")):
+        events += builder.feed(event)
+    events += builder.finish(ChoiceEnded("stop"), Usage(3, 4, 7), cancelled=False)
+    documents = [msgspec.to_builtins(event) for event in events]
+    assert [document["type"] for document in documents] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [document["sequence_number"] for document in documents] == list(range(len(documents)))
+    assert documents[5]["text"] == "It is sunny."
+    output = documents[-1]["response"]["output"]
+    assert [item["type"] for item in output] == ["reasoning", "message"]
+    assert output[0]["content"] == [{"type": "reasoning_text", "text": "It is sunny."}]
+    assert output[1]["content"][0]["text"] == "Sunny."
+    # A chained response continues from the answer; the thinking is not rendered again.
+    assert [message.content for message in builder.conversation()][-1] == "Sunny."

@@ -138,13 +138,14 @@ class Answer(pydantic.BaseModel):
     city: str
 
 
-def test_structured_output_reaches_the_chat_path(client: openai.OpenAI) -> None:
-    """`.parse()` sends text.format json_schema; the chat path refuses it until it constrains
-    decoding, and the SDK reads the refusal as a typed error naming text.format."""
-    with pytest.raises(openai.BadRequestError) as refused:
-        client.responses.parse(model="exo-tiny", input="hi", text_format=Answer)
-    assert refused.value.code == "unsupported_response_format"
-    assert refused.value.param == "text.format"
+def test_structured_output_reaches_the_chat_path(client: openai.OpenAI, services: FakeNodeServices) -> None:
+    """`.parse()` sends text.format json_schema; the chat path turns it into the grammar the
+    sampling stage enforces (the fake answers what such a grammar allows), and the SDK parses it."""
+    script(services, '{"city":"Paris"}')
+    parsed = client.responses.parse(model="exo-tiny", input="hi", text_format=Answer)
+    assert parsed.output_parsed == Answer(city="Paris")
+    grammar = services.generate_calls[-1].sampling.grammar
+    assert grammar is not None and '"city"' in grammar.lark
 
 
 def test_bad_input_is_a_typed_error(client: openai.OpenAI) -> None:

@@ -28,9 +28,9 @@ from exo.api.responses_types import (
     TextFormatJsonObject,
 )
 from exo.api.runs import OPEN_READ_TIMEOUT_S, ActiveCompletions
+from tests.harness.api_checks import assert_error
 from tests.harness.fakes import FakeNodeServices
-from tests.test_api_responses import WEATHER, create
-from tests.test_api_routes import assert_error
+from tests.harness.responses_checks import WEATHER, create
 
 # --- the store --------------------------------------------------------------------------------
 

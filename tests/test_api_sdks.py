@@ -2,8 +2,8 @@
 Python packages, raw HTTP for the errors, a client that disconnects, a cancel by id.
 
 One node for the module (`python -m exo.node`, with an API key so every client authenticates)
-with a synthetic qwen2 model, whose chat template renders tools, and the built-in exo-tiny, whose
-template does not. Synthetic weights are random: tool-call tests check shapes, not choices.
+with a synthetic qwen2 model, whose chat template renders tools, and a llama one, whose template
+does not. Synthetic weights are random: tool-call tests check shapes, not choices.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 API_KEY = "sdk-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 QWEN = "tiny-qwen2"  # renders tools (Hermes <tool_call> form)
-PLAIN = "exo-tiny"  # the built-in model: ChatML without tools
+PLAIN = "tiny-llama"  # plain ChatML: its template does not render tools
 HUGE = "huge-qwen2"  # headers claim 1.2 TB of weights: never fits
 USER_HI: Any = [{"role": "user", "content": "Tell me about the sea."}]  # each SDK types it its own way
 WEATHER_TOOL: Any = {
@@ -70,6 +70,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     models = root / "models"
     models.mkdir()
     shutil.copytree(tiny_models()["qwen2"], models / QWEN)
+    shutil.copytree(tiny_models()["llama"], models / PLAIN)
     write_huge_model(models / HUGE, models / QWEN)
     process = NodeProcess(
         name="node0",
@@ -273,8 +274,9 @@ def test_errors_on_a_real_node(node: NodeProcess) -> None:
     )
     stream_options = {"model": QWEN, "messages": USER_HI, "stream_options": {"include_usage": True}}
     assert_error(chat(node, stream_options), 400, "invalid_request", "stream_options")
-    json_mode = {"model": QWEN, "messages": USER_HI, "response_format": {"type": "json_object"}}
-    assert_error(chat(node, json_mode), 400, "unsupported_response_format", "response_format")
+    unsupported = {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {"if": {}}}}
+    json_mode = {"model": QWEN, "messages": USER_HI, "response_format": unsupported}
+    assert_error(chat(node, json_mode), 400, "unsupported_schema", "response_format.json_schema.schema")
     tool_choice = {"model": QWEN, "messages": USER_HI, "tool_choice": "required"}
     assert_error(chat(node, tool_choice), 400, "invalid_request", "tool_choice")
     assert "nope" in assert_error(

@@ -9,8 +9,8 @@ import pytest
 from litestar.testing import TestClient
 
 from exo.api.app import create_app
+from tests.harness.api_checks import assert_claude_error
 from tests.harness.fakes import FakeNodeServices, FakeTokenizer
-from tests.test_api_dialects import assert_claude_error
 
 HEADERS = {"anthropic-version": "2023-06-01"}
 TOOL = {

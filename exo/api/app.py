@@ -219,6 +219,8 @@ async def ollama_show(
     source = text_tokenizer(tokenizer).chat_template
     template = source if isinstance(source, str) else ""
     capabilities = ["completion", *(["tools"] if "tools" in template else [])]
+    if getattr(tokenizer, "has_thinking", False):  # mlx-lm found thinking markers: Ollama's `think` applies
+        capabilities.append("thinking")
     return ShowResponse(
         modelfile="",
         parameters="",

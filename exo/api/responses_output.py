@@ -13,7 +13,7 @@ from typing import Literal, assert_never
 
 import msgspec
 
-from exo.api.decoding import ChoiceEnded, ChoiceEvent, TextDelta, ToolCallMade
+from exo.api.decoding import ChoiceEnded, ChoiceEvent, ReasoningDelta, TextDelta, ToolCallMade
 from exo.api.openai_types import ChatMessage, FunctionCall, MessageToolCall, TokenLogprob, Usage
 from exo.api.responses import Translated, assistant_turn
 from exo.api.responses_types import (
@@ -27,8 +27,12 @@ from exo.api.responses_types import (
     OutputItem,
     OutputItemEvent,
     OutputMessage,
+    OutputReasoning,
     OutputText,
     OutputTokensDetails,
+    ReasoningDeltaEvent,
+    ReasoningDoneEvent,
+    ReasoningText,
     ResponseError,
     ResponseLifecycle,
     ResponseObject,
@@ -59,6 +63,8 @@ class ResponseBuilder:
         self._texts: list[str] = []
         self._logprobs: list[TokenLogprob] = []  # not yet sent in a delta
         self._open_logprobs: list[TokenLogprob] = []
+        self._reasoning_id: str | None = None  # the reasoning item thinking is going into
+        self._reasoning_text: list[str] = []
         self.final: ResponseObject | None = None
 
     def start(self) -> list[StreamEvent]:
@@ -74,21 +80,24 @@ class ResponseBuilder:
         match event:
             case TextDelta(text=text, logprobs=logprobs):
                 self._logprobs += logprobs  # may come before their text (held back by the decoder)
-                return self._numbered(self._text(text) if text else [])
+                if not text:
+                    return []
+                return self._numbered([*self._close_reasoning("completed"), *self._text(text)])
             case ToolCallMade():
-                return self._numbered([*self._close_message("completed"), *self._call(event)])
+                closed = [*self._close_reasoning("completed"), *self._close_message("completed")]
+                return self._numbered([*closed, *self._call(event)])
             case ChoiceEnded():
                 return []  # the end is `finish`: it needs the run's usage
-            # Reasoning goes here: when decoding.py grows a reasoning event, map it to a `reasoning`
-            # output item (response.output_item.added, response.reasoning_text.delta / .done,
-            # response.output_item.done), before the message it precedes.
+            case ReasoningDelta(text=text):
+                return self._numbered(self._reasoning(text) if text else [])
             case _:
                 assert_never(event)
 
     def finish(self, ended: ChoiceEnded | None, usage: Usage, *, cancelled: bool) -> list[StreamEvent]:
         """The last events: the open message closed, then response.completed / incomplete."""
         cut = ended is not None and ended.reason == "length"
-        events = self._close_message("incomplete" if cut or cancelled else "completed")
+        closing: ItemStatus = "incomplete" if cut or cancelled else "completed"
+        events = [*self._close_reasoning(closing), *self._close_message(closing)]
         if cancelled:
             status: Final = "cancelled"
         else:
@@ -104,7 +113,7 @@ class ResponseBuilder:
 
     def fail(self, message: str, usage: Usage | None) -> list[StreamEvent]:
         """A stage failed mid-answer: response.failed, with what was produced so far."""
-        events = self._close_message("incomplete")
+        events = [*self._close_reasoning("incomplete"), *self._close_message("incomplete")]
         self.final = self.snapshot(
             "failed",
             usage=None if usage is None else _usage(usage),
@@ -172,6 +181,32 @@ class ResponseBuilder:
         self._open_logprobs += logprobs
         events.append(TextDeltaEvent("response.output_text.delta", self._open_id, index, 0, text, logprobs))
         return events
+
+    def _reasoning(self, text: str) -> list[StreamEvent]:
+        events: list[StreamEvent] = [*self._close_message("completed")]
+        index = len(self._output)
+        if self._reasoning_id is None:
+            self._reasoning_id = f"rs_{uuid.uuid4().hex}"
+            self._reasoning_text = []
+            item = OutputReasoning(self._reasoning_id, "in_progress", [])
+            events.append(OutputItemEvent("response.output_item.added", index, item))
+        self._reasoning_text.append(text)
+        events.append(
+            ReasoningDeltaEvent("response.reasoning_text.delta", self._reasoning_id, index, 0, text)
+        )
+        return events
+
+    def _close_reasoning(self, status: ItemStatus) -> list[StreamEvent]:
+        if self._reasoning_id is None:
+            return []
+        item_id, index, text = self._reasoning_id, len(self._output), "".join(self._reasoning_text)
+        self._reasoning_id = None
+        item = OutputReasoning(item_id, status, [ReasoningText(text)])
+        self._output.append(item)
+        return [
+            ReasoningDoneEvent("response.reasoning_text.done", item_id, index, 0, text),
+            OutputItemEvent("response.output_item.done", index, item),
+        ]
 
     def _close_message(self, status: ItemStatus) -> list[StreamEvent]:
         if self._open_id is None:

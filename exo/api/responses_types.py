@@ -189,7 +189,20 @@ class OutputFunctionCall(msgspec.Struct, frozen=True, tag="function_call", tag_f
     status: ItemStatus
 
 
-OutputItem = OutputMessage | OutputFunctionCall
+class ReasoningText(msgspec.Struct, frozen=True, tag="reasoning_text", tag_field="type"):
+    text: str
+
+
+class OutputReasoning(msgspec.Struct, frozen=True, tag="reasoning", tag_field="type"):
+    """The model's thinking (for models whose template has thinking markers), before its answer."""
+
+    id: str
+    status: ItemStatus
+    content: list[ReasoningText]
+    summary: list[Any] = []
+
+
+OutputItem = OutputMessage | OutputFunctionCall | OutputReasoning
 
 
 class InputTokensDetails(msgspec.Struct, frozen=True):
@@ -329,8 +342,32 @@ class ArgumentsDoneEvent(msgspec.Struct, frozen=True):
     sequence_number: int = 0
 
 
+class ReasoningDeltaEvent(msgspec.Struct, frozen=True):
+    """response.reasoning_text.delta."""
+
+    type: str
+    item_id: str
+    output_index: int
+    content_index: int
+    delta: str
+    sequence_number: int = 0
+
+
+class ReasoningDoneEvent(msgspec.Struct, frozen=True):
+    """response.reasoning_text.done."""
+
+    type: str
+    item_id: str
+    output_index: int
+    content_index: int
+    text: str
+    sequence_number: int = 0
+
+
 StreamEvent = (
     ResponseLifecycle
+    | ReasoningDeltaEvent
+    | ReasoningDoneEvent
     | OutputItemEvent
     | ContentPartEvent
     | TextDeltaEvent

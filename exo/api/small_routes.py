@@ -67,7 +67,7 @@ async def count_tokens(
     prompt = anthropic.messages_request(as_message).prompt
     assert isinstance(prompt, ChatPrompt)
     tokenizer = await services.tokenizer(body.model)
-    tokens, _ = render_chat(tokenizer, prompt)
+    tokens = render_chat(tokenizer, prompt)
     return TokenCount(len(tokens))
 
 

@@ -132,6 +132,7 @@ class ShardModel:
         self.head = head
         self.loaded_tensor_names = loaded_tensor_names
         self.weight_bytes = weight_bytes
+        self.model_path: Path | None = None  # the folder it was loaded from (its tokenizer, for grammars)
 
     def make_cache(self) -> list[KVCache]:
         """A fresh per-layer KV cache for one request."""
@@ -223,7 +224,7 @@ def load_shard(model_path: Path, spec: ShardSpec) -> ShardModel:
         if isinstance(array, mx.array)
     ]
     mx.eval(arrays)
-    return ShardModel(
+    shard = ShardModel(
         spec=spec,
         config=config,
         embed_tokens=embed_tokens,
@@ -233,3 +234,5 @@ def load_shard(model_path: Path, spec: ShardSpec) -> ShardModel:
         loaded_tensor_names=sorted(wanted),
         weight_bytes=sum(array.nbytes for array in arrays),
     )
+    shard.model_path = model_path
+    return shard
