@@ -66,6 +66,10 @@ class InstanceCreated(_Event, frozen=True):
     model_id: str
     sharding: Sharding
     shard_assignments: dict[str, ShardAssignment]
+    # The representation placement sized the stages for ("float32" or "native"; None: not said),
+    # and why the native one was kept when `--weights-dtype auto` found too little memory ("" else).
+    weights: Literal["float32", "native"] | None = None
+    weights_note: str = ""
 
 
 class InstanceDeleted(_Event, frozen=True):

@@ -208,7 +208,7 @@ async def run_node(
         )
         # The built-in model, so a fresh machine with no network answers a chat request.
         await asyncio.to_thread(ensure_builtin_model, config.models_dir)
-        catalog = ModelCatalog(config.models_dir)
+        catalog = ModelCatalog(config.models_dir, config.runner_limits.weights_dtype or "auto")
         member.local_models = catalog.supported_ids
         member.footprint_of = catalog.footprint
         await bus.start()

@@ -54,6 +54,8 @@ class Instance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shard_assignments: dict[str, ShardAssignment]
     runners: dict[str, RunnerInfo] = {}
     failure_reason: str | None = None
+    weights: Literal["float32", "native"] | None = None  # as InstanceCreated
+    weights_note: str = ""
 
     def stage_order(self) -> list[str]:
         """Node ids in pipeline order (by first layer)."""
@@ -225,6 +227,8 @@ def _apply_instance_created(builder: StateBuilder, event: InstanceCreated) -> No
         sharding=event.sharding,
         status="placing",
         shard_assignments=event.shard_assignments,
+        weights=event.weights,
+        weights_note=event.weights_note,
     )
     builder.set_instance(instance)
 

@@ -19,6 +19,7 @@ import msgspec
 
 from exo.events import ShardAssignment
 from exo.inference.models import ModelInfo
+from exo.inference.weights import Representation, WeightsDtype, wanted_representation
 from exo.state import NodeInfo
 
 
@@ -34,6 +35,10 @@ class ModelFootprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     embedding_bytes: int = 0
     head_bytes: int = 0
     tied_embeddings: bool = False
+    # The representation these bytes are of (None: not said), and, for `--weights-dtype auto`,
+    # the smaller native footprint placement falls back to when float32 does not fit.
+    weights: Representation | None = None
+    fallback: ModelFootprint | None = None
 
     @classmethod
     def uniform(
@@ -42,13 +47,40 @@ class ModelFootprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return cls([layer_bytes] * n_layers, embedding_bytes, head_bytes)
 
     @classmethod
-    def of_model(cls, model: ModelInfo) -> ModelFootprint:
-        return cls(
+    def of_model(
+        cls, model: ModelInfo, weights_dtype: WeightsDtype = "native", *, accelerator: bool = False
+    ) -> ModelFootprint:
+        """The bytes a runner with this `--weights-dtype` holds (on a GPU backend when
+        `accelerator`): float32 after an upcast is twice a bfloat16 file, a dequantized 4-bit
+        layer about six times its packed bytes."""
+        native = cls(
             layer_bytes=list(model.layer_bytes),
             embedding_bytes=model.embedding_bytes,
             head_bytes=model.head_bytes + model.other_bytes,
             tied_embeddings=model.tied_embeddings,
+            weights="native",
         )
+        if wanted_representation(weights_dtype, accelerator=accelerator) == "native":
+            return native
+        wide = model.float32
+        if wide is None:
+            return msgspec.structs.replace(native, weights="float32")
+        upcast = cls(
+            layer_bytes=list(wide.layer_bytes),
+            embedding_bytes=wide.embedding_bytes,
+            head_bytes=wide.head_bytes + wide.other_bytes,
+            tied_embeddings=model.tied_embeddings,
+            weights="float32",
+        )
+        if weights_dtype == "auto" and upcast.total_bytes > native.total_bytes:
+            return msgspec.structs.replace(upcast, fallback=native)
+        return upcast
+
+    def held_as(self, weights: Representation | None) -> ModelFootprint:
+        """The footprint of the representation an instance was placed with."""
+        if weights == "native" and self.fallback is not None:
+            return self.fallback
+        return self
 
     @property
     def n_layers(self) -> int:
@@ -77,6 +109,9 @@ class Placement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     shard_assignments: dict[str, ShardAssignment]
     bytes_by_node: dict[str, int]
+    weights: Representation | None = None  # the representation the bytes are of
+    # Why the native representation was kept (`auto` with too little memory for float32), or "".
+    weights_note: str = ""
 
     @property
     def node_ids(self) -> list[str]:
@@ -119,11 +154,43 @@ def place(
     min_nodes: int = 1,
     reserved_bytes_by_node: Mapping[str, int] | None = None,
 ) -> Placement | PlacementRefusal:
-    """The placement on the fewest nodes (at least `min_nodes`) that fits, or why none does.
+    """The placement on the fewest nodes (at least `min_nodes`) that fits, or why none does; with a
+    `fallback` footprint (`--weights-dtype auto`), the native representation when float32 does not fit.
 
     `reserved_bytes_by_node` is memory already promised to instances whose runners have not loaded
     yet (so not visible in the nodes' measured available memory); it is subtracted first.
     """
+    nodes = list(nodes)
+    attempt = _place_one(footprint, nodes, min_nodes, reserved_bytes_by_node)
+    if isinstance(attempt, Placement) or footprint.fallback is None:
+        return attempt
+    return _fall_back(
+        footprint, attempt, _place_one(footprint.fallback, nodes, min_nodes, reserved_bytes_by_node)
+    )
+
+
+def _fall_back(
+    footprint: ModelFootprint, refused: PlacementRefusal, fallback: Placement | PlacementRefusal
+) -> Placement | PlacementRefusal:
+    """The native placement, saying why, or both refusals' reasons when neither fits."""
+    assert footprint.fallback is not None
+    sizes = (
+        f"held as float32 the model needs {format_bytes(footprint.total_bytes)}, as the checkpoint "
+        f"has it {format_bytes(footprint.fallback.total_bytes)}"
+    )
+    if isinstance(fallback, Placement):
+        why = "; ".join(refused.reasons[:1]) or "it does not fit"
+        note = f"kept the checkpoint's representation: {sizes}; too little memory for float32 ({why})"
+        return msgspec.structs.replace(fallback, weights="native", weights_note=note)
+    return PlacementRefusal(reasons=[sizes, *fallback.reasons], nodes=fallback.nodes)
+
+
+def _place_one(
+    footprint: ModelFootprint,
+    nodes: Iterable[NodeInfo],
+    min_nodes: int = 1,
+    reserved_bytes_by_node: Mapping[str, int] | None = None,
+) -> Placement | PlacementRefusal:
     problem = _check_footprint(footprint)
     if problem is not None:
         return PlacementRefusal(reasons=[problem], nodes=[])
@@ -181,6 +248,9 @@ def previews(
             attempt = PlacementRefusal(reasons=[reason], nodes=[])
         else:
             attempt = _place_on(footprint, candidates[:node_count])
+            if isinstance(attempt, PlacementRefusal) and footprint.fallback is not None:
+                native = _place_on(footprint.fallback, candidates[:node_count])
+                attempt = _fall_back(footprint, attempt, native)
         if isinstance(attempt, Placement):
             result.append(PlacementPreview(n_nodes=node_count, placement=attempt, refusal=None))
         else:
@@ -281,6 +351,7 @@ def _place_on(footprint: ModelFootprint, chosen: list[_Candidate]) -> Placement 
                 for candidate, (start, end) in zip(chosen, ranges, strict=True)
             },
             bytes_by_node={candidate.node_id: needed[position] for position, candidate in enumerate(chosen)},
+            weights=footprint.weights,
         )
     verdicts: list[NodeVerdict] = []
     reasons: list[str] = []

@@ -69,6 +69,8 @@ class StartRunner:
     instance_id: str
     model_id: str
     assignment: ShardAssignment
+    # "native" when placement kept the checkpoint's representation for lack of memory
+    placed_weights: Literal["float32", "native"] | None = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,9 @@ def plan(state: State, node_id: str, local: Mapping[str, LocalStatus]) -> list[D
         assignment = instance.shard_assignments.get(node_id)
         if assignment is None or instance.status == "failed" or instance_id in local:
             continue
-        decisions.append(StartRunner(instance_id, instance.model_id, assignment))
+        # Only a memory-forced native choice binds the runner: otherwise its own backend decides.
+        placed = "native" if instance.weights == "native" and instance.weights_note else None
+        decisions.append(StartRunner(instance_id, instance.model_id, assignment, placed))
     for instance_id, status in sorted(local.items()):
         instance = state.instances.get(instance_id)
         gone = instance is None or node_id not in instance.shard_assignments or instance.status == "failed"
@@ -229,6 +233,7 @@ class Worker:
             start_layer=decision.assignment.start_layer,
             end_layer=decision.assignment.end_layer,
             n_layers=decision.assignment.n_layers,
+            placed_weights=decision.placed_weights,
         )
         runner = LocalRunner(decision.instance_id, runner_id, load)
         self.runners[decision.instance_id] = runner
