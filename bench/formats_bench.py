@@ -214,7 +214,7 @@ def _rows(
         rounds.row(f"4-bit checkpoint, aggregate of {n} streams", "exo_q4N.aggregate_tps",
                    f"float32 checkpoint, {n} streams", "exo_f32N.aggregate_tps", "tok/s",
                    target=at_least(1.0)),
-        rounds.row("4-bit checkpoint, single-stream decode", "exo_q4.decode_tps",
+        rounds.row("4-bit checkpoint, single-stream decode against mlx_lm.server", "exo_q4.decode_tps",
                    "mlx_lm.server on the same checkpoint", "mlx_q4.decode_tps", "tok/s",
                    target=at_least(3.0)),
     ]  # fmt: skip

@@ -135,3 +135,16 @@ def test_a_footprint_with_its_fallback_crosses_the_bus() -> None:
     message = CommandRequested(PlaceInstance("m", footprint))
     decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(message), type=CommandRequested)
     assert decoded == message
+
+
+def test_a_nodes_catalog_asks_for_the_footprint_of_its_own_weights_dtype() -> None:
+    from exo.services import ModelCatalog
+
+    folder = tiny_format_models()["bf16"]
+    model = bf16_model()
+    auto = ModelCatalog(folder.parent, "auto").footprint(folder.name)
+    native = ModelCatalog(folder.parent, "native").footprint(folder.name)
+    assert auto is not None and native is not None
+    assert native.weights == "native" and native.total_bytes == model.total_weight_bytes
+    # on this machine's CPU backend auto holds float32, with the native bytes to fall back on
+    assert auto.weights == "float32" and auto.fallback == native
