@@ -244,7 +244,11 @@ async def run_node(
             holds_its_stage=worker.holds_its_stage,
         )
         services.generator = PipelineGenerator(
-            client, services.tokenizer, lambda: member.state, holds_its_stage=worker.holds_its_stage
+            client,
+            services.tokenizer,
+            lambda: member.state,
+            holds_its_stage=worker.holds_its_stage,
+            wait_for_state=member.replica.wait_for,
         )
         if config.discovery:
             discovery = await start_discovery(node_id, config, bus)
