@@ -24,6 +24,7 @@ from exo.bus.liveness import HEARTBEAT_INTERVAL, Liveness
 from exo.bus.transport import Bus, RequestTimedOut
 from exo.events import Event, IndexedEvent, MasterElected
 from exo.roles.commands import decide, replacement_events
+from exo.roles.disk_faults import DiskFaults
 from exo.roles.election import (
     Action,
     AnnounceCampaign,
@@ -72,12 +73,6 @@ def read_term(path: Path) -> int:
         raise SystemExit(f"exo: {path} does not hold a term number; remove it to start at 0") from error
 
 
-def write_term(path: Path, term: int) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(f"{term}\n")
-    temporary.replace(path)
-
-
 class ClusterMember:
     def __init__(
         self,
@@ -100,6 +95,7 @@ class ClusterMember:
         self.election = Election(node_id, term, force_master, started_at=now, interval=interval)
         self.heartbeats: dict[str, m.Heartbeat] = {}
         self.master: Master | None = None
+        self.disk_faults = DiskFaults()
         self._master_since = 0.0
         self.outbox = Outbox(node_id)
         self._apply_queue: asyncio.Queue[list[IndexedEvent]] = asyncio.Queue(APPLY_QUEUE_BATCHES)
@@ -180,6 +176,7 @@ class ClusterMember:
             for node_id in self.liveness.expire(now):
                 logger.info("no frame from %s for %.1fs", node_id, self.liveness.timeout)
             alive = self.liveness.alive(now)
+            self.election.abstain = self.disk_faults.abstaining(now)
             await self._act(self.election.on_tick(now, self.replica.durable_index, alive))
             if now - last_heartbeat >= self.interval:
                 last_heartbeat = now
@@ -276,7 +273,7 @@ class ClusterMember:
         for action in actions:
             match action:
                 case PersistTerm(term):
-                    write_term(self.term_path, term)
+                    self.disk_faults.persist_term(self.term_path, term)
                 case AnnounceCampaign(message):
                     self.bus.publish(m.TOPIC_ELECTION, message)
                 case AnnounceVictory(message):
@@ -302,11 +299,25 @@ class ClusterMember:
 
     def _start_sequencing(self, term: int) -> None:
         sequencer = Sequencer(self.node_id, term, self.replica.last_index, self.replica.high_water.copy())
-        self.master = Master(sequencer, self.replica, self._publish_events)
+        self.master = Master(
+            sequencer, self.replica, self._publish_events, on_store_failure=self._store_failed
+        )
         self._master_since = time.monotonic()
         self._membership_sent_at = 0
         self.master.start()
         self.master.submit_own([MasterElected(term=term, node_id=self.node_id)])
+
+    def _store_failed(self, error: Exception) -> None:
+        """The master's store refused a commit (exo/roles/disk_faults.py): step down, abstain."""
+        if self.master is not None and self.disk_faults.store_failed(error):
+            self.election.abstain = True
+            self._spawn(self._step_down())
+
+    async def _step_down(self) -> None:
+        if self.master is not None:
+            await self.master.stop()
+            self.master = None
+        await self._act(self.election.step_down(time.monotonic(), self.replica.durable_index))
 
     async def _sync_from_peers(self) -> None:
         """Before sequencing, take any events a live peer applied that this node missed."""

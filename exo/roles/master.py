@@ -17,6 +17,7 @@ from exo.events import Event, IndexedEvent, NodeJoined, NodeMemoryMeasured, Node
 from exo.roles.replica import Replica
 from exo.roles.sequencer import Sequencer
 from exo.state import State
+from exo.store.base import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +90,12 @@ class Master:
         sequencer: Sequencer,
         replica: Replica,
         publish: Callable[[Sequence[IndexedEvent]], None],
+        on_store_failure: Callable[[StoreError], None] | None = None,
     ) -> None:
         self.sequencer = sequencer
         self.replica = replica
         self._publish = publish
+        self.on_store_failure = on_store_failure
         self._incoming: asyncio.Queue[_Incoming] = asyncio.Queue(INCOMING_QUEUE_BATCHES)
         self._task: asyncio.Task[None] | None = None
         self.dropped_batches = 0
@@ -147,7 +150,10 @@ class Master:
                 await self.replica.commit(batch)
             except Exception as error:
                 # Not durable: roll the sequencer back so the indices are reused, and let origins resend.
-                logger.exception("could not store %d events; they will be resent", len(batch))
+                if isinstance(error, StoreError) and self.on_store_failure is not None:
+                    self.on_store_failure(error)  # the disk refused it: the member steps down
+                else:
+                    logger.exception("could not store %d events; they will be resent", len(batch))
                 self.sequencer.next_index = self.replica.last_index + 1
                 self.sequencer.high_water = self.replica.high_water.copy()
                 for future in waiting:

@@ -1,0 +1,203 @@
+"""Disk faults in process: three cluster members on a real loopback bus, one store and term file
+refusing writes as a full disk does (ENOSPC), then taking them again when space returns."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+
+import pytest
+import zmq.asyncio
+
+from exo.bus.sockets import SocketFactory
+from exo.bus.transport import Bus
+from exo.events import IndexedEvent, NodeLabelled
+from exo.roles import disk_faults
+from exo.roles.cluster import ClusterMember
+from exo.roles.disk_faults import write_term
+from exo.roles.replica import restore
+from exo.state import State
+from exo.store.base import StoreError
+from exo.store.memory import InMemoryEventStore
+from exo.store.sqlite import SqliteEventStore
+from tests.cluster_harness import free_port
+from tests.test_store import flip_one_byte_keeping_it_decodable
+
+INTERVAL = 0.1  # heartbeats; a liveness window is 6 of them
+SETTLE_SECONDS = 30.0  # generous: the 2-core CI machine runs other suites alongside
+
+
+class FullDisk:
+    """Which data dirs are on a full disk now."""
+
+    def __init__(self) -> None:
+        self.full: set[Path] = set()
+
+
+class FaultyStore(InMemoryEventStore):
+    """An in-memory store that refuses appends the way SQLite does on a full disk."""
+
+    def __init__(self, disk: FullDisk, data_dir: Path) -> None:
+        super().__init__()
+        self.disk, self.data_dir = disk, data_dir
+
+    def _check(self, events: Sequence[IndexedEvent]) -> None:
+        if self.data_dir in self.disk.full and events:
+            raise StoreError(
+                f"cannot write events {events[0].index}..{events[-1].index}: database or disk is full"
+            )
+
+    async def append(self, events: Sequence[IndexedEvent]) -> None:
+        self._check(events)
+        await super().append(events)
+
+    async def append_now(self, events: Sequence[IndexedEvent]) -> None:
+        self._check(events)
+        await super().append_now(events)
+
+
+@pytest.fixture
+async def cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[FullDisk, list[ClusterMember]]]:
+    disk = FullDisk()
+    real_write_term = disk_faults.write_term
+
+    def write_term_on(path: Path, term: int) -> None:
+        if path.parent in disk.full:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path.with_suffix(".tmp")))
+        real_write_term(path, term)
+
+    monkeypatch.setattr(disk_faults, "write_term", write_term_on)
+    ports = [free_port() for _ in range(3)]
+    members: list[ClusterMember] = []
+    buses: list[Bus] = []
+    context = zmq.asyncio.Context.instance()
+    for number, port in enumerate(ports):
+        node_id = f"n{number}"
+        data_dir = tmp_path / node_id
+        data_dir.mkdir()
+        bus = Bus(node_id, SocketFactory(context), bus_port=port, bind_host="127.0.0.1")
+        store = FaultyStore(disk, data_dir)
+        await store.open()
+        member = ClusterMember(  # before the bus starts: it subscribes to the topics handled then
+            node_id, bus, await restore(store), data_dir / "term", force_master=number == 0, interval=INTERVAL
+        )
+        await bus.start()
+        buses.append(bus)
+        members.append(member)
+    for member in members:
+        await member.start()
+    for bus in buses:
+        for port in ports:
+            if port != bus.bus_port:
+                bus.add_peer(f"127.0.0.1:{port}")
+    try:
+        yield disk, members
+    finally:
+        for member in members:
+            disk.full.clear()
+            await member.close()
+        for bus in buses:
+            await bus.close()
+
+
+def test_a_term_write_that_fails_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "term"
+    write_term(path, 3)
+
+    def no_space(*_arguments: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(disk_faults.os, "write", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        write_term(path, 4)
+    assert sorted(child.name for child in tmp_path.iterdir()) == ["term"]
+    assert path.read_text() == "3\n"
+    monkeypatch.undo()
+    write_term(path, 5)
+    assert path.read_text() == "5\n"
+
+
+async def settle(members: Sequence[ClusterMember], predicate: Callable[[State], bool], what: str) -> None:
+    """Wait until `predicate` holds on every member's applied state (deadline: SETTLE_SECONDS)."""
+    deadline = asyncio.get_running_loop().time() + SETTLE_SECONDS
+    for member in members:
+        remaining = deadline - asyncio.get_running_loop().time()
+        assert await member.replica.wait_for(predicate, max(remaining, 0.0)), f"{member.node_id}: not {what}"
+
+
+def master_of(member: ClusterMember) -> str | None:
+    return member.state.master_node_id
+
+
+def label(state: State, node_id: str, key: str) -> str | None:
+    node = state.nodes.get(node_id)
+    return node.labels.get(key) if node is not None else None
+
+
+async def test_a_master_that_cannot_write_steps_down_and_recovers_when_space_returns(
+    cluster: tuple[FullDisk, list[ClusterMember]], tmp_path: Path
+) -> None:
+    disk, members = cluster
+    first, second, third = members
+    await settle(members, lambda state: state.master_node_id == "n0", "led by n0")
+    disk.full.add(tmp_path / "n0")
+    # A change submitted now reaches the master, whose store refuses it.
+    second.submit([NodeLabelled("n1", "after", "full")])
+    await settle(
+        [second, third],
+        lambda state: state.master_node_id in ("n1", "n2") and label(state, "n1", "after") == "full",
+        "sequenced by another master",
+    )
+    assert first.master is None
+    assert first.disk_faults.store_failures >= 1
+    # Space returns: the old master catches up by itself and its log equals the others'.
+    disk.full.clear()
+    third.submit([NodeLabelled("n2", "after", "space")])
+    await settle(members, lambda state: label(state, "n2", "after") == "space", "given the next change")
+    for member in members:
+        await member.replica.flush()
+    logs = [await member.store.read(1) for member in (m.replica for m in members)]
+    assert logs[0] == logs[1] == logs[2]
+    assert not (tmp_path / "n0" / "term.tmp").exists()
+
+
+async def write_log(path: Path, count: int) -> None:
+    store = SqliteEventStore(str(path))
+    await store.open()
+    await store.append(
+        [
+            IndexedEvent(index, 1, "n0", index, NodeLabelled("n0", "k", f"value-{index}"))
+            for index in range(1, count + 1)
+        ]
+    )
+    await store.close()
+
+
+def test_a_node_refuses_to_start_on_a_log_whose_checksum_fails(tmp_path: Path) -> None:
+    """One changed byte inside a stored event: the node names the index in one line and exits 2
+    instead of replaying it (it used to bring back a deleted instance)."""
+    data_dir = tmp_path / "node"
+    data_dir.mkdir()
+    asyncio.run(write_log(data_dir / "events.db", 3))
+    with sqlite3.connect(data_dir / "events.db") as connection:
+        [payload] = connection.execute("SELECT payload FROM events WHERE event_index = 2").fetchone()
+        changed = flip_one_byte_keeping_it_decodable(payload)
+        connection.execute("UPDATE events SET payload = ? WHERE event_index = 2", (changed,))
+    connection.close()
+    argv = [sys.executable, "-m", "exo.node", "--data-dir", str(data_dir), "--no-api", "--no-discovery"]
+    completed = subprocess.run(
+        [*argv, "--bus-port", str(free_port())], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert completed.returncode == 2, completed.stderr
+    last_line = completed.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("exo: event 2 in ") and "does not match its checksum" in last_line
+    assert "Traceback" not in completed.stderr
