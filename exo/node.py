@@ -24,6 +24,13 @@ import zmq.asyncio
 from litestar import Litestar
 
 from exo.api.app import create_app
+from exo.api.body_limits import DEFAULT_MAX_BODY_BYTES
+from exo.api.http_guard import (
+    AcceptErrorLimiter,
+    default_max_connections,
+    raise_descriptor_limit,
+    uvicorn_options,
+)
 from exo.bus.codec import DropCounter
 from exo.bus.discovery import Discovery, DiscoveryError
 from exo.bus.security import cluster_tag, derive_security, new_cluster_secret, start_authenticator
@@ -66,6 +73,8 @@ class NodeConfig:
     api_key: str | None
     verbosity: int
     runner_limits: RunnerLimits = field(default_factory=RunnerLimits)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_connections: int | None = None  # None: default_max_connections() at start
 
 
 def parse_args(argv: list[str] | None = None) -> NodeConfig:
@@ -88,6 +97,18 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
     )
     parser.add_argument(
         "--api-key", help="bearer token required on every route but /health (env EXO_API_KEY)"
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help=f"largest request body the API reads; more is a 413 (default {DEFAULT_MAX_BODY_BYTES})",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        help="HTTP connections open at once; more are refused with a 503 (default: up to 1000, "
+        "within the process's file descriptor limit)",
     )
     limits = parser.add_argument_group("serving limits (per instance, set by its first stage's node)")
     limits.add_argument("--max-active-requests", type=int, help="requests generating at once (default 64)")
@@ -137,6 +158,8 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
         cluster_secret=args.cluster_secret or os.environ.get("EXO_CLUSTER_SECRET") or None,
         api_key=args.api_key or os.environ.get("EXO_API_KEY") or None,
         verbosity=args.verbose,
+        max_body_bytes=args.max_body_bytes,
+        max_connections=args.max_connections,
         runner_limits=RunnerLimits(
             max_active_requests=args.max_active_requests,
             max_waiting_requests=args.max_waiting_requests,
@@ -144,6 +167,16 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
             prefix_cache_tokens=args.prefix_cache_tokens,
         ),
     )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def load_node_id(data_dir: Path, override: str | None) -> str:
@@ -166,6 +199,7 @@ async def run_node(
 ) -> None:
     """Run a node until `stop` is set. `on_ready` gets the cluster member once everything is up."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    raise_descriptor_limit()
     node_id = load_node_id(config.data_dir, config.node_id)
     if config.cluster_secret is None:
         logger.warning("no cluster secret: the bus is open to anyone on this network (see --cluster-secret)")
@@ -255,7 +289,9 @@ async def run_node(
             if discovery is not None:
                 stack.push_async_callback(discovery.close)
         if config.api:
-            api = ApiServer(create_app(services, api_key=config.api_key), config.api_host, config.api_port)
+            app = create_app(services, api_key=config.api_key, max_request_bytes=config.max_body_bytes)
+            max_connections = config.max_connections or default_max_connections()
+            api = ApiServer(app, config.api_host, config.api_port, max_connections)
             await api.start()
             stack.push_async_callback(api.stop)
         # Start-up imports (transformers, mlx, litestar) leave millions of long-lived objects, and
@@ -325,16 +361,20 @@ async def start_discovery(node_id: str, config: NodeConfig, bus: Bus) -> Discove
 class ApiServer:
     """uvicorn inside the node's event loop (the node owns the signals, not uvicorn)."""
 
-    def __init__(self, app: Litestar, host: str, port: int) -> None:
+    def __init__(self, app: Litestar, host: str, port: int, max_connections: int) -> None:
         self.host, self.port = host, port
+        limits = uvicorn_options(max_connections)  # exo/api/http_guard.py
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", access_log=False)
+            uvicorn.Config(
+                app, host=host, port=port, log_level="warning", lifespan="on", access_log=False, **limits
+            )
         )
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         # serve() would install its own signal handlers; the node's stop event decides when to exit.
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        AcceptErrorLimiter(asyncio.get_running_loop()).install()
         self._task = asyncio.create_task(self.server.serve(), name="api")
         while not self.server.started:
             if self._task.done():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from exo.api.body_limits import DEFAULT_MAX_BODY_BYTES
+from exo.api.http_guard import default_max_connections
 from exo.inference.models import ModelInfo
 from exo.inference.runner_options import parse_arguments as parse_runner_arguments
 from exo.node import parse_args
@@ -52,3 +54,15 @@ def test_bad_serving_limits_are_refused(
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_body_and_connection_limits_have_flags() -> None:
+    config = parse_args([])
+    assert config.max_body_bytes == DEFAULT_MAX_BODY_BYTES
+    assert config.max_connections is None  # chosen at start from the descriptor limit
+    config = parse_args(["--max-body-bytes", "1000", "--max-connections", "50"])
+    assert (config.max_body_bytes, config.max_connections) == (1000, 50)
+    for bad in (["--max-body-bytes", "0"], ["--max-connections", "-1"], ["--max-body-bytes", "4MB"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+    assert 16 <= default_max_connections() <= 1000

@@ -18,7 +18,7 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import JSONBody, Parameter, SkipValidation
+from litestar.params import Parameter, SkipValidation
 
 from exo.api import ollama
 from exo.api.anthropic import MessagesRequest
@@ -137,9 +137,7 @@ async def openai_models(services: Services) -> ModelList:
 
 
 @post("/place_instance", status_code=200, responses=error_responses(*BODY, 404, 503))
-async def place_instance(
-    services: Services, request: Request[Any, Any, Any], data: JSONBody[PlaceInstanceRequest]
-) -> Instance:
+async def place_instance(services: Services, request: Request[Any, Any, Any]) -> Instance:
     data = await decode_strictly(request, PlaceInstanceRequest)
     return await services.place_instance(data.model_id, data.sharding, data.min_nodes)
 
@@ -204,9 +202,7 @@ async def ollama_running(services: Services) -> RunningModels:
 
 
 @post("/ollama/api/show", status_code=200, responses=error_responses(*BODY, 404, dialect="ollama"))
-async def ollama_show(
-    services: Services, request: Request[Any, Any, Any], data: JSONBody[ShowRequest]
-) -> ShowResponse:
+async def ollama_show(services: Services, request: Request[Any, Any, Any]) -> ShowResponse:
     """A model's details, template and capabilities."""
     body = await decode_strictly(request, ShowRequest)
     model = _find_model(services, ollama.model_id(body.model), supported_only=True)

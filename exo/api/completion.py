@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from exo.api.body_limits import on_tokenizer_thread
 from exo.api.errors import ApiError
 from exo.api.model_limits import context_length
 from exo.api.services import ChatTokenizer, NodeServices, text_tokenizer
@@ -70,11 +71,14 @@ async def prepare(
     services: NodeServices, request: CompletionRequest, settings: CompletionSettings
 ) -> tuple[PreparedCompletion, ChatTokenizer]:
     tokenizer = await services.tokenizer(request.model)
-    forced_prefix = ""
-    if isinstance(request.prompt, ChatPrompt):
-        prompt_tokens, forced_prefix = render_chat(tokenizer, request.prompt)
+    prompt = request.prompt
+    # On the tokenizer thread: rendering and encoding take time in proportion to the prompt.
+    if isinstance(prompt, ChatPrompt):
+        prompt_tokens, forced_prefix = await on_tokenizer_thread(lambda: render_chat(tokenizer, prompt))
     else:
-        prompt_tokens = tokens_of_text(services, tokenizer, request.model, request.prompt)
+        vocab = _vocab_size(services, request.model)
+        prompt_tokens = await on_tokenizer_thread(lambda: tokens_of_text(vocab, tokenizer, prompt))
+        forced_prefix = ""
     max_tokens = check_context(services, request, len(prompt_tokens), settings.default_max_tokens)
     check_logit_bias(services, request)
     instance = await services.ensure_instance(request.model, settings.instance_ready_timeout_s)
@@ -129,11 +133,9 @@ def _apply_template(
         raise ApiError(400, message, param="messages", code="invalid_messages") from error
 
 
-def tokens_of_text(
-    services: NodeServices, tokenizer: ChatTokenizer, model_id: str, prompt: TextPrompt
-) -> list[int]:
+def tokens_of_text(vocab: int | None, tokenizer: ChatTokenizer, prompt: TextPrompt) -> list[int]:
+    """The prompt's token ids (checked against the vocabulary's size, when known)."""
     if prompt.tokens is not None:
-        vocab = _vocab_size(services, model_id)
         if vocab is not None and any(not 0 <= token < vocab for token in prompt.tokens):
             raise ApiError(
                 400, f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_request"

@@ -19,6 +19,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
 
+from exo.api.body_limits import TooDeep, decode_json_off_loop
 from exo.api.services import (
     ClusterUnavailable,
     GenerationFailed,
@@ -185,10 +186,14 @@ BodyType = TypeVar("BodyType")
 async def decode_strictly(request: Request[Any, Any, Any], body_type: type[BodyType]) -> BodyType:
     """The JSON body decoded with no type coercion: `"min_nodes": "2"` is a 400, not 2.
 
-    Litestar's own body parsing (which also feeds the OpenAPI schema) is lax; this runs after it.
+    The only parse of the body (no route declares a Litestar `data` parameter, which would parse
+    it on the event loop first): depth-checked, and on a worker thread when it is large
+    (exo/api/body_limits.py).
     """
     try:
-        return msgspec.json.decode(await request.body(), type=body_type)
+        return await decode_json_off_loop(await request.body(), body_type)
+    except TooDeep as error:
+        raise ApiError(400, f"invalid request: {error}", code="invalid_request") from error
     except msgspec.ValidationError as error:
         message, _, location = str(error).partition(" - at `$")
         # A dict value's path is `field[...]`: the field is what a client can act on.
