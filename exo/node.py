@@ -27,7 +27,7 @@ from exo.api.app import create_app
 from exo.api.body_limits import DEFAULT_MAX_BODY_BYTES
 from exo.api.http_guard import (
     AcceptErrorLimiter,
-    default_max_connections,
+    connection_limit,
     raise_descriptor_limit,
     uvicorn_options,
 )
@@ -199,7 +199,6 @@ async def run_node(
 ) -> None:
     """Run a node until `stop` is set. `on_ready` gets the cluster member once everything is up."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    raise_descriptor_limit()
     node_id = load_node_id(config.data_dir, config.node_id)
     if config.cluster_secret is None:
         logger.warning("no cluster secret: the bus is open to anyone on this network (see --cluster-secret)")
@@ -207,6 +206,7 @@ async def run_node(
     # The tokenizer stack (transformers) takes seconds to import: do it now, before the node has
     # heartbeats to keep, rather than on the first chat request.
     importlib.import_module("mlx_lm.tokenizer_utils")
+    raise_descriptor_limit()  # after mlx-lm, whose import sets the soft limit to 2048
     blas_check = check_blas()
     if blas_check.library == "reference":
         logger.warning(
@@ -290,7 +290,7 @@ async def run_node(
                 stack.push_async_callback(discovery.close)
         if config.api:
             app = create_app(services, api_key=config.api_key, max_request_bytes=config.max_body_bytes)
-            max_connections = config.max_connections or default_max_connections()
+            max_connections = connection_limit(config.max_connections)
             api = ApiServer(app, config.api_host, config.api_port, max_connections)
             await api.start()
             stack.push_async_callback(api.stop)

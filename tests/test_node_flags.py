@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from exo.api.body_limits import DEFAULT_MAX_BODY_BYTES
-from exo.api.http_guard import default_max_connections
+from exo.api.http_guard import connection_limit, default_max_connections, descriptor_budget
 from exo.inference.models import ModelInfo
 from exo.inference.runner_options import parse_arguments as parse_runner_arguments
 from exo.node import parse_args
@@ -66,3 +66,9 @@ def test_body_and_connection_limits_have_flags() -> None:
         with pytest.raises(SystemExit):
             parse_args(bad)
     assert 16 <= default_max_connections() <= 1000
+
+
+def test_max_connections_never_exceeds_the_descriptor_budget() -> None:
+    assert connection_limit(None) == default_max_connections()
+    assert connection_limit(10) == 10
+    assert connection_limit(10**9) == descriptor_budget() < 10**9

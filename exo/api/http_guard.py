@@ -9,8 +9,8 @@ accept failed, and asyncio logged a traceback for each. Here:
 - `GuardedH11Protocol` closes a connection whose request headers are not complete
   HEADER_TIMEOUT_SECONDS (10 s) after it opened or after its previous response, and refuses a
   connection beyond `max_connections` at once (503, OpenAI's error shape, `Connection: close`);
-- `default_max_connections()` keeps the cap well below the process's descriptor limit, so the
-  bus, the store and the runners always have descriptors left (the node keeps its mastership);
+- `connection_limit()` keeps the cap well below the process's descriptor limit, so the bus, the
+  store and the runners always have descriptors left (the node keeps its mastership);
 - `AcceptErrorLimiter` turns asyncio's repeated "socket.accept() out of system resource" reports
   into one log line per ACCEPT_LOG_SECONDS with a count.
 """
@@ -36,13 +36,35 @@ DESCRIPTORS_KEPT = 256  # for the bus, the store, the runners' sockets, the mode
 MAX_CONNECTIONS_CAP = 1000
 
 
-def default_max_connections() -> int:
-    """At most MAX_CONNECTIONS_CAP, and no more than half of the descriptors left after
+def descriptor_budget() -> int:
+    """Connections the descriptor limit leaves room for: half of what is left after
     DESCRIPTORS_KEPT (a connection may also hold a file or a socket while it is served)."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        return MAX_CONNECTIONS_CAP
-    return max(16, min(MAX_CONNECTIONS_CAP, (soft - DESCRIPTORS_KEPT) // 2))
+        return 1 << 20
+    return max(16, (soft - DESCRIPTORS_KEPT) // 2)
+
+
+def default_max_connections() -> int:
+    """At most MAX_CONNECTIONS_CAP, within the descriptor budget."""
+    return min(MAX_CONNECTIONS_CAP, descriptor_budget())
+
+
+def connection_limit(requested: int | None) -> int:
+    """`--max-connections` (or the default), never past the descriptor budget: with the
+    descriptors gone, the node's own sockets fail and it loses its mastership (seen: a cap of
+    8,000 under a 4,096 limit). A request above the budget is lowered, with a warning."""
+    if requested is None:
+        return default_max_connections()
+    budget = descriptor_budget()
+    if requested > budget:
+        logger.warning(
+            "--max-connections %d is more than the file descriptor limit leaves room for: using %d",
+            requested,
+            budget,
+        )
+        return budget
+    return requested
 
 
 def raise_descriptor_limit() -> int:
