@@ -506,6 +506,17 @@ async def test_client_reports_a_silent_stage_and_a_missing_token() -> None:
             await anext(client.generate([address], GenerationRequest([1, 2], 4, [], request_id="unread")))
         assert raised.value.code == "unreachable"
         assert loop.time() - started < 30
+
+        # A first stage busy with a long pass still announces its other requests: not dead yet.
+        pending = asyncio.ensure_future(
+            anext(client.generate([address], GenerationRequest([1, 2], 4, [], request_id="behind")))
+        )
+        for _ in range(10):  # beacons for another request, over three accept timeouts
+            sink.deliver([encode(StageAlive(stage_address=address, request_ids=["other"]))], loop.time())
+            await asyncio.sleep(0.1)  # the simulated stage's beacon interval
+            assert not pending.done()
+        with pytest.raises(GenerationError, match="did not take the request"):
+            await pending  # the beacons stopped: now it is taken for dead
     finally:
         await client.close()
         await sink.close()

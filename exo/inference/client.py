@@ -75,8 +75,10 @@ class _RequestChannel:
     stage_seen: dict[str, float] = field(default_factory=dict)  # stage address -> loop time
     overflowed: bool = False
     # Until the first stage announces the request (or anything arrives for it): the loop time by
-    # which it must, else the stage is taken for dead. None once heard.
+    # which it must, else the stage is taken for dead (unless it is still announcing other
+    # requests: busy with a long pass, it reads new ones when the pass ends). None once heard.
     accept_deadline: float | None = None
+    first_stage: str = ""
 
 
 class TokenSink:
@@ -102,6 +104,8 @@ class TokenSink:
         self.address = ""
         self.dropped_frames = 0
         self.stale_frames = 0
+        # stage address -> loop time of its last StageAlive (any request): which stages still run
+        self.stage_last_alive: dict[str, float] = {}
 
     async def start(self) -> str:
         socket = self._context.socket(zmq.PULL)
@@ -164,6 +168,8 @@ class TokenSink:
                     for address in channel.stage_seen:  # a token is news from every stage
                         channel.stage_seen[address] = now
             case StageAlive():
+                if message.stage_address in self.stage_last_alive or len(self.stage_last_alive) < 4096:
+                    self.stage_last_alive[message.stage_address] = now
                 for request_id in message.request_ids:
                     channel = self._channels.get(request_id)
                     if channel is not None:
@@ -250,6 +256,7 @@ class PipelineClient:
         try:
             # Set before sending: the announcement may be delivered while the send is awaited.
             channel.accept_deadline = asyncio.get_running_loop().time() + self.accept_timeout
+            channel.first_stage = route[0]
             await self._send(route[0], frame, request_id)
             timeout = self.first_token_timeout
             while True:
@@ -281,7 +288,12 @@ class PipelineClient:
             silent = [
                 address for address, seen in channel.stage_seen.items() if now - seen >= self.stage_timeout
             ]
-            unaccepted = channel.accept_deadline is not None and now >= channel.accept_deadline
+            unaccepted = (
+                channel.accept_deadline is not None
+                and now >= channel.accept_deadline
+                and now - self.sink.stage_last_alive.get(channel.first_stage, -self.stage_timeout)
+                >= self.stage_timeout
+            )
             if now >= deadline or silent or unaccepted:
                 if not rechecked:
                     # If this event loop was itself stalled, heartbeats may be waiting unread in
@@ -303,7 +315,11 @@ class PipelineClient:
                 (seen + self.stage_timeout for seen in channel.stage_seen.values()), default=deadline
             )
             if channel.accept_deadline is not None:
-                stage_deadline = min(stage_deadline, channel.accept_deadline)
+                busy_until = (
+                    self.sink.stage_last_alive.get(channel.first_stage, -self.stage_timeout)
+                    + self.stage_timeout
+                )
+                stage_deadline = min(stage_deadline, max(channel.accept_deadline, busy_until))
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that lands
             # as a token arrives, and the cancelled reader would then hold the request forever.
             with contextlib.suppress(TimeoutError):
