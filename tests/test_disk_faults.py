@@ -201,3 +201,38 @@ def test_a_node_refuses_to_start_on_a_log_whose_checksum_fails(tmp_path: Path) -
     last_line = completed.stderr.strip().splitlines()[-1]
     assert last_line.startswith("exo: event 2 in ") and "does not match its checksum" in last_line
     assert "Traceback" not in completed.stderr
+
+
+async def test_a_follower_with_a_full_disk_follows_the_next_master_once_space_returns(
+    cluster: tuple[FullDisk, list[ClusterMember]], tmp_path: Path
+) -> None:
+    """n1 applies an event it cannot store; then the master's disk fills too and n2 takes over.
+    n1 must compare logs with n2, which first writes what it applied: that used to fail once and
+    leave n1 never appending another event. It retries, and catches up when space returns.
+    (n1, not n2, is the full one: with the bully election a node whose log is not durable could
+    still win a race on a loaded machine; that is the election's own issue, not this test's.)"""
+    disk, members = cluster
+    first, second, third = members
+    await settle(members, lambda state: state.master_node_id == "n0", "led by n0")
+    for member in members:
+        await member.replica.flush()
+    disk.full.add(tmp_path / "n1")
+    third.submit([NodeLabelled("n2", "step", "one")])
+    await settle(members, lambda state: label(state, "n2", "step") == "one", "given the first change")
+    assert second.replica.durable_index < second.replica.last_index  # applied, not stored
+    disk.full.add(tmp_path / "n0")
+    third.submit([NodeLabelled("n2", "step", "two")])
+    await settle(
+        [third],
+        lambda state: state.master_node_id == "n2" and label(state, "n2", "step") == "two",
+        "sequenced by n2",
+    )
+    disk.full.clear()
+    third.submit([NodeLabelled("n2", "step", "three")])
+    await settle(members, lambda state: label(state, "n2", "step") == "three", "given the last change")
+    for member in members:
+        await member.replica.flush()
+    logs = [await member.replica.store.read(1) for member in members]
+    assert logs[0] == logs[1] == logs[2]
+    assert [event.index for event in logs[0]] == list(range(1, len(logs[0]) + 1))
+    assert first.master is None and third.master is not None

@@ -355,7 +355,11 @@ class ClusterMember:
                 self.election.master_term,
             ):
                 return
-            await self._reconcile_once(master_id)
+            # A store that refuses writes (a full disk) cannot be compared: retry until it takes
+            # them or another master leads, or this node would never apply another event.
+            while not await self.disk_faults.retried(lambda: self._reconcile_once(master_id)):
+                if self.election.master_node_id != master_id:
+                    return
             self._reconciled_with = (master_id, self.election.master_term)
 
     def _log_matches_master(self) -> bool:

@@ -9,20 +9,28 @@
   *abstains* for `ABSTAIN_SECONDS` (it ranks below every healthy node and does not take over as a
   forced master), so another node is elected and sequences. After that it competes normally
   again; if its disk is still full it fails its first commit and steps down again.
+- A follower comparing its log with a new master's first writes what it applied; a full disk
+  used to fail that once and leave the node never appending the master's events. `retried`
+  runs such a step again every RETRY_SECONDS until the store takes the writes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from exo.store.base import StoreError
 
 logger = logging.getLogger(__name__)
 
 ABSTAIN_SECONDS = 5.0
+RETRY_SECONDS = 0.5
 
 
 def write_term(path: Path, term: int) -> None:
@@ -52,6 +60,7 @@ class DiskFaults:
     abstaining_since: float | None = None
     term_write_failed: bool = False
     store_failures: int = 0
+    store_retrying: bool = False
 
     def store_failed(self, error: Exception, now: float | None = None) -> bool:
         """The master's store refused a commit. True when this starts an abstention (step down now)."""
@@ -90,3 +99,21 @@ class DiskFaults:
         if self.term_write_failed:
             logger.info("term %d recorded in %s again", term, path)
         self.term_write_failed = False
+
+    async def retried(self, step: Callable[[], Awaitable[None]]) -> bool:
+        """Run `step`; False (after logging once per episode and waiting RETRY_SECONDS) when the
+        store refused a write, so the caller can check whether to go on and try again."""
+        try:
+            await step()
+        except StoreError as error:
+            if not self.store_retrying:
+                logger.error(
+                    "the event store refused a write (%s): retrying every %.1f s", error, RETRY_SECONDS
+                )
+            self.store_retrying = True
+            await asyncio.sleep(RETRY_SECONDS)
+            return False
+        if self.store_retrying:
+            logger.info("the event store takes writes again")
+        self.store_retrying = False
+        return True
