@@ -4,11 +4,13 @@ refusing writes as a full disk does (ENOSPC), then taking them again when space 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -236,3 +238,52 @@ async def test_a_follower_with_a_full_disk_follows_the_next_master_once_space_re
     assert logs[0] == logs[1] == logs[2]
     assert [event.index for event in logs[0]] == list(range(1, len(logs[0]) + 1))
     assert first.master is None and third.master is not None
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(path: Path, size: str = "1m") -> Iterator[Path]:
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file until the filesystem is full; returns it (delete it to make room again)."""
+    filler = directory / "filler"
+    with filler.open("wb") as file, contextlib.suppress(OSError):
+        while True:
+            file.write(b"\0" * 65536)
+            file.flush()
+    return filler
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root; CI runs it as root")
+async def test_a_real_full_disk_is_a_store_error_and_writes_resume_when_space_returns(tmp_path: Path) -> None:
+    """What the fault injection above stands for, on a real 1 MiB tmpfs: SQLite's "database or
+    disk is full" reaches the caller as a StoreError (what makes a master step down), the term
+    file's write fails without leaving term.tmp, and both work again once space returns."""
+    with tiny_tmpfs(tmp_path / "disk") as disk:
+        store = SqliteEventStore(str(disk / "events.db"))
+        await store.open()
+        try:
+            await store.append([IndexedEvent(1, 1, "n0", 1, NodeLabelled("n0", "k", "v"))])
+            filler = fill(disk)
+            big = [
+                IndexedEvent(index, 1, "n0", index, NodeLabelled("n0", "k", "x" * 4096))
+                for index in range(2, 200)
+            ]
+            with pytest.raises(StoreError, match="full"):
+                await store.append(big)
+            with pytest.raises(OSError) as raised:
+                write_term(disk / "term", 7)
+            assert raised.value.errno == errno.ENOSPC
+            assert not (disk / "term.tmp").exists()
+            filler.unlink()
+            await store.append(big)
+            write_term(disk / "term", 7)
+            assert [event.index for event in await store.read(1)] == list(range(1, 200))
+        finally:
+            await store.close()
