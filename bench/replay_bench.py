@@ -142,7 +142,7 @@ def read_and_decode(reader: LogReader) -> None:
     """The baseline: the same reader and decoder as the replay, without apply."""
     decode = indexed_event_decoder.decode
     for batch in reader.rows():
-        for _index, payload in batch:
+        for _index, payload, _checksum in batch:
             decode(payload)
 
 

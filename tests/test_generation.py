@@ -8,11 +8,14 @@ import contextlib
 from collections.abc import AsyncGenerator
 from typing import cast
 
-from exo.api.cluster_port import GeneratedToken
+import msgspec
+import pytest
+
+from exo.api.cluster_port import GeneratedToken, GenerationAborted
 from exo.core.events import ShardAssignment
 from exo.core.sampling import SamplingParams
 from exo.core.state import Instance, RunnerInfo, State
-from exo.inference.client import GenerationRequest, PipelineClient
+from exo.inference.client import UNREACHABLE, GenerationError, GenerationRequest, PipelineClient
 from exo.inference.protocol import TokenSampled
 from exo.node.generation import PipelineGenerator
 from tests.harness.fakes import FakeNodeServices
@@ -92,3 +95,92 @@ async def test_closing_a_stream_early_closes_the_clients_generation_at_once() ->
         await anext(tokens)
     assert client.closed == ["tcp://i-1"]  # not left to the garbage collector
     assert generator.in_flight == {}
+
+
+class DeadRouteClient:
+    """Fails every generation on a route in `dead` as a stage would (code "unreachable"), and
+    answers one token on any other route."""
+
+    def __init__(self, dead: set[str]) -> None:
+        self.dead = dead
+        self.routes: list[str] = []
+        self.tried = asyncio.Event()
+
+    async def generate(
+        self, route: list[str], request: GenerationRequest
+    ) -> AsyncGenerator[TokenSampled, None]:
+        self.routes.append(route[0])
+        self.tried.set()
+        if route[0] in self.dead:
+            raise GenerationError("r", f"stage {route[0]} is unreachable", UNREACHABLE)
+        yield TokenSampled(request_id="r", step=0, token=1, finish_reason="length")
+
+
+class MovingState:
+    """A state that tests replace, with the replica's wait_for over it."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self.changed = asyncio.Condition()
+
+    async def replace(self, state: State) -> None:
+        async with self.changed:
+            self.state = state
+            self.changed.notify_all()
+
+    async def wait_for(self, predicate: object, timeout: float) -> bool:
+        assert callable(predicate)
+        try:
+            async with asyncio.timeout(timeout), self.changed:
+                await self.changed.wait_for(lambda: bool(predicate(self.state)))
+        except TimeoutError:
+            return False
+        return True
+
+
+def moving_generator(client: DeadRouteClient, moving: MovingState) -> PipelineGenerator:
+    return PipelineGenerator(
+        cast(PipelineClient, client),
+        FakeNodeServices().tokenizer,
+        lambda: moving.state,
+        wait_for_state=moving.wait_for,
+    )
+
+
+def restarted(old: Instance, address: str) -> Instance:
+    runner = RunnerInfo(status="ready", activation_address=address)
+    return msgspec.structs.replace(old, runners={"node0": runner})
+
+
+async def test_a_dead_route_is_tried_again_once_its_runner_has_a_new_address() -> None:
+    """After a restart the log names the previous process's runners until the new ones report:
+    a request that found a stage gone before any token waits for the new route, then answers."""
+    stale = instance("i-1")
+    moving = MovingState(State(instances={"i-1": stale}))
+    client = DeadRouteClient({"tcp://i-1"})
+    stream = open_stream(moving_generator(client, moving), stale)
+    answer = asyncio.ensure_future(anext(stream))
+    await client.tried.wait()  # the first try went to the stale address
+    assert not answer.done()
+    await moving.replace(State(instances={"i-1": restarted(stale, "tcp://new")}))
+    token = await asyncio.wait_for(answer, 5)
+    assert token.token_id == 1
+    assert client.routes == ["tcp://i-1", "tcp://new"]
+
+
+async def test_a_dead_route_of_a_failed_instance_ends_with_the_stages_error() -> None:
+    stale = instance("i-1")
+    moving = MovingState(State(instances={"i-1": stale}))
+    client = DeadRouteClient({"tcp://i-1"})
+    answer = asyncio.ensure_future(anext(open_stream(moving_generator(client, moving), stale)))
+    await client.tried.wait()
+    await moving.replace(State(instances={"i-1": msgspec.structs.replace(stale, status="failed")}))
+    with pytest.raises(GenerationAborted, match="unreachable"):
+        await asyncio.wait_for(answer, 5)
+    assert client.routes == ["tcp://i-1"]
+
+
+async def test_a_dead_route_is_not_retried_without_a_state_to_wait_on() -> None:
+    client = DeadRouteClient({"tcp://i-1"})
+    with pytest.raises(GenerationAborted, match="unreachable"):
+        await anext(open_stream(generator_for(cast(HeldClient, client), instance("i-1")), instance("i-1")))

@@ -165,6 +165,32 @@ def test_stages_wired_without_sockets_generate_and_free_everything() -> None:
         assert stage.counters.dropped_frames == 0
 
 
+def test_a_stopping_stage_fails_every_request_it_holds_or_queues() -> None:
+    """A runner told to stop tells each requester why, so none waits for a timeout."""
+    model = tiny_models()["llama"]
+    route = ["tcp://s0", "tcp://s1"]
+    first = PipelineStage(
+        load_shard(model, ShardSpec(start_layer=0, end_layer=3, n_layers=N_LAYERS)),
+        "tcp://s0",
+        max_active_requests=1,
+        max_waiting_requests=4,
+    )
+    held = first.handle(start_message(route))
+    assert held and "r1" in first.requests
+    waiting = msgspec.structs.replace(start_message(route), request_id="r2")
+    assert first.handle(waiting) == [] and "r2" in first.admission.waiting
+    outgoing = first.fail_all("the runner stopped")
+    failures = [
+        message
+        for item in outgoing
+        if item.to_requester
+        and isinstance(message := pipeline_decoder.decode(item.frames[0]), GenerationFailed)
+    ]
+    assert sorted(failure.request_id for failure in failures) == ["r1", "r2"]
+    assert {(failure.reason, failure.code) for failure in failures} == {("the runner stopped", "unreachable")}
+    assert first.requests == {} and not first.admission.waiting and not first.has_work()
+
+
 def test_stage_rejects_bad_activations_and_routes() -> None:
     model = tiny_models()["llama"]
     last = PipelineStage(
@@ -472,6 +498,27 @@ async def test_client_reports_a_silent_stage_and_a_missing_token() -> None:
         with pytest.raises(GenerationError, match="no token within"):
             await anext(client.generate([address], GenerationRequest([1, 2], 4, [], request_id="quiet")))
         assert 0.4 < loop.time() - started < 1.5
+
+        # A first stage that takes the start but never announces it (a runner stopping with the
+        # frame unread): the request ends after accept_timeout, as a gone stage.
+        client.accept_timeout = 0.3
+        client.first_token_timeout = 60
+        started = loop.time()
+        with pytest.raises(GenerationError, match="did not take the request") as raised:
+            await anext(client.generate([address], GenerationRequest([1, 2], 4, [], request_id="unread")))
+        assert raised.value.code == "unreachable"
+        assert loop.time() - started < 30
+
+        # A first stage busy with a long pass still announces its other requests: not dead yet.
+        pending = asyncio.ensure_future(
+            anext(client.generate([address], GenerationRequest([1, 2], 4, [], request_id="behind")))
+        )
+        for _ in range(10):  # beacons for another request, over three accept timeouts
+            sink.deliver([encode(StageAlive(stage_address=address, request_ids=["other"]))], loop.time())
+            await asyncio.sleep(0.1)  # the simulated stage's beacon interval
+            assert not pending.done()
+        with pytest.raises(GenerationError, match="did not take the request"):
+            await pending  # the beacons stopped: now it is taken for dead
     finally:
         await client.close()
         await sink.close()

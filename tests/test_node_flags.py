@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from exo.api.body_limits import DEFAULT_MAX_BODY_BYTES
+from exo.api.http_guard import connection_limit, default_max_connections, descriptor_budget
 from exo.core.models import ModelInfo
 from exo.inference.runner_options import parse_arguments as parse_runner_arguments
 from exo.node.main import parse_args
@@ -66,3 +68,21 @@ def test_bad_weights_dtype_is_refused(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit):
         parse_args(["--weights-dtype", "bfloat16"])
     assert "invalid choice: 'bfloat16'" in capsys.readouterr().err
+
+
+def test_body_and_connection_limits_have_flags() -> None:
+    config = parse_args([])
+    assert config.max_body_bytes == DEFAULT_MAX_BODY_BYTES
+    assert config.max_connections is None  # chosen at start from the descriptor limit
+    config = parse_args(["--max-body-bytes", "1000", "--max-connections", "50"])
+    assert (config.max_body_bytes, config.max_connections) == (1000, 50)
+    for bad in (["--max-body-bytes", "0"], ["--max-connections", "-1"], ["--max-body-bytes", "4MB"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+    assert 16 <= default_max_connections() <= 1000
+
+
+def test_max_connections_never_exceeds_the_descriptor_budget() -> None:
+    assert connection_limit(None) == default_max_connections()
+    assert connection_limit(10) == 10
+    assert connection_limit(10**9) == descriptor_budget() < 10**9

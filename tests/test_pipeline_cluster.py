@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -195,3 +196,45 @@ def test_killing_a_stage_mid_stream_ends_the_stream_with_an_error(cluster: Loopb
 
 def instance_master(node: NodeProcess) -> str:
     return str(node.state()["master_node_id"])
+
+
+def test_every_request_sent_after_a_stages_node_dies_ends_within_15_s(cluster: LoopbackCluster) -> None:
+    """A stage's node killed: requests sent while the others notice (and after) each end, with an
+    error or an answer from the re-placed instance, within 15 s; none waits for a token timeout.
+    (Before: those sent once the failed instance's first runner was being stopped hung 300 s.)"""
+    api_node = cluster.nodes[0]
+    for node in cluster.nodes:
+        if not node.running:
+            node.start()
+    wait_until(
+        lambda: (s := cluster.converged()) and sum(n["status"] == "alive" for n in s["nodes"].values()) == 3,
+        90,
+        "three nodes alive again",
+    )
+    for instance in api_node.state()["instances"].values():
+        delete(api_node, instance["instance_id"])
+    instance = place(api_node, "tiny-llama", 3)
+    assignments = instance["shard_assignments"]
+    order = sorted(assignments, key=lambda name: assignments[name]["start_layer"])
+    # A later stage (the first one's runner then stops with requests unread), not the API's node.
+    victim = next(node for node in cluster.nodes if node.name in order[1:] and node is not api_node)
+    assert chat(api_node, "tiny-llama").status_code == 200
+    body = {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 4, "temperature": 0}
+    outcomes: dict[float, str] = {}
+
+    def ask(delay: float) -> None:
+        time.sleep(delay)  # the schedule of requests after the kill, not a synchronisation
+        try:
+            response = httpx.post(api_node.url + "/v1/chat/completions", json=body, timeout=15)
+            outcomes[delay] = str(response.status_code)
+        except httpx.TimeoutException:
+            outcomes[delay] = "no answer within 15 s"
+
+    victim.kill(signal.SIGKILL)
+    askers = [threading.Thread(target=ask, args=(delay,)) for delay in (0.3, 1.0, 2.0, 3.0, 5.0, 8.0)]
+    for asker in askers:
+        asker.start()
+    for asker in askers:
+        asker.join()
+    assert "no answer within 15 s" not in outcomes.values(), outcomes
+    victim.start()

@@ -30,7 +30,9 @@ from exo.core.state import State, apply, state_document
 from exo.node.replica import restore
 from exo.replay import main
 from exo.store import InMemoryEventStore, Snapshot, SqliteEventStore
+from exo.store.checksum import payload_checksum
 from exo.store.restore import restore_state
+from tests.harness.store_events import flip_one_byte_keeping_it_decodable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EVENT_COUNT = 300
@@ -173,9 +175,29 @@ def test_verify_names_the_first_missing_index(log: Path, capsys: pytest.CaptureF
     assert run_main(capsys, str(log), "--json")[0] == 1
 
 
+def test_verify_names_an_event_whose_payload_fails_its_checksum(
+    log: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One changed byte inside a payload that still decodes: --verify names it, as does every read."""
+    with sqlite3.connect(log) as connection:
+        [payload] = connection.execute("SELECT payload FROM events WHERE event_index = 77").fetchone()
+        changed = flip_one_byte_keeping_it_decodable(payload)
+        connection.execute("UPDATE events SET payload = ? WHERE event_index = 77", (changed,))
+    connection.close()
+    code, out, err = run_main(capsys, str(log), "--verify")
+    assert (code, out) == (1, "")
+    assert err.startswith("exo-replay: bad index 77: does not match its checksum (stored 0x")
+    assert err.count("\n") == 1
+    assert run_main(capsys, str(log), "--json")[0] == 1
+
+
 def test_verify_names_an_undecodable_event(log: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with sqlite3.connect(log) as connection:
-        connection.execute("UPDATE events SET payload = x'93c1ffee' WHERE event_index = 77")
+        # Undecodable, with a matching checksum: the decode check itself.
+        connection.execute(
+            "UPDATE events SET payload = x'93c1ffee', checksum = ? WHERE event_index = 77",
+            (payload_checksum(bytes.fromhex("93c1ffee")),),
+        )
     connection.close()
     code, _, err = run_main(capsys, str(log), "--verify")
     assert code == 1

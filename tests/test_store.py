@@ -15,14 +15,18 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import msgspec
 import pytest
+from alembic import command
+from sqlalchemy import create_engine
 
-from exo.core.events import IndexedEvent, NodeJoined
+from exo.core.events import IndexedEvent, NodeJoined, event_type_name
 from exo.core.state import State, apply
 from exo.store import EventStore, InMemoryEventStore, Snapshot, SqliteEventStore, StoreError, open_store
+from exo.store.checksum import payload_checksum
 from exo.store.location import parse_store_url
-from exo.store.migrate import head_revision
-from tests.harness.store_events import events
+from exo.store.migrate import alembic_config, head_revision
+from tests.harness.store_events import events, flip_one_byte_keeping_it_decodable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -271,9 +275,30 @@ async def test_an_undecodable_row_is_a_store_error_naming_it(tmp_path: Path) -> 
     await store.open()
     await store.append(events(1, 3))
     with sqlite3.connect(path) as connection:
-        connection.execute("UPDATE events SET payload = x'c1c1' WHERE event_index = 2")
+        # A payload that does not decode, with its checksum: the decode check, not the checksum's.
+        connection.execute(
+            "UPDATE events SET payload = x'c1c1', checksum = ? WHERE event_index = 2",
+            (payload_checksum(b"\xc1\xc1"),),
+        )
     with pytest.raises(StoreError, match=r"event 2 .* does not decode"):
         await store.read(1)
+    await store.close()
+
+
+async def test_a_changed_byte_inside_a_payload_fails_its_checksum_on_read(tmp_path: Path) -> None:
+    """A row that still decodes after a byte changed (a flipped instance id) is caught by its
+    CRC32C, not replayed as if the master had sequenced it."""
+    path = tmp_path / "events.db"
+    store = SqliteEventStore(str(path))
+    await store.open()
+    await store.append(events(1, 3))
+    with sqlite3.connect(path) as connection:
+        [payload] = connection.execute("SELECT payload FROM events WHERE event_index = 2").fetchone()
+        changed = flip_one_byte_keeping_it_decodable(payload)
+        connection.execute("UPDATE events SET payload = ? WHERE event_index = 2", (changed,))
+    with pytest.raises(StoreError, match=r"^event 2 in .* does not match its checksum"):
+        await store.read(1)
+    assert [indexed.index for indexed in await store.read(1, 2)] == [1]
     await store.close()
 
 
@@ -390,7 +415,7 @@ def _child_env() -> dict[str, str]:
 KILL_WRITER = """
 import asyncio, sys
 from exo.store import SqliteEventStore
-from tests.harness.store_events import events
+from tests.harness.store_events import events, flip_one_byte_keeping_it_decodable
 
 async def main():
     store = SqliteEventStore(sys.argv[1])
@@ -554,3 +579,36 @@ async def test_append_now_commits_on_the_callers_thread_and_append_on_the_writer
         assert await reopened.read(1) == events(1, 4)  # both committed to the file
     finally:
         await reopened.close()
+
+
+def write_revision_1_log(path: Path, batch: list[IndexedEvent]) -> None:
+    """An events.db as exo wrote it before checksums (schema exo_0001)."""
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "exo_0001")
+        connection.exec_driver_sql(
+            "INSERT INTO events (event_index, term, event_type, payload) VALUES (?, ?, ?, ?)",
+            [
+                (indexed.index, indexed.term, event_type_name(indexed.event), msgspec.msgpack.encode(indexed))
+                for indexed in batch
+            ],
+        )
+    engine.dispose()
+
+
+async def test_an_old_log_without_checksums_opens_and_gets_them(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    batch = events(1, 25)
+    write_revision_1_log(path, batch)
+    store = SqliteEventStore(str(path))
+    await store.open()
+    assert await store.read(1) == batch
+    await store.append(events(26, 27))
+    await store.close()
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [
+            (head_revision(),)
+        ]
+        rows = connection.execute("SELECT payload, checksum FROM events ORDER BY event_index").fetchall()
+    assert len(rows) == 27
+    assert all(checksum == payload_checksum(payload) for payload, checksum in rows)

@@ -18,7 +18,7 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import JSONBody, Parameter, SkipValidation
+from litestar.params import Parameter, SkipValidation
 
 from exo.api import ollama
 from exo.api.anthropic import MessagesRequest
@@ -40,7 +40,6 @@ from exo.api.ollama_types import (
 from exo.api.openai_completions import TextCompletionRequest
 from exo.api.openai_types import ChatCompletionRequest, ModelList, ModelObject
 from exo.api.openapi import render_plugins
-from exo.api.request_body import check_request_body
 from exo.api.responses_routes import RESPONSES_ROUTES, Responses
 from exo.api.responses_store import ResponseStore
 from exo.api.responses_types import ResponsesRequest
@@ -142,9 +141,7 @@ async def openai_models(services: Services) -> ModelList:
 
 
 @post("/place_instance", status_code=200, responses=error_responses(*BODY, 404, 503))
-async def place_instance(
-    services: Services, request: Request[Any, Any, Any], data: JSONBody[PlaceInstanceRequest]
-) -> Instance:
+async def place_instance(services: Services, request: Request[Any, Any, Any]) -> Instance:
     data = await decode_strictly(request, PlaceInstanceRequest)
     return await services.place_instance(data.model_id, data.sharding, data.min_nodes)
 
@@ -209,9 +206,7 @@ async def ollama_running(services: Services) -> RunningModels:
 
 
 @post("/ollama/api/show", status_code=200, responses=error_responses(*BODY, 404, dialect="ollama"))
-async def ollama_show(
-    services: Services, request: Request[Any, Any, Any], data: JSONBody[ShowRequest]
-) -> ShowResponse:
+async def ollama_show(services: Services, request: Request[Any, Any, Any]) -> ShowResponse:
     """A model's details, template and capabilities."""
     body = await decode_strictly(request, ShowRequest)
     model = _find_model(services, ollama.model_id(body.model), supported_only=True)
@@ -309,7 +304,6 @@ def create_app(
             "responses": Provide(provide_responses, sync_to_thread=False),
         },
         guards=[] if api_key is None else [_require_api_key(api_key)],
-        before_request=check_request_body,
         exception_handlers=EXCEPTION_HANDLERS,
         cors_config=CORSConfig(allow_origins=["*"], allow_headers=["*"], allow_methods=["*"]),
         openapi_config=OpenAPIConfig(

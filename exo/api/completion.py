@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from exo.api.body_limits import on_tokenizer_thread
 from exo.api.channels import opens_thinking
 from exo.api.cluster_port import ChatTokenizer, NodeServices, text_tokenizer
 from exo.api.constraints import OutputFormat, ToolSpec, build_grammar, validate_grammar
@@ -65,12 +66,15 @@ async def prepare(
     services: NodeServices, request: CompletionRequest, settings: CompletionSettings
 ) -> tuple[PreparedCompletion, ChatTokenizer]:
     tokenizer = await services.tokenizer(request.model)
+    prompt = request.prompt
     tools = None
-    if isinstance(request.prompt, ChatPrompt):
-        prompt_tokens = render_chat(tokenizer, request.prompt)
-        tools = request.prompt.tools
+    # On the tokenizer thread: rendering and encoding take time in proportion to the prompt.
+    if isinstance(prompt, ChatPrompt):
+        prompt_tokens = await on_tokenizer_thread(lambda: render_chat(tokenizer, prompt))
+        tools = prompt.tools
     else:
-        prompt_tokens = tokens_of_text(services, tokenizer, request.model, request.prompt)
+        vocab = _vocab_size(services, request.model)
+        prompt_tokens = await on_tokenizer_thread(lambda: tokens_of_text(vocab, tokenizer, prompt))
     max_tokens = check_context(services, request, len(prompt_tokens), settings.default_max_tokens)
     check_logit_bias(services, request)
     thinking_end = None
@@ -130,11 +134,9 @@ def _apply_template(
         raise ApiError(400, message, param="messages", code="invalid_messages") from error
 
 
-def tokens_of_text(
-    services: NodeServices, tokenizer: ChatTokenizer, model_id: str, prompt: TextPrompt
-) -> list[int]:
+def tokens_of_text(vocab: int | None, tokenizer: ChatTokenizer, prompt: TextPrompt) -> list[int]:
+    """The prompt's token ids (checked against the vocabulary's size, when known)."""
     if prompt.tokens is not None:
-        vocab = _vocab_size(services, model_id)
         if vocab is not None and any(not 0 <= token < vocab for token in prompt.tokens):
             raise ApiError(
                 400, f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_request"

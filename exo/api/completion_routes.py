@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator
 from typing import Annotated, Any
 
 from litestar import Request, post
-from litestar.params import HeaderParameter, JSONBody, Parameter, SkipValidation
+from litestar.params import HeaderParameter, Parameter, SkipValidation
 from litestar.response import Stream
 
 from exo.api import anthropic, ollama
@@ -69,7 +69,6 @@ async def chat_completions(
     settings: Settings,
     registry: Registry,
     request: AnyRequest,
-    data: JSONBody[ChatCompletionRequest],
 ) -> ChatCompletion | Stream:
     """OpenAI chat completions; `"stream": true` answers server-sent events."""
     body = await decode_strictly(request, ChatCompletionRequest)
@@ -87,7 +86,6 @@ async def completions(
     settings: Settings,
     registry: Registry,
     request: AnyRequest,
-    data: JSONBody[TextCompletionRequest],
 ) -> TextCompletion | Stream:
     """OpenAI legacy text completions: the prompt as is, no chat template."""
     body = await decode_strictly(request, TextCompletionRequest)
@@ -112,12 +110,11 @@ async def cancel_completion(registry: Registry, completion_id: CompletionId) -> 
 
 
 @post("/v1/messages", status_code=200, responses=error_responses(*GENERATE, dialect="anthropic"))
-async def claude_messages(  # noqa: PLR0917 (Litestar injects by name)
+async def claude_messages(
     services: Services,
     settings: Settings,
     registry: Registry,
     request: AnyRequest,
-    data: JSONBody[anthropic.MessagesRequest],
     anthropic_version: Annotated[str, HeaderParameter(name="anthropic-version", min_length=1)],
 ) -> anthropic.MessageResponse | Stream:
     """Claude's Messages API (the `anthropic-version` header is required, as Anthropic requires it)."""
@@ -136,7 +133,6 @@ async def ollama_chat(
     settings: Settings,
     registry: Registry,
     request: AnyRequest,
-    data: JSONBody[ChatRequest],
 ) -> ChatChunk | Stream:
     """Ollama chat; NDJSON unless `"stream": false`. No messages: load the model and say so."""
     body = await decode_strictly(request, ChatRequest)
@@ -158,7 +154,6 @@ async def ollama_generate(
     settings: Settings,
     registry: Registry,
     request: AnyRequest,
-    data: JSONBody[GenerateRequest],
 ) -> GenerateChunk | Stream:
     """Ollama generate; NDJSON unless `"stream": false`. An empty prompt loads the model."""
     body = await decode_strictly(request, GenerateRequest)

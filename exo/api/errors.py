@@ -19,6 +19,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
 
+from exo.api.body_limits import TooDeep, decode_json_off_loop
 from exo.api.cluster_port import (
     ClusterUnavailable,
     GenerationAborted,
@@ -185,10 +186,15 @@ BodyType = TypeVar("BodyType")
 async def decode_strictly(request: Request[Any, Any, Any], body_type: type[BodyType]) -> BodyType:
     """The JSON body decoded with no type coercion: `"min_nodes": "2"` is a 400, not 2.
 
-    Litestar's own body parsing (which also feeds the OpenAPI schema) is lax; this runs after it.
+    The only parse of the body (no route declares a Litestar `data` parameter, which would parse
+    it on the event loop first): depth-checked, and on a worker thread when it is large
+    (exo/api/body_limits.py).
     """
+    body = await request_json_body(request)
     try:
-        return msgspec.json.decode(await request.body(), type=body_type)
+        return await decode_json_off_loop(body, body_type)
+    except TooDeep as error:
+        raise ApiError(400, f"invalid request: {error}", code="invalid_request") from error
     except msgspec.ValidationError as error:
         message, _, location = str(error).partition(" - at `$")
         # A dict value's path is `field[...]`: the field is what a client can act on.
@@ -198,6 +204,30 @@ async def decode_strictly(request: Request[Any, Any, Any], body_type: type[BodyT
         raise ApiError(400, text, param=param, code="invalid_request") from error
     except msgspec.DecodeError as error:
         raise ApiError(400, f"malformed JSON: {error}", code="invalid_request") from error
+
+
+async def request_json_body(request: Request[Any, Any, Any]) -> bytes:
+    """The body, when it is JSON: a 415 for another media type (no Content-Type is read as JSON, as
+    curl users expect) and `invalid request: body is empty` for nothing at all."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None and not is_json_media_type(content_type):
+        raise ApiError(
+            415,
+            f"unsupported media type {content_type.partition(';')[0].strip()!r}: "
+            "send the body as JSON with 'Content-Type: application/json'",
+            code="unsupported_media_type",
+        )
+    body = await request.body()
+    if not body.strip():
+        raise ApiError(400, "invalid request: body is empty", code="invalid_request")
+    return body
+
+
+def is_json_media_type(content_type: str) -> bool:
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
 
 
 def _validation_param(key: str, message: str) -> str | None:

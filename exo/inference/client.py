@@ -13,9 +13,12 @@ hands each request's `TokenSampled` / `GenerationFailed` to that request's bound
 
 Closing the iterator early sends `GenerationCancelled`, so every stage frees the request. A dead
 stage never hangs a request: each stage announces the requests it holds every second
-(`StageAlive`), and a stage silent for `stage_timeout` seconds, no token within `token_timeout`
-(`first_token_timeout` for the first), or a first stage that cannot be reached within
-`send_timeout` raises `GenerationError`.
+(`StageAlive`), and a stage silent for `stage_timeout` seconds, a first stage that has not
+announced the request within `accept_timeout` of taking it (a runner that died or was stopped with
+the request still unread), no token within `token_timeout` (`first_token_timeout` for the first),
+or a first stage that cannot be reached within `send_timeout` raises `GenerationError`. Failures
+that mean a stage is gone carry `code="unreachable"`: nothing was generated on a dead route, so
+the caller may try again once the instance's route has changed.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from exo.inference.protocol import (
 )
 
 GRACE_SECONDS = 0.05
+UNREACHABLE = "unreachable"  # GenerationError.code when a stage of the route is gone
 
 
 class GenerationRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -70,6 +74,11 @@ class _RequestChannel:
     queue: asyncio.Queue[TokenSampled | GenerationFailed]
     stage_seen: dict[str, float] = field(default_factory=dict)  # stage address -> loop time
     overflowed: bool = False
+    # Until the first stage announces the request (or anything arrives for it): the loop time by
+    # which it must, else the stage is taken for dead (unless it is still announcing other
+    # requests: busy with a long pass, it reads new ones when the pass ends). None once heard.
+    accept_deadline: float | None = None
+    first_stage: str = ""
 
 
 class TokenSink:
@@ -95,6 +104,8 @@ class TokenSink:
         self.address = ""
         self.dropped_frames = 0
         self.stale_frames = 0
+        # stage address -> loop time of its last StageAlive (any request): which stages still run
+        self.stage_last_alive: dict[str, float] = {}
 
     async def start(self) -> str:
         socket = self._context.socket(zmq.PULL)
@@ -148,6 +159,7 @@ class TokenSink:
                 if channel is None:
                     self.stale_frames += 1
                     return
+                channel.accept_deadline = None
                 try:
                     channel.queue.put_nowait(message)
                 except asyncio.QueueFull:
@@ -156,10 +168,13 @@ class TokenSink:
                     for address in channel.stage_seen:  # a token is news from every stage
                         channel.stage_seen[address] = now
             case StageAlive():
+                if message.stage_address in self.stage_last_alive or len(self.stage_last_alive) < 4096:
+                    self.stage_last_alive[message.stage_address] = now
                 for request_id in message.request_ids:
                     channel = self._channels.get(request_id)
                     if channel is not None:
                         channel.stage_seen[message.stage_address] = now
+                        channel.accept_deadline = None
             case _:
                 self.dropped_frames += 1
 
@@ -174,6 +189,7 @@ class PipelineClient:
         first_token_timeout: float = 300.0,
         token_timeout: float = 60.0,
         stage_timeout: float = 5.0,
+        accept_timeout: float = 10.0,
         security: BusSecurity | None = None,
     ) -> None:
         self._security = security or BusSecurity()
@@ -184,6 +200,9 @@ class PipelineClient:
         self.first_token_timeout = first_token_timeout
         self.token_timeout = token_timeout
         self.stage_timeout = stage_timeout
+        # Longer than stage_timeout: a first stage in the middle of a long pass reads (and so
+        # announces) a new request only when that pass ends.
+        self.accept_timeout = accept_timeout
 
     async def close(self) -> None:
         for socket in self._sockets.values():
@@ -201,7 +220,7 @@ class PipelineClient:
             self._sockets[address] = socket
         writable = await socket.poll(int(self.send_timeout * 1000), zmq.POLLOUT)  # pyright: ignore[reportCallIssue]
         if not writable:
-            raise GenerationError(request_id, f"stage {address} is unreachable")
+            raise GenerationError(request_id, f"stage {address} is unreachable", UNREACHABLE)
         await socket.send(frame, zmq.NOBLOCK)
 
     async def cancel(self, route: list[str], request_id: str) -> None:
@@ -235,6 +254,9 @@ class PipelineClient:
         channel = self.sink.open_channel(request_id)
         completed = False
         try:
+            # Set before sending: the announcement may be delivered while the send is awaited.
+            channel.accept_deadline = asyncio.get_running_loop().time() + self.accept_timeout
+            channel.first_stage = route[0]
             await self._send(route[0], frame, request_id)
             timeout = self.first_token_timeout
             while True:
@@ -266,7 +288,13 @@ class PipelineClient:
             silent = [
                 address for address, seen in channel.stage_seen.items() if now - seen >= self.stage_timeout
             ]
-            if now >= deadline or silent:
+            unaccepted = (
+                channel.accept_deadline is not None
+                and now >= channel.accept_deadline
+                and now - self.sink.stage_last_alive.get(channel.first_stage, -self.stage_timeout)
+                >= self.stage_timeout
+            )
+            if now >= deadline or silent or unaccepted:
                 if not rechecked:
                     # If this event loop was itself stalled, heartbeats may be waiting unread in
                     # the sink's socket: let it run once before calling a stage dead.
@@ -274,12 +302,24 @@ class PipelineClient:
                     await asyncio.sleep(GRACE_SECONDS)
                     continue
                 if silent:
-                    raise GenerationError(request_id, f"stage {silent[0]} stopped responding")
+                    raise GenerationError(request_id, f"stage {silent[0]} stopped responding", UNREACHABLE)
+                if unaccepted:
+                    raise GenerationError(
+                        request_id,
+                        f"the first stage did not take the request within {self.accept_timeout:g} s",
+                        UNREACHABLE,
+                    )
                 raise GenerationError(request_id, f"no token within {timeout:g} s")
             rechecked = False
             stage_deadline = min(
                 (seen + self.stage_timeout for seen in channel.stage_seen.values()), default=deadline
             )
+            if channel.accept_deadline is not None:
+                busy_until = (
+                    self.sink.stage_last_alive.get(channel.first_stage, -self.stage_timeout)
+                    + self.stage_timeout
+                )
+                stage_deadline = min(stage_deadline, max(channel.accept_deadline, busy_until))
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that lands
             # as a token arrives, and the cancelled reader would then hold the request forever.
             with contextlib.suppress(TimeoutError):

@@ -167,7 +167,7 @@ class GenerationCancelled(_RunnerMessage, frozen=True):
     request_id: str
 
 
-FailureCode = Literal["busy"]
+FailureCode = Literal["busy", "unreachable"]
 
 
 class GenerationFailed(_RunnerMessage, frozen=True):
@@ -175,7 +175,8 @@ class GenerationFailed(_RunnerMessage, frozen=True):
     reason: str
     stage_address: str = ""
     # "busy": the instance refused the request because its queue is full; try again after
-    # `retry_after` seconds. None: any other failure.
+    # `retry_after` seconds. "unreachable": a stage of the route is gone (or its runner stopped)
+    # before the request could go on. None: any other failure.
     code: FailureCode | None = None
     retry_after: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
 

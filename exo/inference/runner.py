@@ -13,6 +13,7 @@ requests this stage holds, so a stage that dies is noticed in seconds even durin
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -185,6 +186,7 @@ class Runner:
         self.dropped_control_frames = 0
         self.exit_code = 0
         self._parent_pid = os.getppid()
+        self._requests_announced = 0
         self._process = psutil.Process()
 
     def transition(self, target: Lifecycle) -> None:
@@ -349,7 +351,6 @@ class Runner:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         next_stats = time.monotonic() + self.options.stats_interval
-        requests_announced = 0
         try:
             while self.lifecycle != "stopping":
                 if self.activations is not None and self.activations not in dict(poller.sockets):
@@ -366,14 +367,11 @@ class Runner:
                     break
                 if self.activations is not None and self.activations in ready:
                     self.receive_activations()
+                    self.announce_requests()  # before the next pass, which may take seconds
                 if self.stage is not None:
                     if self.stage.has_work():
                         self.send_all(self.stage.run_next())
-                    if self.heartbeat is not None:
-                        self.heartbeat.requests_by_requester = self.stage.requests_by_requester()
-                        if self.stage.counters.requests_started != requests_announced:
-                            requests_announced = self.stage.counters.requests_started
-                            self.heartbeat.wake()
+                    self.announce_requests()
                 now = time.monotonic()
                 if now >= next_stats:
                     next_stats = now + self.options.stats_interval
@@ -383,8 +381,28 @@ class Runner:
                     if self.lifecycle == "ready":
                         self.send_control(self.stats())
         finally:
+            if os.getppid() == self._parent_pid:  # else the requesters died with the node
+                self.fail_requests("the runner stopped")
             self.close()
         return self.exit_code
+
+    def announce_requests(self) -> None:
+        """Hand the heartbeat the requests held now, and wake it if a new one arrived."""
+        if self.stage is None or self.heartbeat is None:
+            return
+        self.heartbeat.requests_by_requester = self.stage.requests_by_requester()
+        if self.stage.counters.requests_started != self._requests_announced:
+            self._requests_announced = self.stage.counters.requests_started
+            self.heartbeat.wake()
+
+    def fail_requests(self, reason: str) -> None:
+        """Tell the requester of every request held here, or still unread, that it ends."""
+        if self.stage is None:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            if self.activations is not None:
+                self.receive_activations()
+            self.send_all(self.stage.fail_all(reason))
 
     def close(self) -> None:
         if self.heartbeat is not None:

@@ -129,12 +129,14 @@ class PipelineStage:
                 self.counters.dropped_frames += 1  # addressed to requesters, never to a stage
                 return []
 
-    def _fail(self, request_id: str, reply_to: str, reason: str, *, busy: bool = False) -> list[Outgoing]:
+    def _fail(
+        self, request_id: str, reply_to: str, reason: str, *, busy: bool = False, gone: bool = False
+    ) -> list[Outgoing]:
         failed = GenerationFailed(
             request_id=request_id,
             reason=reason,
             stage_address=self.address,
-            code="busy" if busy else None,
+            code="busy" if busy else "unreachable" if gone else None,
             retry_after=self.retry_after if busy else None,
         )
         return [Outgoing(reply_to, (encode(failed),), request_id, to_requester=True)]
@@ -335,14 +337,26 @@ class PipelineStage:
         self.scheduler.drop_request(request_id)
         self.admission.end(request_id)
 
-    def _abort(self, state: RequestState, reason: str) -> list[Outgoing]:
+    def _abort(self, state: RequestState, reason: str, *, gone: bool = False) -> list[Outgoing]:
         """Free a request that cannot go on; tell its requester, and the stages after this one
-        (the requester's cancel reaches those before it, and stops here)."""
+        (the requester's cancel reaches those before it, and stops here). `gone`: because a stage
+        of its route is gone, so nothing was or will be generated on it."""
         self.drop_request(state.request_id)
-        outgoing = self._fail(state.request_id, state.reply_to, reason)
+        outgoing = self._fail(state.request_id, state.reply_to, reason, gone=gone)
         if state.next_address is not None:
             cancelled = encode(GenerationCancelled(request_id=state.request_id))
             outgoing.append(Outgoing(state.next_address, (cancelled,), state.request_id))
+        return outgoing
+
+    def fail_all(self, reason: str) -> list[Outgoing]:
+        """Free every request held or waiting here and tell each requester why (the runner is
+        stopping: a request it drops silently would be waited on until a timeout)."""
+        outgoing: list[Outgoing] = []
+        for state in list(self.requests.values()):
+            outgoing.extend(self._abort(state, reason, gone=True))
+        for message in list(self.admission.waiting.values()):
+            self.admission.end(message.request_id)
+            outgoing.extend(self._fail(message.request_id, message.reply_to, reason, gone=True))
         return outgoing
 
     def send_failed(self, item: Outgoing) -> list[Outgoing]:
@@ -353,7 +367,7 @@ class PipelineStage:
             if state is None:
                 continue
             if not item.to_requester:
-                outgoing.extend(self._abort(state, f"stage {item.address} is unreachable"))
+                outgoing.extend(self._abort(state, f"stage {item.address} is unreachable", gone=True))
                 continue
             # The requester is gone: free the request everywhere, starting from the first stage.
             self.drop_request(state.request_id)

@@ -24,6 +24,7 @@ from exo.core import messages as m
 from exo.core.events import Event, IndexedEvent, MasterElected
 from exo.core.models import ModelFootprint
 from exo.core.state import State, decode_state, encode_state
+from exo.node.disk_faults import DiskFaults
 from exo.node.master import Master
 from exo.node.replica import Replica, find_common_prefix
 from exo.roles.commands import decide, replacement_events
@@ -74,12 +75,6 @@ def read_term(path: Path) -> int:
         raise SystemExit(f"exo: {path} does not hold a term number; remove it to start at 0") from error
 
 
-def write_term(path: Path, term: int) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(f"{term}\n")
-    temporary.replace(path)
-
-
 class ClusterMember:
     def __init__(
         self,
@@ -106,6 +101,7 @@ class ClusterMember:
         self.election = Election(node_id, term, force_master, started_at=now, interval=interval)
         self.heartbeats: dict[str, m.Heartbeat] = {}
         self.master: Master | None = None
+        self.disk_faults = DiskFaults()
         self._master_since = 0.0
         self._membership_sent_at = 0  # the index the last membership events were sequenced at
         self.outbox = Outbox(node_id)
@@ -186,6 +182,7 @@ class ClusterMember:
             for node_id in self.liveness.expire(now):
                 logger.info("no frame from %s for %.1fs", node_id, self.liveness.timeout)
             alive = self.liveness.alive(now)
+            self.election.abstain = self.disk_faults.abstaining(now)
             await self._act(self.election.on_tick(now, self.replica.durable_index, alive))
             if now - last_heartbeat >= self.interval:
                 last_heartbeat = now
@@ -282,7 +279,7 @@ class ClusterMember:
         for action in actions:
             match action:
                 case PersistTerm(term):
-                    write_term(self.term_path, term)
+                    self.disk_faults.persist_term(self.term_path, term)
                 case AnnounceCampaign(message):
                     self.bus.publish(m.TOPIC_ELECTION, message)
                 case AnnounceVictory(message):
@@ -314,11 +311,25 @@ class ClusterMember:
             self.replica.high_water.copy(),
             instances=self.replica.state.instances,
         )
-        self.master = Master(sequencer, self.replica, self._publish_events)
+        self.master = Master(
+            sequencer, self.replica, self._publish_events, on_store_failure=self._store_failed
+        )
         self._master_since = time.monotonic()
         self._membership_sent_at = 0
         self.master.start()
         self.master.submit_own([MasterElected(term=term, node_id=self.node_id)])
+
+    def _store_failed(self, error: Exception) -> None:
+        """The master's store refused a commit (exo/node/disk_faults.py): step down, abstain."""
+        if self.master is not None and self.disk_faults.store_failed(error):
+            self.election.abstain = True
+            self._spawn(self._step_down())
+
+    async def _step_down(self) -> None:
+        if self.master is not None:
+            await self.master.stop()
+            self.master = None
+        await self._act(self.election.step_down(time.monotonic(), self.replica.durable_index))
 
     async def _sync_from_peers(self) -> None:
         """Before sequencing, take any events a live peer applied that this node missed."""
@@ -356,7 +367,11 @@ class ClusterMember:
                 self.election.master_term,
             ):
                 return
-            await self._reconcile_once(master_id)
+            # A store that refuses writes (a full disk) cannot be compared: retry until it takes
+            # them or another master leads, or this node would never apply another event.
+            while not await self.disk_faults.retried(lambda: self._reconcile_once(master_id)):
+                if self.election.master_node_id != master_id:
+                    return
             self._reconciled_with = (master_id, self.election.master_term)
 
     def _log_matches_master(self) -> bool:

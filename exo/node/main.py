@@ -24,6 +24,13 @@ import zmq.asyncio
 from litestar import Litestar
 
 from exo.api.app import create_app
+from exo.api.body_limits import DEFAULT_MAX_BODY_BYTES
+from exo.api.http_guard import (
+    AcceptErrorLimiter,
+    connection_limit,
+    raise_descriptor_limit,
+    uvicorn_options,
+)
 from exo.bus.codec import DropCounter
 from exo.bus.discovery import Discovery, DiscoveryError
 from exo.bus.security import cluster_tag, derive_security, new_cluster_secret, start_authenticator
@@ -70,6 +77,8 @@ class NodeConfig:
     api_key: str | None
     verbosity: int
     runner_limits: RunnerLimits = field(default_factory=RunnerLimits)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_connections: int | None = None  # None: default_max_connections() at start
 
 
 def parse_args(argv: list[str] | None = None) -> NodeConfig:
@@ -92,6 +101,18 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
     )
     parser.add_argument(
         "--api-key", help="bearer token required on every route but /health (env EXO_API_KEY)"
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help=f"largest request body the API reads; more is a 413 (default {DEFAULT_MAX_BODY_BYTES})",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        help="HTTP connections open at once; more are refused with a 503 (default: up to 1000, "
+        "within the process's file descriptor limit)",
     )
     limits = parser.add_argument_group("serving limits (per instance, set by its first stage's node)")
     limits.add_argument("--max-active-requests", type=int, help="requests generating at once (default 64)")
@@ -148,6 +169,8 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
         cluster_secret=args.cluster_secret or os.environ.get("EXO_CLUSTER_SECRET") or None,
         api_key=args.api_key or os.environ.get("EXO_API_KEY") or None,
         verbosity=args.verbose,
+        max_body_bytes=args.max_body_bytes,
+        max_connections=args.max_connections,
         runner_limits=RunnerLimits(
             max_active_requests=args.max_active_requests,
             max_waiting_requests=args.max_waiting_requests,
@@ -156,6 +179,16 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
             weights_dtype=args.weights_dtype,
         ),
     )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def load_node_id(data_dir: Path, override: str | None) -> str:
@@ -186,6 +219,7 @@ async def run_node(
     # heartbeats to keep, rather than on the first chat request.
     importlib.import_module("mlx_lm.tokenizer_utils")
     quiet_transformers()
+    raise_descriptor_limit()  # after mlx-lm, whose import sets the soft limit to 2048
     blas_check = check_blas()
     if blas_check.library == "reference":
         logger.warning(
@@ -248,7 +282,11 @@ async def run_node(
         client = PipelineClient(sink, context=context, security=security)
         stack.push_async_callback(client.close)
         generator = PipelineGenerator(
-            client, catalog.tokenizer, lambda: member.state, holds_its_stage=worker.holds_its_stage
+            client,
+            catalog.tokenizer,
+            lambda: member.state,
+            holds_its_stage=worker.holds_its_stage,
+            wait_for_state=member.replica.wait_for,
         )
         services = ClusterServices(
             member,
@@ -277,7 +315,9 @@ async def run_node(
             start_line(config, node_id, host, store_url=config.event_store, blas=blas_check.library)
         )
         if config.api:
-            api = ApiServer(create_app(services, api_key=config.api_key), config.api_host, config.api_port)
+            app = create_app(services, api_key=config.api_key, max_request_bytes=config.max_body_bytes)
+            max_connections = connection_limit(config.max_connections)
+            api = ApiServer(app, config.api_host, config.api_port, max_connections)
             await api.start()
             stack.push_async_callback(api.stop)
             announce.info("ready: %s", api_url(config))
@@ -383,8 +423,9 @@ async def start_discovery(node_id: str, config: NodeConfig, bus: Bus) -> Discove
 class ApiServer:
     """uvicorn inside the node's event loop (the node owns the signals, not uvicorn)."""
 
-    def __init__(self, app: Litestar, host: str, port: int) -> None:
+    def __init__(self, app: Litestar, host: str, port: int, max_connections: int) -> None:
         self.host, self.port = host, port
+        limits = uvicorn_options(max_connections)  # exo/api/http_guard.py
         self.server = uvicorn.Server(
             # log_config=None: uvicorn's records go through the node's own handler and format.
             uvicorn.Config(
@@ -395,6 +436,7 @@ class ApiServer:
                 lifespan="on",
                 access_log=False,
                 log_config=None,
+                **limits,
             )
         )
         self._task: asyncio.Task[None] | None = None
@@ -402,6 +444,7 @@ class ApiServer:
     async def start(self) -> None:
         # serve() would install its own signal handlers; the node's stop event decides when to exit.
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        AcceptErrorLimiter(asyncio.get_running_loop()).install()
         self._task = asyncio.create_task(self.server.serve(), name="api")
         while not self.server.started:
             if self._task.done():

@@ -16,6 +16,7 @@ from exo.core.events import Event, IndexedEvent
 from exo.core.messages import LocalEvent
 from exo.node.replica import Replica
 from exo.roles.sequencer import Sequencer
+from exo.store.base import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +39,12 @@ class Master:
         sequencer: Sequencer,
         replica: Replica,
         publish: Callable[[Sequence[IndexedEvent]], None],
+        on_store_failure: Callable[[StoreError], None] | None = None,
     ) -> None:
         self.sequencer = sequencer
         self.replica = replica
         self._publish = publish
+        self.on_store_failure = on_store_failure
         self._incoming: asyncio.Queue[_Incoming] = asyncio.Queue(INCOMING_QUEUE_BATCHES)
         self._task: asyncio.Task[None] | None = None
         self.dropped_batches = 0
@@ -96,7 +99,10 @@ class Master:
                 await self.replica.commit(batch)
             except Exception as error:
                 # Not durable: roll the sequencer back so the indices are reused, and let origins resend.
-                logger.exception("could not store %d events; they will be resent", len(batch))
+                if isinstance(error, StoreError) and self.on_store_failure is not None:
+                    self.on_store_failure(error)  # the disk refused it: the member steps down
+                else:
+                    logger.exception("could not store %d events; they will be resent", len(batch))
                 self.sequencer.rewind(
                     self.replica.last_index, self.replica.high_water.copy(), self.replica.state.instances
                 )

@@ -185,9 +185,10 @@ class Replica:
             except (StoreError, ValueError) as error:
                 # Applied but not durable: keep them and retry; `receive` stops at the bound.
                 self.persist_failures += 1
-                logger.error(
-                    "could not store %d applied events (retrying): %s", len(self._unpersisted), error
-                )
+                if delay == PERSIST_RETRY_INITIAL:  # once per episode, not at every retry
+                    logger.error(
+                        "could not store %d applied events (retrying): %s", len(self._unpersisted), error
+                    )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, PERSIST_RETRY_MAX)
             else:

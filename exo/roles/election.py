@@ -90,6 +90,9 @@ class Election:
     _deadline: float = 0.0
     _campaign_ranks: dict[str, Rank] = field(default_factory=dict[str, Rank])
     _announced_term: int = -1
+    # Set while this node's disk refuses writes (exo/node/disk_faults.py): it ranks below every
+    # healthy node and does not take over as a forced master, so another node sequences.
+    abstain: bool = False
 
     def __post_init__(self) -> None:
         self.restart_clock(self.started_at)
@@ -109,7 +112,16 @@ class Election:
         return self.interval * 2
 
     def rank(self, last_index: int) -> Rank:
+        if self.abstain:
+            return Rank(False, -1, self.node_id)
         return Rank(self.force_master, last_index, self.node_id)
+
+    def step_down(self, now: float, last_index: int) -> list[Action]:
+        """A master that cannot write its log starts a new term's election, which its abstaining
+        rank loses to any healthy node (alone, it wins it again and retries its store)."""
+        if self.phase != "master":
+            return []
+        return self._campaign(now, last_index)
 
     # --- inputs --------------------------------------------------------------------------------
 
@@ -206,7 +218,12 @@ class Election:
 
     def _takes_over_from(self, master_is_forced: bool) -> bool:
         """A forced node does not follow a master without the flag: it campaigns (and wins)."""
-        return self.force_master and not master_is_forced and self.phase in ("waiting", "follower")
+        return (
+            self.force_master
+            and not self.abstain
+            and not master_is_forced
+            and self.phase in ("waiting", "follower")
+        )
 
     def _campaign(self, now: float, last_index: int, after: int = 0) -> list[Action]:
         self._move("candidate")

@@ -16,8 +16,19 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
 
+
+def _migrations_directory() -> Path:
+    """The source tree's own `migrations/` when this package runs from a checkout (an editable
+    install maps exo.store.migrations to the checkout it was installed from, which may be another
+    tree than the one on PYTHONPATH), else the installed subpackage."""
+    source = Path(__file__).resolve().parents[2] / "migrations"
+    if (source / "versions" / "exo_0001_initial.py").is_file():
+        return source
+    return Path(str(importlib.resources.files("exo.store.migrations")))
+
+
 # Top-level `migrations/` in the source tree, installed as the subpackage exo.store.migrations.
-MIGRATIONS_DIRECTORY = Path(str(importlib.resources.files("exo.store.migrations")))
+MIGRATIONS_DIRECTORY = _migrations_directory()
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

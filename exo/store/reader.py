@@ -20,6 +20,7 @@ from exo.core.decoding import DECODE_ERRORS
 from exo.core.events import IndexedEvent, indexed_event_decoder
 from exo.core.state import decode_state
 from exo.store.base import Snapshot, StoreError
+from exo.store.checksum import checksum_problem, payload_checksum
 from exo.store.location import parse_store_url
 from exo.store.migrate import head_revision
 from exo.store.schema import events_table, snapshots_table
@@ -125,9 +126,9 @@ class LogReader:
         with self._connect() as connection:
             return {event_type: count for event_type, count in connection.execute(query)}
 
-    def rows(self, start: int = 0, until: int | None = None) -> Iterator[list[tuple[int, bytes]]]:
-        """Batches of raw (index, payload) rows with start <= index <= until, in index order."""
-        query = select(events_table.c.event_index, events_table.c.payload).where(
+    def rows(self, start: int = 0, until: int | None = None) -> Iterator[list[tuple[int, bytes, int]]]:
+        """Batches of raw (index, payload, checksum) rows with start <= index <= until, in index order."""
+        query = select(events_table.c.event_index, events_table.c.payload, events_table.c.checksum).where(
             events_table.c.event_index >= start
         )
         if until is not None:
@@ -141,19 +142,23 @@ class LogReader:
             try:
                 cursor.execute(sql)
                 while batch := cursor.fetchmany(READ_BATCH_ROWS):
-                    yield batch  # pyright: ignore[reportReturnType] - DBAPI rows are (int, bytes) tuples
+                    yield batch  # pyright: ignore[reportReturnType] - DBAPI rows are (int, bytes, int) tuples
             except self._engine.dialect.loaded_dbapi.DatabaseError as error:
                 raise StoreError(f"cannot read {self.path}: {error}") from None
             finally:
                 cursor.close()
 
     def events(self, start: int = 0, until: int | None = None) -> Iterator[IndexedEvent]:
-        """Decoded events, in index order; EventDecodeError names the first one that does not decode."""
+        """Decoded events, in index order; EventDecodeError names the first one that fails its
+        checksum or does not decode."""
         decode = indexed_event_decoder.decode
+        crc32c = payload_checksum
         for batch in self.rows(start, until):
             index = 0
             try:
-                for index, payload in batch:
+                for index, payload, checksum in batch:
+                    if crc32c(payload) != checksum:
+                        raise EventDecodeError(index, checksum_problem(payload, checksum) or "bad checksum")
                     indexed = decode(payload)
                     if indexed.index != index:
                         raise EventDecodeError(index, f"the row holds event {indexed.index}")

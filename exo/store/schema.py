@@ -16,7 +16,8 @@ INDEX_TYPE = BigInteger().with_variant(Integer(), "sqlite")
 metadata = MetaData()
 
 # One row per indexed event; `payload` is the msgpack of the whole IndexedEvent. `term` and
-# `event_type` are copies kept for queries and tools (counts by type) without decoding.
+# `event_type` are copies kept for queries and tools (counts by type) without decoding; `checksum`
+# is the CRC32C of `payload` (exo/store/checksum.py), checked on every read.
 events_table = Table(
     "events",
     metadata,
@@ -24,6 +25,7 @@ events_table = Table(
     Column("term", BigInteger, nullable=False),
     Column("event_type", String(64), nullable=False),
     Column("payload", LargeBinary, nullable=False),
+    Column("checksum", BigInteger, nullable=False, server_default="0"),
 )
 
 # One row per snapshot; `state` is the msgpack of exo.core.state.State after applying `event_index`.

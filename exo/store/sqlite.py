@@ -30,6 +30,7 @@ from exo.core.events import IndexedEvent, event_type_name, indexed_event_decoder
 from exo.core.state import decode_state, encode_state
 from exo.store import rules
 from exo.store.base import Snapshot, StoreError
+from exo.store.checksum import checksum_problem, payload_checksum
 from exo.store.location import Synchronous, parse_store_url
 from exo.store.migrate import upgrade_to_head
 from exo.store.schema import events_table, snapshots_table
@@ -129,10 +130,18 @@ class SqliteEventStore:
         if not events:
             return
         encode = self._encoder.encode
-        rows: list[EventRow] = [
-            (indexed.index, indexed.term, event_type_name(indexed.event), encode(indexed))
-            for indexed in events
-        ]
+        rows: list[EventRow] = []
+        for indexed in events:
+            payload = encode(indexed)
+            rows.append(
+                (
+                    indexed.index,
+                    indexed.term,
+                    event_type_name(indexed.event),
+                    payload,
+                    payload_checksum(payload),
+                )
+            )
         async with self._write_lock:
             # Taken again under the lock: close() may have run while this call waited for it.
             writer = self._require_writer()
@@ -150,7 +159,7 @@ class SqliteEventStore:
         engine = self._require_engine()
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be >= 0, not {limit}")
-        query = select(events_table.c.event_index, events_table.c.payload).where(
+        query = select(events_table.c.event_index, events_table.c.payload, events_table.c.checksum).where(
             events_table.c.event_index >= start
         )
         if end is not None:
@@ -160,7 +169,7 @@ class SqliteEventStore:
             query = query.limit(limit)
         async with engine.connect() as connection:
             rows = (await connection.execute(query)).all()
-        return [self._decode_event(row[0], row[1]) for row in rows]
+        return [self._decode_event(row[0], row[1], row[2]) for row in rows]
 
     async def last_index(self) -> int:
         writer = self._require_writer()
@@ -213,7 +222,9 @@ class SqliteEventStore:
         except DECODE_ERRORS as error:
             raise StoreError(f"snapshot {index} in {self.description} does not decode: {error}") from None
 
-    def _decode_event(self, index: int, payload: bytes) -> IndexedEvent:
+    def _decode_event(self, index: int, payload: bytes, checksum: int | None) -> IndexedEvent:
+        if (problem := checksum_problem(payload, checksum)) is not None:
+            raise StoreError(f"event {index} in {self.description} {problem}")
         try:
             indexed = indexed_event_decoder.decode(payload)
         except DECODE_ERRORS as error:

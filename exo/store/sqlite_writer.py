@@ -28,12 +28,12 @@ from typing import Any, TypeVar
 from exo.store.location import Synchronous
 from exo.store.schema import events_table, snapshots_table
 
-EventRow = tuple[int, int, str, bytes]
+EventRow = tuple[int, int, str, bytes, int]  # index, term, type, payload, checksum
 _Result = TypeVar("_Result")
 
 _INSERT_EVENTS = (
     f"INSERT INTO {events_table.name} ({', '.join(column.name for column in events_table.columns)}) "
-    "VALUES (?, ?, ?, ?)"
+    f"VALUES ({', '.join('?' for _ in events_table.columns)})"
 )
 _LAST_INDEX = (
     f"SELECT max(coalesce((SELECT max(event_index) FROM {events_table.name}), 0), "

@@ -48,6 +48,7 @@ class NodeProcess:
     peers: list[str]
     extra_args: list[str] = field(default_factory=list[str])
     env: dict[str, str] = field(default_factory=dict[str, str])
+    command_prefix: list[str] = field(default_factory=list[str])  # e.g. prlimit ... --
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -60,6 +61,7 @@ class NodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / "node.log"
         argv = [
+            *self.command_prefix,
             sys.executable,
             "-m",
             "exo.node",

@@ -1,0 +1,119 @@
+"""What a node does when its disk refuses a write (full, read-only, I/O error).
+
+- The term file is written to a temporary file, fsynced and renamed over the old one; when any
+  step fails the temporary file is removed, so a full disk leaves no stale `term.tmp` behind, and
+  the caller carries on with the term in memory (the next successful write records the then
+  current term). A failed term write must not stop the node's loops: that is how a follower that
+  hit ENOSPC during an election used to stop applying events for good.
+- A master whose store refuses a commit cannot sequence anything for anyone: it steps down and
+  *abstains* for `ABSTAIN_SECONDS` (it ranks below every healthy node and does not take over as a
+  forced master), so another node is elected and sequences. After that it competes normally
+  again; if its disk is still full it fails its first commit and steps down again.
+- A follower comparing its log with a new master's first writes what it applied; a full disk
+  used to fail that once and leave the node never appending the master's events. `retried`
+  runs such a step again every RETRY_SECONDS until the store takes the writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from exo.store.base import StoreError
+
+logger = logging.getLogger(__name__)
+
+ABSTAIN_SECONDS = 5.0
+RETRY_SECONDS = 0.5
+
+
+def write_term(path: Path, term: int) -> None:
+    """Replace `path` with `term`, durably; OSError (nothing left behind) when the disk refuses."""
+    temporary = path.with_suffix(".tmp")
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            data = f"{term}\n".encode()
+            if os.write(descriptor, data) != len(data):
+                raise OSError(f"short write to {temporary}")
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+
+
+@dataclass
+class DiskFaults:
+    """A node's record of its disk refusing writes: whether it abstains from elections now, and
+    one log line per episode rather than one per failed write."""
+
+    abstaining_since: float | None = None
+    term_write_failed: bool = False
+    store_failures: int = 0
+    store_retrying: bool = False
+
+    def store_failed(self, error: Exception, now: float | None = None) -> bool:
+        """The master's store refused a commit. True when this starts an abstention (step down now)."""
+        self.store_failures += 1
+        if self.abstaining_since is not None:
+            return False
+        self.abstaining_since = time.monotonic() if now is None else now
+        logger.error(
+            "the event store refused a write (%s): stepping down so another node can sequence; "
+            "not standing for election for %.0f s",
+            error,
+            ABSTAIN_SECONDS,
+        )
+        return True
+
+    def abstaining(self, now: float | None = None) -> bool:
+        if self.abstaining_since is None:
+            return False
+        if (time.monotonic() if now is None else now) - self.abstaining_since >= ABSTAIN_SECONDS:
+            self.abstaining_since = None
+            logger.info("standing for election again after the store's failure")
+            return False
+        return True
+
+    def persist_term(self, path: Path, term: int) -> None:
+        """`write_term`, logging a failure once until a write succeeds again."""
+        try:
+            write_term(path, term)
+        except OSError as error:
+            if not self.term_write_failed:
+                logger.error(
+                    "cannot record term %d in %s (continuing with it in memory): %s", term, path, error
+                )
+            self.term_write_failed = True
+            return
+        if self.term_write_failed:
+            logger.info("term %d recorded in %s again", term, path)
+        self.term_write_failed = False
+
+    async def retried(self, step: Callable[[], Awaitable[None]]) -> bool:
+        """Run `step`; False (after logging once per episode and waiting RETRY_SECONDS) when the
+        store refused a write, so the caller can check whether to go on and try again."""
+        try:
+            await step()
+        except StoreError as error:
+            if not self.store_retrying:
+                logger.error(
+                    "the event store refused a write (%s): retrying every %.1f s", error, RETRY_SECONDS
+                )
+            self.store_retrying = True
+            await asyncio.sleep(RETRY_SECONDS)
+            return False
+        if self.store_retrying:
+            logger.info("the event store takes writes again")
+        self.store_retrying = False
+        return True
