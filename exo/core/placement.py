@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from exo.core.events import ShardAssignment
+from exo.core.events import ShardAssignment, Sharding
 
 
 class Placement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -41,3 +41,4 @@ class PlacementPreview(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     n_nodes: int
     placement: Placement | None
     refusal: PlacementRefusal | None
+    sharding: Sharding = "Pipeline"

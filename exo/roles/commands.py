@@ -22,6 +22,7 @@ from exo.core.models import ModelFootprint
 from exo.core.placement import PlacementRefusal
 from exo.core.state import State
 from exo.roles.placement import place
+from exo.roles.tensor_placement import place_tensor
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,10 @@ def reserved_bytes(state: State, footprints: Mapping[str, ModelFootprint]) -> di
         if instance.status not in ("placing", "loading") or footprint is None:
             continue
         for node_id, shard in instance.shard_assignments.items():
-            stage = footprint.stage_bytes(shard.start_layer, shard.end_layer)
+            if instance.sharding == "Tensor":
+                stage = footprint.tensor_rank_bytes(shard.size)
+            else:
+                stage = footprint.stage_bytes(shard.start_layer, shard.end_layer)
             reserved[node_id] = reserved.get(node_id, 0) + stage
     return reserved
 
@@ -82,7 +86,8 @@ def _place(
         return _refused("model_not_held", f"no alive node has model {command.model_id!r} in its models dir")
     reserved = reserved_bytes(state, {command.model_id: command.footprint})
     min_nodes = min(command.min_nodes, len(candidates)) if at_most_available else command.min_nodes
-    result = place(command.footprint, candidates, min_nodes, reserved)
+    placer = place_tensor if command.sharding == "Tensor" else place
+    result = placer(command.footprint, candidates, min_nodes, reserved)
     if isinstance(result, PlacementRefusal):
         return _refused("does_not_fit", f"cannot place {command.model_id!r}: {'; '.join(result.reasons)}")
     created = InstanceCreated(
