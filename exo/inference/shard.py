@@ -132,6 +132,7 @@ class ShardModel:
         self.head = head
         self.loaded_tensor_names = loaded_tensor_names
         self.weight_bytes = weight_bytes
+        self.tensor_group: Any = None  # the mx.distributed group of a tensor rank
 
     def make_cache(self) -> list[KVCache]:
         """A fresh per-layer KV cache for one request."""
@@ -155,8 +156,10 @@ class ShardModel:
         return self.head(self.norm(hidden))
 
 
-def load_shard(model_path: Path, spec: ShardSpec) -> ShardModel:
-    """Build the model class mlx-lm would, and materialize only this stage's tensors."""
+def load_shard(model_path: Path, spec: ShardSpec, *, group: Any = None) -> ShardModel:
+    """Build the model class mlx-lm would, and materialize only this stage's tensors; with an
+    mx.distributed `group`, only this rank's 1/N of every layer (mlx-lm's `model.shard`, applied
+    to the lazy arrays, so the other ranks' parts are never materialized here)."""
     model_path = Path(model_path)
     spec.validate()
     config = _read_config(model_path)
@@ -204,6 +207,10 @@ def load_shard(model_path: Path, spec: ShardSpec) -> ShardModel:
                 f"tensor {name} has shape {array.shape}, the config implies {parameters[name].shape}"
             )
     model.load_weights(list(wanted.items()), strict=False)
+    if group is not None:
+        if not callable(getattr(model, "shard", None)):
+            raise ShardLoadError(f"mlx-lm's {config['model_type']} model has no tensor-parallel shard")
+        model.shard(group)
 
     inner = model.model
     embed_tokens = inner.embed_tokens if (spec.is_first or (spec.is_last and tied)) else None
@@ -223,7 +230,7 @@ def load_shard(model_path: Path, spec: ShardSpec) -> ShardModel:
         if isinstance(array, mx.array)
     ]
     mx.eval(arrays)
-    return ShardModel(
+    shard_model = ShardModel(
         spec=spec,
         config=config,
         embed_tokens=embed_tokens,
@@ -233,3 +240,5 @@ def load_shard(model_path: Path, spec: ShardSpec) -> ShardModel:
         loaded_tensor_names=sorted(wanted),
         weight_bytes=sum(array.nbytes for array in arrays),
     )
+    shard_model.tensor_group = group
+    return shard_model

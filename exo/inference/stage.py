@@ -84,6 +84,7 @@ class PipelineStage:
         self.scheduler = StageScheduler()
         self.in_flight: LaunchedPass | None = None  # launched, its result not yet taken
         self.counters = StageCounters()
+        self.fatal_error: str | None = None  # set when this stage can serve nothing more
         self.admission: AdmissionQueue[GenerationStarted] = AdmissionQueue(
             max_active_requests, max_waiting_requests
         )
@@ -328,6 +329,16 @@ class PipelineStage:
             outgoing.append(Outgoing(state.next_address, (cancelled,), state.request_id))
         return outgoing
 
+    def abort_all(self, reason: str) -> list[Outgoing]:
+        """Fail every request held or waiting here (the stage can serve nothing more)."""
+        outgoing: list[Outgoing] = []
+        for state in list(self.requests.values()):
+            outgoing.extend(self._abort(state, reason))
+        for message in list(self.admission.waiting.values()):
+            self.admission.end(message.request_id)
+            outgoing.extend(self._fail(message.request_id, message.reply_to, reason))
+        return outgoing
+
     def send_failed(self, item: Outgoing) -> list[Outgoing]:
         """The shell could not deliver `item`; decide what that means for its requests."""
         outgoing: list[Outgoing] = []
@@ -423,6 +434,10 @@ class PipelineStage:
 
     def _abort_batch(self, batch: list[tuple[RequestState, Work]], error: Exception) -> list[Outgoing]:
         # MLX reports allocation failures and shape errors this way; the requests cannot go on.
+        if self.shard.tensor_group is not None:
+            # A tensor rank's failed pass (a lost ring peer, or one rank failing where others did
+            # not) leaves the ranks out of step: the runner must stop, not take the next request.
+            self.fatal_error = f"tensor pass failed: {error}"
         outgoing: list[Outgoing] = []
         for state, _ in batch:
             outgoing.extend(self._abort(state, f"stage {self.address} failed: {error}"))

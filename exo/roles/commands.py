@@ -20,7 +20,7 @@ from exo.core.messages import (
 )
 from exo.core.models import ModelFootprint
 from exo.core.placement import PlacementRefusal
-from exo.core.state import State
+from exo.core.state import Instance, State
 from exo.roles.placement import place
 from exo.roles.tensor_placement import place_tensor
 
@@ -105,6 +105,15 @@ def gone_node_failure(reason: str | None) -> bool:
     return reason is not None and reason.startswith("node ") and reason.endswith(" gone")
 
 
+def _tensor_rank_gone(state: State, instance: Instance) -> bool:
+    """A tensor instance whose node went away: its surviving ranks failed first (their ring broke,
+    so the failure names them, not the gone node), and it is re-placed all the same."""
+    return instance.sharding == "Tensor" and any(
+        (node := state.nodes.get(node_id)) is None or node.status == "gone"
+        for node_id in instance.shard_assignments
+    )
+
+
 def replacement_events(
     state: State,
     nodes_with_model: Mapping[str, set[str]],
@@ -119,7 +128,9 @@ def replacement_events(
     """
     events: list[Event] = []
     for instance_id, instance in sorted(state.instances.items()):
-        if instance.status != "failed" or not gone_node_failure(instance.failure_reason):
+        if instance.status != "failed" or not (
+            gone_node_failure(instance.failure_reason) or _tensor_rank_gone(state, instance)
+        ):
             continue
         footprint = footprint_of(instance.model_id)
         if footprint is None:
