@@ -15,7 +15,17 @@ import pytest
 
 from tests.harness.cluster_harness import LoopbackCluster, NodeProcess, wait_until
 from tests.harness.inference_helpers import tiny_models
-from tests.test_pipeline_cluster import MAX_TOKENS, MESSAGES, chat, delete, reference_text
+from tests.harness.tensor_reference import mlx_lm_tensor_texts
+from tests.test_pipeline_cluster import MAX_TOKENS, MESSAGES, chat, delete, place, reference_text
+
+PROMPTS = [
+    "Tell me about the tide and the moon.",
+    "Write a haiku about rust.",
+    "What is two plus two?",
+    "List three colours of the sea at dusk, then explain why they change.",
+]
+# float32 everywhere: a sum split over two ranks and all-reduced rounds differently from one sum.
+LOGPROB_TOLERANCE = 1e-4
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +88,39 @@ def test_two_ranks_answer_as_mlx_lm_does_through_either_node(
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["message"]["content"] == expected, node.name
     delete(cluster.nodes[0], instance["instance_id"])
+
+
+def test_same_tokens_as_mlx_lm_tensor_parallel_and_logprobs_within_tolerance_of_one_process(
+    cluster: LoopbackCluster, models_dir: Path
+) -> None:
+    node = cluster.nodes[0]
+    clear(node)
+    conversations = [[{"role": "user", "content": prompt}] for prompt in PROMPTS]
+    expected = mlx_lm_tensor_texts(models_dir / "tiny-llama", conversations, MAX_TOKENS, ranks=2)
+
+    def answers() -> list[dict[str, Any]]:
+        out = []
+        for messages in conversations:
+            response = chat(node, "tiny-llama", messages=messages, logprobs=True)
+            assert response.status_code == 200, response.text
+            out.append(response.json()["choices"][0])
+        return out
+
+    tensor = place_tensor(node, "tiny-llama", 2)
+    tensor_answers = answers()
+    assert [answer["message"]["content"] for answer in tensor_answers] == expected
+    delete(node, tensor["instance_id"])
+    single = place(node, "tiny-llama", 1)
+    single_answers = answers()
+    delete(node, single["instance_id"])
+    for tensor_answer, single_answer in zip(tensor_answers, single_answers, strict=True):
+        tensor_tokens = tensor_answer["logprobs"]["content"]
+        single_tokens = single_answer["logprobs"]["content"]
+        assert [t["token"] for t in tensor_tokens] == [t["token"] for t in single_tokens]
+        worst = max(
+            abs(t["logprob"] - s["logprob"]) for t, s in zip(tensor_tokens, single_tokens, strict=True)
+        )
+        assert worst <= LOGPROB_TOLERANCE, f"logprobs differ by {worst}"
 
 
 def test_streaming_concurrent_streams_sampling_and_cancellation(cluster: LoopbackCluster) -> None:
