@@ -46,6 +46,9 @@ from exo.inference.synthetic import SyntheticModelSpec, write_synthetic_model
 from tests.harness.cluster_harness import free_port
 from tests.harness.inference_helpers import ControlServer, RunnerProcess, stop_runners
 
+OUT = Path(__file__).resolve().parent / "out"
+TENSOR_JSON = OUT / "tensor_bench.json"  # what bench/__main__.py's "tensor" section reads
+
 RING_LOOP = """
 import sys, time
 from exo.inference.blas import load_optimized_blas
@@ -198,6 +201,10 @@ def main() -> None:
         control.close()
     ceilings = [ceiling() for _ in range(2)]
     per_all_reduce = ring_seconds(spec.hidden)
+    OUT.mkdir(parents=True, exist_ok=True)
+    summary = {"model": {"layers": spec.layers, "hidden": spec.hidden, "parameters": parameters}}
+    summary |= {"runs": results, "ceilings": ceilings, "all_sum_seconds": per_all_reduce}
+    TENSOR_JSON.write_text(json.dumps(summary, indent=1))
     median = {name: statistics.median(values) for name, values in results.items()}
     two_core = statistics.median(ceilings)
     print()
