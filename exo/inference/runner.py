@@ -235,7 +235,10 @@ class Runner:
 
         if not 0 <= command.rank < command.size:
             return self.fail(f"rank {command.rank} is outside a tensor group of {command.size}")
+        # The ring listens on the one address peers reach this node at, never on every interface.
         host = self.options.advertise_host or self.options.activation_host
+        if host in ("0.0.0.0", "::", "*", ""):
+            return self.fail("a tensor rank needs the address its peers reach it at (--advertise-host)")
         try:
             ring = ring_address(host)
         except OSError as error:
