@@ -1,7 +1,7 @@
 """`python -m bench`: every benchmark in one run, one table, and docs/benchmarks.md rewritten.
 
-    python -m bench [--quick] [--only serving,pinned,blas,pipeline,events,replay] [--rounds N]
-                    [--write-docs | --no-docs]
+    python -m bench [--quick] [--rounds N] [--write-docs | --no-docs]
+                    [--only serving,formats,pinned,blas,pipeline,events,replay,structured]
 
 Makes its models with `python -m exo.inference.synthetic` (into bench/out/models), starts exo nodes,
 `mlx_lm.server` and mlx-lm in-process as real processes, measures them in interleaved rounds, runs
@@ -25,9 +25,11 @@ from pathlib import Path
 
 from bench import machine
 from bench.existing import events_rows, pipeline_rows, replay_rows, run_bench, tensor_rows
+from bench.formats_bench import run_formats
 from bench.processes import eos_token_ids, linked_copy, make_model
 from bench.scaling import run_blas, run_pinned
 from bench.serving import run_serving
+from bench.structured import run_structured
 from bench.suite import Row, RunHeader, replace_generated, results_markdown, summary_table, tally
 from bench.workload import (
     DEFAULT_MODEL_ARGUMENTS,
@@ -46,7 +48,7 @@ DOCS = machine.REPO / "docs" / "benchmarks.md"
 # The event-path sections first: run right after the inference sections (which start and stop
 # processes holding gigabytes), the events bench saw one 70-90 ms stall in its 5 s latency window in
 # two suite runs out of two, and none in six runs on its own or right after the pipeline bench.
-SECTIONS = ("events", "replay", "serving", "pinned", "blas", "pipeline", "tensor")
+SECTIONS = ("events", "replay", "serving", "formats", "pinned", "blas", "pipeline", "structured", "tensor")
 DOCS_SKELETON = "# Benchmarks\n\nEvery figure is a ratio against a baseline measured in the same run.\n"
 
 
@@ -130,11 +132,13 @@ def subprocess_sections(quick: bool, settings: Settings) -> dict[str, Callable[[
 
 SECTION_TITLES = {
     "serving": "Serving through HTTP (exo, mlx_lm.server, mlx-lm in-process)",
+    "formats": "Checkpoint formats: bfloat16 and 4-bit against float32 (bench/formats_bench.py)",
     "pinned": "Two nodes pinned to one core each",
     "blas": "MKL against the reference BLAS",
     "pipeline": "Pipelines on loopback against one process (bench/pipeline_bench.py)",
     "events": "Events through the cluster path (bench/events_bench.py)",
     "replay": "Event store: replay and appends (bench/replay_bench.py)",
+    "structured": "Constrained decoding: json_schema against free decoding (bench/structured.py)",
     "tensor": "Tensor parallelism: 2 ranks against 1 runner and the two-core ceiling (bench/tensor_bench.py)",
 }
 
@@ -155,8 +159,12 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(directory)
         sections: dict[str, Callable[[], tuple[list[Row], str]]] = {
             "serving": lambda: run_serving(model, settings, root),
+            "formats": lambda: run_formats(
+                model, settings, root, QUICK_MODEL_ARGUMENTS if arguments.quick else DEFAULT_MODEL_ARGUMENTS
+            ),
             "pinned": lambda: run_pinned(model, settings, root),
             "blas": lambda: run_blas(model, settings, root),
+            "structured": lambda: run_structured(model, settings, root),
             **subprocess_sections(arguments.quick, settings),
         }
         for name in SECTIONS:

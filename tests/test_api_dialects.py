@@ -12,6 +12,7 @@ from exo.api.cluster_port import GenerationAborted, NoCapacity
 from exo.api.completion import CompletionSettings
 from exo.core.events import ShardAssignment
 from exo.core.state import Instance, State
+from tests.harness.api_checks import assert_claude_error
 from tests.harness.fakes import FakeNodeServices, FakeTokenizer
 
 
@@ -44,14 +45,6 @@ def prompt_text(services: FakeNodeServices) -> str:
 def claude(client: TestClient[Any], headers: dict[str, str] | None = None, **body: Any) -> Any:
     request = {"model": "exo-tiny", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}], **body}
     return client.post("/v1/messages", json=request, headers=HEADERS if headers is None else headers)
-
-
-def assert_claude_error(response: Any, status_code: int, error_type: str) -> str:
-    assert response.status_code == status_code, response.text
-    body = response.json()
-    assert body["type"] == "error"
-    assert body["error"]["type"] == error_type
-    return str(body["error"]["message"])
 
 
 def claude_events(response: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -151,11 +144,32 @@ def test_claude_tool_history_and_system_blocks(client: TestClient[Any], services
 
 
 def test_claude_forced_tool(client: TestClient[Any], services: FakeNodeServices) -> None:
-    script_text(services, '{"city": "Paris"}}</tool_call>')
+    script_text(services, CALL_TEXT)
     services.tokenizers["exo-tiny"].chat_template = "<tool_call>"
-    body = claude(client, tools=[CLAUDE_TOOL], tool_choice={"type": "tool", "name": "get_weather"}).json()
+    body = claude(
+        client, tools=[CLAUDE_TOOL], tool_choice={"type": "tool", "name": "get_weather"}, max_tokens=200
+    ).json()
     assert body["content"][-1]["input"] == {"city": "Paris"}
-    assert prompt_text(services).endswith('<tool_call>\n{"name": "get_weather", "arguments": ')
+    grammar = services.generate_calls[0].sampling.grammar
+    assert grammar is not None and not grammar.trigger and '"const": "get_weather"' in grammar.lark
+
+
+def test_claude_tool_choice_any_and_structured_output(
+    client: TestClient[Any], services: FakeNodeServices
+) -> None:
+    script_text(services, CALL_TEXT)
+    services.tokenizers["exo-tiny"].chat_template = "<tool_call>"
+    body = claude(client, tools=[CLAUDE_TOOL], tool_choice={"type": "any"}, max_tokens=200).json()
+    assert body["stop_reason"] == "tool_use"
+    grammar = services.generate_calls[-1].sampling.grammar
+    assert grammar is not None and not grammar.trigger
+    script_text(services, '{"a": 1}')
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    output_config = {"format": {"type": "json_schema", "schema": schema}}
+    body = claude(client, output_config=output_config).json()
+    assert body["content"][0]["text"] == '{"a": 1}'
+    grammar = services.generate_calls[-1].sampling.grammar
+    assert grammar is not None and '"lenient": false' in grammar.lark  # Claude's are always strict
 
 
 @pytest.mark.parametrize(
@@ -167,10 +181,16 @@ def test_claude_forced_tool(client: TestClient[Any], services: FakeNodeServices)
         ({"messages": []}, 400, "invalid_request_error", "messages"),
         ({"temperature": 1.5}, 400, "invalid_request_error", "temperature"),
         (
-            {"output_config": {"format": {"type": "json_schema", "schema": {}}}},
+            {"output_config": {"format": {"type": "json_schema"}}},
             400,
             "invalid_request_error",
-            "structured",
+            "output_config.format",
+        ),
+        (
+            {"output_config": {"format": {"type": "json_schema", "schema": {"type": "object", "if": {}}}}},
+            400,
+            "invalid_request_error",
+            "Unimplemented keys",
         ),
         (
             {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "base64"}}]}]},
@@ -297,9 +317,15 @@ def test_ollama_model_routes(client: TestClient[Any], services: FakeNodeServices
         ("/ollama/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "nope"),
         (
             "/ollama/api/chat",
-            {"model": "exo-tiny", "messages": [{"role": "user", "content": "hi"}], "format": "json"},
+            {"model": "exo-tiny", "messages": [{"role": "user", "content": "hi"}], "format": "xml"},
             400,
             "format",
+        ),
+        (
+            "/ollama/api/chat",
+            {"model": "exo-tiny", "messages": [{"role": "user", "content": "hi"}], "think": "extreme"},
+            400,
+            "think",
         ),
         (
             "/ollama/api/chat",
@@ -333,3 +359,50 @@ def test_ollama_stage_failure_mid_stream(client: TestClient[Any], services: Fake
     lines = ndjson(ollama_chat(client))
     assert "stage gone" in lines[-1]["error"]
     assert not any(line.get("done") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("format_", "expected"),
+    [
+        ("json", '%json {"type": "object"'),
+        (
+            {"type": "object", "properties": {"a": {"type": "integer"}}},
+            '%json {"type": "object", "properties"',
+        ),
+    ],
+)
+def test_ollama_format_becomes_a_grammar(
+    client: TestClient[Any], services: FakeNodeServices, format_: Any, expected: str
+) -> None:
+    script_text(services, '{"a": 1}')
+    for path, extra in (
+        ("/ollama/api/chat", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/ollama/api/generate", {"prompt": "hi"}),
+    ):
+        body = {"model": "exo-tiny", "stream": False, "format": format_, **extra}
+        assert client.post(path, json=body).status_code == 200
+        grammar = services.generate_calls[-1].sampling.grammar
+        assert grammar is not None and grammar.lark.startswith(f"start: {expected}")
+
+
+@pytest.mark.parametrize(
+    ("think", "claude_thinking", "options"),
+    [
+        (False, {"type": "disabled"}, {"enable_thinking": False}),
+        (True, {"type": "enabled", "budget_tokens": 1024}, {"enable_thinking": True}),
+    ],
+)
+def test_think_flags_become_template_variables(
+    client: TestClient[Any], services: FakeNodeServices, think: bool, claude_thinking: Any, options: Any
+) -> None:
+    script_text(services, "hi")
+    chat = {
+        "model": "exo-tiny",
+        "stream": False,
+        "think": think,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    assert client.post("/ollama/api/chat", json=chat).status_code == 200
+    assert services.tokenizers["exo-tiny"].template_options[-1] == options
+    assert claude(client, thinking=claude_thinking).status_code == 200
+    assert services.tokenizers["exo-tiny"].template_options[-1] == options

@@ -126,13 +126,39 @@ def test_sampling_fields_reach_the_runner(client: TestClient[Any], services: Fak
         ({"logit_bias": {"x": 1}}, "logit_bias", "invalid_request"),
         ({"logit_bias": {"1": 101}}, "logit_bias", "invalid_request"),
         ({"logit_bias": {"999999": 1}}, "logit_bias", "invalid_request"),  # beyond the vocabulary
-        ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "invalid_request"),
         (
-            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-            "response_format",
-            "unsupported_response_format",
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "object"}}},
+            "response_format.json_schema.schema",
+            "invalid_request",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": "yes"}}},
+            "response_format.json_schema.strict",
+            "invalid_request",
+        ),
+        (  # strict: a keyword the grammar library does not implement is refused, not ignored
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "strict": True, "schema": {"type": "object", "if": {}}},
+                }
+            },
+            "response_format.json_schema.schema",
+            "unsupported_schema",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "objekt"}},
+                }
+            },
+            "response_format.json_schema.schema",
+            "unsupported_schema",
         ),
         ({"response_format": {"type": "xml"}}, "response_format.type", "invalid_request"),
+        ({"reasoning_effort": "extreme"}, "reasoning_effort", "invalid_request"),
         ({"tool_choice": "required"}, "tool_choice", "invalid_request"),
         (
             {"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": [WEATHER_TOOL]},
@@ -245,16 +271,103 @@ def test_tool_choice_none_does_not_render_tools(client: TestClient[Any], service
 def test_named_tool_choice_renders_only_that_tool_and_forces_the_call(
     client: TestClient[Any], services: FakeNodeServices
 ) -> None:
-    script_text(services, '{"city": "Paris"}}\n</tool_call>')
+    script_text(services, CALL_TEXT)
     services.tokenizers["exo-tiny"].chat_template = "... <tool_call> ..."  # a Hermes-style template
     choice = {"type": "function", "function": {"name": "get_weather"}}
     body = chat(client, tools=[TIME_TOOL, WEATHER_TOOL], tool_choice=choice).json()
     prompt = "".join(chr(token) for token in services.generate_calls[0].prompt_tokens)
     assert '"get_weather"' in prompt and '"get_time"' not in prompt
-    assert prompt.endswith('<assistant><tool_call>\n{"name": "get_weather", "arguments": ')
+    grammar = services.generate_calls[0].sampling.grammar
+    assert grammar is not None and not grammar.trigger  # the whole answer is the call
+    assert '"const": "get_weather"' in grammar.lark and "get_time" not in grammar.lark
     (call,) = body["choices"][0]["message"]["tool_calls"]
     assert call["function"]["name"] == "get_weather"
     assert body["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "parallel", "whole", "then"),
+    [
+        ("auto", None, False, "free"),
+        ("auto", False, False, "end"),
+        ("required", None, True, None),
+        ("required", False, True, None),
+    ],
+)
+def test_tool_choice_becomes_a_grammar(
+    client: TestClient[Any],
+    services: FakeNodeServices,
+    *,
+    tool_choice: str,
+    parallel: bool | None,
+    whole: bool,
+    then: str | None,
+) -> None:
+    """`required` constrains the whole answer to calls; `auto` leaves it free until the model opens a
+    call, whose JSON must then match a declared tool; parallel_tool_calls false allows one call."""
+    script_text(services, CALL_TEXT)
+    services.tokenizers["exo-tiny"].chat_template = "... <tool_call> ..."
+    extra: dict[str, Any] = {} if parallel is None else {"parallel_tool_calls": parallel}
+    assert chat(client, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice=tool_choice, **extra).status_code == 200
+    grammar = services.generate_calls[0].sampling.grammar
+    assert grammar is not None
+    assert '"const": "get_weather"' in grammar.lark and '"const": "get_time"' in grammar.lark
+    assert bool(grammar.trigger) is not whole
+    if then is not None:
+        assert grammar.then == then
+    else:
+        assert ('call ("\\n" call)*' in grammar.lark) is (parallel is None)
+
+
+def test_tool_choice_none_sends_no_grammar(client: TestClient[Any], services: FakeNodeServices) -> None:
+    script_text(services, CALL_TEXT)
+    services.tokenizers["exo-tiny"].chat_template = "... <tool_call> ..."
+    assert chat(client, tools=[WEATHER_TOOL], tool_choice="none").status_code == 200
+    assert services.generate_calls[0].sampling.grammar is None
+
+
+def test_forced_tool_choice_on_a_format_without_a_grammar_is_400(
+    client: TestClient[Any], services: FakeNodeServices
+) -> None:
+    """A template whose calls are not JSON between markers: "required" cannot be enforced, so it is
+    refused rather than hoped for; "auto" still works (parsed, not constrained)."""
+    script_text(services, "hi")
+    services.tokenizers["exo-tiny"].chat_template = "[TOOL_CALLS]"
+    assert_error(
+        chat(client, tools=[WEATHER_TOOL], tool_choice="required"),
+        400,
+        "unsupported_tool_choice",
+        "tool_choice",
+    )
+    assert chat(client, tools=[WEATHER_TOOL]).status_code == 200
+    assert services.generate_calls[-1].sampling.grammar is None
+
+
+@pytest.mark.parametrize(
+    ("response_format", "expected"),
+    [
+        ({"type": "text"}, None),
+        ({"type": "json_object"}, '%json {"type": "object"'),
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {"name": "p", "schema": {"type": "array"}, "strict": True},
+            },
+            '%json {"type": "array"',
+        ),
+    ],
+)
+def test_response_format_becomes_a_grammar(
+    client: TestClient[Any], services: FakeNodeServices, response_format: dict[str, Any], expected: str | None
+) -> None:
+    script_text(services, "{}")
+    assert chat(client, response_format=response_format).status_code == 200
+    grammar = services.generate_calls[0].sampling.grammar
+    if expected is None:
+        assert grammar is None
+    else:
+        assert grammar is not None and grammar.lark.startswith(f"start: {expected}")
+        assert '"lenient": false' in grammar.lark  # strict (json_object has no schema to relax)
 
 
 def test_parallel_tool_calls_false_keeps_one(client: TestClient[Any], services: FakeNodeServices) -> None:
@@ -484,3 +597,20 @@ async def test_an_opened_run_nobody_reads_is_cancelled(monkeypatch: pytest.Monke
     await wait_for_generations(services)
     assert services.generate_calls[0].closed_early
     assert len(registry) == 0
+
+
+@pytest.mark.parametrize(
+    ("effort", "options"),
+    [
+        (None, {}),
+        ("none", {"enable_thinking": False}),
+        ("high", {"enable_thinking": True, "reasoning_effort": "high"}),
+    ],
+)
+def test_reasoning_effort_becomes_template_variables(
+    client: TestClient[Any], services: FakeNodeServices, effort: str | None, options: dict[str, Any]
+) -> None:
+    script_text(services, "hi")
+    extra = {} if effort is None else {"reasoning_effort": effort}
+    assert chat(client, **extra).status_code == 200
+    assert services.tokenizers["exo-tiny"].template_options[-1] == options

@@ -41,7 +41,11 @@ from exo.api.openai_completions import TextCompletionRequest
 from exo.api.openai_types import ChatCompletionRequest, ModelList, ModelObject
 from exo.api.openapi import render_plugins
 from exo.api.request_body import check_request_body
+from exo.api.responses_routes import RESPONSES_ROUTES, Responses
+from exo.api.responses_store import ResponseStore
+from exo.api.responses_types import ResponsesRequest
 from exo.api.runs import ActiveCompletions
+from exo.api.small_routes import SMALL_ROUTES, CountTokensRequest
 from exo.core.events import Event, IndexedEvent, Sharding
 from exo.core.models import ModelInfo
 from exo.core.placement import PlacementPreview
@@ -215,6 +219,8 @@ async def ollama_show(
     source = text_tokenizer(tokenizer).chat_template
     template = source if isinstance(source, str) else ""
     capabilities = ["completion", *(["tools"] if "tools" in template else [])]
+    if getattr(tokenizer, "has_thinking", False):  # mlx-lm found thinking markers: Ollama's `think` applies
+        capabilities.append("thinking")
     return ShowResponse(
         modelfile="",
         parameters="",
@@ -242,6 +248,8 @@ REQUEST_BODIES: dict[tuple[str, str], type[Any]] = {
     ("post", "/v1/messages"): MessagesRequest,
     ("post", "/ollama/api/chat"): OllamaChatRequest,
     ("post", "/ollama/api/generate"): GenerateRequest,
+    ("post", "/v1/responses"): ResponsesRequest,
+    ("post", "/v1/messages/count_tokens"): CountTokensRequest,
 }
 
 
@@ -251,10 +259,13 @@ def create_app(
     *,
     completion_settings: CompletionSettings | None = None,
     max_request_bytes: int = MAX_REQUEST_BYTES,
+    response_store: ResponseStore | None = None,
 ) -> Litestar:
-    """The API over `services`. With `api_key`, every route but `GET /health` needs it as a bearer token."""
+    """The API over `services`. With `api_key`, every route but `GET /health` needs it as a bearer token.
+    `response_store` bounds the Responses API's stored responses (default: 1,000 for 1 h)."""
     settings = completion_settings or CompletionSettings()
     registry = ActiveCompletions()
+    responses = Responses(response_store)
 
     def provide_services() -> NodeServices:
         return services
@@ -264,6 +275,9 @@ def create_app(
 
     def provide_registry() -> ActiveCompletions:
         return registry
+
+    def provide_responses() -> Responses:
+        return responses
 
     return Litestar(
         route_handlers=[
@@ -285,11 +299,14 @@ def create_app(
             ollama_running,
             ollama_show,
             *COMPLETION_ROUTES,
+            *RESPONSES_ROUTES,
+            *SMALL_ROUTES,
         ],
         dependencies={
             "services": Provide(provide_services, sync_to_thread=False),
             "settings": Provide(provide_settings, sync_to_thread=False),
             "registry": Provide(provide_registry, sync_to_thread=False),
+            "responses": Provide(provide_responses, sync_to_thread=False),
         },
         guards=[] if api_key is None else [_require_api_key(api_key)],
         before_request=check_request_body,

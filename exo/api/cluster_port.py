@@ -77,10 +77,14 @@ class ChatTokenizer(Protocol):
         tokenize: bool,
         add_generation_prompt: bool,
         tools: list[dict[str, Any]] | None = None,
+        **template_options: Any,
     ) -> list[int]:
         """The prompt's token ids for a conversation of `{"role", "content", ...}` messages
         (assistant `tool_calls`, tool `tool_call_id` as Hugging Face templates take them), with
         `tools` (OpenAI function definitions) rendered where the template renders them.
+
+        `template_options` are variables for the template (`enable_thinking`, `reasoning_effort`);
+        a template that does not use one ignores it.
 
         Raises whatever the chat template raises on a conversation it refuses; the API reports
         that as a 400.

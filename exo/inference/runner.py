@@ -274,15 +274,23 @@ class Runner:
         self.activations.bind(f"tcp://{self.options.activation_host}:*")
 
     def load_shard(self, command: LoadShard, group: Any = None) -> None:
+        import mlx.core as mx
+
         from exo.inference.shard import ShardLoadError, ShardSpec, load_shard
         from exo.inference.stage import PipelineStage
+        from exo.inference.weights import wanted_representation
 
         spec = ShardSpec(
             start_layer=command.start_layer, end_layer=command.end_layer, n_layers=command.n_layers
         )
+        representation = wanted_representation(
+            self.options.weights_dtype,
+            placed=command.placed_weights,
+            accelerator=mx.default_device().type == mx.DeviceType.gpu,
+        )
         started = time.perf_counter()
         try:
-            shard = load_shard(Path(command.model_path), spec, group=group)
+            shard = load_shard(Path(command.model_path), spec, representation, group=group)
         except ShardLoadError as error:
             return self.fail(str(error))
         except MemoryError:
@@ -319,6 +327,7 @@ class Runner:
                 weight_bytes=shard.weight_bytes,
                 load_seconds=load_seconds,
                 blas=self.blas.library,
+                weights=shard.representation,
             )
         )
         return None

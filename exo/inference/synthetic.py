@@ -1,12 +1,16 @@
 """Seeded random-weight models in the real Hugging Face layout.
 
 No model hub is reachable from the machines exo is developed and tested on, so models are made
-locally: config.json, model.safetensors (float32), tokenizer.json (byte-level BPE trained with
+locally: config.json, model.safetensors (float32, or bfloat16 / float16, or quantized by mlx-lm's own
+`quantize_model` and saved in mlx-lm's layout: packed uint32 weights with scales and biases in the
+dtype of the weights, a "quantization" key in config.json, as the MLX community's Hub conversions
+are), tokenizer.json (byte-level BPE trained with
 `tokenizers` on a small built-in English corpus, so any text encodes), tokenizer_config.json with a
 ChatML-style chat template. mlx_lm.load and transformers' AutoTokenizer read the folder as they
 would a downloaded one. Same arguments and seed give byte-identical weights.
 
-`python -m exo.inference.synthetic OUT [--arch llama|qwen2] [--layers N] ...`
+`python -m exo.inference.synthetic OUT [--arch llama|qwen2] [--layers N] [--dtype bfloat16]
+[--quantize 4 [--group-size 64]] ...`
 """
 
 from __future__ import annotations
@@ -23,10 +27,16 @@ import msgspec
 import numpy as np
 from safetensors.numpy import save_file
 
-from exo.inference.chat_templates import CHATML_TEMPLATE, QWEN2_TOOLS_TEMPLATE
+from exo.inference.chat_templates import CHATML_TEMPLATE, QWEN2_TOOLS_TEMPLATE, THINKING_TOOLS_TEMPLATE
 from exo.inference.corpus import ENGLISH_CORPUS
 
 Architecture = Literal["llama", "qwen2"]
+# "chatml": plain ChatML; "tools": ChatML that renders tools and calls (Hermes / Qwen 2.5 form).
+# "thinking": "tools" plus Qwen 3's thinking block (adds <think> and </think> to the vocabulary).
+TemplateName = Literal["chatml", "tools", "thinking"]
+WeightDtype = Literal["float32", "bfloat16", "float16"]
+QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)  # mlx's affine quantization
+GROUP_SIZES = (32, 64, 128)
 
 BUILTIN_MODEL_ID = "exo-tiny"
 END_OF_TEXT = "<|endoftext|>"
@@ -35,6 +45,7 @@ IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [END_OF_TEXT, IM_START, IM_END]
 # Added (not special) tokens, as in Qwen2: tool calls are text a client can see and parse.
 TOOL_TOKENS = ["<tool_call>", "</tool_call>"]
+THINK_TOKENS = ["<think>", "</think>"]
 
 
 class SyntheticModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -50,10 +61,29 @@ class SyntheticModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     # token; larger projections make it vary, which exactness tests need.
     proj_scale: float = 3.0
     tie_word_embeddings: bool | None = None  # None: the architecture's usual choice
+    template: TemplateName | None = None  # None: "tools" for qwen2, "chatml" for llama
+    # The saved format. Quantized models keep scales and biases (and norms) in `dtype`: bfloat16
+    # with a quantization is what a Hub model converted by mlx_lm.convert looks like.
+    dtype: WeightDtype = "float32"
+    quantize_bits: int | None = None
+    group_size: int = 64
 
     def validate(self) -> None:
         if self.architecture not in ("llama", "qwen2"):
             raise ValueError(f"unknown architecture {self.architecture!r}: use llama or qwen2")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"unknown dtype {self.dtype!r}: use float32, bfloat16 or float16")
+        if self.quantize_bits is not None and self.quantize_bits not in QUANTIZE_BITS:
+            raise ValueError(f"quantize bits must be one of {QUANTIZE_BITS}, got {self.quantize_bits}")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group size must be one of {GROUP_SIZES}, got {self.group_size}")
+        if self.quantize_bits is not None and (
+            self.hidden % self.group_size or self.intermediate % self.group_size
+        ):
+            raise ValueError(
+                f"hidden ({self.hidden}) and intermediate ({self.intermediate}) must be multiples of "
+                f"the group size ({self.group_size}) to quantize every layer"
+            )
         for name in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
@@ -67,13 +97,26 @@ class SyntheticModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True
             raise ValueError("vocab must be at least 300 (256 byte tokens plus merges and specials)")
 
     @property
+    def chat_template(self) -> str:
+        name = self.template or ("tools" if self.architecture == "qwen2" else "chatml")
+        return {
+            "chatml": CHATML_TEMPLATE,
+            "tools": QWEN2_TOOLS_TEMPLATE,
+            "thinking": THINKING_TOOLS_TEMPLATE,
+        }[name]
+
+    @property
+    def added_tokens(self) -> list[str]:
+        return TOOL_TOKENS + THINK_TOKENS if self.template == "thinking" else TOOL_TOKENS
+
+    @property
     def tied(self) -> bool:
         if self.tie_word_embeddings is not None:
             return self.tie_word_embeddings
         return self.architecture == "qwen2"
 
 
-def train_tokenizer(vocab_size: int) -> tuple[object, int]:
+def train_tokenizer(vocab_size: int, added_tokens: list[str] = TOOL_TOKENS) -> tuple[object, int]:
     """Byte-level BPE over the built-in corpus; returns (tokenizers.Tokenizer, actual vocab size)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -82,13 +125,13 @@ def train_tokenizer(vocab_size: int) -> tuple[object, int]:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(TOOL_TOKENS),
+        vocab_size=vocab_size - len(added_tokens),
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(ENGLISH_CORPUS.split("\n"), trainer=trainer)
-    tokenizer.add_tokens(TOOL_TOKENS)
+    tokenizer.add_tokens(added_tokens)
     return tokenizer, tokenizer.get_vocab_size()
 
 
@@ -106,7 +149,7 @@ def _config(spec: SyntheticModelSpec, vocab_size: int, eos_ids: list[int]) -> di
         "rms_norm_eps": 1e-6,
         "hidden_act": "silu",
         "tie_word_embeddings": spec.tied,
-        "torch_dtype": "float32",
+        "torch_dtype": spec.dtype,
         "bos_token_id": None,
         "eos_token_id": eos_ids,
         "exo_synthetic": {"seed": spec.seed, "proj_scale": spec.proj_scale},
@@ -156,7 +199,6 @@ def _weights(spec: SyntheticModelSpec, vocab_size: int) -> dict[str, np.ndarray]
 
 
 def _tokenizer_config(spec: SyntheticModelSpec) -> dict[str, object]:
-    template = QWEN2_TOOLS_TEMPLATE if spec.architecture == "qwen2" else CHATML_TEMPLATE
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
@@ -167,7 +209,7 @@ def _tokenizer_config(spec: SyntheticModelSpec) -> dict[str, object]:
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 4096,
-        "chat_template": template,
+        "chat_template": spec.chat_template,
     }
 
 
@@ -180,7 +222,7 @@ def write_synthetic_model(out: Path, spec: SyntheticModelSpec) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
-        tokenizer, vocab_size = train_tokenizer(spec.vocab)
+        tokenizer, vocab_size = train_tokenizer(spec.vocab, spec.added_tokens)
         eos_ids = [tokenizer.token_to_id(IM_END), tokenizer.token_to_id(END_OF_TEXT)]  # type: ignore[attr-defined]
         tokenizer.save(str(building / "tokenizer.json"))  # type: ignore[attr-defined]
         (building / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(spec), indent=2))
@@ -192,7 +234,12 @@ def write_synthetic_model(out: Path, spec: SyntheticModelSpec) -> Path:
         (building / "generation_config.json").write_text(
             json.dumps({"eos_token_id": eos_ids, "do_sample": False}, indent=2)
         )
-        save_file(_weights(spec, vocab_size), str(building / "model.safetensors"), metadata={"format": "pt"})
+        if spec.dtype == "float32" and spec.quantize_bits is None:
+            save_file(
+                _weights(spec, vocab_size), str(building / "model.safetensors"), metadata={"format": "pt"}
+            )
+        else:
+            _save_with_mlx_lm(building, spec, config, _weights(spec, vocab_size))
         # mkdtemp makes a private folder; a model folder is ordinary data that others may read.
         for written in building.iterdir():
             written.chmod(0o644)
@@ -204,8 +251,41 @@ def write_synthetic_model(out: Path, spec: SyntheticModelSpec) -> Path:
     return out
 
 
+def _save_with_mlx_lm(
+    folder: Path, spec: SyntheticModelSpec, config: dict[str, object], weights: dict[str, np.ndarray]
+) -> None:
+    """Cast (and quantize) the float32 weights with mlx-lm's model class and save them as mlx-lm's
+    own convert does: its quantize_model, save_model and save_config."""
+    import contextlib
+    import sys
+
+    import mlx.core as mx
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    from exo.inference.shard import model_classes
+
+    model_class, args_class = model_classes(config)
+    model = model_class(args_class.from_dict(config))
+    model.load_weights([(name, mx.array(array)) for name, array in weights.items()])
+    model.set_dtype(getattr(mx, spec.dtype))
+    if spec.quantize_bits is not None:
+        with contextlib.redirect_stdout(sys.stderr):  # it prints bits per weight
+            model, config = quantize_model(model, config, spec.group_size, spec.quantize_bits)
+    save_model(folder, model)
+    save_config(dict(config), folder / "config.json")
+
+
+# Its template renders tools, so `tools` work on the default model.
 BUILTIN_SPEC = SyntheticModelSpec(
-    architecture="llama", layers=8, hidden=256, intermediate=512, heads=4, kv_heads=2, vocab=1024, seed=0
+    architecture="llama",
+    layers=8,
+    hidden=256,
+    intermediate=512,
+    heads=4,
+    kv_heads=2,
+    vocab=1024,
+    seed=0,
+    template="tools",
 )
 
 
@@ -213,6 +293,7 @@ def ensure_builtin_model(models_dir: Path) -> Path:
     """The default `exo-tiny` model in `models_dir`, made if missing (safe if two processes race)."""
     target = Path(models_dir) / BUILTIN_MODEL_ID
     if (target / "config.json").is_file():
+        _update_builtin_template(target)
         return target
     try:
         return write_synthetic_model(target, BUILTIN_SPEC)
@@ -221,6 +302,26 @@ def ensure_builtin_model(models_dir: Path) -> Path:
         if (target / "config.json").is_file():
             return target
         raise
+
+
+def _update_builtin_template(target: Path) -> None:
+    """A copy made by an older exo has the plain ChatML template: give it the one that renders
+    tools (same weights and tokenizer; only tokenizer_config.json changes, atomically)."""
+    config_path = target / "tokenizer_config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(config, dict) or config.get("chat_template") != CHATML_TEMPLATE:
+        return
+    config["chat_template"] = BUILTIN_SPEC.chat_template
+    fresh = config_path.with_name(f".{config_path.name}.updating-{os.getpid()}")
+    try:
+        fresh.write_text(json.dumps(config, indent=2))
+        fresh.chmod(0o644)
+        os.replace(fresh, config_path)
+    except OSError:
+        fresh.unlink(missing_ok=True)  # a read-only models dir: keep the old template
 
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModelSpec]:
@@ -237,9 +338,24 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModel
     parser.add_argument("--vocab", type=int, default=BUILTIN_SPEC.vocab)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--proj-scale", type=float, default=BUILTIN_SPEC.proj_scale)
+    parser.add_argument("--template", choices=["chatml", "tools", "thinking"], default=None)
     tie = parser.add_mutually_exclusive_group()
     tie.add_argument("--tie", dest="tie", action="store_true", default=None, help="tie lm_head to embeddings")
     tie.add_argument("--no-tie", dest="tie", action="store_false", help="separate lm_head")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="weights' dtype (and, quantized, the scales' and norms': bfloat16 as in Hub conversions)",
+    )
+    parser.add_argument(
+        "--quantize",
+        type=int,
+        metavar="BITS",
+        default=None,
+        help=f"mlx-lm affine quantization, {QUANTIZE_BITS}",
+    )
+    parser.add_argument("--group-size", type=int, default=64, help=f"quantization group size, {GROUP_SIZES}")
     arguments = parser.parse_args(argv)
     spec = SyntheticModelSpec(
         architecture=arguments.arch,
@@ -252,6 +368,10 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModel
         seed=arguments.seed,
         proj_scale=arguments.proj_scale,
         tie_word_embeddings=arguments.tie,
+        template=arguments.template,
+        dtype=arguments.dtype,
+        quantize_bits=arguments.quantize,
+        group_size=arguments.group_size,
     )
     try:
         spec.validate()

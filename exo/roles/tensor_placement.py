@@ -14,7 +14,7 @@ from exo.core.events import ShardAssignment
 from exo.core.models import ModelFootprint
 from exo.core.placement import NodeVerdict, Placement, PlacementPreview, PlacementRefusal
 from exo.core.state import NodeInfo
-from exo.roles.placement import candidates_of, format_bytes, left_out_reasons
+from exo.roles.placement import candidates_of, fall_back, format_bytes, left_out_reasons
 
 
 def place_tensor(
@@ -23,7 +23,24 @@ def place_tensor(
     min_nodes: int = 1,
     reserved_bytes_by_node: Mapping[str, int] | None = None,
 ) -> Placement | PlacementRefusal:
-    """The tensor placement on the fewest nodes (at least `min_nodes`) that fits, or why none does."""
+    """The tensor placement on the fewest nodes (at least `min_nodes`) that fits, or why none does;
+    with a `fallback` footprint (`--weights-dtype auto`), the native representation when float32
+    does not fit, as pipeline placement does."""
+    nodes = list(nodes)
+    attempt = _place_tensor_one(footprint, nodes, min_nodes, reserved_bytes_by_node)
+    if isinstance(attempt, Placement) or footprint.fallback is None:
+        return attempt
+    return fall_back(
+        footprint, attempt, _place_tensor_one(footprint.fallback, nodes, min_nodes, reserved_bytes_by_node)
+    )
+
+
+def _place_tensor_one(
+    footprint: ModelFootprint,
+    nodes: Iterable[NodeInfo],
+    min_nodes: int = 1,
+    reserved_bytes_by_node: Mapping[str, int] | None = None,
+) -> Placement | PlacementRefusal:
     problem = _model_problem(footprint)
     if problem is not None:
         return PlacementRefusal(reasons=[problem], nodes=[])
@@ -116,4 +133,5 @@ def _place_on(footprint: ModelFootprint, chosen: list[tuple[str, int]]) -> Place
             for rank, (node_id, _) in enumerate(chosen)
         },
         bytes_by_node={node_id: needed for node_id, _ in chosen},
+        weights=footprint.weights,
     )

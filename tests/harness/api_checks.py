@@ -98,3 +98,11 @@ def wait_until_generation_ends(call: GenerateCall, timeout: float = 5.0) -> None
     while not (call.finished or call.closed_early):
         assert time.monotonic() < deadline, "the generation neither finished nor was closed"
         time.sleep(0.005)
+
+
+def assert_claude_error(response: Any, status_code: int, error_type: str) -> str:
+    assert response.status_code == status_code, response.text
+    body = response.json()
+    assert body["type"] == "error"
+    assert body["error"]["type"] == error_type
+    return str(body["error"]["message"])

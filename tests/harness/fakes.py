@@ -80,6 +80,7 @@ class FakeTokenizer:
         self.renders_tools = True
         self.chat_template: str | None = "<fake template>"
         self.rendered: list[list[dict[str, Any]]] = []  # every conversation it was asked to render
+        self.template_options: list[dict[str, Any]] = []  # and the template variables with each
 
     def apply_chat_template(
         self,
@@ -88,10 +89,12 @@ class FakeTokenizer:
         tokenize: bool,
         add_generation_prompt: bool,
         tools: list[dict[str, Any]] | None = None,
+        **template_options: Any,
     ) -> list[int]:
         if self.refuse_with is not None:
             raise self.refuse_with
         self.rendered.append(conversation)
+        self.template_options.append(template_options)
         text = ""
         if tools and self.renders_tools:
             text += "<tools>" + json.dumps(tools) + "</tools>"
