@@ -112,3 +112,24 @@ def test_every_family_said_tensor_parallel_has_shard_in_mlx_lm(architecture: str
 
 
 GIB = 1024**3
+
+
+def test_auto_weights_fall_back_to_the_checkpoint_representation_when_float32_does_not_fit() -> None:
+    native = msgspec.structs.replace(footprint(), weights="native")
+    wide = ModelFootprint(
+        [200 * MIB] * 4,
+        100 * MIB,
+        60 * MIB,
+        False,
+        8,
+        4,
+        tensor_parallel=True,
+        weights="float32",
+        fallback=native,
+    )
+    roomy = place_tensor(wide, [node("a", GIB), node("b", GIB)], min_nodes=2)
+    assert isinstance(roomy, Placement) and roomy.weights == "float32"
+    tight = place_tensor(wide, [node("a", 400 * MIB), node("b", 400 * MIB)], min_nodes=2)
+    assert isinstance(tight, Placement) and tight.weights == "native"
+    assert tight.bytes_by_node == {"a": 280 * MIB, "b": 280 * MIB}
+    assert "kept the checkpoint's representation" in tight.weights_note
