@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import machine
-from bench.existing import events_rows, pipeline_rows, replay_rows, run_bench
+from bench.existing import events_rows, pipeline_rows, replay_rows, run_bench, tensor_rows
 from bench.formats_bench import run_formats
 from bench.processes import eos_token_ids, linked_copy, make_model
 from bench.scaling import run_blas, run_pinned
@@ -48,7 +48,7 @@ DOCS = machine.REPO / "docs" / "benchmarks.md"
 # The event-path sections first: run right after the inference sections (which start and stop
 # processes holding gigabytes), the events bench saw one 70-90 ms stall in its 5 s latency window in
 # two suite runs out of two, and none in six runs on its own or right after the pipeline bench.
-SECTIONS = ("events", "replay", "serving", "formats", "pinned", "blas", "pipeline", "structured")
+SECTIONS = ("events", "replay", "serving", "formats", "pinned", "blas", "pipeline", "structured", "tensor")
 DOCS_SKELETON = "# Benchmarks\n\nEvery figure is a ratio against a baseline measured in the same run.\n"
 
 
@@ -114,7 +114,20 @@ def subprocess_sections(quick: bool, settings: Settings) -> dict[str, Callable[[
         output = run_bench("bench.pipeline_bench", arguments, "Machine:", 900)
         return pipeline_rows(output), output.markdown or f"not measured: {output.failure}"
 
-    return {"events": events, "replay": replay, "pipeline": pipeline}
+    def tensor() -> tuple[list[Row], str]:
+        # The ~400M-parameter model the tensor target names (16 layers, hidden 1536); quick: the small one.
+        model = [*shape, "--no-unpinned"] if quick else []
+        arguments = [
+            *model,
+            "--rounds",
+            str(settings.rounds),
+            "--tokens",
+            str(min(settings.decode_tokens, 32)),
+        ]
+        output = run_bench("bench.tensor_bench", arguments, "|", 1800)
+        return tensor_rows(output), output.markdown or f"not measured: {output.failure}"
+
+    return {"events": events, "replay": replay, "pipeline": pipeline, "tensor": tensor}
 
 
 SECTION_TITLES = {
@@ -126,6 +139,7 @@ SECTION_TITLES = {
     "events": "Events through the cluster path (bench/events_bench.py)",
     "replay": "Event store: replay and appends (bench/replay_bench.py)",
     "structured": "Constrained decoding: json_schema against free decoding (bench/structured.py)",
+    "tensor": "Tensor parallelism: 2 ranks against 1 runner and the two-core ceiling (bench/tensor_bench.py)",
 }
 
 

@@ -21,6 +21,7 @@ from bench.suite import Row, Samples, at_least, at_most, failed_row, parse_markd
 
 REPO = Path(__file__).resolve().parent.parent
 PIPELINE_JSON = REPO / "bench" / "out" / "pipeline_bench.json"
+TENSOR_JSON = REPO / "bench" / "out" / "tensor_bench.json"
 MIB = 2**20
 
 
@@ -167,3 +168,34 @@ def pipeline_rows(output: BenchOutput) -> list[Row]:
 
 def _decode_samples(runs: list[dict[str, float]]) -> Samples:
     return Samples(tuple(float(run["decode_tps"]) for run in runs), "tok/s")
+
+
+def tensor_rows(output: BenchOutput) -> list[Row]:
+    """2 tensor ranks pinned to a core each against 1 pinned runner times the two-core ceiling
+    measured in the same run (the target: 0.9 of what a second core can add), 1 and 8 streams."""
+    baseline_name = "1 pinned runner x two-core ceiling (bench.core_scaling, same run)"
+    what = "tensor instance, 2 ranks pinned to a core each, decode"
+    if output.failure is not None:
+        return [failed_row("tensor", what, baseline_name, at_least(0.9), reason=output.failure)]
+    try:
+        results: dict[str, Any] = json.loads(TENSOR_JSON.read_text())
+        runs: dict[str, list[float]] = results["runs"]
+        ceiling = sorted(results["ceilings"])[len(results["ceilings"]) // 2]
+        rows: list[Row] = []
+        for streams in ("1 stream", "8 streams"):
+            single = tuple(value * ceiling for value in runs[f"1 pinned {streams}"])
+            ranks = Samples(tuple(runs[f"2 ranks pinned {streams}"]), "tok/s")
+            rows.append(
+                Row("tensor", f"{what}, {streams}", ranks,
+                    baseline_name, Samples(single, "tok/s"), at_least(0.9), note=f"ceiling {ceiling:.2f}x")
+            )  # fmt: skip
+        if "1 unpinned 1 stream" in runs:
+            rows.append(
+                Row("tensor", "tensor instance, 2 ranks unpinned, 1 stream, decode",
+                    Samples(tuple(runs["2 ranks unpinned 1 stream"]), "tok/s"), "1 unpinned runner",
+                    Samples(tuple(runs["1 unpinned 1 stream"]), "tok/s"))
+            )  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        reason = f"could not read {TENSOR_JSON}: {error!r}"
+        return [failed_row("tensor", what, baseline_name, at_least(0.9), reason=reason)]
+    return rows

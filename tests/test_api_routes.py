@@ -53,6 +53,8 @@ def test_state_is_the_state_document_byte_for_byte(
         "start_layer": 0,
         "end_layer": 8,
         "n_layers": 8,
+        "rank": 0,  # a pipeline stage is rank 0 of 1; a tensor instance's ranks say their place
+        "size": 1,
     }
 
 
@@ -139,7 +141,9 @@ def test_place_instance(client: TestClient[Any]) -> None:
     assert body["model_id"] == "exo-tiny"
     assert body["sharding"] == "Pipeline"
     assert body["status"] == "placing"
-    assert body["shard_assignments"] == {"node0": {"start_layer": 0, "end_layer": 8, "n_layers": 8}}
+    assert body["shard_assignments"] == {
+        "node0": {"start_layer": 0, "end_layer": 8, "n_layers": 8, "rank": 0, "size": 1}
+    }
     assert client.get("/instance/i-1").json() == body
 
 
@@ -154,7 +158,7 @@ def test_place_instance_defaults_and_ignores_unknown_fields(client: TestClient[A
         ({}, "model_id"),
         ({"model_id": ""}, "model_id"),
         ({"model_id": 3}, "model_id"),
-        ({"model_id": "exo-tiny", "sharding": "Tensor"}, "sharding"),
+        ({"model_id": "exo-tiny", "sharding": "Hybrid"}, "sharding"),
         ({"model_id": "exo-tiny", "min_nodes": 0}, "min_nodes"),
         ({"model_id": "exo-tiny", "min_nodes": "2"}, "min_nodes"),
     ],
@@ -203,8 +207,8 @@ def test_previews(client: TestClient[Any]) -> None:
     assert two["refusal"] is None
     assert two["placement"] == {
         "shard_assignments": {
-            "node0": {"start_layer": 0, "end_layer": 5, "n_layers": 8},
-            "node1": {"start_layer": 5, "end_layer": 8, "n_layers": 8},
+            "node0": {"start_layer": 0, "end_layer": 5, "n_layers": 8, "rank": 0, "size": 1},
+            "node1": {"start_layer": 5, "end_layer": 8, "n_layers": 8, "rank": 0, "size": 1},
         },
         "bytes_by_node": {"node0": 5000, "node1": 3000},
         "weights": "native",
@@ -233,7 +237,9 @@ def test_get_instance(client: TestClient[Any], services: FakeNodeServices) -> No
     assert body["status"] == "failed"
     assert body["failure_reason"] == "out of memory"
     assert body["runners"]["node0"]["reason"] == "out of memory"
-    assert body["shard_assignments"] == {"node0": {"start_layer": 0, "end_layer": 8, "n_layers": 8}}
+    assert body["shard_assignments"] == {
+        "node0": {"start_layer": 0, "end_layer": 8, "n_layers": 8, "rank": 0, "size": 1}
+    }
 
 
 def test_delete_instance(client: TestClient[Any], services: FakeNodeServices) -> None:

@@ -28,7 +28,7 @@ from exo.core.messages import (
 from exo.core.models import ModelFootprint, ModelInfo
 from exo.core.state import State, apply
 from exo.node.worker import LocalRunner, Worker
-from exo.roles.commands import decide, replacement_events
+from exo.roles.commands import decide, replacement_events, reserved_bytes
 from exo.roles.worker_plan import StartRunner, StopRunner, plan
 
 GIB = 1024**3
@@ -203,3 +203,44 @@ def test_membership_waits_longer_before_marking_a_node_gone() -> None:
     assert membership_events(state, heartbeats, {"a"}, True, {}, recently_heard={"a", "b"}) == []
     assert membership_events(state, heartbeats, {"a"}, True, {}, recently_heard={"a"}) == [NodeTimedOut("b")]
     assert membership_events(state, heartbeats, {"a"}, False, {}, recently_heard={"a"}) == []
+
+
+TENSOR_FOOTPRINT = msgspec.structs.replace(FOOTPRINT, attention_heads=8, kv_heads=4, tensor_parallel=True)
+
+
+def test_tensor_placement_through_the_command_and_its_reserved_memory() -> None:
+    state = cluster("a", "b")
+    outcome = decide(PlaceInstance("m", TENSOR_FOOTPRINT, "Tensor", 2), state, {"m": {"a", "b"}}, "i-1")
+    (created,) = outcome.events
+    assert isinstance(created, InstanceCreated) and created.sharding == "Tensor"
+    assert {(a.rank, a.size, a.start_layer, a.end_layer) for a in created.shard_assignments.values()} == {
+        (0, 2, 0, 12),
+        (1, 2, 0, 12),
+    }
+    placed = apply(state, IndexedEvent(state.last_event_index + 1, 1, "m", -1, created))
+    assert reserved_bytes(placed, {"m": TENSOR_FOOTPRINT}) == {"a": 3 * GIB // 2, "b": 3 * GIB // 2}
+    odd = decide(
+        PlaceInstance("m", TENSOR_FOOTPRINT, "Tensor", 3), cluster("a", "b", "c"), {"m": {"a", "b", "c"}}, "i"
+    )
+    assert (
+        isinstance(odd.answer, Refused)
+        and "8 attention heads cannot be split evenly over 3" in odd.answer.detail
+    )
+
+
+def test_a_tensor_instance_is_replaced_when_a_node_went_although_a_survivor_failed_first() -> None:
+    """A survivor's rank fails as soon as its ring breaks, before the node is timed out: the
+    instance's failure then names the survivor, and it is re-placed all the same."""
+    assignments = {"a": ShardAssignment(0, 12, 12, 0, 2), "b": ShardAssignment(0, 12, 12, 1, 2)}
+    state = state_of(
+        NodeJoined("a", "a:1", 16 * GIB, 8 * GIB),
+        NodeJoined("b", "b:1", 16 * GIB, 8 * GIB),
+        InstanceCreated("i-1", "m", "Tensor", assignments, min_nodes=2),
+        RunnerStatusUpdated("i-1", "a", "failed", "tensor pass failed: [ring] connection to a peer was lost"),
+        NodeTimedOut("b"),
+    )
+    events = replacement_events(state, {"m": {"a", "b"}}, lambda model_id: TENSOR_FOOTPRINT, lambda: "i-2")
+    assert events[0] == InstanceDeleted("i-1")
+    created = events[1]
+    assert isinstance(created, InstanceCreated) and created.sharding == "Tensor"
+    assert created.shard_assignments == {"a": ShardAssignment(0, 12, 12, 0, 1)}

@@ -10,7 +10,7 @@ from typing import Literal
 
 import msgspec
 
-Sharding = Literal["Pipeline"]
+Sharding = Literal["Pipeline", "Tensor"]
 RunnerStatus = Literal["loading", "ready", "failed", "stopped"]
 
 
@@ -19,11 +19,17 @@ class _Event(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
 
 
 class ShardAssignment(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A contiguous block of layers `[start_layer, end_layer)` of a model with `n_layers` layers."""
+    """A contiguous block of layers `[start_layer, end_layer)` of a model with `n_layers` layers.
+
+    In a tensor instance every node holds all layers, 1/`size` of each, as rank `rank` of the
+    instance's group (a pipeline stage is rank 0 of 1: logs written before tensor instances decode so).
+    """
 
     start_layer: int
     end_layer: int
     n_layers: int
+    rank: int = 0
+    size: int = 1
 
 
 class MasterElected(_Event, frozen=True):
@@ -80,13 +86,15 @@ class InstanceDeleted(_Event, frozen=True):
 
 
 class RunnerStatusUpdated(_Event, frozen=True):
-    """`activation_address` is where a `ready` runner's stage takes pipeline frames."""
+    """`activation_address` is where a `ready` runner's stage takes pipeline frames;
+    `ring_address` (HOST:PORT) where a tensor rank's runner listens for its group's ring."""
 
     instance_id: str
     node_id: str
     status: RunnerStatus
     reason: str | None = None
     activation_address: str | None = None
+    ring_address: str | None = None
 
 
 Event = (

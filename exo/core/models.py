@@ -53,6 +53,11 @@ class ModelInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tied_embeddings: bool
     supported: bool
     reason: str  # why not supported; "" when supported
+    # What tensor parallelism needs to know: heads split evenly over the ranks, and whether
+    # mlx-lm's class for the family has `shard` (0 / False when unknown).
+    attention_heads: int = 0
+    kv_heads: int = 0
+    tensor_parallel: bool = False
     # The same weights held as float32 (half precision upcast, quantized layers dequantized), which
     # is what a runner on MLX's CPU backend holds; None when not computed (then as the file).
     float32: WeightBytes | None = None
@@ -82,6 +87,9 @@ class ModelFootprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     embedding_bytes: int = 0
     head_bytes: int = 0
     tied_embeddings: bool = False
+    attention_heads: int = 0  # 0: unknown (a tensor placement is then refused)
+    kv_heads: int = 0
+    tensor_parallel: bool = False  # the family's mlx-lm class has `shard`
     # The representation these bytes are of (None: not said), and, for `--weights-dtype auto`,
     # the smaller native footprint placement falls back to when float32 does not fit.
     weights: Representation | None = None
@@ -105,6 +113,9 @@ class ModelFootprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             embedding_bytes=model.embedding_bytes,
             head_bytes=model.head_bytes + model.other_bytes,
             tied_embeddings=model.tied_embeddings,
+            attention_heads=model.attention_heads,
+            kv_heads=model.kv_heads,
+            tensor_parallel=model.tensor_parallel,
             weights="native",
         )
         if representation_for(weights_dtype, accelerator=accelerator) == "native":
@@ -117,6 +128,9 @@ class ModelFootprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             embedding_bytes=wide.embedding_bytes,
             head_bytes=wide.head_bytes + wide.other_bytes,
             tied_embeddings=model.tied_embeddings,
+            attention_heads=model.attention_heads,
+            kv_heads=model.kv_heads,
+            tensor_parallel=model.tensor_parallel,
             weights="float32",
         )
         if weights_dtype == "auto" and upcast.total_bytes > native.total_bytes:
@@ -142,6 +156,11 @@ class ModelFootprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """What the stage holding layers `[start_layer, end_layer)` needs."""
         fixed = self.fixed_bytes(first=start_layer == 0, last=end_layer == self.n_layers)
         return sum(self.layer_bytes[start_layer:end_layer]) + fixed
+
+    def tensor_rank_bytes(self, size: int) -> int:
+        """What one of `size` tensor ranks needs: 1/size of every layer (rounded up), and the
+        embedding and head whole (mlx-lm's `shard` splits the layers' projections only)."""
+        return -(-sum(self.layer_bytes) // size) + self.fixed_bytes(first=True, last=True)
 
     def fixed_bytes(self, *, first: bool, last: bool) -> int:
         """What a stage holds besides its layers."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from exo.core.events import ShardAssignment
+from exo.core.events import ShardAssignment, Sharding
 from exo.core.models import Representation
 
 
@@ -45,3 +45,4 @@ class PlacementPreview(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     n_nodes: int
     placement: Placement | None
     refusal: PlacementRefusal | None
+    sharding: Sharding = "Pipeline"

@@ -44,6 +44,7 @@ class RunnerInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     status: RunnerStatus
     reason: str | None = None
     activation_address: str | None = None
+    ring_address: str | None = None  # a tensor rank's ring listener, HOST:PORT
 
 
 class Instance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -59,8 +60,24 @@ class Instance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     weights_note: str = ""
 
     def stage_order(self) -> list[str]:
-        """Node ids in pipeline order (by first layer)."""
-        return sorted(self.shard_assignments, key=lambda node_id: self.shard_assignments[node_id].start_layer)
+        """Node ids in pipeline order (by first layer), a tensor instance's by rank."""
+        return sorted(
+            self.shard_assignments,
+            key=lambda node_id: (
+                self.shard_assignments[node_id].start_layer,
+                self.shard_assignments[node_id].rank,
+            ),
+        )
+
+    def ring_hosts(self) -> list[str] | None:
+        """A tensor instance's ring addresses by rank, once every rank's runner has said its own."""
+        hosts: list[str] = []
+        for node_id in self.stage_order():
+            runner = self.runners.get(node_id)
+            if runner is None or runner.ring_address is None or runner.status in ("failed", "stopped"):
+                return None
+            hosts.append(runner.ring_address)
+        return hosts
 
     def route(self) -> list[str] | None:
         """Activation addresses of the stages in pipeline order, when every stage is ready."""
@@ -70,7 +87,8 @@ class Instance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             if runner is None or runner.status != "ready" or runner.activation_address is None:
                 return None
             addresses.append(runner.activation_address)
-        return addresses
+        # A tensor instance takes requests at rank 0 only; the other ranks get each step from it.
+        return addresses[:1] if self.sharding == "Tensor" else addresses
 
 
 class State(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -254,7 +272,7 @@ def _apply_runner_status_updated(builder: StateBuilder, event: RunnerStatusUpdat
 
 
 def _runner_info(event: RunnerStatusUpdated) -> RunnerInfo:
-    return RunnerInfo(event.status, event.reason, event.activation_address)
+    return RunnerInfo(event.status, event.reason, event.activation_address, event.ring_address)
 
 
 def _with_runners(instance: Instance, runners: dict[str, RunnerInfo]) -> Instance:

@@ -20,6 +20,8 @@ from exo.core.models import ModelInfo, WeightBytes
 # mlx-lm architectures whose model is the standard embed -> `model.layers` (one attention mask)
 # -> norm -> lm_head, which is what exo.inference.shard runs a slice of.
 SUPPORTED_ARCHITECTURES: frozenset[str] = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# Those whose mlx-lm Model has `shard(group)` (tensor parallelism; a test checks it against mlx-lm).
+TENSOR_PARALLEL_ARCHITECTURES: frozenset[str] = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
@@ -229,6 +231,9 @@ def read_model_info(model_dir: Path, model_id: str) -> ModelInfo:
         tied_embeddings=tied,
         supported=not reason,
         reason=reason,
+        attention_heads=_optional_int(config, "num_attention_heads"),
+        kv_heads=_optional_int(config, "num_key_value_heads") or _optional_int(config, "num_attention_heads"),
+        tensor_parallel=config.get("model_type") in TENSOR_PARALLEL_ARCHITECTURES,
         float32=WeightBytes(
             layer_bytes=float32.layer_bytes,
             embedding_bytes=float32.embedding_bytes,
@@ -236,6 +241,11 @@ def read_model_info(model_dir: Path, model_id: str) -> ModelInfo:
             other_bytes=float32.other_bytes,
         ),
     )
+
+
+def _optional_int(config: dict[str, object], key: str) -> int:
+    value = config.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def list_models(models_dir: Path) -> list[ModelInfo]:

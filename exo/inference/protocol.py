@@ -4,6 +4,8 @@ Two channels, each a closed msgspec union encoded as msgpack (never pickle):
 
 - control: the worker binds a ROUTER; each runner connects a DEALER whose routing id is its runner
   id, says `RunnerStarted`, and gets `LoadShard` / `Shutdown`.
+- tensor steps: rank 0 of a tensor instance pushes every step (`StepShared`) to the other ranks'
+  activation PULL, which take nothing else (exo.inference.tensor).
 - pipeline: every runner binds one PULL (its activation address). Frames are multipart:
   `[header]`, or `[header, buffer]` for `ActivationsSent`, whose buffer is the hidden state's raw
   bytes (C order, `dtype`, `shape`). The frame count must match the header's kind.
@@ -37,6 +39,37 @@ class LoadShard(_RunnerMessage, frozen=True):
     n_layers: Annotated[int, msgspec.Meta(ge=1)]
     # What placement chose for `--weights-dtype auto` (None: no choice, the runner decides).
     placed_weights: Literal["float32", "native"] | None = None
+    # A tensor instance's rank of `size` (a pipeline stage: 0 of 1). With size > 1 the runner
+    # answers `RingListening` and waits for `RingFormed` before it loads.
+    rank: Annotated[int, msgspec.Meta(ge=0)] = 0
+    size: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
+class RingFormed(_RunnerMessage, frozen=True):
+    """Every rank of the runner's tensor instance is listening: `hosts[r]` is rank r's ring address
+    (HOST:PORT, mx.distributed's ring hostfile), `activation_addresses[r]` its PULL socket."""
+
+    hosts: Annotated[list[str], msgspec.Meta(min_length=2)]
+    activation_addresses: Annotated[list[str], msgspec.Meta(min_length=2)]
+
+
+class RingListening(_RunnerMessage, frozen=True):
+    """A tensor rank's runner reserved its ring port and bound its PULL socket; the worker puts
+    both in the log (authenticated bus) so every rank's worker can hand its runner the ring."""
+
+    instance_id: str
+    ring_address: str  # HOST:PORT
+    activation_address: str
+
+
+class StepShared(_RunnerMessage, frozen=True):
+    """Rank 0's step `turn` for the other ranks: the pipeline frames it took since the last turn
+    (in order; a request whose requester vanished comes as a GenerationCancelled), then whether it
+    ran a forward pass. The other ranks apply the same and so launch the same collectives."""
+
+    turn: Annotated[int, msgspec.Meta(ge=0)]
+    run: bool
+    messages: list[bytes] = []
 
 
 class Shutdown(_RunnerMessage, frozen=True):
@@ -94,8 +127,8 @@ class RunnerStats(_RunnerMessage, frozen=True):
     grouped_prompt_chunks: int = 0  # prompt chunks prefilled in one pass with other requests' chunks
 
 
-ControlToRunner = LoadShard | Shutdown
-ControlFromRunner = RunnerStarted | ShardLoaded | RunnerFailed | RunnerStats
+ControlToRunner = LoadShard | RingFormed | Shutdown
+ControlFromRunner = RunnerStarted | RingListening | ShardLoaded | RunnerFailed | RunnerStats
 
 
 # --- pipeline: requester <-> stages -----------------------------------------------------------
@@ -228,6 +261,7 @@ WIRE_DTYPES: Final = frozenset({"float32", "float16", "bfloat16"})
 control_to_runner_decoder: Final = msgspec.msgpack.Decoder(ControlToRunner)
 control_from_runner_decoder: Final = msgspec.msgpack.Decoder(ControlFromRunner)
 pipeline_decoder: Final = msgspec.msgpack.Decoder(PipelineMessage)
+step_decoder: Final = msgspec.msgpack.Decoder(StepShared)
 encoder: Final = msgspec.msgpack.Encoder()
 
 

@@ -36,6 +36,8 @@ from exo.inference.curve import security_from_environment, start_thread_authenti
 from exo.inference.pass_threads import PassThreads, mkl_thread_setter
 from exo.inference.protocol import (
     LoadShard,
+    RingFormed,
+    RingListening,
     RunnerFailed,
     RunnerStarted,
     RunnerStats,
@@ -49,6 +51,7 @@ from exo.inference.runner_options import RunnerOptions, parse_arguments, runner_
 
 if TYPE_CHECKING:
     from exo.inference.stage import Outgoing, PipelineStage
+    from exo.inference.tensor import StepFollower, StepLeader
 
 logger = logging.getLogger("exo.inference.runner")
 __all__ = ["Runner", "RunnerOptions", "main", "parse_arguments", "runner_command"]  # the worker's imports
@@ -57,7 +60,7 @@ Lifecycle = Literal["starting", "loading", "ready", "failed", "stopping"]
 TRANSITIONS: dict[Lifecycle, frozenset[Lifecycle]] = {
     "starting": frozenset({"loading", "stopping"}),
     "loading": frozenset({"ready", "failed", "stopping"}),
-    "ready": frozenset({"stopping"}),
+    "ready": frozenset({"failed", "stopping"}),  # failed: a tensor rank whose group broke
     "failed": frozenset({"stopping"}),
     "stopping": frozenset(),
 }
@@ -183,6 +186,10 @@ class Runner:
         self.pushes = PushSockets(self.context, options.send_timeout, self.security)
         self.stage: PipelineStage | None = None
         self.heartbeat: StageBeacon | None = None
+        # A tensor rank: the LoadShard waiting for its ring, and rank 0's or another rank's side.
+        self.waiting_for_ring: LoadShard | None = None
+        self.leader: StepLeader | None = None
+        self.follower: StepFollower | None = None
         self.dropped_control_frames = 0
         self.exit_code = 0
         self._parent_pid = os.getppid()
@@ -215,16 +222,66 @@ class Runner:
                 self.load(message)
             case LoadShard():
                 self.dropped_control_frames += 1  # one runner, one shard
+            case RingFormed() if self.waiting_for_ring is not None:
+                self.join_ring(self.waiting_for_ring, message)
+            case RingFormed():
+                self.dropped_control_frames += 1
 
     def load(self, command: LoadShard) -> None:
+        self.transition("loading")
+        self.instance_id = command.instance_id
+        if command.size == 1:
+            return self.load_shard(command)
+        # A tensor rank: listen first, load once the worker says where every rank listens.
+        from exo.inference.tensor import ring_address
+
+        if not 0 <= command.rank < command.size:
+            return self.fail(f"rank {command.rank} is outside a tensor group of {command.size}")
+        # The ring listens on the one address peers reach this node at, never on every interface.
+        host = self.options.advertise_host or self.options.activation_host
+        if host in ("0.0.0.0", "::", "*", ""):
+            return self.fail("a tensor rank needs the address its peers reach it at (--advertise-host)")
+        try:
+            ring = ring_address(host)
+        except OSError as error:
+            return self.fail(f"cannot listen for the tensor ring on {host}: {error}")
+        self.bind_activations()
+        self.waiting_for_ring = command
+        self.send_control(RingListening(command.instance_id, ring, self.activation_address()))
+        return None
+
+    def join_ring(self, command: LoadShard, ring: RingFormed) -> None:
+        from exo.inference.tensor import StepFollower, StepLeader, join_ring
+
+        self.waiting_for_ring = None
+        if len(ring.hosts) != command.size or len(ring.activation_addresses) != command.size:
+            return self.fail(f"ring of {len(ring.hosts)} ranks for a tensor group of {command.size}")
+        try:
+            group = join_ring(ring.hosts, command.rank)
+        except (RuntimeError, ValueError, OSError) as error:
+            return self.fail(f"could not join the tensor ring {ring.hosts}: {error}")
+        if command.rank == 0:
+            self.leader = StepLeader(ring.activation_addresses[1:])
+        else:
+            self.follower = StepFollower()
+        return self.load_shard(command, group)
+
+    def bind_activations(self) -> None:
+        if self.activations is not None:
+            return
+        self.activations = self.context.socket(zmq.PULL)
+        self.activations.setsockopt(zmq.LINGER, 0)
+        self.activations.setsockopt(zmq.RCVHWM, 10_000)
+        apply_curve(self.activations, self.security, server=True)
+        self.activations.bind(f"tcp://{self.options.activation_host}:*")
+
+    def load_shard(self, command: LoadShard, group: Any = None) -> None:
         import mlx.core as mx
 
         from exo.inference.shard import ShardLoadError, ShardSpec, load_shard
         from exo.inference.stage import PipelineStage
         from exo.inference.weights import wanted_representation
 
-        self.transition("loading")
-        self.instance_id = command.instance_id
         spec = ShardSpec(
             start_layer=command.start_layer, end_layer=command.end_layer, n_layers=command.n_layers
         )
@@ -235,7 +292,7 @@ class Runner:
         )
         started = time.perf_counter()
         try:
-            shard = load_shard(Path(command.model_path), spec, representation)
+            shard = load_shard(Path(command.model_path), spec, representation, group=group)
         except ShardLoadError as error:
             return self.fail(str(error))
         except MemoryError:
@@ -244,11 +301,7 @@ class Runner:
             # MLX raises RuntimeError for unreadable or truncated safetensors files
             return self.fail(f"could not load {command.model_id}: {error}")
         load_seconds = time.perf_counter() - started
-        self.activations = self.context.socket(zmq.PULL)
-        self.activations.setsockopt(zmq.LINGER, 0)
-        self.activations.setsockopt(zmq.RCVHWM, 10_000)
-        apply_curve(self.activations, self.security, server=True)
-        self.activations.bind(f"tcp://{self.options.activation_host}:*")
+        self.bind_activations()
         address = self.activation_address()
         self.stage = PipelineStage(
             shard,
@@ -261,8 +314,11 @@ class Runner:
             retry_after=self.options.retry_after,
             pass_threads=self.pass_threads(),
         )
-        self.heartbeat = StageBeacon(self.context, address, self.options.heartbeat_interval, self.security)
-        self.heartbeat.start()
+        if self.follower is None:  # requesters hear from rank 0 only: it answers for the instance
+            self.heartbeat = StageBeacon(
+                self.context, address, self.options.heartbeat_interval, self.security
+            )
+            self.heartbeat.start()
         self.transition("ready")
         self.send_control(
             ShardLoaded(
@@ -307,6 +363,13 @@ class Runner:
         while pending:
             item = pending.pop(0)
             if not self.pushes.send(item.address, item.frames):
+                if self.leader is not None and item.to_requester:
+                    held = [
+                        rid
+                        for rid in (item.request_id, *item.batch_request_ids)
+                        if rid in self.stage.requests
+                    ]
+                    self.leader.requesters_gone(held)
                 pending.extend(self.stage.send_failed(item))
 
     def receive_activations(self) -> None:
@@ -316,7 +379,67 @@ class Runner:
                 frames = self.activations.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self.send_all(self.stage.handle_frames([frame.buffer for frame in frames]))
+            if self.follower is not None:
+                self.follow([frame.buffer for frame in frames])
+                if self.lifecycle == "stopping":
+                    return
+            elif self.leader is not None:
+                self.lead([frame.buffer for frame in frames])
+            else:
+                self.send_all(self.stage.handle_frames([frame.buffer for frame in frames]))
+
+    # --- tensor ranks -----------------------------------------------------------------------
+
+    def lead(self, frames: list[memoryview]) -> None:
+        """Rank 0 takes a frame: handled here, and shared with the other ranks at the next step."""
+        from exo.inference.tensor import with_seed
+
+        assert self.stage is not None and self.leader is not None
+        if len(frames) != 1:  # hidden states: a tensor instance has no stage before rank 0
+            self.stage.counters.dropped_frames += 1
+            return
+        frame = with_seed(bytes(frames[0]))
+        self.leader.took(frame)
+        self.send_all(self.stage.handle_frames([frame]))
+
+    def share_step(self, run: bool) -> bool:
+        """Rank 0 pushes its step to every other rank; False (and the runner fails, failing its
+        requests) when one cannot take it in time: that rank is gone, the group cannot compute."""
+        assert self.stage is not None and self.leader is not None
+        step = self.leader.next_step(run)
+        if step is None:
+            return True
+        for rank, address in enumerate(self.leader.follower_addresses, start=1):
+            if not self.pushes.send(address, (step,)):
+                reason = f"tensor rank {rank} ({address}) is unreachable"
+                self.send_all(self.stage.abort_all(reason))
+                self.fail(reason)
+                return False
+        return True
+
+    def follow(self, frames: list[memoryview]) -> None:
+        """A rank > 0 applies rank 0's step to its own stage, throwing away what it would send."""
+        assert self.stage is not None and self.follower is not None
+        try:
+            step = self.follower.decode(frames)
+        except ValueError as error:
+            return self.fail(f"tensor rank out of step: {error}")
+        if step is None:
+            self.dropped_control_frames += 1
+            return None
+        for message in step.messages:
+            self.stage.handle_frames([message])
+        if step.run:
+            if not self.stage.has_work():
+                return self.fail(
+                    f"tensor rank out of step: rank 0 ran step {step.turn}, this rank has no work"
+                )
+            self.stage.run_next()
+        return self.check_fatal()
+
+    def check_fatal(self) -> None:
+        if self.stage is not None and self.stage.fatal_error is not None and self.lifecycle == "ready":
+            self.fail(self.stage.fatal_error)
 
     def stats(self) -> RunnerStats:
         assert self.stage is not None and self.instance_id is not None
@@ -353,9 +476,10 @@ class Runner:
         next_stats = time.monotonic() + self.options.stats_interval
         try:
             while self.lifecycle != "stopping":
-                if self.activations is not None and self.activations not in dict(poller.sockets):
+                if self.stage is not None and self.activations not in dict(poller.sockets):
                     poller.register(self.activations, zmq.POLLIN)
-                busy = self.stage is not None and self.stage.has_work()
+                # A rank > 0 computes only when rank 0's step arrives: it waits on its socket.
+                busy = self.stage is not None and self.follower is None and self.stage.has_work()
                 ready = dict(poller.poll(0 if busy else 100))
                 if self.control in ready:
                     while self.lifecycle != "stopping":
@@ -368,9 +492,18 @@ class Runner:
                 if self.activations is not None and self.activations in ready:
                     self.receive_activations()
                     self.announce_requests()  # before the next pass, which may take seconds
-                if self.stage is not None:
+                if self.lifecycle == "stopping":
+                    break
+                if self.stage is not None and self.follower is None:
                     if self.stage.has_work():
+                        if self.leader is not None and not self.share_step(run=True):
+                            break
                         self.send_all(self.stage.run_next())
+                        self.check_fatal()
+                        if self.lifecycle == "stopping":
+                            break
+                    elif self.leader is not None and not self.share_step(run=False):
+                        break
                     self.announce_requests()
                 now = time.monotonic()
                 if now >= next_stats:

@@ -134,6 +134,7 @@ class ShardModel:
         self.head = head
         self.loaded_tensor_names = loaded_tensor_names
         self.weight_bytes = weight_bytes
+        self.tensor_group: Any = None  # the mx.distributed group of a tensor rank
         self.model_path: Path | None = None  # the folder it was loaded from (its tokenizer, for grammars)
         self.representation: Representation = representation
 
@@ -159,10 +160,14 @@ class ShardModel:
         return self.head(self.norm(hidden))
 
 
-def load_shard(model_path: Path, spec: ShardSpec, representation: Representation = "native") -> ShardModel:
+def load_shard(
+    model_path: Path, spec: ShardSpec, representation: Representation = "native", *, group: Any = None
+) -> ShardModel:
     """Build the model class mlx-lm would, and materialize only this stage's tensors, as the
     checkpoint has them (`native`) or as float32 (half precision upcast, quantized layers
-    dequantized; see exo.inference.weights)."""
+    dequantized; see exo.inference.weights); with an mx.distributed `group`, only this rank's 1/N
+    of every layer (mlx-lm's `model.shard` on the lazy arrays: the other ranks' parts are never
+    materialized here, nor upcast)."""
     model_path = Path(model_path)
     spec.validate()
     config = _read_config(model_path)
@@ -212,6 +217,10 @@ def load_shard(model_path: Path, spec: ShardSpec, representation: Representation
     model.load_weights(list(wanted.items()), strict=False)
     loaded_tensor_names = sorted(wanted)
     del wanted  # the model holds the arrays now: an upcast can free each source once converted
+    if group is not None:
+        if not callable(getattr(model, "shard", None)):
+            raise ShardLoadError(f"mlx-lm's {config['model_type']} model has no tensor-parallel shard")
+        model.shard(group)
     if representation == "float32":
         hold_as_float32(model)
 
@@ -245,4 +254,5 @@ def load_shard(model_path: Path, spec: ShardSpec, representation: Representation
         representation=representation,
     )
     shard.model_path = model_path
+    shard.tensor_group = group
     return shard

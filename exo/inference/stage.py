@@ -85,6 +85,7 @@ class PipelineStage:
         self.scheduler = StageScheduler()
         self.in_flight: LaunchedPass | None = None  # launched, its result not yet taken
         self.counters = StageCounters()
+        self.fatal_error: str | None = None  # set when this stage can serve nothing more
         self.admission: AdmissionQueue[GenerationStarted] = AdmissionQueue(
             max_active_requests, max_waiting_requests
         )
@@ -351,12 +352,19 @@ class PipelineStage:
     def fail_all(self, reason: str) -> list[Outgoing]:
         """Free every request held or waiting here and tell each requester why (the runner is
         stopping: a request it drops silently would be waited on until a timeout)."""
+        return self._end_all(reason, gone=True)
+
+    def abort_all(self, reason: str) -> list[Outgoing]:
+        """Fail every request held or waiting here (the stage can serve nothing more)."""
+        return self._end_all(reason, gone=False)
+
+    def _end_all(self, reason: str, *, gone: bool) -> list[Outgoing]:
         outgoing: list[Outgoing] = []
         for state in list(self.requests.values()):
-            outgoing.extend(self._abort(state, reason, gone=True))
+            outgoing.extend(self._abort(state, reason, gone=gone))
         for message in list(self.admission.waiting.values()):
             self.admission.end(message.request_id)
-            outgoing.extend(self._fail(message.request_id, message.reply_to, reason, gone=True))
+            outgoing.extend(self._fail(message.request_id, message.reply_to, reason, gone=gone))
         return outgoing
 
     def send_failed(self, item: Outgoing) -> list[Outgoing]:
@@ -454,6 +462,10 @@ class PipelineStage:
 
     def _abort_batch(self, batch: list[tuple[RequestState, Work]], error: Exception) -> list[Outgoing]:
         # MLX reports allocation failures and shape errors this way; the requests cannot go on.
+        if self.shard.tensor_group is not None:
+            # A tensor rank's failed pass (a lost ring peer, or one rank failing where others did
+            # not) leaves the ranks out of step: the runner must stop, not take the next request.
+            self.fatal_error = f"tensor pass failed: {error}"
         outgoing: list[Outgoing] = []
         for state, _ in batch:
             outgoing.extend(self._abort(state, f"stage {self.address} failed: {error}"))

@@ -31,6 +31,7 @@ from exo.node.cluster import ClusterMember
 from exo.node.generation import PipelineGenerator
 from exo.roles.commands import reserved_bytes
 from exo.roles.placement import previews
+from exo.roles.tensor_placement import tensor_previews
 
 COMMAND_SECONDS = 10.0
 MASTER_WAIT_SECONDS = 10.0
@@ -220,7 +221,8 @@ class ClusterServices:
         footprint = self.catalog.footprint_of_model(model)
         state = self.state()
         alive = [node for node in state.nodes.values() if node.status == "alive"]
-        return previews(footprint, alive, reserved_bytes(state, {model_id: footprint}))
+        reserved = reserved_bytes(state, {model_id: footprint})
+        return [*previews(footprint, alive, reserved), *tensor_previews(footprint, alive, reserved)]
 
     async def delete_instance(self, instance_id: str) -> None:
         if instance_id not in self.state().instances:

@@ -25,6 +25,8 @@ from exo.core.security import CLUSTER_KEYS_ENVIRONMENT, BusSecurity
 from exo.core.state import Instance, State
 from exo.inference.protocol import (
     LoadShard,
+    RingFormed,
+    RingListening,
     RunnerFailed,
     RunnerStarted,
     RunnerStats,
@@ -67,6 +69,8 @@ class LocalRunner:
     stats: RunnerStats | None = None
     failure: str | None = None
     reported_at: float = 0.0
+    ring_address: str | None = None  # a tensor rank's, once its runner listens
+    ring_sent: bool = False  # RingFormed went to the runner
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def move(self, status: LocalStatus) -> bool:
@@ -152,7 +156,25 @@ class Worker:
                     await self._start(decision)
                 case StopRunner(instance_id):
                     await self._stop(instance_id)
+        self._form_rings(state)
         self._reannounce(state)
+
+    def _form_rings(self, state: State) -> None:
+        """Hand each waiting tensor rank its ring once the log has every rank's address: the
+        addresses came over the authenticated bus, so a runner only dials its instance's peers."""
+        for instance_id, runner in self.runners.items():
+            instance = state.instances.get(instance_id)
+            if runner.ring_address is None or runner.ring_sent or instance is None:
+                continue
+            hosts = instance.ring_hosts()
+            recorded = instance.runners.get(self.node_id)
+            if hosts is None or recorded is None or recorded.ring_address != runner.ring_address:
+                continue
+            addresses = [instance.runners[node_id].activation_address for node_id in instance.stage_order()]
+            if any(address is None for address in addresses):
+                continue
+            runner.ring_sent = True
+            self._send(runner.runner_id, RingFormed(hosts, [a for a in addresses if a is not None]))
 
     def _reannounce(self, state: State) -> None:
         """Say again what is true here when the log lost it (a divergent tail dropped after a partition)."""
@@ -168,7 +190,11 @@ class Worker:
                 runner.reported_at = now
                 if runner.status == "ready":
                     event = RunnerStatusUpdated(
-                        instance_id, self.node_id, "ready", activation_address=runner.activation_address
+                        instance_id,
+                        self.node_id,
+                        "ready",
+                        activation_address=runner.activation_address,
+                        ring_address=runner.ring_address,
                     )
                 else:
                     event = RunnerStatusUpdated(instance_id, self.node_id, "failed", runner.failure)
@@ -192,6 +218,8 @@ class Worker:
             start_layer=decision.assignment.start_layer,
             end_layer=decision.assignment.end_layer,
             n_layers=decision.assignment.n_layers,
+            rank=decision.assignment.rank,
+            size=decision.assignment.size,
             placed_weights=decision.placed_weights,
         )
         runner = LocalRunner(decision.instance_id, runner_id, load)
@@ -283,12 +311,25 @@ class Worker:
             self._on_control(runner, message)
 
     def _on_control(
-        self, runner: LocalRunner, message: RunnerStarted | ShardLoaded | RunnerFailed | RunnerStats
+        self,
+        runner: LocalRunner,
+        message: RunnerStarted | RingListening | ShardLoaded | RunnerFailed | RunnerStats,
     ) -> None:
         match message:
             case RunnerStarted():
                 if runner.load is not None and runner.move("loading"):
                     self._send(runner.runner_id, runner.load)
+            case RingListening(ring_address=ring, activation_address=address):
+                if runner.status == "loading" and runner.ring_address is None:
+                    runner.ring_address = ring
+                    event = RunnerStatusUpdated(
+                        runner.instance_id,
+                        self.node_id,
+                        "loading",
+                        activation_address=address,
+                        ring_address=ring,
+                    )
+                    self._report([event])
             case ShardLoaded(activation_address=address):
                 if runner.move("ready"):
                     runner.activation_address = address
@@ -296,7 +337,11 @@ class Worker:
                     self._report(
                         [
                             RunnerStatusUpdated(
-                                runner.instance_id, self.node_id, "ready", activation_address=address
+                                runner.instance_id,
+                                self.node_id,
+                                "ready",
+                                activation_address=address,
+                                ring_address=runner.ring_address,
                             )
                         ]
                     )

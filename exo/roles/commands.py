@@ -20,8 +20,9 @@ from exo.core.messages import (
 )
 from exo.core.models import ModelFootprint
 from exo.core.placement import PlacementRefusal
-from exo.core.state import State
+from exo.core.state import Instance, State
 from exo.roles.placement import place
+from exo.roles.tensor_placement import place_tensor
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,11 @@ def reserved_bytes(state: State, footprints: Mapping[str, ModelFootprint]) -> di
         if instance.status not in ("placing", "loading") or footprint is None:
             continue
         for node_id, shard in instance.shard_assignments.items():
-            stage = footprint.held_as(instance.weights).stage_bytes(shard.start_layer, shard.end_layer)
+            held = footprint.held_as(instance.weights)
+            if instance.sharding == "Tensor":
+                stage = held.tensor_rank_bytes(shard.size)
+            else:
+                stage = held.stage_bytes(shard.start_layer, shard.end_layer)
             reserved[node_id] = reserved.get(node_id, 0) + stage
     return reserved
 
@@ -82,7 +87,8 @@ def _place(
         return _refused("model_not_held", f"no alive node has model {command.model_id!r} in its models dir")
     reserved = reserved_bytes(state, {command.model_id: command.footprint})
     min_nodes = min(command.min_nodes, len(candidates)) if at_most_available else command.min_nodes
-    result = place(command.footprint, candidates, min_nodes, reserved)
+    placer = place_tensor if command.sharding == "Tensor" else place
+    result = placer(command.footprint, candidates, min_nodes, reserved)
     if isinstance(result, PlacementRefusal):
         return _refused("does_not_fit", f"cannot place {command.model_id!r}: {'; '.join(result.reasons)}")
     created = InstanceCreated(
@@ -102,6 +108,15 @@ def gone_node_failure(reason: str | None) -> bool:
     return reason is not None and reason.startswith("node ") and reason.endswith(" gone")
 
 
+def _tensor_rank_gone(state: State, instance: Instance) -> bool:
+    """A tensor instance whose node went away: its surviving ranks failed first (their ring broke,
+    so the failure names them, not the gone node), and it is re-placed all the same."""
+    return instance.sharding == "Tensor" and any(
+        (node := state.nodes.get(node_id)) is None or node.status == "gone"
+        for node_id in instance.shard_assignments
+    )
+
+
 def replacement_events(
     state: State,
     nodes_with_model: Mapping[str, set[str]],
@@ -116,7 +131,9 @@ def replacement_events(
     """
     events: list[Event] = []
     for instance_id, instance in sorted(state.instances.items()):
-        if instance.status != "failed" or not gone_node_failure(instance.failure_reason):
+        if instance.status != "failed" or not (
+            gone_node_failure(instance.failure_reason) or _tensor_rank_gone(state, instance)
+        ):
             continue
         footprint = footprint_of(instance.model_id)
         if footprint is None:

@@ -23,7 +23,7 @@ from exo.core.placement import NodeVerdict, Placement, PlacementPreview, Placeme
 from exo.core.state import NodeInfo
 
 
-class _Candidate(msgspec.Struct, frozen=True):
+class Candidate(msgspec.Struct, frozen=True):
     node_id: str
     available_bytes: int
 
@@ -44,12 +44,12 @@ def place(
     attempt = _place_one(footprint, nodes, min_nodes, reserved_bytes_by_node)
     if isinstance(attempt, Placement) or footprint.fallback is None:
         return attempt
-    return _fall_back(
+    return fall_back(
         footprint, attempt, _place_one(footprint.fallback, nodes, min_nodes, reserved_bytes_by_node)
     )
 
 
-def _fall_back(
+def fall_back(
     footprint: ModelFootprint, refused: PlacementRefusal, fallback: Placement | PlacementRefusal
 ) -> Placement | PlacementRefusal:
     """The native placement, saying why, or both refusals' reasons when neither fits."""
@@ -76,14 +76,14 @@ def _place_one(
         return PlacementRefusal(reasons=[problem], nodes=[])
     if min_nodes < 1:
         return PlacementRefusal(reasons=[f"min_nodes must be at least 1, got {min_nodes}"], nodes=[])
-    candidates, left_out = _candidates(nodes, reserved_bytes_by_node or {})
+    candidates, left_out = candidates_of(nodes, reserved_bytes_by_node or {})
     if min_nodes > len(candidates):
         reason = f"min_nodes={min_nodes} but only {len(candidates)} node(s) alive"
         verdicts = [
             *left_out,
             *(_unused(candidate, "alive but too few alive nodes") for candidate in candidates),
         ]
-        return PlacementRefusal(reasons=[reason, *_left_out_reasons(left_out)], nodes=verdicts)
+        return PlacementRefusal(reasons=[reason, *left_out_reasons(left_out)], nodes=verdicts)
     if min_nodes > footprint.n_layers:
         reason = f"min_nodes={min_nodes} exceeds the model's {footprint.n_layers} layer(s)"
         return PlacementRefusal(reasons=[reason], nodes=left_out)
@@ -105,7 +105,7 @@ def _place_one(
         f"{len(candidates)} alive node(s) have {format_bytes(total_available)} available"
     )
     return PlacementRefusal(
-        reasons=[summary, *refusal.reasons, *_left_out_reasons(left_out)],
+        reasons=[summary, *refusal.reasons, *left_out_reasons(left_out)],
         nodes=[*refusal.nodes, *unused, *left_out],
     )
 
@@ -117,7 +117,7 @@ def previews(
 ) -> list[PlacementPreview]:
     """A placement (or the reasons against one) for each node count from 1 to the number of alive nodes."""
     nodes = list(nodes)
-    candidates, left_out = _candidates(nodes, reserved_bytes_by_node or {})
+    candidates, left_out = candidates_of(nodes, reserved_bytes_by_node or {})
     problem = _check_footprint(footprint)
     result: list[PlacementPreview] = []
     for node_count in range(1, len(candidates) + 1):
@@ -130,12 +130,12 @@ def previews(
             attempt = _place_on(footprint, candidates[:node_count])
             if isinstance(attempt, PlacementRefusal) and footprint.fallback is not None:
                 native = _place_on(footprint.fallback, candidates[:node_count])
-                attempt = _fall_back(footprint, attempt, native)
+                attempt = fall_back(footprint, attempt, native)
         if isinstance(attempt, Placement):
             result.append(PlacementPreview(n_nodes=node_count, placement=attempt, refusal=None))
         else:
             refusal = PlacementRefusal(
-                reasons=[*attempt.reasons, *_left_out_reasons(left_out)], nodes=[*attempt.nodes, *left_out]
+                reasons=[*attempt.reasons, *left_out_reasons(left_out)], nodes=[*attempt.nodes, *left_out]
             )
             result.append(PlacementPreview(n_nodes=node_count, placement=None, refusal=refusal))
     return result
@@ -189,23 +189,23 @@ def _check_footprint(footprint: ModelFootprint) -> str | None:
     return None
 
 
-def _candidates(
+def candidates_of(
     nodes: Iterable[NodeInfo], reserved_bytes_by_node: Mapping[str, int]
-) -> tuple[list[_Candidate], list[NodeVerdict]]:
+) -> tuple[list[Candidate], list[NodeVerdict]]:
     """Alive nodes, most available memory first (ties by node id), and verdicts for the rest."""
-    candidates: list[_Candidate] = []
+    candidates: list[Candidate] = []
     left_out: list[NodeVerdict] = []
     for node in sorted(nodes, key=lambda node: node.node_id):
         available = node.memory_available_bytes - reserved_bytes_by_node.get(node.node_id, 0)
         if node.status != "alive":
             left_out.append(NodeVerdict(node.node_id, max(0, available), 0, 0, f"node is {node.status}"))
         else:
-            candidates.append(_Candidate(node.node_id, max(0, available)))
+            candidates.append(Candidate(node.node_id, max(0, available)))
     candidates.sort(key=lambda candidate: (-candidate.available_bytes, candidate.node_id))
     return candidates, left_out
 
 
-def _place_on(footprint: ModelFootprint, chosen: list[_Candidate]) -> Placement | PlacementRefusal:
+def _place_on(footprint: ModelFootprint, chosen: list[Candidate]) -> Placement | PlacementRefusal:
     """Split the model over exactly these nodes, in this pipeline order, and check that it fits."""
     last = len(chosen) - 1
     available = [candidate.available_bytes for candidate in chosen]
@@ -341,9 +341,9 @@ def _stage_description(
     return " + ".join(parts)
 
 
-def _unused(candidate: _Candidate, why: str) -> NodeVerdict:
+def _unused(candidate: Candidate, why: str) -> NodeVerdict:
     return NodeVerdict(candidate.node_id, candidate.available_bytes, 0, 0, why)
 
 
-def _left_out_reasons(left_out: list[NodeVerdict]) -> list[str]:
+def left_out_reasons(left_out: list[NodeVerdict]) -> list[str]:
     return [f"{verdict.node_id}: left out ({verdict.reason})" for verdict in left_out]

@@ -1,0 +1,205 @@
+"""Tensor-parallel instances across real node processes: every rank holds half of every layer,
+greedy output equals mlx-lm's single process, streaming, cancellation and kill -9 of a rank."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.harness.cluster_harness import LoopbackCluster, NodeProcess, wait_until
+from tests.harness.inference_helpers import tiny_models
+from tests.harness.tensor_reference import mlx_lm_tensor_texts
+from tests.test_pipeline_cluster import MAX_TOKENS, MESSAGES, chat, delete, place, reference_text
+
+PROMPTS = [
+    "Tell me about the tide and the moon.",
+    "Write a haiku about rust.",
+    "What is two plus two?",
+    "List three colours of the sea at dusk, then explain why they change.",
+]
+# float32 everywhere: a sum split over two ranks and all-reduced rounds differently from one sum.
+LOGPROB_TOLERANCE = 1e-4
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    for architecture, folder in tiny_models().items():
+        shutil.copytree(folder, root / f"tiny-{architecture}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Any:
+    with LoopbackCluster(tmp_path_factory.mktemp("tensor"), 2, ["--models-dir", str(models_dir)]) as running:
+        running.start_all()
+        wait_until(
+            lambda: (
+                (s := running.converged())
+                and sum(n["status"] == "alive" for n in s["nodes"].values()) == 2
+                and s["master_node_id"]
+            ),
+            90,
+            "two nodes agree",
+        )
+        yield running
+
+
+def place_tensor(node: NodeProcess, model_id: str, ranks: int) -> dict[str, Any]:
+    response = node.post("/place_instance", {"model_id": model_id, "sharding": "Tensor", "min_nodes": ranks})
+    assert response.status_code == 200, response.text
+    instance_id = response.json()["instance_id"]
+    return wait_until(
+        lambda: (i := node.get(f"/instance/{instance_id}"))["status"] == "ready" and i,
+        60,
+        f"{ranks}-rank tensor {model_id} ready",
+    )
+
+
+def clear(node: NodeProcess) -> None:
+    for instance in node.state()["instances"].values():
+        delete(node, instance["instance_id"])
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_two_ranks_answer_as_mlx_lm_does_through_either_node(
+    cluster: LoopbackCluster, models_dir: Path, architecture: str
+) -> None:
+    clear(cluster.nodes[0])
+    model_id = f"tiny-{architecture}"
+    expected = reference_text(models_dir / model_id)
+    instance = place_tensor(cluster.nodes[0], model_id, 2)
+    assert instance["sharding"] == "Tensor"
+    assignments = instance["shard_assignments"].values()
+    n_layers = next(iter(assignments))["n_layers"]
+    got = sorted((a["rank"], a["size"], a["start_layer"], a["end_layer"]) for a in assignments)
+    assert got == [(0, 2, 0, n_layers), (1, 2, 0, n_layers)]
+    for node in cluster.nodes:
+        response = chat(node, model_id)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == expected, node.name
+    delete(cluster.nodes[0], instance["instance_id"])
+
+
+def test_same_tokens_as_mlx_lm_tensor_parallel_and_logprobs_within_tolerance_of_one_process(
+    cluster: LoopbackCluster, models_dir: Path
+) -> None:
+    node = cluster.nodes[0]
+    clear(node)
+    conversations = [[{"role": "user", "content": prompt}] for prompt in PROMPTS]
+    expected = mlx_lm_tensor_texts(models_dir / "tiny-llama", conversations, MAX_TOKENS, ranks=2)
+
+    def answers() -> list[dict[str, Any]]:
+        out = []
+        for messages in conversations:
+            response = chat(node, "tiny-llama", messages=messages, logprobs=True)
+            assert response.status_code == 200, response.text
+            out.append(response.json()["choices"][0])
+        return out
+
+    tensor = place_tensor(node, "tiny-llama", 2)
+    tensor_answers = answers()
+    assert [answer["message"]["content"] for answer in tensor_answers] == expected
+    delete(node, tensor["instance_id"])
+    single = place(node, "tiny-llama", 1)
+    single_answers = answers()
+    delete(node, single["instance_id"])
+    for tensor_answer, single_answer in zip(tensor_answers, single_answers, strict=True):
+        tensor_tokens = tensor_answer["logprobs"]["content"]
+        single_tokens = single_answer["logprobs"]["content"]
+        assert [t["token"] for t in tensor_tokens] == [t["token"] for t in single_tokens]
+        worst = max(
+            abs(t["logprob"] - s["logprob"]) for t, s in zip(tensor_tokens, single_tokens, strict=True)
+        )
+        assert worst <= LOGPROB_TOLERANCE, f"logprobs differ by {worst}"
+
+
+def test_streaming_concurrent_streams_sampling_and_cancellation(cluster: LoopbackCluster) -> None:
+    node = cluster.nodes[1]
+    clear(node)
+    place_tensor(node, "tiny-llama", 2)
+    text = chat(node, "tiny-llama").json()["choices"][0]["message"]["content"]
+    chunks: list[str] = []
+    body = {
+        "model": "tiny-llama",
+        "messages": MESSAGES,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream("POST", node.url + "/v1/chat/completions", json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
+    assert "".join(chunks) == text
+    # Random sampling without a seed: rank 0 gives the request a seed, so the ranks stay in step.
+    sampled = [chat(node, "tiny-llama", temperature=1.0) for _ in range(3)]
+    assert all(response.status_code == 200 for response in sampled), [r.text for r in sampled]
+    # A client that goes away mid-stream: every rank frees the request and the next one works.
+    long = {**body, "max_tokens": 2000}
+    with httpx.stream("POST", node.url + "/v1/chat/completions", json=long, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                break
+    again = chat(node, "tiny-llama")
+    assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] == text
+    runners = wait_until(
+        lambda: (
+            (status := [n.get("/node_status")["runners"] for n in cluster.nodes])
+            and all(
+                r["stats"] is not None and r["stats"]["active_requests"] == 0
+                for s in status
+                for r in s.values()
+            )
+            and status
+        ),
+        30,
+        "every rank freed the abandoned request",
+    )
+    steps = {r["stats"]["steps_done"] for s in runners for r in s.values()}
+    assert len(steps) == 1, f"the ranks ran different numbers of passes: {steps}"
+
+
+def test_killing_a_rank_mid_stream_fails_the_request_fast_and_re_places(cluster: LoopbackCluster) -> None:
+    api_node, victim = cluster.nodes
+    clear(api_node)
+    instance = place_tensor(api_node, "tiny-llama", 2)
+    body = {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 2000, "temperature": 0, "stream": True}
+    got_error = False
+    with httpx.stream("POST", api_node.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                break
+        killed_at = time.monotonic()
+        victim.kill(signal.SIGKILL)
+        for line in lines:
+            if line.startswith("data: {") and '"error"' in line:
+                got_error = True
+        ended_after = time.monotonic() - killed_at
+    assert got_error, "the stream ended without an error event"
+    assert ended_after < 10, f"the stream took {ended_after:.1f}s to end"
+    # The survivor's rank left its runner (no hang in a collective) and the model is re-placed there.
+    replaced = wait_until(
+        lambda: [
+            i
+            for i in api_node.state()["instances"].values()
+            if i["status"] == "ready" and victim.name not in i["shard_assignments"]
+        ],
+        60,
+        "the instance re-placed on the surviving node",
+    )
+    assert instance["instance_id"] not in api_node.state()["instances"]
+    assert replaced[0]["sharding"] == "Tensor"
+    response = chat(api_node, "tiny-llama")
+    assert response.status_code == 200, response.text
+    victim.start()
