@@ -32,7 +32,9 @@ def test_every_seed_keeps_the_invariants() -> None:
         faults += simulation.faults.total
         writes += len(simulation.acknowledged)
     count = len(_seeds())
-    print(f"\n{count} seeds, {faults / count:.1f} faults and {writes / count:.1f} acknowledged writes per seed")
+    print(
+        f"\n{count} seeds, {faults / count:.1f} faults and {writes / count:.1f} acknowledged writes per seed"
+    )
     assert not failures, "\n".join(failures[:20])
 
 
