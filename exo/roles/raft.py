@@ -380,7 +380,7 @@ class Raft:
         self.leader_id = self.node_id
         self._leader_since = self.now
         self._next_heartbeat = self.now
-        self._peers = {peer: _Peer(self.last_index + 1) for peer in self.voters - {self.node_id}}
+        self._peers = {peer: _Peer(self.last_index + 1) for peer in sorted(self.voters - {self.node_id})}
         actions: list[Action] = [RoleChanged("leader", self.term, self.node_id)]
         # An entry of its own term lets the master commit what earlier terms left uncommitted.
         events: list[Event] = [MasterElected(self.term, self.node_id)]
@@ -398,7 +398,7 @@ class Raft:
         if not entries:
             return []
         self._append(entries)
-        for peer in self.voters - {self.node_id} - set(self._peers):
+        for peer in sorted(self.voters - {self.node_id} - set(self._peers)):
             self._peers[peer] = _Peer(self.last_index)  # joined now: probe from the end
         actions: list[Action] = [WriteLog(None, entries)]
         for peer in self._peers:

@@ -8,7 +8,7 @@ propose `NodeLabelled` events to whichever node they believe leads and record ev
 Invariants are checked after every step (`Violation` names the seed, time and rule):
 - at most one leader per term;
 - log matching: an (index, term) names one entry everywhere, preceded by the same term;
-- every committed entry is in the log of every later leader;
+- every committed entry is in the log of every leader of a later term;
 - no two nodes apply different entries at one index;
 and, once the faults stop and the network heals: every acknowledged write is in every node's log
 and all logs (and commit indices) are equal.
@@ -130,6 +130,8 @@ class Simulation:
         self.entry_at: dict[tuple[int, int], IndexedEvent] = {}
         self.prev_term_of: dict[tuple[int, int], int] = {}
         self.committed: dict[int, IndexedEvent] = {}
+        # The lowest term a node applying the entry was in: leaders of later terms must hold it.
+        self.committed_in: dict[int, int] = {}
         self.acknowledged: dict[int, int] = {}  # write id -> index
         self._proposed: dict[tuple[str, int], int] = {}  # (leader, index) -> write id
         self._next_write = 0
@@ -364,8 +366,8 @@ class Simulation:
             self.fail(f"two leaders in term {term}: {other} and {node.node_id}")
         raft = node.raft
         for index, entry in self.committed.items():
-            if index <= raft.base_index:
-                continue
+            if index <= raft.base_index or self.committed_in[index] >= term:
+                continue  # a leader of an older term may lack what a newer one committed
             mine = raft.entries(index, 1)
             if not mine or mine[0] != entry:
                 self.fail(f"leader {node.node_id} of term {term} lacks committed entry {index}")
@@ -387,6 +389,9 @@ class Simulation:
             known = self.committed.setdefault(entry.index, entry)
             if known != entry:
                 self.fail(f"{node.node_id} applied a different entry at {entry.index}")
+            self.committed_in[entry.index] = min(
+                self.committed_in.get(entry.index, node.raft.term), node.raft.term
+            )
             if node.raft.role == "leader" and entry.origin_node_id == "client":
                 write = self._proposed.get((node.node_id, entry.index))
                 if write is not None and write == entry.origin_sequence:
