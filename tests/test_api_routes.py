@@ -189,6 +189,15 @@ def test_place_instance_without_a_master(client: TestClient[Any], services: Fake
     assert "election in progress" in message
 
 
+def test_a_cluster_change_without_quorum_says_when_to_retry(
+    client: TestClient[Any], services: FakeNodeServices
+) -> None:
+    services.place_error = ClusterUnavailable("no quorum: 1 of 2 members", retry_after_s=2.0)
+    response = client.post("/place_instance", json={"model_id": "exo-tiny"})
+    assert "no quorum" in assert_error(response, 503, "cluster_unavailable")
+    assert response.headers["retry-after"] == "2"
+
+
 def test_previews(client: TestClient[Any]) -> None:
     body = client.get("/instance/previews?model_id=exo-tiny").json()
     assert body["model_id"] == "exo-tiny"

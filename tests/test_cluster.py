@@ -74,6 +74,12 @@ def test_three_nodes_elect_one_master_and_agree(tmp_path: Path) -> None:
         assert {n["node_id"] for n in state["nodes"].values()} == {"node0", "node1", "node2"}
         statuses = [n.get("/node_status") for n in cluster.nodes]
         assert sum(1 for s in statuses if s["is_master"]) == 1
+        assert all(s["quorum"] for s in statuses)
+        # Two of three gone: the survivor says it sees no majority (cluster changes wait for one).
+        for node in cluster.nodes[1:]:
+            node.kill(signal.SIGKILL)
+        survivor = cluster.nodes[0]
+        wait_until(lambda: survivor.get("/node_status")["quorum"] is False, 10, "the survivor to lose quorum")
 
 
 def test_a_forced_master_joining_later_takes_over_without_losing_events(tmp_path: Path) -> None:

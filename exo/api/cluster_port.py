@@ -272,8 +272,10 @@ class Overloaded(ServiceError):
 
 
 class ClusterUnavailable(ServiceError):
-    """The command could not reach a master (an election in progress, a partition)."""
+    """The command could not reach a master (an election in progress, a partition), or this node
+    sees no majority of the cluster's members: answered 503 with a Retry-After of `retry_after_s`."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, retry_after_s: float = 1.0) -> None:
         super().__init__(f"cluster unavailable: {reason}")
         self.reason = reason
+        self.retry_after_s = retry_after_s

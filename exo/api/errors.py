@@ -150,7 +150,7 @@ def _response(
 def handle_service_error(request: Request[Any, Any, Any], error: ServiceError) -> Response[Any]:
     status_code, body = service_error_body(error)
     headers = None
-    if isinstance(error, Overloaded):  # Retry-After is whole seconds
+    if isinstance(error, Overloaded | ClusterUnavailable):  # Retry-After is whole seconds
         headers = {"retry-after": str(max(1, math.ceil(error.retry_after_s)))}
     return _response(request, status_code, body, headers)
 

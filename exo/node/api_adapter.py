@@ -33,6 +33,9 @@ from exo.roles.placement import previews
 
 COMMAND_SECONDS = 10.0
 MASTER_WAIT_SECONDS = 10.0
+# A cluster change waits this long for a majority before it is refused with 503 and Retry-After.
+QUORUM_WAIT_SECONDS = 2.0
+QUORUM_RETRY_AFTER_SECONDS = 2.0
 APPLY_WAIT_SECONDS = 5.0
 MODEL_LIST_CACHE_SECONDS = 2.0
 
@@ -123,6 +126,9 @@ class ClusterServices:
             "node_id": member.node_id,
             "uptime_s": round(now - self.started_at, 3),
             "is_master": member.is_master,
+            # Whether this node reaches a majority of the members (cluster changes need one).
+            # Not in /state: that is derived from the log alone.
+            "quorum": member.has_quorum(),
             "election_phase": member.election.phase,
             "term": member.election.term,
             "last_event_index": member.replica.last_index,
@@ -155,6 +161,7 @@ class ClusterServices:
 
     async def _command(self, command: m.Command) -> m.CommandAnswered:
         member = self.member
+        await self._wait_for_quorum()
         if member.is_master:
             return await member.execute(command)
         master_id = await self._master_id()
@@ -168,6 +175,20 @@ class ClusterServices:
             return reply
         reason = reply.reason if isinstance(reply, m.RequestFailed) else type(reply).__name__
         raise ClusterUnavailable(reason)
+
+    async def _wait_for_quorum(self) -> None:
+        """Cluster changes need a majority of the members (a node that just started hears them
+        within a heartbeat or two); without one they are refused, serving goes on."""
+        deadline = time.monotonic() + QUORUM_WAIT_SECONDS
+        while not self.member.has_quorum():
+            if time.monotonic() >= deadline:
+                members = len(self.member.state.nodes | {self.node_id: None})
+                raise ClusterUnavailable(
+                    f"no quorum: this node reaches fewer than a majority of the {members} members "
+                    "(serving goes on; retry when the members are back)",
+                    retry_after_s=QUORUM_RETRY_AFTER_SECONDS,
+                )
+            await asyncio.sleep(0.05)
 
     async def _master_id(self) -> str:
         """The master, waiting a few seconds for an election in progress (a node just started)."""
