@@ -177,6 +177,13 @@ class NodeServices(Protocol):
         """
         ...
 
+    async def remove_node(self, node_id: str) -> None:
+        """Remove a member that is gone for good (`exo cluster remove`); returns once this node has
+        applied its `NodeRemoved`. Needs no quorum: it is how a cluster that lost one for good
+        gets it back. Raises NodeNotFound, NodeStillAnswers, ClusterUnavailable.
+        """
+        ...
+
     async def ensure_instance(self, model_id: str, timeout_s: float) -> Instance:
         """A `ready` instance of `model_id`: an existing ready one, else the one loading, else a new one
         placed as `place_instance(model_id, "Pipeline", 1)` would.
@@ -269,6 +276,20 @@ class Overloaded(ServiceError):
         self.instance_id = instance_id
         self.reason = reason
         self.retry_after_s = retry_after_s
+
+
+class NodeNotFound(ServiceError):
+    def __init__(self, node_id: str) -> None:
+        super().__init__(f"node {node_id!r} is not a member of the cluster")
+        self.node_id = node_id
+
+
+class NodeStillAnswers(ServiceError):
+    """A member that still answers is not removed (it would go on acting as one)."""
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__(f"node {node_id!r} still answers; stop it before removing it")
+        self.node_id = node_id
 
 
 class ClusterUnavailable(ServiceError):

@@ -16,6 +16,8 @@ from exo.api.cluster_port import (
     InstanceNotReady,
     ModelNotFound,
     NoCapacity,
+    NodeNotFound,
+    NodeStillAnswers,
     TokenStream,
 )
 from exo.bus.transport import RequestTimedOut
@@ -161,7 +163,8 @@ class ClusterServices:
 
     async def _command(self, command: m.Command) -> m.CommandAnswered:
         member = self.member
-        await self._wait_for_quorum()
+        if not isinstance(command, m.RemoveNode):  # the way back to a majority needs none
+            await self._wait_for_quorum()
         if member.is_master:
             return await member.execute(command)
         master_id = await self._master_id()
@@ -249,6 +252,23 @@ class ClusterServices:
             case other:
                 raise ClusterUnavailable(f"unexpected answer to DeleteInstance: {type(other).__name__}")
         await self._wait_applied(lambda state: instance_id not in state.instances)
+
+    async def remove_node(self, node_id: str) -> None:
+        if node_id not in self.state().nodes:
+            raise NodeNotFound(node_id)
+        answer = await self._command(m.RemoveNode(node_id))
+        match answer.answer:
+            case m.Removed():
+                pass
+            case m.Refused(reason="node_not_found"):
+                raise NodeNotFound(node_id)
+            case m.Refused(reason="node_answers"):
+                raise NodeStillAnswers(node_id)
+            case m.Refused(detail=detail):
+                raise ClusterUnavailable(detail or "removal refused")
+            case other:
+                raise ClusterUnavailable(f"unexpected answer to RemoveNode: {type(other).__name__}")
+        await self._wait_applied(lambda state: node_id not in state.nodes)
 
     async def ensure_instance(self, model_id: str, timeout_s: float) -> Instance:
         deadline = time.monotonic() + timeout_s
