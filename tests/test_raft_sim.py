@@ -8,6 +8,8 @@ its trace.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 from exo.roles.raft import Raft, Send
 from tests.harness.sim import Simulation, Violation, run_seed
@@ -45,6 +47,20 @@ def test_a_seed_replays_exactly() -> None:
     assert first.steps == second.steps
     assert first.acknowledged == second.acknowledged
     assert first.nodes["n0"].raft.log == second.nodes["n0"].raft.log
+
+
+def test_a_seed_replays_exactly_in_another_process() -> None:
+    """Nothing depends on the process: set order follows PYTHONHASHSEED, so two hash seeds must agree."""
+    outputs = []
+    for hash_seed in ("1", "2"):
+        environment = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        command = [sys.executable, "-m", "tests.harness.sim", "480", "1821", "-v"]
+        result = subprocess.run(
+            command, capture_output=True, text=True, env=environment, timeout=120, check=True
+        )
+        outputs.append(result.stdout)
+    assert outputs[0] == outputs[1]
+    assert "seed 480: " in outputs[0]
 
 
 def test_the_simulation_injects_faults_and_elections() -> None:
