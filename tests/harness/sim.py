@@ -114,6 +114,15 @@ class Simulation:
         self.dup_rate = rng.choice([0.0, 0.02, 0.1])
         self.max_delay = rng.choice([0.002, 0.01, 0.05, 0.2])
         self.fsync_delay = rng.choice([0.001, 0.005, 0.03])
+        # A profile per seed: an even mix, or mostly crashes (the Raft paper's figure 8 needs masters
+        # crashing one after another), or mostly partitions.
+        self.fault_kinds = rng.choice(
+            [
+                ["partition", "flap", "pause", "crash", "disk", "none"],
+                ["crash", "crash", "crash", "partition", "pause"],
+                ["partition", "partition", "flap", "pause"],
+            ]
+        )
         self.chaos_until = chaos_seconds
         self.end = chaos_seconds + heal_seconds
         self.trace = trace
@@ -293,7 +302,7 @@ class Simulation:
         if self.now >= self.chaos_until:
             return
         rng = self.rng
-        kind = rng.choice(["partition", "flap", "pause", "crash", "disk", "none"])
+        kind = rng.choice(self.fault_kinds)
         victim = rng.choice(self.ids)
         duration = rng.uniform(0.2, 2.0)
         if kind == "partition" and self.size > 1:
