@@ -1,6 +1,6 @@
 """The deterministic simulator over many seeds (tests/harness/sim.py).
 
-EXO_SIM_SEEDS sets how many seeds run (default 2000, about a minute and a half on one core);
+EXO_SIM_SEEDS sets how many seeds run (default 2000, about 20 s of CPU);
 EXO_SIM_SEED=N runs only seed N, which replays exactly: `python -m tests.harness.sim N -v` prints
 its trace.
 """
