@@ -40,6 +40,7 @@ from exo.core.events import (
     NodeJoined,
     NodeLabelled,
     NodeMemoryMeasured,
+    NodeRemoved,
     NodeTimedOut,
     RunnerStatusUpdated,
     ShardAssignment,
@@ -91,8 +92,10 @@ def realistic_events(count: int, seed: int = 7) -> Iterator[IndexedEvent]:
                 for position, stage in enumerate(stages)
             }
             return InstanceCreated(live[-1], "llama-3-8b", "Pipeline", assignments)
-        if roll < 0.995:
+        if roll < 0.9945:
             return NodeTimedOut(node_id)
+        if roll < 0.995:
+            return NodeRemoved(node_id)  # an operator's `exo cluster remove`; it may join again
         if roll < 0.9995:
             return NodeJoined(node_id, "10.0.0.9:52414", 64 * GIB, 40 * GIB, node_id)
         term += 1

@@ -27,6 +27,7 @@ ROUTES: list[tuple[str, str, Any, int]] = [
     ("GET", "/instance/previews?model_id=exo-tiny", None, 200),
     ("GET", "/instance/i-7", None, 200),
     ("DELETE", "/instance/i-7", None, 200),
+    ("DELETE", "/node/node1", None, 200),
     ("POST", "/v1/chat/completions", CHAT_BODY, 200),
     ("POST", "/v1/chat/completions", {**CHAT_BODY, "stream": True}, 200),
     ("GET", "/v1/models/exo-tiny", None, 200),
@@ -54,6 +55,7 @@ ROUTES: list[tuple[str, str, Any, int]] = [
 # Concrete paths in ROUTES -> the templated paths of the schema.
 PATH_TEMPLATES = {
     "i-7": "{instance_id}",
+    "/node/node1": "/node/{node_id}",
     "models/exo-tiny": "models/{model_id}",
     "chatcmpl-none": "{completion_id}",
     "resp_none": "{response_id}",

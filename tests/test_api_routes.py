@@ -193,6 +193,26 @@ def test_place_instance_without_a_master(client: TestClient[Any], services: Fake
     assert "election in progress" in message
 
 
+def test_a_cluster_change_without_quorum_says_when_to_retry(
+    client: TestClient[Any], services: FakeNodeServices
+) -> None:
+    services.place_error = ClusterUnavailable("no quorum: 1 of 2 members", retry_after_s=2.0)
+    response = client.post("/place_instance", json={"model_id": "exo-tiny"})
+    assert "no quorum" in assert_error(response, 503, "cluster_unavailable")
+    assert response.headers["retry-after"] == "2"
+
+
+def test_remove_node(client: TestClient[Any], services: FakeNodeServices) -> None:
+    node_id = next(iter(services.current_state.nodes))
+    services.answering.add(node_id)
+    assert "still answers" in assert_error(client.delete(f"/node/{node_id}"), 409, "node_answers")
+    services.answering.clear()
+    response = client.delete(f"/node/{node_id}")
+    assert response.status_code == 200 and response.json() == {"node_id": node_id, "removed": True}
+    assert_error(client.delete(f"/node/{node_id}"), 404, "node_not_found")
+    assert_error(client.delete("/node/-bad-"), 400)
+
+
 def test_previews(client: TestClient[Any]) -> None:
     body = client.get("/instance/previews?model_id=exo-tiny").json()
     assert body["model_id"] == "exo-tiny"

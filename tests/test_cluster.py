@@ -74,6 +74,12 @@ def test_three_nodes_elect_one_master_and_agree(tmp_path: Path) -> None:
         assert {n["node_id"] for n in state["nodes"].values()} == {"node0", "node1", "node2"}
         statuses = [n.get("/node_status") for n in cluster.nodes]
         assert sum(1 for s in statuses if s["is_master"]) == 1
+        assert all(s["quorum"] for s in statuses)
+        # Two of three gone: the survivor says it sees no majority (cluster changes wait for one).
+        for node in cluster.nodes[1:]:
+            node.kill(signal.SIGKILL)
+        survivor = cluster.nodes[0]
+        wait_until(lambda: survivor.get("/node_status")["quorum"] is False, 10, "the survivor to lose quorum")
 
 
 def test_a_forced_master_joining_later_takes_over_without_losing_events(tmp_path: Path) -> None:
@@ -204,3 +210,38 @@ def test_full_restart_restores_state_and_replay_matches(tmp_path: Path) -> None:
     for node in cluster.nodes:
         for index, document in served[node.name].items():
             assert replay_json(node.data_dir, index) == document, f"{node.name} at {index}"
+
+
+def _exo_cluster(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-c", "from exo.node import main; main()", "cluster", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_two_nodes_lose_one_then_exo_cluster_remove_restores_cluster_changes(tmp_path: Path) -> None:
+    """Issue 18: a two-node cluster that loses a node has no majority (cluster changes wait);
+    `exo cluster remove` is refused while that node answers and restores the majority after."""
+    with LoopbackCluster(tmp_path, 2) as cluster:
+        cluster.start_all()
+        survivor, doomed = cluster.nodes
+        wait_until(
+            lambda: (s := cluster.converged()) is not None and len(s["nodes"]) == 2 and s["master_node_id"],
+            AGREE_SECONDS + STARTUP_SECONDS,
+            "two nodes in one cluster",
+        )
+        refused = _exo_cluster("remove", doomed.name, "--api", survivor.url)
+        assert refused.returncode == 1 and "still answers" in refused.stderr, refused.stderr
+        doomed.kill(signal.SIGKILL)
+        wait_until(lambda: survivor.get("/node_status")["quorum"] is False, 10, "the survivor to lose quorum")
+        removed = wait_until(
+            lambda: (
+                (result := _exo_cluster("remove", doomed.name, "--api", survivor.url)).returncode == 0
+                and result
+            ),
+            15,
+            "the removal once the node is silent",
+        )
+        assert removed.stdout.strip() == f"removed {doomed.name}"
+        assert doomed.name not in survivor.state()["nodes"]
+        assert survivor.get("/node_status")["quorum"] is True
+        missing = _exo_cluster("remove", "nobody", "--api", survivor.url)
+        assert missing.returncode == 1 and "not a member" in missing.stderr

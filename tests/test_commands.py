@@ -11,6 +11,7 @@ from exo.core.events import (
     InstanceDeleted,
     NodeJoined,
     NodeLabelled,
+    NodeRemoved,
     NodeTimedOut,
     RunnerStatusUpdated,
     ShardAssignment,
@@ -24,6 +25,8 @@ from exo.core.messages import (
     Placed,
     PlaceInstance,
     Refused,
+    Removed,
+    RemoveNode,
 )
 from exo.core.models import ModelFootprint, ModelInfo
 from exo.core.state import State, apply
@@ -73,6 +76,27 @@ def test_delete_and_label() -> None:
     assert labelled.answer == Labelled("a") and labelled.events == [NodeLabelled("a", "rack", "3")]
     unknown = decide(LabelNode("zz", "k", "v"), state, {}, "x").answer
     assert isinstance(unknown, Refused) and unknown.reason == "node_not_found"
+
+
+def test_remove_node_only_when_it_no_longer_answers() -> None:
+    state = cluster("a", "b")
+    removed = decide(RemoveNode("b"), state, {}, "x", answering={"a"})
+    assert removed.answer == Removed("b") and removed.events == [NodeRemoved("b")]
+    answers = decide(RemoveNode("b"), state, {}, "x", answering={"a", "b"})
+    assert isinstance(answers.answer, Refused) and answers.answer.reason == "node_answers"
+    assert answers.events == []
+    unknown = decide(RemoveNode("zz"), state, {}, "x").answer
+    assert isinstance(unknown, Refused) and unknown.reason == "node_not_found"
+
+
+def test_a_removed_node_leaves_the_state_and_its_instances_fail() -> None:
+    created = InstanceCreated(
+        "i-1", "m", "Pipeline", {"a": ShardAssignment(0, 6, 12), "b": ShardAssignment(6, 12, 12)}
+    )
+    state = state_of(NodeJoined("a", "a:1"), NodeJoined("b", "b:1"), created, NodeRemoved("b"))
+    assert set(state.nodes) == {"a"}
+    assert state.instances["i-1"].status == "failed"
+    assert state_of(NodeJoined("a", "a:1"), NodeRemoved("zz")).nodes.keys() == {"a"}
 
 
 def test_command_answers_carry_no_http_status_and_refuse_unknown_reasons() -> None:

@@ -91,6 +91,11 @@ class PlacementPreviews(msgspec.Struct, frozen=True):
     previews: list[PlacementPreview]
 
 
+class RemovedNode(msgspec.Struct, frozen=True):
+    node_id: str
+    removed: bool = True
+
+
 class DeletedInstance(msgspec.Struct, frozen=True):
     instance_id: str
     deleted: bool = True
@@ -163,6 +168,13 @@ async def get_instance(services: Services, instance_id: InstanceId) -> Instance:
 async def delete_instance(services: Services, instance_id: InstanceId) -> DeletedInstance:
     await services.delete_instance(instance_id)
     return DeletedInstance(instance_id)
+
+
+@delete("/node/{node_id:str}", status_code=200, responses=error_responses(*QUERY, 404, 409, 503))
+async def remove_node(services: Services, node_id: InstanceId) -> RemovedNode:
+    """`exo cluster remove NODE`: a member gone for good leaves the cluster (refused while it answers)."""
+    await services.remove_node(node_id)
+    return RemovedNode(node_id)
 
 
 @get("/v1/models/{model_id:str}", responses=error_responses(*QUERY, 404))
@@ -287,6 +299,7 @@ def create_app(
             instance_previews,
             get_instance,
             delete_instance,
+            remove_node,
             openai_model,
             ollama_root,
             ollama_version,

@@ -181,6 +181,13 @@ class NodeServices(Protocol):
         """
         ...
 
+    async def remove_node(self, node_id: str) -> None:
+        """Remove a member that is gone for good (`exo cluster remove`); returns once this node has
+        applied its `NodeRemoved`. Needs no quorum: it is how a cluster that lost one for good
+        gets it back. Raises NodeNotFound, NodeStillAnswers, ClusterUnavailable.
+        """
+        ...
+
     async def ensure_instance(self, model_id: str, timeout_s: float) -> Instance:
         """A `ready` instance of `model_id`: an existing ready one, else the one loading, else a new one
         placed as `place_instance(model_id, "Pipeline", 1)` would.
@@ -275,9 +282,25 @@ class Overloaded(ServiceError):
         self.retry_after_s = retry_after_s
 
 
-class ClusterUnavailable(ServiceError):
-    """The command could not reach a master (an election in progress, a partition)."""
+class NodeNotFound(ServiceError):
+    def __init__(self, node_id: str) -> None:
+        super().__init__(f"node {node_id!r} is not a member of the cluster")
+        self.node_id = node_id
 
-    def __init__(self, reason: str) -> None:
+
+class NodeStillAnswers(ServiceError):
+    """A member that still answers is not removed (it would go on acting as one)."""
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__(f"node {node_id!r} still answers; stop it before removing it")
+        self.node_id = node_id
+
+
+class ClusterUnavailable(ServiceError):
+    """The command could not reach a master (an election in progress, a partition), or this node
+    sees no majority of the cluster's members: answered 503 with a Retry-After of `retry_after_s`."""
+
+    def __init__(self, reason: str, retry_after_s: float = 1.0) -> None:
         super().__init__(f"cluster unavailable: {reason}")
         self.reason = reason
+        self.retry_after_s = retry_after_s

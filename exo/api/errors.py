@@ -28,6 +28,8 @@ from exo.api.cluster_port import (
     InstanceNotReady,
     ModelNotFound,
     NoCapacity,
+    NodeNotFound,
+    NodeStillAnswers,
     Overloaded,
     ServiceError,
 )
@@ -67,6 +69,8 @@ _SERVICE_ERRORS: dict[type[ServiceError], tuple[int, str, str, str | None]] = {
     InstanceFailed: (503, "server_error", "instance_failed", None),
     InstanceNotReady: (504, "server_error", "instance_not_ready", None),
     ClusterUnavailable: (503, "server_error", "cluster_unavailable", None),
+    NodeNotFound: (404, "invalid_request_error", "node_not_found", None),
+    NodeStillAnswers: (409, "invalid_request_error", "node_answers", None),
     GenerationAborted: (500, "server_error", "generation_failed", None),
     Overloaded: (503, "server_error", "overloaded", None),
 }
@@ -151,7 +155,7 @@ def _response(
 def handle_service_error(request: Request[Any, Any, Any], error: ServiceError) -> Response[Any]:
     status_code, body = service_error_body(error)
     headers = None
-    if isinstance(error, Overloaded):  # Retry-After is whole seconds
+    if isinstance(error, Overloaded | ClusterUnavailable):  # Retry-After is whole seconds
         headers = {"retry-after": str(max(1, math.ceil(error.retry_after_s)))}
     return _response(request, status_code, body, headers)
 
@@ -269,11 +273,12 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
 _DESCRIPTIONS: dict[int, str] = {
     400: "Bad request: malformed JSON, a missing or wrongly typed field (named in `param`)",
     401: "Missing or wrong API key (when the node has one)",
-    404: "No such model, instance or completion",
+    404: "No such model, instance, node or completion",
+    409: "The node still answers: stop it before removing it",
     413: "Request body too large",
     500: "A pipeline stage failed during the generation",
     503: "No capacity to place the model, the instance failed or is overloaded (with Retry-After), "
-    "or no master reachable",
+    "or no master reachable or no majority of the members (with Retry-After)",
     504: "The instance did not become ready in time",
 }
 Dialect = Literal["openai", "anthropic", "ollama"]

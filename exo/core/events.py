@@ -53,6 +53,13 @@ class NodeTimedOut(_Event, frozen=True):
     node_id: str
 
 
+class NodeRemoved(_Event, frozen=True):
+    """The node left the cluster's voting members (gone longer than the removal time, or an
+    operator's `exo cluster remove`): it no longer counts towards a majority."""
+
+    node_id: str
+
+
 class NodeMemoryMeasured(_Event, frozen=True):
     node_id: str
     memory_total_bytes: int
@@ -101,6 +108,7 @@ Event = (
     MasterElected
     | NodeJoined
     | NodeTimedOut
+    | NodeRemoved
     | NodeMemoryMeasured
     | NodeLabelled
     | InstanceCreated

@@ -116,7 +116,14 @@ class LabelNode(_BusMessage, frozen=True):
     value: str
 
 
-Command = PlaceInstance | DeleteInstance | LabelNode
+class RemoveNode(_BusMessage, frozen=True):
+    """An operator's `exo cluster remove NODE`: the node leaves the members for good (refused while
+    it answers), so a two-node cluster that lost one can make cluster changes again."""
+
+    node_id: str
+
+
+Command = PlaceInstance | DeleteInstance | LabelNode | RemoveNode
 
 
 # --- request / reply (DEALER -> ROUTER on the bus port) --------------------------------------
@@ -169,7 +176,8 @@ class CommandRequested(_BusMessage, frozen=True):
 # user (only the API turns them into HTTP status codes).
 RefusalReason = Literal[
     "instance_not_found",  # DeleteInstance of an instance the log does not hold
-    "node_not_found",  # LabelNode of a node the log does not hold
+    "node_not_found",  # LabelNode / RemoveNode of a node the log does not hold
+    "node_answers",  # RemoveNode of a node the master still hears
     "model_not_held",  # PlaceInstance: no alive node has the model in its models dir
     "does_not_fit",  # PlaceInstance: the alive nodes that have it lack the memory
     "not_master",  # the asked node is not (or no longer) the master
@@ -189,6 +197,10 @@ class Labelled(_BusMessage, frozen=True):
     node_id: str
 
 
+class Removed(_BusMessage, frozen=True):
+    node_id: str
+
+
 class Refused(_BusMessage, frozen=True):
     """`detail`: the master's words for a person (placement's reasons, the failed commit)."""
 
@@ -196,7 +208,7 @@ class Refused(_BusMessage, frozen=True):
     detail: str = ""
 
 
-CommandAnswer = Placed | Deleted | Labelled | Refused
+CommandAnswer = Placed | Deleted | Labelled | Removed | Refused
 
 
 class CommandAnswered(_BusMessage, frozen=True):

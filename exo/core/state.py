@@ -19,6 +19,7 @@ from exo.core.events import (
     NodeJoined,
     NodeLabelled,
     NodeMemoryMeasured,
+    NodeRemoved,
     NodeTimedOut,
     RunnerStatus,
     RunnerStatusUpdated,
@@ -150,6 +151,8 @@ class StateBuilder:
                 _apply_node_joined(self, event)
             case NodeTimedOut() as event:
                 _apply_node_timed_out(self, event)
+            case NodeRemoved() as event:
+                _apply_node_removed(self, event)
             case InstanceCreated() as event:
                 _apply_instance_created(self, event)
             case InstanceDeleted() as event:
@@ -171,6 +174,9 @@ class StateBuilder:
 
     def set_instance(self, instance: Instance) -> None:
         self._writable_instances()[instance.instance_id] = instance
+
+    def delete_node(self, node_id: str) -> None:
+        del self._writable_nodes()[node_id]
 
     def delete_instance(self, instance_id: str) -> None:
         del self._writable_instances()[instance_id]
@@ -205,6 +211,13 @@ def _apply_node_joined(builder: StateBuilder, event: NodeJoined) -> None:
         labels=previous.labels if previous is not None else {},
     )
     builder.set_node(node)
+
+
+def _apply_node_removed(builder: StateBuilder, event: NodeRemoved) -> None:
+    if event.node_id not in builder.nodes:
+        return
+    _apply_node_timed_out(builder, NodeTimedOut(event.node_id))
+    builder.delete_node(event.node_id)
 
 
 def _apply_node_timed_out(builder: StateBuilder, event: NodeTimedOut) -> None:

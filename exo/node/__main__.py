@@ -1,5 +1,5 @@
 """`python -m exo.node`."""
 
-from exo.node.main import main
+from exo.node import main
 
 main()

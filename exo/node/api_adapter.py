@@ -16,6 +16,8 @@ from exo.api.cluster_port import (
     InstanceNotReady,
     ModelNotFound,
     NoCapacity,
+    NodeNotFound,
+    NodeStillAnswers,
     TokenStream,
 )
 from exo.bus.transport import RequestTimedOut
@@ -35,6 +37,9 @@ from exo.roles.tensor_placement import tensor_previews
 
 COMMAND_SECONDS = 10.0
 MASTER_WAIT_SECONDS = 10.0
+# A cluster change waits this long for a majority before it is refused with 503 and Retry-After.
+QUORUM_WAIT_SECONDS = 2.0
+QUORUM_RETRY_AFTER_SECONDS = 2.0
 APPLY_WAIT_SECONDS = 5.0
 MODEL_LIST_CACHE_SECONDS = 2.0
 
@@ -132,6 +137,9 @@ class ClusterServices:
             "node_id": member.node_id,
             "uptime_s": round(now - self.started_at, 3),
             "is_master": member.is_master,
+            # Whether this node reaches a majority of the members (cluster changes need one).
+            # Not in /state: that is derived from the log alone.
+            "quorum": member.has_quorum(),
             "election_phase": member.election.phase,
             "term": member.election.term,
             "last_event_index": member.replica.last_index,
@@ -164,6 +172,8 @@ class ClusterServices:
 
     async def _command(self, command: m.Command) -> m.CommandAnswered:
         member = self.member
+        if not isinstance(command, m.RemoveNode):  # the way back to a majority needs none
+            await self._wait_for_quorum()
         if member.is_master:
             return await member.execute(command)
         master_id = await self._master_id()
@@ -177,6 +187,20 @@ class ClusterServices:
             return reply
         reason = reply.reason if isinstance(reply, m.RequestFailed) else type(reply).__name__
         raise ClusterUnavailable(reason)
+
+    async def _wait_for_quorum(self) -> None:
+        """Cluster changes need a majority of the members (a node that just started hears them
+        within a heartbeat or two); without one they are refused, serving goes on."""
+        deadline = time.monotonic() + QUORUM_WAIT_SECONDS
+        while not self.member.has_quorum():
+            if time.monotonic() >= deadline:
+                members = len(self.member.state.nodes | {self.node_id: None})
+                raise ClusterUnavailable(
+                    f"no quorum: this node reaches fewer than a majority of the {members} members "
+                    "(serving goes on; retry when the members are back)",
+                    retry_after_s=QUORUM_RETRY_AFTER_SECONDS,
+                )
+            await asyncio.sleep(0.05)
 
     async def _master_id(self) -> str:
         """The master, waiting a few seconds for an election in progress (a node just started)."""
@@ -238,6 +262,23 @@ class ClusterServices:
             case other:
                 raise ClusterUnavailable(f"unexpected answer to DeleteInstance: {type(other).__name__}")
         await self._wait_applied(lambda state: instance_id not in state.instances)
+
+    async def remove_node(self, node_id: str) -> None:
+        if node_id not in self.state().nodes:
+            raise NodeNotFound(node_id)
+        answer = await self._command(m.RemoveNode(node_id))
+        match answer.answer:
+            case m.Removed():
+                pass
+            case m.Refused(reason="node_not_found"):
+                raise NodeNotFound(node_id)
+            case m.Refused(reason="node_answers"):
+                raise NodeStillAnswers(node_id)
+            case m.Refused(detail=detail):
+                raise ClusterUnavailable(detail or "removal refused")
+            case other:
+                raise ClusterUnavailable(f"unexpected answer to RemoveNode: {type(other).__name__}")
+        await self._wait_applied(lambda state: node_id not in state.nodes)
 
     async def ensure_instance(self, model_id: str, timeout_s: float) -> Instance:
         deadline = time.monotonic() + timeout_s

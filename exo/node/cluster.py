@@ -540,7 +540,10 @@ class ClusterMember:
         """Decide and sequence a command (master only); answers once its events are applied here."""
         if self.master is None:
             return m.CommandAnswered(m.Refused("not_master", "not the master"))
-        outcome = decide(command, self.state, self._nodes_with_model(), f"i-{secrets.token_hex(4)}")
+        answering = self.liveness.alive(time.monotonic()) | {self.node_id}
+        outcome = decide(
+            command, self.state, self._nodes_with_model(), f"i-{secrets.token_hex(4)}", answering
+        )
         try:
             async with asyncio.timeout(COMMAND_COMMIT_SECONDS):
                 await self.master.submit_own(outcome.events)

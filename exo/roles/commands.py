@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 
-from exo.core.events import Event, InstanceCreated, InstanceDeleted, NodeLabelled
+from exo.core.events import Event, InstanceCreated, InstanceDeleted, NodeLabelled, NodeRemoved
 from exo.core.messages import (
     Command,
     CommandAnswer,
@@ -17,6 +17,8 @@ from exo.core.messages import (
     PlaceInstance,
     RefusalReason,
     Refused,
+    Removed,
+    RemoveNode,
 )
 from exo.core.models import ModelFootprint
 from exo.core.placement import PlacementRefusal
@@ -57,8 +59,10 @@ def decide(
     state: State,
     nodes_with_model: Mapping[str, set[str]],
     new_instance_id: str,
+    answering: Container[str] = (),
 ) -> CommandOutcome:
-    """`nodes_with_model`: model id -> nodes that have it in their models dir (from heartbeats)."""
+    """`nodes_with_model`: model id -> nodes that have it in their models dir (from heartbeats).
+    `answering`: the nodes the master hears now (a node that answers is never removed)."""
     match command:
         case PlaceInstance():
             return _place(command, state, nodes_with_model, new_instance_id)
@@ -70,6 +74,12 @@ def decide(
             if node_id not in state.nodes:
                 return _refused("node_not_found", f"node {node_id!r} not found")
             return CommandOutcome(Labelled(node_id), [NodeLabelled(node_id, key, value)])
+        case RemoveNode(node_id=node_id):
+            if node_id not in state.nodes:
+                return _refused("node_not_found", f"node {node_id!r} not found")
+            if node_id in answering:
+                return _refused("node_answers", f"node {node_id!r} still answers; stop it first")
+            return CommandOutcome(Removed(node_id), [NodeRemoved(node_id)])
 
 
 def _place(

@@ -13,7 +13,15 @@ from typing import Any
 
 import msgspec
 
-from exo.api.cluster_port import FinishReason, GeneratedToken, InstanceNotFound, ModelNotFound, ServiceError
+from exo.api.cluster_port import (
+    FinishReason,
+    GeneratedToken,
+    InstanceNotFound,
+    ModelNotFound,
+    NodeNotFound,
+    NodeStillAnswers,
+    ServiceError,
+)
 from exo.core.events import IndexedEvent, ShardAssignment, Sharding
 from exo.core.models import ModelFootprint, ModelInfo
 from exo.core.placement import PlacementPreview
@@ -160,6 +168,7 @@ class FakeNodeServices:
         self.ensure_error: ServiceError | None = None
         self.generate_calls: list[GenerateCall] = []
         self.ensure_timeouts: list[float] = []
+        self.answering: set[str] = set()  # nodes remove_node refuses as still answering
         self.generation_closed = asyncio.Event()
         # Seconds between scripted tokens: a real generation takes time, so a consumer that stops
         # early (a stop string, a cancel) does so while the generation is still running.
@@ -209,6 +218,14 @@ class FakeNodeServices:
             raise InstanceNotFound(instance_id)
         instances = {key: value for key, value in self.current_state.instances.items() if key != instance_id}
         self.current_state = msgspec.structs.replace(self.current_state, instances=instances)
+
+    async def remove_node(self, node_id: str) -> None:
+        if node_id not in self.current_state.nodes:
+            raise NodeNotFound(node_id)
+        if node_id in self.answering:
+            raise NodeStillAnswers(node_id)
+        nodes = {key: value for key, value in self.current_state.nodes.items() if key != node_id}
+        self.current_state = msgspec.structs.replace(self.current_state, nodes=nodes)
 
     async def ensure_instance(self, model_id: str, timeout_s: float) -> Instance:
         self._check_model(model_id)

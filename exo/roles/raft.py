@@ -1,0 +1,521 @@
+"""Raft (the paper's figure 2, with pre-vote and check-quorum), sans-IO: feed it time, messages and
+durable-write reports; it answers with actions for the shell (send, persist, write the log, apply).
+
+Why: the log must never lose an acknowledged event. An entry is committed once a majority of the
+voting members hold it *durably* (followers acknowledge what their store reports written, not what
+they received), only committed entries are applied, and a master is elected only by a majority
+whose logs are no more up to date than its own, so every later master holds every committed entry.
+
+Rules beyond figure 2, each with a reason:
+- Pre-vote: a node whose election timer fires first asks for votes for `term + 1` without bumping
+  its term; only with a majority of grants does it run a real election. A node back from a
+  partition therefore cannot depose a healthy master.
+- Lease: a node that heard from a master within the minimum election timeout ignores vote requests
+  (pre or real), so one flapping node cannot force elections.
+- Check-quorum: a master that has not heard from a majority within an election timeout steps down,
+  so a master cut off in a minority stops acknowledging anything.
+- Membership is the log's: voters are the nodes joined (`NodeJoined`) minus those removed
+  (`NodeRemoved`) in the log, committed or not (single-server changes, Raft thesis 4.1); a change
+  is proposed only while no other is uncommitted. A master removes a voter it has not heard from
+  for `remove_after` seconds. A lone voter is its own majority.
+- A committed entry is never removed: a master that asks for it is a bug, raised as AssertionError.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from exo.core.events import Event, IndexedEvent, MasterElected, NodeJoined, NodeRemoved
+from exo.core.raft_messages import EntriesAcknowledged, EntriesSent, RaftMessage, VoteAnswered, VoteRequested
+
+Role = Literal["follower", "pre_candidate", "candidate", "leader"]
+
+
+@dataclass(frozen=True)
+class Send:
+    message: RaftMessage
+
+
+@dataclass(frozen=True)
+class PersistTerm:
+    """Make (term, voted_for) durable before the next action (a vote is sent after it)."""
+
+    term: int
+    voted_for: str | None
+
+
+@dataclass(frozen=True)
+class WriteLog:
+    """Drop stored entries after `truncate_after` (when not None), then append `entries`; report
+    the write with `Raft.persisted` once it is durable."""
+
+    truncate_after: int | None
+    entries: list[IndexedEvent]
+
+
+@dataclass(frozen=True)
+class Apply:
+    """Committed entries, in index order, never given twice."""
+
+    entries: list[IndexedEvent]
+
+
+@dataclass(frozen=True)
+class RoleChanged:
+    role: Role
+    term: int
+    leader_id: str | None
+
+
+Action = Send | PersistTerm | WriteLog | Apply | RoleChanged
+
+
+@dataclass(frozen=True)
+class RaftTimings:
+    """`election_timeout`: the minimum; each wait is drawn from [t, 2t). etcd's default is 1 s."""
+
+    election_timeout: float = 1.0
+    heartbeat_interval: float = 0.1
+    max_entries_per_message: int = 1024
+    remove_after: float | None = None  # seconds a silent voter stays a member; None: never removed
+
+
+class MembershipChangePending(Exception):
+    """A proposal would change the voters while another change is not committed yet."""
+
+
+def voters_after(voters: frozenset[str], event: Event) -> frozenset[str]:
+    match event:
+        case NodeJoined(node_id=node_id) if node_id not in voters:
+            return voters | {node_id}
+        case NodeRemoved(node_id=node_id) if node_id in voters:
+            return voters - {node_id}
+        case _:
+            return voters
+
+
+@dataclass
+class _Peer:
+    next_index: int
+    match_index: int = 0
+    last_ack: float | None = None
+
+
+@dataclass
+class Raft:
+    """One node's Raft state. `log` is the durable log the node restarted with (entries after
+    `base_index`, whose term is `base_term` and whose voters are `base_voters`); `applied` is what
+    the shell already applied (committed by definition)."""
+
+    node_id: str
+    rng: random.Random
+    now: float
+    term: int = 0
+    voted_for: str | None = None
+    log: list[IndexedEvent] = field(default_factory=list[IndexedEvent])
+    applied: int = 0
+    base_index: int = 0
+    base_term: int = 0
+    base_voters: frozenset[str] = frozenset()
+    # With no voters in the log, count this node as the only one; as master it logs this first.
+    bootstrap: NodeJoined | None = None
+    timings: RaftTimings = field(default_factory=RaftTimings)
+    role: Role = "follower"
+    leader_id: str | None = None
+
+    def __post_init__(self) -> None:
+        self.commit_index = max(self.applied, self.base_index)
+        self.durable_index = self.last_index
+        self._changes: list[tuple[int, frozenset[str]]] = []
+        voters = self.base_voters
+        for entry in self.log:
+            voters = self._note_change(voters, entry)
+        self._peers: dict[str, _Peer] = {}
+        self._votes: set[str] = set()
+        self._leader_contact: float | None = None
+        self._matched_limit = 0  # entries up to here equal the current leader's
+        self._leader_since = 0.0
+        self._next_heartbeat = 0.0
+        self._reset_election_timer()
+
+    # --- the log -------------------------------------------------------------------------------
+
+    @property
+    def last_index(self) -> int:
+        return self.base_index + len(self.log)
+
+    @property
+    def last_term(self) -> int:
+        term = self.term_at(self.last_index)
+        assert term is not None
+        return term
+
+    def term_at(self, index: int) -> int | None:
+        if index == self.base_index:
+            return self.base_term
+        if self.base_index < index <= self.last_index:
+            return self.log[index - self.base_index - 1].term
+        return None
+        return None
+
+    def entries(self, start: int, limit: int) -> list[IndexedEvent]:
+        first = max(start, self.base_index + 1) - self.base_index - 1
+        return self.log[first : first + limit]
+
+    @property
+    def voters(self) -> frozenset[str]:
+        voters = self._changes[-1][1] if self._changes else self.base_voters
+        if not voters and self.bootstrap is not None:
+            return frozenset({self.node_id})
+        return voters
+
+    def _note_change(self, voters: frozenset[str], entry: IndexedEvent) -> frozenset[str]:
+        after = voters_after(voters, entry.event)
+        if after != voters:
+            self._changes.append((entry.index, after))
+        return after
+
+    @property
+    def membership_change_allowed(self) -> bool:
+        return not self._changes or self._changes[-1][0] <= self.commit_index
+
+    def _majority(self, nodes: Iterable[str]) -> bool:
+        voters = self.voters
+        return len(voters & set(nodes)) * 2 > len(voters)
+
+    # --- inputs --------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Action]:
+        self.now = now
+        actions: list[Action] = []
+        if self.role == "leader":
+            if now - self._leader_since >= self.timings.election_timeout and not self.has_quorum(now):
+                return self._become_follower(self.term, None)  # check-quorum
+            if now >= self._next_heartbeat:
+                self._next_heartbeat = now + self.timings.heartbeat_interval
+                for peer in self._peers:
+                    actions += self._send_append(peer, heartbeat=True)
+            actions += self._remove_silent_voters(now)
+        elif now >= self._election_deadline and self.node_id in self.voters:
+            actions += self._start_pre_vote()
+        return actions
+
+    def has_quorum(self, now: float) -> bool:
+        """Leader: a majority heard within an election timeout. Others: a master heard within one."""
+        window = self.timings.election_timeout
+        if self.role == "leader":
+            heard = {
+                node
+                for node, peer in self._peers.items()
+                if peer.last_ack is not None and now - peer.last_ack < window
+            }
+            return self._majority(heard | {self.node_id})
+        return self._leader_contact is not None and now - self._leader_contact < window
+
+    def receive(self, message: RaftMessage, now: float) -> list[Action]:
+        self.now = now
+        if message.to != self.node_id:
+            return []
+        match message:
+            case VoteRequested():
+                return self._on_vote_requested(message)
+            case VoteAnswered():
+                return self._on_vote_answered(message)
+            case EntriesSent():
+                return self._on_entries(message)
+            case EntriesAcknowledged():
+                return self._on_ack(message)
+
+    def persisted(self, index: int, term: int) -> list[Action]:
+        """The shell's store now durably holds the log up to `index` (whose entry has `term`)."""
+        if self.term_at(index) != term or index <= self.durable_index:
+            return []  # superseded by a truncation, or already known
+        self.durable_index = index
+        if self.role == "leader":
+            return self._advance_commit()
+        if self.leader_id is not None:
+            return [self._ack(self.leader_id, True)]
+        return []
+
+    def propose(self, items: Sequence[tuple[str, int, Event]]) -> tuple[list[IndexedEvent], list[Action]]:
+        """Leader only: append (origin, origin_sequence, event) items at the next indices."""
+        assert self.role == "leader", "only the leader appends"
+        voters = self.voters
+        changes = 0
+        for _, _, event in items:
+            after = voters_after(voters, event)
+            if after != voters:
+                if isinstance(event, NodeRemoved) and event.node_id == self.node_id:
+                    raise MembershipChangePending("the master does not remove itself")
+                changes += 1
+                voters = after
+        if changes and (changes > 1 or not self.membership_change_allowed):
+            raise MembershipChangePending("one membership change at a time")
+        entries = [
+            IndexedEvent(self.last_index + 1 + offset, self.term, origin, sequence, event)
+            for offset, (origin, sequence, event) in enumerate(items)
+        ]
+        return entries, self._append_as_leader(entries)
+
+    def force_remove(self, node_id: str) -> list[Action]:
+        """The operator's override for a cluster that lost its majority for good (a two-node
+        cluster whose other node died): take a new term without votes and append the removal.
+        Unsafe if `node_id` still runs; the shell refuses it while that node answers."""
+        self.term += 1
+        self.voted_for = self.node_id
+        actions: list[Action] = [PersistTerm(self.term, self.node_id)]
+        actions += self._become_leader()
+        if node_id in self.voters:
+            index = self.last_index + 1
+            removal = IndexedEvent(index, self.term, self.node_id, -1, NodeRemoved(node_id))
+            actions += self._append_as_leader([removal])
+        return actions
+
+    # --- election --------------------------------------------------------------------------------
+
+    def _reset_election_timer(self) -> None:
+        timeout = self.timings.election_timeout
+        self._election_deadline = self.now + timeout + self.rng.random() * timeout
+
+    def _log_up_to_date(self, last_term: int, last_index: int) -> bool:
+        return (last_term, last_index) >= (self.last_term, self.last_index)
+
+    def _in_lease(self) -> bool:
+        if self.role == "leader":
+            return self.has_quorum(self.now)
+        contact = self._leader_contact
+        return (
+            self.leader_id is not None
+            and contact is not None
+            and self.now - contact < self.timings.election_timeout
+        )
+
+    def _start_pre_vote(self) -> list[Action]:
+        self.role = "pre_candidate"
+        self.leader_id = None
+        self._votes = {self.node_id}
+        self._reset_election_timer()
+        if self._majority(self._votes):
+            return self._start_election()
+        return [
+            Send(
+                VoteRequested(
+                    self.term + 1, self.node_id, peer, self.last_index, self.last_term, pre_vote=True
+                )
+            )
+            for peer in sorted(self.voters - {self.node_id})
+        ]
+
+    def _start_election(self) -> list[Action]:
+        self.role = "candidate"
+        self.term += 1
+        self.voted_for = self.node_id
+        self._votes = {self.node_id}
+        self._reset_election_timer()
+        actions: list[Action] = [
+            PersistTerm(self.term, self.node_id),
+            RoleChanged("candidate", self.term, None),
+        ]
+        if self._majority(self._votes):
+            return actions + self._become_leader()
+        actions += [
+            Send(VoteRequested(self.term, self.node_id, peer, self.last_index, self.last_term))
+            for peer in sorted(self.voters - {self.node_id})
+        ]
+        return actions
+
+    def _on_vote_requested(self, request: VoteRequested) -> list[Action]:
+        if self._in_lease() and request.candidate_id != self.leader_id:
+            return []  # a master is alive: the candidate is the one cut off
+        up_to_date = self._log_up_to_date(request.last_log_term, request.last_log_index)
+        if request.pre_vote:
+            granted = request.term > self.term and up_to_date
+            term = request.term if granted else self.term
+            return [Send(VoteAnswered(term, self.node_id, request.candidate_id, granted, pre_vote=True))]
+        actions: list[Action] = []
+        if request.term > self.term:
+            actions += self._become_follower(request.term, None)
+        granted = request.term == self.term and self.voted_for in (None, request.candidate_id) and up_to_date
+        if granted:
+            self.voted_for = request.candidate_id
+            self._reset_election_timer()
+            actions.append(PersistTerm(self.term, self.voted_for))
+        actions.append(Send(VoteAnswered(self.term, self.node_id, request.candidate_id, granted)))
+        return actions
+
+    def _on_vote_answered(self, answer: VoteAnswered) -> list[Action]:
+        if answer.term > self.term and not (answer.pre_vote and answer.granted):
+            return self._become_follower(answer.term, None)
+        if not answer.granted or answer.voter_id not in self.voters:
+            return []
+        if answer.pre_vote and self.role == "pre_candidate" and answer.term == self.term + 1:
+            self._votes.add(answer.voter_id)
+            return self._start_election() if self._majority(self._votes) else []
+        if not answer.pre_vote and self.role == "candidate" and answer.term == self.term:
+            self._votes.add(answer.voter_id)
+            return self._become_leader() if self._majority(self._votes) else []
+        return []
+
+    def _become_follower(self, term: int, leader_id: str | None) -> list[Action]:
+        actions: list[Action] = []
+        if term > self.term:
+            self.term = term
+            self.voted_for = None
+            actions.append(PersistTerm(term, None))
+        changed = self.role != "follower" or self.leader_id != leader_id
+        if changed or actions:
+            self._matched_limit = 0  # what matched another leader says nothing about this one
+        self.role = "follower"
+        self.leader_id = leader_id
+        self._peers = {}
+        if changed:
+            actions.append(RoleChanged("follower", self.term, leader_id))
+        return actions
+
+    def _become_leader(self) -> list[Action]:
+        self.role = "leader"
+        self.leader_id = self.node_id
+        self._leader_since = self.now
+        self._next_heartbeat = self.now
+        self._peers = {peer: _Peer(self.last_index + 1) for peer in sorted(self.voters - {self.node_id})}
+        actions: list[Action] = [RoleChanged("leader", self.term, self.node_id)]
+        # An entry of its own term lets the master commit what earlier terms left uncommitted.
+        events: list[Event] = [MasterElected(self.term, self.node_id)]
+        if self.bootstrap is not None and not (self._changes[-1][1] if self._changes else self.base_voters):
+            events.append(self.bootstrap)  # the log says who the first voter is, for every node
+        first = [
+            IndexedEvent(self.last_index + 1 + offset, self.term, self.node_id, -1, event)
+            for offset, event in enumerate(events)
+        ]
+        return actions + self._append_as_leader(first)
+
+    # --- replication ---------------------------------------------------------------------------
+
+    def _append_as_leader(self, entries: list[IndexedEvent]) -> list[Action]:
+        if not entries:
+            return []
+        self._append(entries)
+        for peer in sorted(self.voters - {self.node_id} - set(self._peers)):
+            self._peers[peer] = _Peer(self.last_index)  # joined now: probe from the end
+        actions: list[Action] = [WriteLog(None, entries)]
+        for peer in self._peers:
+            actions += self._send_append(peer)
+        return actions + self._advance_commit()
+
+    def _append(self, entries: Sequence[IndexedEvent]) -> None:
+        voters = self._changes[-1][1] if self._changes else self.base_voters
+        for entry in entries:
+            assert entry.index == self.last_index + 1, "the log continues without a gap"
+            self.log.append(entry)
+            voters = self._note_change(voters, entry)
+
+    def _truncate_after(self, index: int) -> None:
+        assert index >= self.commit_index, f"a committed entry ({index + 1}) is never removed"
+        del self.log[index - self.base_index :]
+        while self._changes and self._changes[-1][0] > index:
+            self._changes.pop()
+        self.durable_index = min(self.durable_index, index)
+
+    def _send_append(self, peer: str, heartbeat: bool = False) -> list[Action]:
+        state = self._peers[peer]
+        if state.next_index > self.last_index and not heartbeat:
+            return []
+        prev = min(state.next_index - 1, self.last_index)
+        prev_term = self.term_at(prev)
+        if prev_term is None:
+            prev, prev_term = self.base_index, self.base_term  # behind the base: needs a snapshot
+        entries = self.entries(prev + 1, self.timings.max_entries_per_message)
+        state.next_index = prev + 1 + len(entries)  # optimistic: a failure answer rewinds it
+        message = EntriesSent(self.term, self.node_id, peer, prev, prev_term, entries, self.commit_index)
+        return [Send(message)]
+
+    def _on_entries(self, message: EntriesSent) -> list[Action]:
+        if message.term < self.term:
+            return [Send(EntriesAcknowledged(self.term, self.node_id, message.leader_id, False))]
+        actions: list[Action] = []
+        if message.term > self.term or self.role != "follower" or self.leader_id != message.leader_id:
+            actions += self._become_follower(message.term, message.leader_id)
+        self._leader_contact = self.now
+        self._reset_election_timer()
+        prev_term = self.term_at(message.prev_index)
+        if message.prev_index > self.last_index or (prev_term is not None and prev_term != message.prev_term):
+            hint = self.last_index
+            if message.prev_index <= self.last_index:
+                hint = message.prev_index - 1
+                while hint > self.commit_index and self.term_at(hint) == prev_term:
+                    hint -= 1  # skip the whole conflicting term in one round trip
+            refusal = EntriesAcknowledged(self.term, self.node_id, message.leader_id, False, hint_index=hint)
+            return [*actions, Send(refusal)]
+        new: list[IndexedEvent] = []
+        truncate: int | None = None
+        for entry in message.entries:
+            if entry.index <= self.base_index:
+                continue
+            if not new and entry.index <= self.last_index:
+                if self.term_at(entry.index) == entry.term:
+                    continue
+                truncate = entry.index - 1
+                self._truncate_after(truncate)
+            new.append(entry)
+        if new:
+            self._append(new)
+            actions.append(WriteLog(truncate, new))
+        self._matched_limit = message.prev_index + len(message.entries)
+        commit = min(message.leader_commit, self._matched_limit)
+        actions += self._commit_to(commit)
+        actions.append(self._ack(message.leader_id, True))
+        return actions
+
+    def _ack(self, leader_id: str, success: bool) -> Send:
+        match = min(self.durable_index, self._matched_limit)
+        return Send(EntriesAcknowledged(self.term, self.node_id, leader_id, success, match_index=match))
+
+    def _on_ack(self, ack: EntriesAcknowledged) -> list[Action]:
+        if ack.term > self.term:
+            return self._become_follower(ack.term, None)
+        if ack.term < self.term or self.role != "leader" or ack.node_id not in self._peers:
+            return []
+        peer = self._peers[ack.node_id]
+        peer.last_ack = self.now
+        if ack.success:
+            peer.match_index = max(peer.match_index, ack.match_index)
+            peer.next_index = max(peer.next_index, peer.match_index + 1)
+            return self._advance_commit() + self._send_append(ack.node_id)
+        peer.next_index = max(peer.match_index + 1, min(peer.next_index - 1, ack.hint_index + 1))
+        return self._send_append(ack.node_id, heartbeat=True)
+
+    def _advance_commit(self) -> list[Action]:
+        matches = [peer.match_index for node, peer in self._peers.items() if node in self.voters]
+        if self.node_id in self.voters:
+            matches.append(self.durable_index)
+        matches.sort(reverse=True)
+        needed = len(self.voters) // 2  # position of the majority's lowest match
+        if needed >= len(matches):
+            return []
+        candidate = matches[needed]
+        if candidate > self.commit_index and self.term_at(candidate) == self.term:
+            return self._commit_to(candidate)
+        return []
+
+    def _commit_to(self, index: int) -> list[Action]:
+        if index <= self.commit_index:
+            return []
+        self.commit_index = index
+        start = self.applied + 1
+        entries = self.entries(start, index - self.applied)
+        self.applied = index
+        return [Apply(entries)] if entries else []
+
+    def _remove_silent_voters(self, now: float) -> list[Action]:
+        limit = self.timings.remove_after
+        if limit is None or now - self._leader_since < limit or not self.membership_change_allowed:
+            return []
+        for node in sorted(self.voters - {self.node_id}):
+            peer = self._peers.get(node)
+            if peer is not None and (peer.last_ack is None or now - peer.last_ack > limit):
+                _, actions = self.propose([(self.node_id, -1, NodeRemoved(node))])
+                return actions
+        return []
