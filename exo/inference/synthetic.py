@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,6 +36,7 @@ IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [END_OF_TEXT, IM_START, IM_END]
 # Added (not special) tokens, as in Qwen2: tool calls are text a client can see and parse.
 TOOL_TOKENS = ["<tool_call>", "</tool_call>"]
+LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class SyntheticModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -171,9 +173,15 @@ def _tokenizer_config(spec: SyntheticModelSpec) -> dict[str, object]:
     }
 
 
-def write_synthetic_model(out: Path, spec: SyntheticModelSpec) -> Path:
-    """Write the model folder at `out` (must not exist); atomic: built beside it, then renamed."""
+def write_synthetic_model(out: Path, spec: SyntheticModelSpec, shards: int = 1) -> Path:
+    """Write the model folder at `out` (must not exist); atomic: built beside it, then renamed.
+
+    With `shards` > 1 the weights are split by layers over that many files with a
+    model.safetensors.index.json, as large models are published on the Hub (a pipeline stage then
+    needs only some of the files)."""
     spec.validate()
+    if not 1 <= shards <= spec.layers:
+        raise ValueError(f"shards must be between 1 and the number of layers ({spec.layers}), got {shards}")
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists")
@@ -192,7 +200,7 @@ def write_synthetic_model(out: Path, spec: SyntheticModelSpec) -> Path:
         (building / "generation_config.json").write_text(
             json.dumps({"eos_token_id": eos_ids, "do_sample": False}, indent=2)
         )
-        save_file(_weights(spec, vocab_size), str(building / "model.safetensors"), metadata={"format": "pt"})
+        _save_weights(building, _weights(spec, vocab_size), spec.layers, shards)
         # mkdtemp makes a private folder; a model folder is ordinary data that others may read.
         for written in building.iterdir():
             written.chmod(0o644)
@@ -202,6 +210,30 @@ def write_synthetic_model(out: Path, spec: SyntheticModelSpec) -> Path:
         shutil.rmtree(building, ignore_errors=True)
         raise
     return out
+
+
+def _save_weights(folder: Path, weights: dict[str, np.ndarray], n_layers: int, shards: int) -> None:
+    if shards == 1:
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = [f"model-{number:05d}-of-{shards:05d}.safetensors" for number in range(1, shards + 1)]
+    parts: list[dict[str, np.ndarray]] = [{} for _ in names]
+    for tensor_name, array in weights.items():
+        match = LAYER_NAME.search(tensor_name)
+        if match is not None:
+            part = int(match.group(1)) * shards // n_layers
+        elif "embed_tokens" in tensor_name:
+            part = 0
+        else:
+            part = shards - 1  # final norm and lm_head
+        parts[part][tensor_name] = array
+    weight_map: dict[str, str] = {}
+    for name, part in zip(names, parts, strict=True):
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    total = sum(array.nbytes for array in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 BUILTIN_SPEC = SyntheticModelSpec(
@@ -223,7 +255,7 @@ def ensure_builtin_model(models_dir: Path) -> Path:
         raise
 
 
-def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModelSpec]:
+def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModelSpec, int]:
     parser = argparse.ArgumentParser(
         prog="python -m exo.inference.synthetic", description="Write a seeded random-weight model."
     )
@@ -237,6 +269,7 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModel
     parser.add_argument("--vocab", type=int, default=BUILTIN_SPEC.vocab)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--proj-scale", type=float, default=BUILTIN_SPEC.proj_scale)
+    parser.add_argument("--shards", type=int, default=1, help="weight files, split by layers (with an index)")
     tie = parser.add_mutually_exclusive_group()
     tie.add_argument("--tie", dest="tie", action="store_true", default=None, help="tie lm_head to embeddings")
     tie.add_argument("--no-tie", dest="tie", action="store_false", help="separate lm_head")
@@ -257,13 +290,15 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModel
         spec.validate()
     except ValueError as error:
         parser.error(str(error))
-    return arguments.out, spec
+    if not 1 <= arguments.shards <= spec.layers:
+        parser.error(f"--shards must be between 1 and --layers ({spec.layers})")
+    return arguments.out, spec, arguments.shards
 
 
 def main(argv: list[str] | None = None) -> None:
-    out, spec = parse_arguments(argv)
+    out, spec, shards = parse_arguments(argv)
     try:
-        written = write_synthetic_model(out, spec)
+        written = write_synthetic_model(out, spec, shards)
     except FileExistsError as error:
         raise SystemExit(f"error: {error}") from None
     print(written)
