@@ -26,12 +26,15 @@ from litestar import Litestar
 from exo.api.app import create_app
 from exo.bus.codec import DropCounter
 from exo.bus.discovery import Discovery, DiscoveryError
+from exo.bus.messages import TOPIC_DOWNLOADS
 from exo.bus.security import cluster_tag, derive_security, new_cluster_secret, start_authenticator
 from exo.bus.sockets import SocketFactory
 from exo.bus.transport import Bus
 from exo.generation import PipelineGenerator
+from exo.hub_services import HubModels
 from exo.inference.blas import check_blas, load_optimized_blas
 from exo.inference.client import PipelineClient, TokenSink
+from exo.inference.fetcher import ModelFetcher
 from exo.inference.runner_options import serving_limit_problems
 from exo.inference.synthetic import ensure_builtin_model
 from exo.roles.cluster import ClusterMember
@@ -66,6 +69,7 @@ class NodeConfig:
     api_key: str | None
     verbosity: int
     runner_limits: RunnerLimits = field(default_factory=RunnerLimits)
+    auto_download: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> NodeConfig:
@@ -104,6 +108,11 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
         type=int,
         help="tokens of finished requests' KV cache kept for reuse (default 8192; 0: off)",
     )
+    parser.add_argument(
+        "--auto-download",
+        action="store_true",
+        help="a chat request for a Hugging Face model no node holds fetches it (env EXO_AUTO_DOWNLOAD=1)",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0)
     parser.add_argument(
         "--new-cluster-secret", action="store_true", help="print a fresh cluster secret and exit"
@@ -137,6 +146,7 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
         cluster_secret=args.cluster_secret or os.environ.get("EXO_CLUSTER_SECRET") or None,
         api_key=args.api_key or os.environ.get("EXO_API_KEY") or None,
         verbosity=args.verbose,
+        auto_download=args.auto_download or os.environ.get("EXO_AUTO_DOWNLOAD", "") in ("1", "true", "yes"),
         runner_limits=RunnerLimits(
             max_active_requests=args.max_active_requests,
             max_waiting_requests=args.max_waiting_requests,
@@ -202,6 +212,13 @@ async def run_node(
         catalog = ModelCatalog(config.models_dir)
         member.local_models = catalog.supported_ids
         member.footprint_of = catalog.footprint
+        hub = HubModels(
+            member,
+            ModelFetcher(node_id, config.models_dir, member.submit),
+            local_models=catalog.all,
+            auto_download=config.auto_download,
+        )
+        bus.on_topic(TOPIC_DOWNLOADS, hub.on_progress)  # before start: the SUB subscribes then
         await bus.start()
         stack.push_async_callback(bus.close)
         stack.push_async_callback(member.close)
@@ -215,6 +232,9 @@ async def run_node(
             advertise_host=None if bind_host == host else host,
             cluster_secret=config.cluster_secret,
             runner_limits=config.runner_limits,
+            prepare=lambda model_id, shard, started: hub.prepare_stage(
+                model_id, shard.start_layer, shard.end_layer, started
+            ),
         )
         await worker.start()
         stack.push_async_callback(worker.close)
@@ -235,6 +255,7 @@ async def run_node(
                     "mapped": blas_check.library,
                 },
                 "runners": worker.status(),
+                "downloads": msgspec.to_builtins(hub.fetcher.progress()),
                 "token_sink": {
                     "address": sink.address,
                     "dropped_frames": sink.dropped_frames,
@@ -243,6 +264,10 @@ async def run_node(
             },
             holds_its_stage=worker.holds_its_stage,
         )
+        services.hub = hub
+        stack.push_async_callback(hub.close)
+        for loop in (hub.publish_progress(), hub.act_on_requests()):
+            stack.push_async_callback(cancel_task, asyncio.create_task(loop))
         services.generator = PipelineGenerator(
             client, services.tokenizer, lambda: member.state, holds_its_stage=worker.holds_its_stage
         )
@@ -251,7 +276,8 @@ async def run_node(
             if discovery is not None:
                 stack.push_async_callback(discovery.close)
         if config.api:
-            api = ApiServer(create_app(services, api_key=config.api_key), config.api_host, config.api_port)
+            app = create_app(services, api_key=config.api_key, manage_models=True)
+            api = ApiServer(app, config.api_host, config.api_port)
             await api.start()
             stack.push_async_callback(api.stop)
         # Start-up imports (transformers, mlx, litestar) leave millions of long-lived objects, and
@@ -346,6 +372,11 @@ class ApiServer:
 
 
 def main(argv: list[str] | None = None) -> None:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["models"]:
+        from exo.models_cli import main as models_main
+
+        raise SystemExit(models_main(arguments[1:]))
     config = parse_args(argv)
     logging.basicConfig(
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(config.verbosity, 2)],

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exo.api.services import (
     ChatTokenizer,
@@ -15,6 +15,7 @@ from exo.api.services import (
     InstanceNotFound,
     InstanceNotReady,
     ModelNotFound,
+    ModelUnavailable,
     NoCapacity,
     TokenStream,
 )
@@ -33,6 +34,10 @@ from exo.roles.cluster import ClusterMember
 from exo.roles.commands import reserved_bytes
 from exo.roles.placement import ModelFootprint, PlacementPreview, previews
 from exo.state import Instance, State
+
+if TYPE_CHECKING:
+    from exo.api.model_routes import NodeModelState
+    from exo.hub_services import HubModels
 
 COMMAND_SECONDS = 10.0
 MASTER_WAIT_SECONDS = 10.0
@@ -56,7 +61,11 @@ class ModelCatalog:
         return self._models
 
     def supported_ids(self) -> list[str]:
-        return [model.model_id for model in self.all() if model.supported]
+        """Models this node can serve whole (a Hub model of which it holds a stage's files only
+        is not one: placement must not count on it)."""
+        from exo.inference.manifest import is_complete
+
+        return [model.model_id for model in self.all() if model.supported and is_complete(Path(model.path))]
 
     def get_info(self, model_id: str) -> ModelInfo:
         """The model's info; LookupError/ValueError (from exo.inference.models) when it is not here."""
@@ -94,6 +103,7 @@ class ClusterServices:
         self._node_status_extra = node_status_extra or dict
         self._tokenizers: dict[str, ChatTokenizer] = {}
         self.generator: Any = None  # set by the node once inference is wired
+        self.hub: HubModels | None = None  # set by the node: Hub ids, downloads
 
     @property
     def node_id(self) -> str:
@@ -173,7 +183,18 @@ class ClusterServices:
             raise ClusterUnavailable("the master's events did not reach this node in time")
 
     async def place_instance(self, model_id: str, sharding: Sharding, min_nodes: int) -> Instance:
-        model = self.catalog.get(model_id)
+        return await self._place(model_id, sharding, min_nodes, allow_download=True)
+
+    async def _place(
+        self, model_id: str, sharding: Sharding, min_nodes: int, *, allow_download: bool
+    ) -> Instance:
+        """A Hub id is placed from the Hub's metadata; the chosen nodes fetch what they lack."""
+        hub = self.hub
+        download = hub is not None and hub.is_hub_id(model_id)
+        if hub is not None and download:
+            model = await hub.describe(model_id, allow_download=allow_download)
+        else:
+            model = self.catalog.get(model_id)
         if not model.supported:
             raise NoCapacity(model_id, [model.reason])
         # A node that just started: let the master record it before placing on the cluster it knows.
@@ -183,7 +204,7 @@ class ClusterServices:
             MASTER_WAIT_SECONDS,
         )
         answer = await self._command(
-            m.PlaceInstance(model_id, ModelFootprint.of_model(model), sharding, min_nodes)
+            m.PlaceInstance(model_id, ModelFootprint.of_model(model), sharding, min_nodes, download=download)
         )
         if not answer.ok:
             if answer.status_code == 404:
@@ -214,7 +235,8 @@ class ClusterServices:
         deadline = time.monotonic() + timeout_s
         instance = self._usable_instance(model_id)
         if instance is None:
-            instance = await self.place_instance(model_id, "Pipeline", 1)
+            auto_download = self.hub is not None and self.hub.auto_download
+            instance = await self._place(model_id, "Pipeline", 1, allow_download=auto_download)
         instance_id = instance.instance_id
 
         def settled(state: State) -> bool:
@@ -260,9 +282,28 @@ class ClusterServices:
         cached = self._tokenizers.get(model_id)
         if cached is not None:
             return cached
+        hub = self.hub
+        if hub is not None and hub.is_hub_id(model_id):
+            await hub.ensure_support_files(model_id, allow_download=hub.auto_download)
         model = self.catalog.get(model_id)
         from mlx_lm.tokenizer_utils import load as load_tokenizer  # imports mlx: after the BLAS loader
 
         tokenizer: ChatTokenizer = await asyncio.to_thread(load_tokenizer, Path(model.path))
         self._tokenizers[model_id] = tokenizer
         return tokenizer
+
+    # --- models (exo.api.model_routes.ModelServices) -----------------------------------------------
+
+    def _hub(self) -> HubModels:
+        if self.hub is None:
+            raise ModelUnavailable("this node does not fetch models", 503)
+        return self.hub
+
+    def model_states(self) -> dict[str, dict[str, NodeModelState]]:
+        return self._hub().model_states() if self.hub is not None else {}
+
+    async def download_model(self, model_id: str, node_ids: list[str] | None) -> list[str]:
+        return await self._hub().download_model(model_id, node_ids)
+
+    async def delete_model(self, model_id: str) -> list[str]:
+        return await self._hub().delete_model(model_id)

@@ -94,16 +94,37 @@ class Heartbeat(_Message, frozen=True):
 ConnectionMessage = Heartbeat
 
 
+# --- topic `downloads` (every node -> all; live figures, never logged) --------------------------
+
+
+class DownloadProgressed(_Message, frozen=True):
+    """The sender's latest figures for one model's download (a last-value update: a lost one is
+    replaced by the next, sent at most a few times a second). `files`: path -> (done, total)."""
+
+    node_id: str
+    model_id: str
+    status: str
+    bytes_done: int
+    bytes_total: int
+    files: dict[str, tuple[int, int]] = {}
+    reason: str | None = None
+
+
+DownloadsMessage = DownloadProgressed
+
+
 # --- topic `commands` (any -> master, fire and forget; answered ones go over request/reply) ---
 
 
 class PlaceInstance(_Message, frozen=True):
-    """`footprint` comes from the asking node's copy of the model: the master may not have it."""
+    """`footprint` comes from the asking node's copy of the model (or the Hub's metadata): the
+    master may not have it. `download`: a Hub model the chosen nodes may fetch (holders first)."""
 
     model_id: str
     footprint: ModelFootprint
     sharding: Sharding = "Pipeline"
     min_nodes: int = 1
+    download: bool = False
 
 
 class DeleteInstance(_Message, frozen=True):
@@ -195,6 +216,7 @@ TOPIC_LOCAL_EVENTS: Final = b"local_events"
 TOPIC_COMMANDS: Final = b"commands"
 TOPIC_ELECTION: Final = b"election"
 TOPIC_CONNECTION: Final = b"connection"
+TOPIC_DOWNLOADS: Final = b"downloads"
 
 TOPIC_TYPES: Final[dict[bytes, object]] = {
     TOPIC_GLOBAL_EVENTS: GlobalEventsMessage,
@@ -202,4 +224,5 @@ TOPIC_TYPES: Final[dict[bytes, object]] = {
     TOPIC_COMMANDS: Command,
     TOPIC_ELECTION: ElectionMessage,
     TOPIC_CONNECTION: ConnectionMessage,
+    TOPIC_DOWNLOADS: DownloadsMessage,
 }

@@ -10,6 +10,7 @@ HTTP ranges are what a Hub mirror serves, and what resumes from an `.incomplete`
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ def configure_huggingface_hub() -> None:
 
     huggingface_hub.constants.HF_HUB_DISABLE_XET = True
     disable_progress_bars()
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per request otherwise
 
 
 DEFAULT_ENDPOINT = "https://huggingface.co"

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from exo.bus.messages import Command, CommandAnswered, DeleteInstance, LabelNode, PlaceInstance
 from exo.events import Event, InstanceCreated, InstanceDeleted, NodeLabelled
-from exo.roles.placement import ModelFootprint, PlacementRefusal, place
+from exo.roles.placement import ModelFootprint, Placement, PlacementRefusal, place
 from exo.state import State
 
 
@@ -26,7 +26,7 @@ def reserved_bytes(state: State, footprints: Mapping[str, ModelFootprint]) -> di
     reserved: dict[str, int] = {}
     for instance in state.instances.values():
         footprint = footprints.get(instance.model_id)
-        if instance.status not in ("placing", "loading") or footprint is None:
+        if instance.status not in ("placing", "downloading", "loading") or footprint is None:
             continue
         for node_id, shard in instance.shard_assignments.items():
             stage = footprint.stage_bytes(shard.start_layer, shard.end_layer)
@@ -60,11 +60,17 @@ def _place(
     command: PlaceInstance, state: State, nodes_with_model: Mapping[str, set[str]], instance_id: str
 ) -> CommandOutcome:
     holders = nodes_with_model.get(command.model_id, set())
-    candidates = [node for node in state.nodes.values() if node.status == "alive" and node.node_id in holders]
-    if not candidates:
+    alive = [node for node in state.nodes.values() if node.status == "alive"]
+    candidates = [node for node in alive if node.node_id in holders]
+    if not candidates and not command.download:
         return _refused(f"no alive node has model {command.model_id!r} in its models dir", 503)
     reserved = reserved_bytes(state, {command.model_id: command.footprint})
-    result = place(command.footprint, candidates, command.min_nodes, reserved)
+    # Nodes that already hold the model first: a download is placed on the others only when
+    # the holders alone cannot take it.
+    result = place(command.footprint, candidates, command.min_nodes, reserved) if candidates else None
+    if command.download and not isinstance(result, Placement):
+        result = place(command.footprint, alive, command.min_nodes, reserved)
+    assert result is not None
     if isinstance(result, PlacementRefusal):
         return _refused(f"cannot place {command.model_id!r}: {'; '.join(result.reasons)}", 503)
     created = InstanceCreated(

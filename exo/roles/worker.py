@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -74,6 +74,9 @@ class StopRunner:
 
 
 Decision = StartRunner | StopRunner
+# Fetches what a stage needs before its runner starts (a Hub model's files); calls its third
+# argument first when it has anything to fetch. Raises LookupError/OSError/ValueError with the reason.
+PrepareStage = Callable[[str, ShardAssignment, Callable[[], None]], Awaitable[None]]
 
 
 def plan(state: State, node_id: str, local: Mapping[str, LocalStatus]) -> list[Decision]:
@@ -124,8 +127,10 @@ class Worker:
         runner_threads: int | None = None,
         cluster_secret: str | None = None,
         runner_limits: RunnerLimits | None = None,
+        prepare: PrepareStage | None = None,
     ) -> None:
         self.node_id = node_id
+        self._prepare = prepare
         self._find_model = find_model
         self._report = report
         self.activation_host = activation_host
@@ -211,6 +216,36 @@ class Worker:
     # --- runners -------------------------------------------------------------------------------
 
     async def _start(self, decision: StartRunner) -> None:
+        runner_id = f"{decision.instance_id}@{self.node_id}"
+        if self._prepare is not None:
+            # Fetching files can take minutes: off the reconcile path, as a task the stop cancels.
+            placeholder = LocalRunner(decision.instance_id, runner_id, None)
+            self.runners[decision.instance_id] = placeholder
+            placeholder.watcher = asyncio.create_task(
+                self._prepare_then_launch(decision, placeholder), name=f"worker-prepare-{runner_id}"
+            )
+            return
+        await self._launch(decision)
+
+    async def _prepare_then_launch(self, decision: StartRunner, placeholder: LocalRunner) -> None:
+        assert self._prepare is not None
+        runner_id = placeholder.runner_id
+
+        def downloading() -> None:
+            self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "downloading")])
+
+        try:
+            await self._prepare(decision.model_id, decision.assignment, downloading)
+        except (LookupError, OSError, ValueError) as error:
+            if self.runners.get(decision.instance_id) is placeholder:
+                self._fail_early(
+                    decision.instance_id, runner_id, f"model files unavailable on {self.node_id}: {error}"
+                )
+            return
+        if self.runners.get(decision.instance_id) is placeholder and placeholder.status == "starting":
+            await self._launch(decision)
+
+    async def _launch(self, decision: StartRunner) -> None:
         runner_id = f"{decision.instance_id}@{self.node_id}"
         try:
             model = self._find_model(decision.model_id)
