@@ -17,6 +17,7 @@ from pathlib import Path
 from exo.api.model_routes import NodeModelState
 from exo.api.services import ClusterUnavailable, ModelNotFound, ModelUnavailable, NoCapacity
 from exo.bus import messages as m
+from exo.bus.transport import RequestTimedOut
 from exo.events import (
     ModelDownloadFailed,
     ModelDownloadFinished,
@@ -25,8 +26,9 @@ from exo.events import (
 )
 from exo.inference.fetcher import ModelFetcher
 from exo.inference.hub import HubError, HubNotFound
-from exo.inference.manifest import read_manifest
+from exo.inference.manifest import HubFile, HubModel, read_manifest
 from exo.inference.models import ModelInfo, model_folder, split_hub_id
+from exo.inference.peer_files import FileRange, NotServed, ProgressCallback, fetch_from_peers, read_chunk
 from exo.roles.cluster import ClusterMember
 from exo.roles.commands import reserved_bytes
 from exo.roles.downloads import FetchModel, RemoveModel, instances_using, plan_model_actions
@@ -36,6 +38,7 @@ from exo.state import State
 PROGRESS_INTERVAL_SECONDS = 0.25
 REMOVE_WAIT_SECONDS = 30.0
 MODEL_ACTION_POLL_SECONDS = 1.0
+PEER_CHUNK_SECONDS = 10.0
 
 
 def fetch_hint(model_id: str) -> str:
@@ -70,6 +73,12 @@ class HubModels:
         self.remote: dict[tuple[str, str], m.DownloadProgressed] = {}
         self._running: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_running_loop()
+        self.peer_bytes_served = 0
+        self.peer_bytes_fetched = 0
+        # One download per cluster: files come from peers that hold them before the Hub.
+        fetcher.source = self.peer_source
+        member.serve_file_chunk = self.serve_file_chunk
 
     @property
     def node_id(self) -> str:
@@ -221,6 +230,57 @@ class HubModels:
         if not await self.member.replica.wait_for(removed, REMOVE_WAIT_SECONDS):
             raise ClusterUnavailable(f"not every node removed {model_id} within {REMOVE_WAIT_SECONDS:g} s")
         return targets
+
+    # --- files between peers ------------------------------------------------------------------------
+
+    async def serve_file_chunk(self, request: m.FileChunkRequested) -> m.Reply:
+        try:
+            wanted = FileRange(request.repo_id, request.commit, request.path, request.offset, request.length)
+            data, size = await asyncio.to_thread(read_chunk, self.fetcher.models_dir, wanted)
+        except (NotServed, OSError, ValueError) as error:
+            return m.RequestFailed(str(error))
+        self.peer_bytes_served += len(data)
+        return m.FileChunkAnswered(request.offset, size, data)
+
+    def peers_holding(self, repo_id: str) -> list[str]:
+        """Alive peers the log says hold files of the model, those with all of it first."""
+        state = self.member.state
+        found: list[tuple[bool, str]] = []
+        for node_id, models in state.downloads.items():
+            download = models.get(repo_id)
+            node = state.nodes.get(node_id)
+            if node_id == self.node_id or download is None or download.status != "ready":
+                continue
+            if node is not None and node.status == "alive":
+                found.append((not download.whole, node_id))
+        return [node_id for _partial, node_id in sorted(found)]
+
+    def peer_source(
+        self, model: HubModel, hub_file: HubFile, destination: Path, progress: ProgressCallback
+    ) -> bool:
+        """The fetcher's FileSource (runs in its download thread): the file from peers, if any has it."""
+        peers = self.peers_holding(model.repo_id)
+        if not peers:
+            return False
+        return fetch_from_peers(
+            peers, self._ask_chunk, model, hub_file, destination=destination, progress=progress
+        )
+
+    def _ask_chunk(self, peer: str, wanted: FileRange) -> tuple[bytes, int] | None:
+        offset = wanted.offset
+        request = m.FileChunkRequested(wanted.repo_id, wanted.commit, wanted.path, offset, wanted.length)
+        future = asyncio.run_coroutine_threadsafe(
+            self.member.bus.request(peer, request, timeout=PEER_CHUNK_SECONDS), self._loop
+        )
+        try:
+            reply = future.result(timeout=PEER_CHUNK_SECONDS + 5)
+        except (RequestTimedOut, TimeoutError, RuntimeError):
+            future.cancel()
+            return None
+        if not isinstance(reply, m.FileChunkAnswered) or reply.offset != offset:
+            return None
+        self.peer_bytes_fetched += len(reply.data)
+        return reply.data, reply.size
 
     # --- the node's loops ----------------------------------------------------------------------------
 

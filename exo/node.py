@@ -256,6 +256,8 @@ async def run_node(
                 },
                 "runners": worker.status(),
                 "downloads": msgspec.to_builtins(hub.fetcher.progress()),
+                "peer_bytes_served": hub.peer_bytes_served,
+                "peer_bytes_fetched": hub.peer_bytes_fetched,
                 "token_sink": {
                     "address": sink.address,
                     "dropped_frames": sink.dropped_frames,

@@ -43,6 +43,8 @@ class HubFile:
 class HubStats:
     bytes_served: int = 0
     bytes_by_file: dict[str, int] = field(default_factory=dict[str, int])
+    # Bodies of a whole file (not a range): how many times each file was fetched in full.
+    whole_files: dict[str, int] = field(default_factory=dict[str, int])
     requests: list[str] = field(default_factory=list[str])
 
 
@@ -292,7 +294,11 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                 return
             folder = hub.repo_dir(repo_id)
             assert folder is not None
-            self._send_body(folder / hub_file.path, f"{repo_id}/{hub_file.path}", start, length)
+            name = f"{repo_id}/{hub_file.path}"
+            if start == 0 and length == hub_file.size:
+                with hub.lock:
+                    hub.stats.whole_files[name] = hub.stats.whole_files.get(name, 0) + 1
+            self._send_body(folder / hub_file.path, name, start, length)
 
         def _send_body(self, path: Path, name: str, start: int, length: int) -> None:
             import time  # the throttle's pacing only; never used to synchronise a test

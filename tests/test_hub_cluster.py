@@ -80,7 +80,8 @@ def test_pull_place_on_two_stages_chat_and_delete(tmp_path: Path, hub: LocalHub)
         events = [event["event"]["type"] for event in first.get("/events?limit=1000")]
         assert "ModelDownloadStarted" in events and "ModelDownloadFinished" in events
 
-        # Two stages: node1 fetches only the weight files of its layers.
+        # Two stages: node1 fetches only the weight files of its layers, from node0, not the Hub.
+        assert all(hub.stats.whole_files[f"{REPO}/{name}"] == 1 for name in _weights(first))
         placed = second.post("/place_instance", {"model_id": REPO, "min_nodes": 2}, timeout=60)
         assert placed.status_code == 200, placed.text
         instance_id = placed.json()["instance_id"]
@@ -97,6 +98,9 @@ def test_pull_place_on_two_stages_chat_and_delete(tmp_path: Path, hub: LocalHub)
         }
         held = _weights(second)
         assert expected <= held and len(held) < 4, (stage, held)
+        assert all(hub.stats.whole_files[f"{REPO}/{name}"] == 1 for name in held), hub.stats.whole_files
+        assert second.get("/node_status")["peer_bytes_fetched"] > 0
+        assert first.get("/node_status")["peer_bytes_served"] > 0
         answer = second.post("/v1/chat/completions", {"model": REPO, **CHAT}, timeout=120)
         assert answer.status_code == 200, answer.text
         assert answer.json()["model"] == REPO

@@ -16,8 +16,9 @@ from exo.inference.hub import (
     HubUnreachable,
     fetch_hub_model,
 )
-from exo.inference.manifest import is_complete, needed_files, read_manifest
+from exo.inference.manifest import HubFile, HubModel, is_complete, needed_files, read_manifest
 from exo.inference.models import describe_model, get_model, list_models, read_model_info
+from exo.inference.peer_files import FileRange, NotServed, ProgressCallback, fetch_from_peers, read_chunk
 from tests.hub_fixtures import publish, settings_for
 from tests.local_hub import LocalHub
 
@@ -204,3 +205,47 @@ def test_remove_model_deletes_the_folder_and_its_staging(hub: LocalHub, tmp_path
     assert remove_model(models_dir, REPO)
     assert list_models(models_dir) == [] and not (models_dir / "test-org").exists()
     assert not remove_model(models_dir, REPO)
+
+
+def test_files_come_from_peers_first_and_a_dying_peer_is_resumed_by_the_next(
+    hub: LocalHub, tmp_path: Path
+) -> None:
+    settings = settings_for(hub.endpoint)
+    model = fetch_hub_model(REPO, None, settings, tmp_path / "scratch")
+    peer_dir = tmp_path / "peer"
+    download_files(peer_dir, model, needed_files(model), settings)
+    served_before = dict(hub.stats.whole_files)
+    asked: list[tuple[str, int]] = []
+
+    def ask(peer: str, wanted: FileRange) -> tuple[bytes, int] | None:
+        asked.append((peer, wanted.offset))
+        if peer == "dying" and wanted.offset > 0:
+            return None  # it sent one chunk, then died
+        small = FileRange(wanted.repo_id, wanted.commit, wanted.path, wanted.offset, 16 * 1024)
+        return read_chunk(peer_dir, small)
+
+    def source(model: HubModel, hub_file: HubFile, destination: Path, progress: ProgressCallback) -> bool:
+        return fetch_from_peers(
+            ["dying", "alive"], ask, model, hub_file, destination=destination, progress=progress
+        )
+
+    folder = download_files(tmp_path / "models", model, needed_files(model), settings, source=source)
+    for hub_file in model.files:
+        assert (folder / hub_file.path).read_bytes() == (hub.root / REPO / hub_file.path).read_bytes()
+    assert hub.stats.whole_files == served_before  # nothing more from the Hub
+    assert ("dying", 0) in asked and any(peer == "alive" and offset > 0 for peer, offset in asked)
+
+
+def test_a_peer_serves_only_verified_files_of_the_commit_asked(hub: LocalHub, tmp_path: Path) -> None:
+    settings = settings_for(hub.endpoint)
+    model = fetch_hub_model(REPO, None, settings, tmp_path / "scratch")
+    download_files(tmp_path / "peer", model, needed_files(model, (0, 1)), settings)
+    name = "model-00001-of-00004.safetensors"
+    data, size = read_chunk(tmp_path / "peer", FileRange(REPO, model.commit, name, 0, 10))
+    assert len(data) == 10 and size == model.file(name).size
+    with pytest.raises(NotServed):
+        read_chunk(tmp_path / "peer", FileRange(REPO, "0" * 40, name, 0, 10))
+    with pytest.raises(NotServed):
+        read_chunk(
+            tmp_path / "peer", FileRange(REPO, model.commit, "model-00004-of-00004.safetensors", 0, 10)
+        )

@@ -197,8 +197,27 @@ class RequestFailed(_Message, frozen=True):
     reason: str
 
 
-Request = HelloRequested | EventsRequested | SnapshotRequested | CommandRequested
-Reply = HelloAnswered | EventsAnswered | SnapshotAnswered | CommandAnswered | RequestFailed
+class FileChunkRequested(_Message, frozen=True):
+    """Bytes `[offset, offset + length)` of a model file a peer holds verified, at this commit
+    (one download per cluster: peers fetch from each other before the Hub)."""
+
+    repo_id: str
+    commit: str
+    path: str
+    offset: int
+    length: int
+
+
+class FileChunkAnswered(_Message, frozen=True):
+    offset: int
+    size: int  # the whole file's
+    data: bytes
+
+
+Request = HelloRequested | EventsRequested | SnapshotRequested | CommandRequested | FileChunkRequested
+Reply = (
+    HelloAnswered | EventsAnswered | SnapshotAnswered | CommandAnswered | RequestFailed | FileChunkAnswered
+)
 
 
 class RequestEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):

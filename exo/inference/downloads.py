@@ -163,12 +163,16 @@ def _fetch_verified(
 ) -> None:
     staged = staging / hub_file.path
     if source is not None and not staged.is_file():
-        partial = staging / f"{hub_file.path}.peer"
-        if source(model, hub_file, partial, report) and verified(partial, hub_file):
-            os.replace(partial, staged)
+        # Peers append to the same part file the Hub download resumes from: bytes a dying peer
+        # sent are not fetched again.
+        part = part_path(staging, hub_file)
+        if source(model, hub_file, part, report) and verified(part, hub_file):
+            staged.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(part, staged)
             report(hub_file.path, hub_file.size, hub_file.size)
             return
-        partial.unlink(missing_ok=True)
+        if part.exists() and part.stat().st_size >= hub_file.size:
+            part.unlink()  # complete but wrong: the Hub's copy from the start
     for attempt in range(2):
         _hub_download(staging, model, hub_file, settings, report, force=attempt > 0)
         if verified(staged, hub_file):

@@ -12,7 +12,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,8 @@ class ClusterMember:
         self.local_models: Callable[[], list[str]] = list
         # The master re-places instances that lost a stage; it needs the model's footprint.
         self.footprint_of: Callable[[str], ModelFootprint | None] = lambda model_id: None
+        # Answers peers' requests for model file bytes (set by the node; none: refused).
+        self.serve_file_chunk: Callable[[m.FileChunkRequested], Awaitable[m.Reply]] | None = None
         self.hostname = socket.gethostname()
         bus.on_topic(m.TOPIC_CONNECTION, self._on_heartbeat)
         bus.on_topic(m.TOPIC_ELECTION, self._on_election)
@@ -555,3 +557,7 @@ class ClusterMember:
                 if self.master is None:
                     return m.RequestFailed(f"not the master; ask {self.election.master_node_id}")
                 return await self.execute(request.command)
+            case m.FileChunkRequested():
+                if self.serve_file_chunk is None:
+                    return m.RequestFailed("this node serves no model files")
+                return await self.serve_file_chunk(request)
