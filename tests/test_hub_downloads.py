@@ -249,3 +249,19 @@ def test_a_peer_serves_only_verified_files_of_the_commit_asked(hub: LocalHub, tm
         read_chunk(
             tmp_path / "peer", FileRange(REPO, model.commit, "model-00004-of-00004.safetensors", 0, 10)
         )
+
+
+def test_files_fetched_before_a_restart_are_not_fetched_again(hub: LocalHub, tmp_path: Path) -> None:
+    settings = settings_for(hub.endpoint)
+    model = fetch_hub_model(REPO, None, settings, tmp_path / "scratch")
+    models_dir = tmp_path / "models"
+    first = model.file("model-00001-of-00004.safetensors")
+    staged = models_dir / ".downloads" / REPO / first.path
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes((hub.root / REPO / first.path).read_bytes())  # as a killed run left it
+    broken = models_dir / ".downloads" / REPO / "model-00002-of-00004.safetensors"
+    broken.write_bytes(b"half")  # a wrong staged file is fetched again
+    download_files(models_dir, model, needed_files(model), settings)
+    assert hub.stats.whole_files.get(f"{REPO}/{first.path}", 0) == 0
+    assert hub.stats.whole_files[f"{REPO}/model-00002-of-00004.safetensors"] == 1
+    assert is_complete(models_dir / REPO)

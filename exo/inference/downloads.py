@@ -162,7 +162,12 @@ def _fetch_verified(
     source: FileSource | None,
 ) -> None:
     staged = staging / hub_file.path
-    if source is not None and not staged.is_file():
+    if staged.is_file():
+        if verified(staged, hub_file):  # fetched before a restart, not yet moved into place
+            report(hub_file.path, hub_file.size, hub_file.size)
+            return
+        staged.unlink()
+    if source is not None:
         # Peers append to the same part file the Hub download resumes from: bytes a dying peer
         # sent are not fetched again.
         part = part_path(staging, hub_file)
