@@ -50,7 +50,11 @@ def snapshot_seconds(hub: LocalHub, target: Path) -> float:
 
     started = time.perf_counter()
     snapshot_download(
-        REPO, local_dir=target, endpoint=hub.endpoint, allow_patterns=["*.json", "*.safetensors"], max_workers=8
+        REPO,
+        local_dir=target,
+        endpoint=hub.endpoint,
+        allow_patterns=["*.json", "*.safetensors"],
+        max_workers=8,
     )
     return time.perf_counter() - started
 
@@ -67,7 +71,9 @@ def place_round(cluster: LoopbackCluster, hub: LocalHub) -> tuple[float, int, fl
     answer = first.post("/place_instance", {"model_id": REPO, "min_nodes": 3}, timeout=300)
     answer.raise_for_status()
     instance_id = answer.json()["instance_id"]
-    wait_until(lambda: first.get(f"/instance/{instance_id}")["status"] == "ready", 600, "ready", interval=0.02)
+    wait_until(
+        lambda: first.get(f"/instance/{instance_id}")["status"] == "ready", 600, "ready", interval=0.02
+    )
     seconds = time.perf_counter() - started
     hub_bytes = hub.stats.bytes_served - served
     info = read_model_info(hub.root / REPO, REPO)
@@ -94,7 +100,9 @@ def resume_round(hub: LocalHub, models_dir: Path) -> int:
     hub.throttle_bytes_per_second = 200 * MB  # so the half-way point can be caught
     process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: folder_bytes(models_dir) >= total // 2, 300, "half the model on disk", interval=0.01)
+        wait_until(
+            lambda: folder_bytes(models_dir) >= total // 2, 300, "half the model on disk", interval=0.01
+        )
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()

@@ -265,3 +265,21 @@ def test_files_fetched_before_a_restart_are_not_fetched_again(hub: LocalHub, tmp
     assert hub.stats.whole_files.get(f"{REPO}/{first.path}", 0) == 0
     assert hub.stats.whole_files[f"{REPO}/model-00002-of-00004.safetensors"] == 1
     assert is_complete(models_dir / REPO)
+
+
+def test_hand_placed_org_name_folders_are_models_and_ids_validate(tmp_path: Path) -> None:
+    models_dir = tmp_path / "models"
+    publish(models_dir, "someone/hand-placed", shards=2)
+    (models_dir / "someone" / "not-a-model").mkdir()
+    (models_dir / ".downloads" / "x" / "y").mkdir(parents=True)
+    assert [model.model_id for model in list_models(models_dir)] == ["someone/hand-placed"]
+    assert get_model(models_dir, "someone/hand-placed@main").model_id == "someone/hand-placed@main"
+    assert is_complete(models_dir / "someone" / "hand-placed")  # no manifest: whole as placed
+
+
+def test_synthetic_shards_are_checked(tmp_path: Path) -> None:
+    from exo.inference.synthetic import write_synthetic_model
+    from tests.hub_fixtures import SMALL_SPEC
+
+    with pytest.raises(ValueError, match="shards"):
+        write_synthetic_model(tmp_path / "m", SMALL_SPEC, shards=SMALL_SPEC.layers + 1)
