@@ -145,12 +145,13 @@ def run_hub(quick: bool, rounds: int, root: Path) -> tuple[list[Row], str]:
             Samples(tuple(disk), "x", "lower"), "1", Samples((1.0,) * rounds, "x", "lower"), at_most(1.1)),
         Row(SECTION, "place_instance to ready, 3 stages", Samples(tuple(placed), "s", "lower"),
             "snapshot_download to one node", Samples(tuple(baseline), "s", "lower"), at_most(1.3)),
-        Row(SECTION, "Hub bytes after a pull killed at 50% is restarted", Samples(tuple(resumed), "MB", "lower"),
-            "the model's size", size_mb, at_most(0.6)),
+        Row(SECTION, "Hub bytes after a pull killed at 50% is restarted",
+            Samples(tuple(resumed), "MB", "lower"), "the model's size", size_mb, at_most(0.6)),
     ]  # fmt: skip
     details = (
         f"Model: {spec.layers} layers, hidden {spec.hidden}, float32, {spec.layers} weight files, "
-        f"{size / MB:.0f} MB in all; {rounds} interleaved round(s); the Hub is tests/local_hub.py on loopback."
+        f"{size / MB:.0f} MB in all; {rounds} interleaved round(s); the Hub is tests/local_hub.py "
+        "on loopback."
     )
     return rows, details
 
