@@ -19,6 +19,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -27,6 +28,7 @@ from exo.inference.manifest import HubFile, HubModel, Manifest, held_files, read
 from exo.inference.models import model_folder
 
 STAGING_DIR = ".downloads"
+PARALLEL_FILES = 4
 HASH_CHUNK = 8 << 20
 
 # (file path in the repo, bytes done, bytes in all) for one file; called from the download thread.
@@ -136,10 +138,16 @@ def download_files(
             f"not enough disk for {model.repo_id}: needs {format_size(needed)} ({needed} bytes) in "
             f"{models_dir}, {format_size(free)} ({free} bytes) free"
         )
-    for hub_file in missing:
+
+    def fetch(hub_file: HubFile) -> None:
         if cancelled is not None and cancelled.is_set():
             raise DownloadCancelled(f"download of {model.repo_id} was cancelled")
         _fetch_verified(staging, model, hub_file=hub_file, settings=settings, report=report, source=source)
+
+    # A few files at once, as snapshot_download does: one HTTP stream rarely fills a link.
+    with ThreadPoolExecutor(max_workers=PARALLEL_FILES, thread_name_prefix="exo-download") as pool:
+        for future in [pool.submit(fetch, hub_file) for hub_file in missing]:
+            future.result()  # the first failure is raised (the others finish or fail on their own)
     _move_into_place(target, staging, model, missing)
     return target
 

@@ -107,6 +107,8 @@ class LocalRunner:
     failure: str | None = None
     reported_at: float = 0.0
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+    started: bool = False  # the runner said RunnerStarted (it may wait for its files)
+    preparing: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def move(self, status: LocalStatus) -> bool:
         if status not in LOCAL_TRANSITIONS[self.status]:
@@ -216,34 +218,59 @@ class Worker:
     # --- runners -------------------------------------------------------------------------------
 
     async def _start(self, decision: StartRunner) -> None:
-        runner_id = f"{decision.instance_id}@{self.node_id}"
-        if self._prepare is not None:
-            # Fetching files can take minutes: off the reconcile path, as a task the stop cancels.
-            placeholder = LocalRunner(decision.instance_id, runner_id, None)
-            self.runners[decision.instance_id] = placeholder
-            placeholder.watcher = asyncio.create_task(
-                self._prepare_then_launch(decision, placeholder), name=f"worker-prepare-{runner_id}"
-            )
+        if self._prepare is None:
+            await self._launch(decision)
             return
-        await self._launch(decision)
+        # The runner starts at once: its interpreter and mlx import (seconds) overlap the fetch of
+        # the files its stage lacks; it gets its LoadShard when they are here.
+        runner_id = f"{decision.instance_id}@{self.node_id}"
+        runner = LocalRunner(decision.instance_id, runner_id, None)
+        self.runners[decision.instance_id] = runner
+        try:
+            runner.process = await asyncio.create_subprocess_exec(
+                *self.runner_argv(runner_id), env=self._runner_environment
+            )
+        except OSError as error:
+            runner.move("failed")
+            runner.failure = str(error)
+            self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "failed", str(error))])
+            return
+        runner.watcher = asyncio.create_task(self._watch(runner), name=f"worker-watch-{runner_id}")
+        runner.preparing = asyncio.create_task(
+            self._prepare_then_load(decision, runner), name=f"worker-prepare-{runner_id}"
+        )
 
-    async def _prepare_then_launch(self, decision: StartRunner, placeholder: LocalRunner) -> None:
+    async def _prepare_then_load(self, decision: StartRunner, runner: LocalRunner) -> None:
         assert self._prepare is not None
-        runner_id = placeholder.runner_id
 
         def downloading() -> None:
             self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "downloading")])
 
         try:
             await self._prepare(decision.model_id, decision.assignment, downloading)
+            model = self._find_model(decision.model_id)
         except (LookupError, OSError, ValueError) as error:
-            if self.runners.get(decision.instance_id) is placeholder:
-                self._fail_early(
-                    decision.instance_id, runner_id, f"model files unavailable on {self.node_id}: {error}"
+            if runner.move("failed"):
+                runner.failure = f"model files unavailable on {self.node_id}: {error}"
+                runner.reported_at = time.monotonic()
+                self._report(
+                    [RunnerStatusUpdated(decision.instance_id, self.node_id, "failed", runner.failure)]
                 )
+                self._send(runner.runner_id, Shutdown())
             return
-        if self.runners.get(decision.instance_id) is placeholder and placeholder.status == "starting":
-            await self._launch(decision)
+        runner.load = LoadShard(
+            instance_id=decision.instance_id,
+            model_id=decision.model_id,
+            model_path=model.path,
+            start_layer=decision.assignment.start_layer,
+            end_layer=decision.assignment.end_layer,
+            n_layers=decision.assignment.n_layers,
+        )
+        if runner.status != "starting":
+            return
+        self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "loading")])
+        if runner.started and runner.move("loading"):
+            self._send(runner.runner_id, runner.load)
 
     async def _launch(self, decision: StartRunner) -> None:
         runner_id = f"{decision.instance_id}@{self.node_id}"
@@ -314,8 +341,9 @@ class Worker:
             except TimeoutError:
                 process.kill()
                 await process.wait()
-        if runner.watcher is not None:
-            runner.watcher.cancel()
+        for task in (runner.watcher, runner.preparing):
+            if task is not None:
+                task.cancel()
         self.runners.pop(instance_id, None)
 
     # --- control channel -----------------------------------------------------------------------
@@ -355,6 +383,7 @@ class Worker:
     ) -> None:
         match message:
             case RunnerStarted():
+                runner.started = True
                 if runner.load is not None and runner.move("loading"):
                     self._send(runner.runner_id, runner.load)
             case ShardLoaded(activation_address=address):
