@@ -187,8 +187,9 @@ def _fetch_verified(
         if part.exists() and part.stat().st_size >= hub_file.size:
             part.unlink()  # complete but wrong: the Hub's copy from the start
     for attempt in range(2):
-        _hub_download(staging, model, hub_file, settings, report, force=attempt > 0)
-        if verified(staged, hub_file):
+        digest = _hub_download(staging, model, hub_file, settings, report, force=attempt > 0)
+        complete = staged.is_file() and staged.stat().st_size == hub_file.size
+        if complete and (hub_file.sha256 is None or (digest or sha256_of(staged)) == hub_file.sha256):
             report(hub_file.path, hub_file.size, hub_file.size)
             return
         staged.unlink(missing_ok=True)
@@ -213,10 +214,12 @@ def _hub_download(
     report: ProgressCallback,
     *,
     force: bool,
-) -> None:
+) -> str | None:
     """Fetch one file with huggingface_hub's `http_get`, appending to its part file: a transfer
     that breaks (or a node killed mid-file) resumes from the bytes already there. (hf_hub_download
-    itself drops a partial file when it fails, so it cannot resume across calls.)"""
+    itself drops a partial file when it fails, so it cannot resume across calls.) Returns the
+    sha256 of the whole file, hashed as it was written (None when it could not be: then the
+    caller hashes the file)."""
     if settings.offline:
         raise HubError(f"HF_HUB_OFFLINE is set: cannot fetch {model.repo_id}/{hub_file.path}")
     configure_huggingface_hub()
@@ -254,15 +257,47 @@ def _hub_download(
     with FileLock(f"{part}.lock"), hub_errors(model.repo_id, model.revision, settings):
         if force or (part.exists() and part.stat().st_size > total):
             part.unlink(missing_ok=True)
+        digest = hashlib.sha256()
+        if part.exists():
+            with part.open("rb") as done:
+                while chunk := done.read(HASH_CHUNK):
+                    digest.update(chunk)
         with part.open("ab") as file:
             resume = file.tell()
+            hashing = _HashingFile(file, digest)
             http_get(
-                url, file, resume_size=resume, headers=headers, expected_size=total,
+                url, cast(Any, hashing), resume_size=resume, headers=headers, expected_size=total,
                 displayed_filename=hub_file.path, tqdm_class=cast(Any, Meter),
             )  # fmt: skip
         staged = staging / hub_file.path
         staged.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, staged)
+    return digest.hexdigest() if hashing.in_order else None
+
+
+class _HashingFile:
+    """The part file as http_get writes it, hashed on the way (no second read of the file).
+    A seek or truncate (http_get restarting a file the server would not resume) spoils the hash."""
+
+    def __init__(self, file: Any, digest: Any) -> None:
+        self._file = file
+        self._digest = digest
+        self.in_order = True
+
+    def write(self, data: bytes) -> int:
+        self._digest.update(data)
+        return int(self._file.write(data))
+
+    def seek(self, *args: Any) -> int:
+        self.in_order = False
+        return int(self._file.seek(*args))
+
+    def truncate(self, *args: Any) -> int:
+        self.in_order = False
+        return int(self._file.truncate(*args))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
 
 
 def _move_into_place(target: Path, staging: Path, model: HubModel, moved: list[HubFile]) -> None:
