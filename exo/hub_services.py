@@ -14,6 +14,8 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
+
 from exo.api.model_routes import NodeModelState
 from exo.api.services import ClusterUnavailable, ModelNotFound, ModelUnavailable, NoCapacity
 from exo.bus import messages as m
@@ -39,6 +41,7 @@ PROGRESS_INTERVAL_SECONDS = 0.25
 REMOVE_WAIT_SECONDS = 30.0
 MODEL_ACTION_POLL_SECONDS = 1.0
 PEER_CHUNK_SECONDS = 10.0
+PEER_MODEL_SECONDS = 1.0
 
 
 def fetch_hint(model_id: str) -> str:
@@ -78,7 +81,9 @@ class HubModels:
         self.peer_bytes_fetched = 0
         # One download per cluster: files come from peers that hold them before the Hub.
         fetcher.source = self.peer_source
+        fetcher.ask_peers = self.hub_model_from_peers
         member.serve_file_chunk = self.serve_file_chunk
+        member.serve_hub_model = self.serve_hub_model
 
     @property
     def node_id(self) -> str:
@@ -241,6 +246,44 @@ class HubModels:
             return m.RequestFailed(str(error))
         self.peer_bytes_served += len(data)
         return m.FileChunkAnswered(request.offset, size, data)
+
+    async def serve_hub_model(self, request: m.HubModelRequested) -> m.Reply:
+        known = self.fetcher.known(request.model_id)
+        if known is None:
+            return m.RequestFailed(f"{request.model_id} is not known here")
+        return m.HubModelAnswered(msgspec.json.encode(known))
+
+    async def hub_model_from_peers(self, model_id: str) -> HubModel | None:
+        """A Hub model's description from any alive peer that has it (all asked at once): the
+        node that placed it read the Hub's metadata, the stages need not read it again."""
+        state = self.member.state
+        peers = [
+            node_id
+            for node_id, node in state.nodes.items()
+            if node.status == "alive" and node_id != self.node_id
+        ]
+        if not peers:
+            return None
+
+        async def ask(peer: str) -> HubModel | None:
+            try:
+                reply = await self.member.bus.request(
+                    peer, m.HubModelRequested(model_id), timeout=PEER_MODEL_SECONDS
+                )
+            except RequestTimedOut:
+                return None
+            if not isinstance(reply, m.HubModelAnswered):
+                return None
+            try:
+                return msgspec.json.decode(reply.model, type=HubModel)
+            except msgspec.DecodeError:
+                return None
+
+        for answer in asyncio.as_completed([ask(peer) for peer in peers]):
+            model = await answer
+            if model is not None:
+                return model
+        return None
 
     def peers_holding(self, repo_id: str) -> list[str]:
         """Alive peers the log says hold files of the model, those with all of it first."""

@@ -100,6 +100,8 @@ def test_pull_place_on_two_stages_chat_and_delete(tmp_path: Path, hub: LocalHub)
         assert expected <= held and len(held) < 4, (stage, held)
         assert all(hub.stats.whole_files[f"{REPO}/{name}"] == 1 for name in held), hub.stats.whole_files
         assert second.get("/node_status")["peer_bytes_fetched"] > 0
+        # node1 had the model's description from node0 too: the Hub's metadata was read once.
+        assert sum(request.startswith(f"GET /api/models/{REPO}") for request in hub.stats.requests) == 1
         assert first.get("/node_status")["peer_bytes_served"] > 0
         answer = second.post("/v1/chat/completions", {"model": REPO, **CHAT}, timeout=120)
         assert answer.status_code == 200, answer.text

@@ -214,9 +214,33 @@ class FileChunkAnswered(_Message, frozen=True):
     data: bytes
 
 
-Request = HelloRequested | EventsRequested | SnapshotRequested | CommandRequested | FileChunkRequested
+class HubModelRequested(_Message, frozen=True):
+    """What a peer knows of a Hub model (its files, sha256, tensor sizes), so a node placed on it
+    need not ask the Hub again."""
+
+    model_id: str
+
+
+class HubModelAnswered(_Message, frozen=True):
+    model: bytes  # JSON of exo.inference.manifest.HubModel (the bus does not know that type)
+
+
+Request = (
+    HelloRequested
+    | EventsRequested
+    | SnapshotRequested
+    | CommandRequested
+    | FileChunkRequested
+    | HubModelRequested
+)
 Reply = (
-    HelloAnswered | EventsAnswered | SnapshotAnswered | CommandAnswered | RequestFailed | FileChunkAnswered
+    HelloAnswered
+    | EventsAnswered
+    | SnapshotAnswered
+    | CommandAnswered
+    | RequestFailed
+    | FileChunkAnswered
+    | HubModelAnswered
 )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -62,6 +62,8 @@ class ModelFetcher:
         source: FileSource | None = None,
     ) -> None:
         self.node_id = node_id
+        # Asks peers for a Hub model's description before the Hub (set by the node).
+        self.ask_peers: Callable[[str], Awaitable[HubModel | None]] | None = None
         self.models_dir = Path(models_dir)
         self._report = report
         self._settings = settings
@@ -78,24 +80,40 @@ class ModelFetcher:
 
     async def hub_model(self, model_id: str) -> HubModel:
         """The Hub's description of a model: from its folder's manifest when it matches (no
-        network), else from the Hub (cached for a few minutes). Raises HubError, ValueError."""
+        network), a recent fetch, a peer that knows it, else the Hub (cached for a few minutes).
+        Raises HubError, ValueError."""
         hub = split_hub_id(model_id)
         if hub is None:
             raise ValueError(f"{model_id!r} is not a Hugging Face repo id (org/name)")
         repo_id, revision = hub
-        try:
-            manifest = read_manifest(model_folder(self.models_dir, model_id))
-        except ValueError:
-            manifest = None
-        if manifest is not None and revision in (None, manifest.model.revision, manifest.model.commit):
-            return manifest.model
-        cached = self._models.get(model_id)
-        if cached is not None and time.monotonic() - cached[0] < MODEL_CACHE_SECONDS:
-            return cached[1]
+        cached = self.known(model_id)
+        if cached is not None:
+            return cached
+        if self.ask_peers is not None:
+            from_peer = await self.ask_peers(model_id)
+            if from_peer is not None and from_peer.repo_id == repo_id:
+                self._models[model_id] = (time.monotonic(), from_peer)
+                return from_peer
         scratch = staging_folder(self.models_dir, repo_id) / ".meta"
         model = await asyncio.to_thread(fetch_hub_model, repo_id, revision, self._settings(), scratch)
         self._models[model_id] = (time.monotonic(), model)
         return model
+
+    def known(self, model_id: str) -> HubModel | None:
+        """The description this node already has (its manifest or a recent fetch), if any."""
+        hub = split_hub_id(model_id)
+        if hub is None:
+            return None
+        try:
+            manifest = read_manifest(model_folder(self.models_dir, model_id))
+        except ValueError:
+            manifest = None
+        if manifest is not None and hub[1] in (None, manifest.model.revision, manifest.model.commit):
+            return manifest.model
+        cached = self._models.get(model_id)
+        if cached is not None and time.monotonic() - cached[0] < MODEL_CACHE_SECONDS:
+            return cached[1]
+        return None
 
     async def describe(self, model_id: str) -> ModelInfo:
         """A Hub model's description (for placement) from metadata only: nothing is fetched."""

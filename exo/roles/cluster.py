@@ -116,6 +116,7 @@ class ClusterMember:
         self.footprint_of: Callable[[str], ModelFootprint | None] = lambda model_id: None
         # Answers peers' requests for model file bytes (set by the node; none: refused).
         self.serve_file_chunk: Callable[[m.FileChunkRequested], Awaitable[m.Reply]] | None = None
+        self.serve_hub_model: Callable[[m.HubModelRequested], Awaitable[m.Reply]] | None = None
         self.hostname = socket.gethostname()
         bus.on_topic(m.TOPIC_CONNECTION, self._on_heartbeat)
         bus.on_topic(m.TOPIC_ELECTION, self._on_election)
@@ -561,3 +562,7 @@ class ClusterMember:
                 if self.serve_file_chunk is None:
                     return m.RequestFailed("this node serves no model files")
                 return await self.serve_file_chunk(request)
+            case m.HubModelRequested():
+                if self.serve_hub_model is None:
+                    return m.RequestFailed("this node knows no Hub models")
+                return await self.serve_hub_model(request)
