@@ -140,7 +140,7 @@ def run_hub(quick: bool, rounds: int, root: Path) -> tuple[list[Row], str]:
     rows = [
         Row(SECTION, "Hub bytes served placing 3 stages", Samples(tuple(hub_bytes), "MB", "lower"),
             "the model's size", size_mb, at_most(1.02),
-            note="includes the safetensors header ranges each node reads for the placement's memory math"),
+            note="includes the safetensors header ranges the placing node reads for the memory math"),
         Row(SECTION, "largest node's disk / (its stage's share + non-layer files)",
             Samples(tuple(disk), "x", "lower"), "1", Samples((1.0,) * rounds, "x", "lower"), at_most(1.1)),
         Row(SECTION, "place_instance to ready, 3 stages", Samples(tuple(placed), "s", "lower"),
