@@ -164,3 +164,28 @@ def test_auto_download_fetches_on_the_first_chat(tmp_path: Path, hub: LocalHub) 
         answer = node.post("/v1/chat/completions", {"model": REPO, **CHAT}, timeout=120)
         assert answer.status_code == 200, answer.text
         assert hub.stats.bytes_served >= hub.model_size(REPO) - 100_000
+
+
+def test_with_a_cluster_secret_a_node_fetches_from_its_peer_not_the_hub(
+    tmp_path: Path, hub: LocalHub
+) -> None:
+    with _cluster(tmp_path, hub, 2) as cluster:
+        for node in cluster.nodes:
+            node.extra_args = ["--cluster-secret", "hub-test-secret"]
+        cluster.start_all()
+        first, second = cluster.nodes
+        wait_until(lambda: all(len(node.state()["nodes"]) == 2 for node in cluster.nodes), 90, "two nodes")
+        assert first.post("/models/download", {"model_id": REPO, "node_ids": ["node0"]}).status_code == 202
+        wait_until(
+            lambda: (_node_state(first, REPO, "node0") or {}).get("status") == "ready", 60, "node0 ready"
+        )
+        assert second.post("/models/download", {"model_id": REPO, "node_ids": ["node1"]}).status_code == 202
+        wait_until(
+            lambda: (_node_state(first, REPO, "node1") or {}).get("status") == "ready", 60, "node1 ready"
+        )
+        assert _weights(second) == _weights(first) and len(_weights(second)) == 4
+        weights = {
+            name: count for name, count in hub.stats.whole_files.items() if name.endswith(".safetensors")
+        }
+        assert len(weights) == 4 and all(count == 1 for count in weights.values()), weights
+        assert second.get("/node_status")["peer_bytes_fetched"] >= hub.model_size(REPO) // 2
