@@ -1,6 +1,6 @@
 """`python -m bench`: every benchmark in one run, one table, and docs/benchmarks.md rewritten.
 
-    python -m bench [--quick] [--only serving,pinned,blas,pipeline,events,replay,hub] [--rounds N]
+    python -m bench [--quick] [--only serving,pinned,blas,pipeline,events,replay,structured,hub] [--rounds N]
                     [--write-docs | --no-docs]
 
 Makes its models with `python -m exo.inference.synthetic` (into bench/out/models), starts exo nodes,
@@ -29,6 +29,7 @@ from bench.hub_bench import run_or_fail as run_hub_section
 from bench.processes import eos_token_ids, linked_copy, make_model
 from bench.scaling import run_blas, run_pinned
 from bench.serving import run_serving
+from bench.structured import run_structured
 from bench.suite import Row, RunHeader, replace_generated, results_markdown, summary_table, tally
 from bench.workload import (
     DEFAULT_MODEL_ARGUMENTS,
@@ -47,7 +48,7 @@ DOCS = machine.REPO / "docs" / "benchmarks.md"
 # The event-path sections first: run right after the inference sections (which start and stop
 # processes holding gigabytes), the events bench saw one 70-90 ms stall in its 5 s latency window in
 # two suite runs out of two, and none in six runs on its own or right after the pipeline bench.
-SECTIONS = ("events", "replay", "serving", "pinned", "blas", "pipeline", "hub")
+SECTIONS = ("events", "replay", "serving", "pinned", "blas", "pipeline", "structured", "hub")
 DOCS_SKELETON = "# Benchmarks\n\nEvery figure is a ratio against a baseline measured in the same run.\n"
 
 
@@ -123,6 +124,7 @@ SECTION_TITLES = {
     "pipeline": "Pipelines on loopback against one process (bench/pipeline_bench.py)",
     "events": "Events through the cluster path (bench/events_bench.py)",
     "replay": "Event store: replay and appends (bench/replay_bench.py)",
+    "structured": "Constrained decoding: json_schema against free decoding (bench/structured.py)",
     "hub": "Hub downloads: 3 stages, one download per cluster, resume (bench/hub_bench.py)",
 }
 
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             "serving": lambda: run_serving(model, settings, root),
             "pinned": lambda: run_pinned(model, settings, root),
             "blas": lambda: run_blas(model, settings, root),
+            "structured": lambda: run_structured(model, settings, root),
             **subprocess_sections(arguments.quick, settings),
             "hub": lambda: run_hub_section(arguments.quick, settings.rounds, root / "hub"),
         }

@@ -27,7 +27,7 @@ from pathlib import Path
 from bench.machine import describe_machine, load_average
 from exo.inference.client import GenerationRequest, PipelineClient, TokenSink
 from exo.inference.synthetic import SyntheticModelSpec, write_synthetic_model
-from tests.inference_helpers import ControlServer, RunnerProcess, load, spawn_runner, stop_runners
+from tests.harness.inference_helpers import ControlServer, RunnerProcess, load, spawn_runner, stop_runners
 
 OUT = Path(__file__).resolve().parent / "out"
 SETUPS = {"before": ["--max-batch-size", "1", "--prefix-cache-tokens", "0"], "after": []}

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.batching_exactness [--steps 40]
 
-For each tiny test model (tests/inference_helpers.py), 8 prompts decoded greedily alone, then the
+For each tiny test model (tests/harness/inference_helpers.py), 8 prompts decoded greedily alone, then the
 same steps batched 8 at once (the same tokens fed, so the rows compare step for step):
 - the largest |log-probability| difference between a batched row and the same step alone;
 - the smallest gap between the two most likely tokens seen alone (a flip needs a gap below the
@@ -33,9 +33,8 @@ from exo.inference.frames import prefill_chunks  # noqa: E402
 from exo.inference.prefix_cache import KVSnapshots  # noqa: E402
 from exo.inference.sampling import logprobs_from_logits  # noqa: E402
 from exo.inference.shard import ShardModel, ShardSpec, load_shard  # noqa: E402
-from tests.inference_helpers import N_LAYERS, PREFILL_STEP_SIZE, tiny_models  # noqa: E402
-from tests.test_inference_batching import TEXTS  # noqa: E402
-from tests.test_prefix_cache import NEXT_USER, TURN_ONE  # noqa: E402
+from tests.harness.inference_helpers import N_LAYERS, PREFILL_STEP_SIZE, tiny_models  # noqa: E402
+from tests.harness.prompts import NEXT_USER, TEXTS, TURN_ONE  # noqa: E402
 
 
 def prefill(shard: ShardModel, prompt: list[int], cache: Sequence[Any], start: int = 0) -> mx.array:

@@ -30,12 +30,13 @@ import zmq
 
 from bench.events_bench import measure
 from bench.pipeline_bench import timed_generation
-from exo.bus.security import CLUSTER_SECRET_ENVIRONMENT, derive_security, start_thread_authenticator
-from exo.bus.sockets import apply_curve
+from exo.bus.security import derive_security
+from exo.core.security import CLUSTER_KEYS_ENVIRONMENT, apply_curve
 from exo.inference.client import PipelineClient, TokenSink
+from exo.inference.curve import start_thread_authenticator
 from exo.inference.protocol import ShardLoaded
 from exo.inference.synthetic import SyntheticModelSpec, write_synthetic_model
-from tests.inference_helpers import ControlServer, RunnerProcess, load, spawn_runner, stop_runners
+from tests.harness.inference_helpers import ControlServer, RunnerProcess, load, spawn_runner, stop_runners
 
 FRAME_BYTES = 1024 * 1024
 SECRET = "benchmark secret"
@@ -83,16 +84,17 @@ def activation_megabytes_per_second(megabytes: int, secret: str | None) -> float
 
 @contextlib.contextmanager
 def cluster_secret(secret: str | None) -> Iterator[None]:
-    """Runners read the secret from their environment, as a node passes it to them."""
-    previous = os.environ.pop(CLUSTER_SECRET_ENVIRONMENT, None)
-    if secret is not None:
-        os.environ[CLUSTER_SECRET_ENVIRONMENT] = secret
+    """Runners read the cluster's keys from their environment, as a node's worker passes them."""
+    previous = os.environ.pop(CLUSTER_KEYS_ENVIRONMENT, None)
+    keys = derive_security(secret).environment_value()
+    if keys is not None:
+        os.environ[CLUSTER_KEYS_ENVIRONMENT] = keys
     try:
         yield
     finally:
-        os.environ.pop(CLUSTER_SECRET_ENVIRONMENT, None)
+        os.environ.pop(CLUSTER_KEYS_ENVIRONMENT, None)
         if previous is not None:
-            os.environ[CLUSTER_SECRET_ENVIRONMENT] = previous
+            os.environ[CLUSTER_KEYS_ENVIRONMENT] = previous
 
 
 def two_stage_pipeline(control: ControlServer, model: Path, secret: str | None) -> list[RunnerProcess]:

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import httpx
 
-from exo.events import IndexedEvent, NodeLabelled
-from exo.node import NodeConfig, run_node
-from exo.roles.cluster import ClusterMember
+from exo.core.events import IndexedEvent, NodeLabelled
+from exo.node.cluster import ClusterMember
+from exo.node.main import NodeConfig, run_node
 from exo.roles.outbox import RESEND_AFTER_SECONDS
-from tests.cluster_harness import NodeProcess, free_port, wait_until
+from tests.harness.cluster_harness import NodeProcess, free_port, wait_until
 
 SUBMIT_CHUNK = 1000
 TARGET_EVENTS_PER_SECOND = 20_000

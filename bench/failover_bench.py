@@ -22,7 +22,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.cluster_harness import LoopbackCluster, NodeProcess, wait_until
+from tests.harness.cluster_harness import LoopbackCluster, NodeProcess, wait_until
 
 UPSTREAM_SECONDS = 8.0
 TARGET_SECONDS = 2.0

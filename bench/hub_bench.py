@@ -3,7 +3,7 @@
     python -m bench.hub_bench [--quick] [--rounds N]
 
 A synthetic model (~400 MB float32, 8 layers in 8 weight files; `--quick`: ~40 MB) is served by
-the local Hub of the tests (tests/local_hub.py) on loopback. Interleaved rounds of:
+the local Hub of the tests (tests/harness/local_hub.py) on loopback. Interleaved rounds of:
 
 - baseline: `huggingface_hub.snapshot_download` of the model's files to one folder;
 - exo: a 3-node cluster (started once) places the model as 3 stages (`POST /place_instance`,
@@ -31,8 +31,8 @@ import httpx
 from bench.suite import Row, Samples, at_most, failed_row, summary_table
 from exo.inference.models import read_model_info
 from exo.inference.synthetic import SyntheticModelSpec, write_synthetic_model
-from tests.cluster_harness import LoopbackCluster, wait_until
-from tests.local_hub import LocalHub
+from tests.harness.cluster_harness import LoopbackCluster, wait_until
+from tests.harness.local_hub import LocalHub
 
 SECTION = "Hub downloads"
 REPO = "bench-org/model"
@@ -150,7 +150,7 @@ def run_hub(quick: bool, rounds: int, root: Path) -> tuple[list[Row], str]:
     ]  # fmt: skip
     details = (
         f"Model: {spec.layers} layers, hidden {spec.hidden}, float32, {spec.layers} weight files, "
-        f"{size / MB:.0f} MB in all; {rounds} interleaved round(s); the Hub is tests/local_hub.py "
+        f"{size / MB:.0f} MB in all; {rounds} interleaved round(s); the Hub is tests/harness/local_hub.py "
         "on loopback."
     )
     return rows, details

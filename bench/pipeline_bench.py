@@ -33,7 +33,7 @@ from exo.inference.client import GenerationRequest, PipelineClient, TokenSink
 from exo.inference.models import get_model
 from exo.inference.protocol import RunnerStats, ShardLoaded
 from exo.inference.synthetic import BUILTIN_SPEC, SyntheticModelSpec, write_synthetic_model
-from tests.inference_helpers import ControlServer, RunnerProcess, load, spawn_runner, stop_runners
+from tests.harness.inference_helpers import ControlServer, RunnerProcess, load, spawn_runner, stop_runners
 
 OUT = Path(__file__).resolve().parent / "out"
 PROMPT = [(7 * index + 3) % 1000 + 3 for index in range(64)]  # the same 64 token ids everywhere

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from tests.cluster_harness import free_port, wait_until
+from tests.harness.cluster_harness import free_port, wait_until
 
 START_TIMEOUT = 180.0  # seconds for a process to serve (a loaded 2-core machine starts slowly)
 READY_TIMEOUT = 300.0  # seconds for an instance's runners to load their shards

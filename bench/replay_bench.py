@@ -5,7 +5,7 @@
 Writes a realistic log (mostly NodeMemoryMeasured / NodeLabelled / RunnerStatusUpdated, some
 NodeJoined / MasterElected / NodeTimedOut / instance churn), then times:
 - the baseline: reading the log back and msgspec-decoding every event, without applying it;
-- exo-replay's rebuild (`exo.replay.rebuild`: the same read + decode + exo.state.apply);
+- exo-replay's rebuild (`exo.replay.rebuild`: the same read + decode + exo.core.state.apply);
 - the whole `exo-replay --json` command (process start, file checks, rebuild, output);
 - append throughput at 1, 64 and 1024 events per commit, synchronous=FULL and NORMAL.
 Read timings are best of --repeat, in wall-clock and in CPU seconds (on a shared machine the CPU
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
 
-from exo.events import (
+from exo.core.events import (
     Event,
     IndexedEvent,
     InstanceCreated,
@@ -264,7 +264,7 @@ def report(
         "|---|---:|---:|---:|",
         _rate_row("baseline: read + msgspec decode, no apply", count, baseline, baseline),
         _rate_row(
-            "replay: read + decode + `exo.state.apply` (`exo.replay.rebuild`)", count, replay, baseline
+            "replay: read + decode + `exo.core.state.apply` (`exo.replay.rebuild`)", count, replay, baseline
         ),
         _rate_row(
             f"`exo-replay --json` command, whole process ({command.wall:.1f} s)", count, command, baseline

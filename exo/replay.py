@@ -1,8 +1,8 @@
 """`exo-replay PATH`: rebuild the cluster state from an event log, offline and read-only.
 
-`replay_state` is the pure fold the node reuses on start-up (`restore_state` does it from any
-EventStore); the rest is the command line: a summary, `--json` (the state document, equal to
-the node's `GET /state` at that index), `--list`, `--verify`.
+It folds the log with the core's one fold (exo.core.fold, as a node does on start-up); the rest
+is the command line: a summary, `--json` (the state document, equal to the node's `GET /state`
+at that index), `--list`, `--verify`.
 
 Exit codes: 0 ok; 1 the log is damaged (a hole, an event that does not decode), naming the
 first bad index; 2 the file cannot be used (missing, not an exo store, corrupt) or bad usage.
@@ -14,58 +14,17 @@ import argparse
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import msgspec
 
-from exo.events import IndexedEvent, event_type_name
-from exo.state import State, StateBuilder, state_document
-from exo.store.base import EventStore, StoreError
+from exo.core.events import IndexedEvent, event_type_name
+from exo.core.fold import LogFold, LogGapError
+from exo.core.state import State, state_document
+from exo.store.base import StoreError
 from exo.store.reader import EventDecodeError, LogReader
 
-RESTORE_PAGE_EVENTS = 10_000
 SHORT_PAYLOAD_CHARS = 100
-
-
-class LogGapError(ValueError):
-    """The events do not continue the state: `expected` is the first missing index."""
-
-    def __init__(self, expected: int, found: int | None) -> None:
-        self.detail = f"the log continues at {found}" if found is not None else "no later event is stored"
-        super().__init__(f"index {expected} is missing ({self.detail})")
-        self.expected = expected
-        self.found = found
-
-
-def replay_state(events: Iterable[IndexedEvent], start_state: State | None = None) -> State:
-    """Fold `events` into `start_state` (empty when None) with exo.state's rules, in one StateBuilder.
-
-    The events must continue the state exactly (first index = start_state.last_event_index + 1,
-    then no hole); LogGapError otherwise, since a state folded over a hole would be silently wrong.
-    """
-    builder = StateBuilder(start_state if start_state is not None else State())
-    expected = builder.last_event_index + 1
-    apply_event = builder.apply  # bound once: this loop is replay's speed
-    for indexed in events:
-        if indexed.index != expected:
-            raise LogGapError(expected, indexed.index)
-        apply_event(indexed)
-        expected += 1
-    return builder.build()
-
-
-async def restore_state(store: EventStore, until: int | None = None) -> State:
-    """The state after index `until` (the whole log when None): newest snapshot, then the events after it."""
-    snapshot = await store.load_snapshot(until)
-    state = snapshot.state if snapshot is not None else State()
-    while until is None or state.last_event_index < until:
-        start = state.last_event_index + 1
-        end = None if until is None else until + 1
-        page = await store.read(start, end, limit=RESTORE_PAGE_EVENTS)
-        if not page:
-            break
-        state = replay_state(page, state)
-    return state
 
 
 def rebuild(reader: LogReader, until: int | None = None) -> State:
@@ -74,13 +33,10 @@ def rebuild(reader: LogReader, until: int | None = None) -> State:
     Raises LogGapError when the log cannot reach that index, EventDecodeError on a bad event.
     """
     snapshot = reader.load_snapshot(until)
-    start_state = snapshot.state if snapshot is not None else State()
-    state = replay_state(reader.events(start_state.last_event_index + 1, until), start_state)
-    target = reader.last_index() if until is None else min(until, reader.last_index())
-    if state.last_event_index < target:
-        # The events stop short: those after the state are gone and no snapshot covers them.
-        raise LogGapError(state.last_event_index + 1, reader.next_event_index(state.last_event_index))
-    return state
+    fold = LogFold(snapshot.state if snapshot is not None else None)
+    fold.feed(reader.events(fold.last_event_index + 1, until))
+    reach = reader.last_index() if until is None else min(until, reader.last_index())
+    return fold.state(reach, reader.next_event_index(fold.last_event_index))
 
 
 def summary(state: State, reader: LogReader, until: int | None) -> str:
@@ -186,7 +142,7 @@ def _run(arguments: argparse.Namespace, out: Output) -> int:
             return 0
         state = rebuild(reader, arguments.until)
         if arguments.json:
-            out.raw(state_document(state) + b"\n")
+            out.raw(state_document(state))  # exactly the bytes GET /state serves, no newline added
         else:
             out.line(summary(state, reader, arguments.until))
         return 0

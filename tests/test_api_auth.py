@@ -9,8 +9,8 @@ import pytest
 from litestar.testing import TestClient
 
 from exo.api.app import create_app
-from exo.api.fakes import FakeNodeServices
-from tests.test_api_routes import assert_error, build_state
+from tests.harness.api_checks import assert_error, build_state
+from tests.harness.fakes import FakeNodeServices
 
 API_KEY = "s3cret-key"
 CHAT_BODY = {"model": "exo-tiny", "messages": [{"role": "user", "content": "hi"}]}
@@ -40,6 +40,15 @@ ROUTES: list[tuple[str, str, Any, int]] = [
     ("POST", "/ollama/api/show", {"model": "exo-tiny"}, 200),
     ("POST", "/ollama/api/chat", {**CHAT_BODY, "stream": False}, 200),
     ("POST", "/ollama/api/generate", {"model": "exo-tiny", "prompt": "hi"}, 200),
+    ("POST", "/v1/responses", {"model": "exo-tiny", "input": "hi"}, 200),
+    ("GET", "/v1/responses/resp_none", None, 404),
+    ("DELETE", "/v1/responses/resp_none", None, 404),
+    ("POST", "/v1/responses/resp_none/cancel", None, 404),
+    ("GET", "/v1/responses/resp_none/input_items", None, 404),
+    ("POST", "/v1/messages/count_tokens", {"model": "exo-tiny", "messages": CHAT_BODY["messages"]}, 200),
+    ("POST", "/v1/embeddings", {"model": "exo-tiny", "input": "hi"}, 501),
+    ("POST", "/ollama/api/embed", {"model": "exo-tiny", "input": "hi"}, 501),
+    ("POST", "/ollama/api/embeddings", {"model": "exo-tiny", "prompt": "hi"}, 501),
     ("GET", "/schema/openapi.json", None, 200),
 ]
 # Concrete paths in ROUTES -> the templated paths of the schema.
@@ -47,6 +56,7 @@ PATH_TEMPLATES = {
     "i-7": "{instance_id}",
     "models/exo-tiny": "models/{model_id}",
     "chatcmpl-none": "{completion_id}",
+    "resp_none": "{response_id}",
 }
 
 

@@ -2,82 +2,35 @@
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from litestar.testing import TestClient
 
-from exo.api.app import create_app
-from exo.api.completion import CompletionSettings
-from exo.api.fakes import END_OF_SEQUENCE, FakeNodeServices, FakeTokenizer, GenerateCall
-from exo.api.services import (
+from exo.api.cluster_port import (
     ClusterUnavailable,
-    GenerationFailed,
+    GenerationAborted,
     InstanceFailed,
     InstanceNotReady,
     NoCapacity,
     Overloaded,
     ServiceError,
 )
-from exo.inference.protocol import SamplingParams
-from tests.test_api_routes import assert_error
+from exo.api.completion import CompletionSettings
+from exo.core.sampling import SamplingParams
+from tests.harness.api_checks import assert_error, sse_events, streamed_text, wait_until_generation_ends
+from tests.harness.fakes import END_OF_SEQUENCE, FakeNodeServices
 
 USER_HI = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture
-def services() -> FakeNodeServices:
-    fake = FakeNodeServices()
-    # Multi-character tokens so tests can split text across tokens where they like.
-    fake.tokenizers["exo-tiny"] = FakeTokenizer(
-        {1000: "Hel", 1001: "lo", 1002: " wo", 1003: "rld", 1004: "!"}
-    )
-    fake.script = [1000, 1001, 1002, 1003, 1004]  # "Hello world!"
-    return fake
-
-
-@pytest.fixture
-def client(services: FakeNodeServices) -> Iterator[TestClient[Any]]:
-    settings = CompletionSettings(default_max_tokens=64, instance_ready_timeout_s=42.0)
-    with TestClient(create_app(services, completion_settings=settings)) as test_client:
-        yield test_client
+@pytest.fixture(scope="module")
+def completion_settings() -> CompletionSettings:
+    return CompletionSettings(default_max_tokens=64, instance_ready_timeout_s=42.0)
 
 
 def complete(client: TestClient[Any], **body: Any) -> Any:
     return client.post("/v1/chat/completions", json={"model": "exo-tiny", "messages": USER_HI, **body})
-
-
-def sse_events(response: Any) -> list[Any]:
-    """The `data:` payloads of an SSE body, JSON-decoded ("[DONE]" kept as a string)."""
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/event-stream")
-    text = response.text
-    assert text.endswith("\n\n")
-    events: list[Any] = []
-    for block in text.split("\n\n")[:-1]:
-        assert block.startswith("data: "), block
-        payload = block.removeprefix("data: ")
-        events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
-
-
-def streamed_text(events: list[Any]) -> str:
-    return "".join(
-        event["choices"][0]["delta"].get("content") or ""
-        for event in events
-        if isinstance(event, dict) and event.get("choices")
-    )
-
-
-def wait_until_generation_ends(call: GenerateCall, timeout: float = 5.0) -> None:
-    """The response can be complete a moment before the app's task closes the generation."""
-    deadline = time.monotonic() + timeout
-    while not (call.finished or call.closed_early):
-        assert time.monotonic() < deadline, "the generation neither finished nor was closed"
-        time.sleep(0.005)
 
 
 def test_non_streaming_completion(client: TestClient[Any], services: FakeNodeServices) -> None:
@@ -360,7 +313,7 @@ def test_errors_before_generation_are_http_errors(  # noqa: PLR0917 (pytest para
 def test_stage_failure_mid_stream_ends_with_an_error_event(
     client: TestClient[Any], services: FakeNodeServices
 ) -> None:
-    services.script = [1000, 1001, GenerationFailed("i-1", "stage on node1 went away"), 1002]
+    services.script = [1000, 1001, GenerationAborted("i-1", "stage on node1 went away"), 1002]
     events = sse_events(complete(client, stream=True))
     assert "[DONE]" not in events
     error = events[-1]["error"]
@@ -375,7 +328,7 @@ def test_stage_failure_before_the_first_token_of_a_stream_is_an_http_error(
     client: TestClient[Any], services: FakeNodeServices
 ) -> None:
     """A streamed answer's headers wait for the first token, so a failure at the start is a 500."""
-    services.script = [GenerationFailed("i-1", "stage failed to load")]
+    services.script = [GenerationAborted("i-1", "stage failed to load")]
     message = assert_error(complete(client, stream=True), 500, "generation_failed")
     assert "stage failed to load" in message
 
@@ -393,6 +346,6 @@ def test_an_overloaded_instance_is_503_with_retry_after(
 def test_stage_failure_without_streaming_is_a_server_error(
     client: TestClient[Any], services: FakeNodeServices
 ) -> None:
-    services.script = [1000, GenerationFailed("i-1", "stage on node1 went away")]
+    services.script = [1000, GenerationAborted("i-1", "stage on node1 went away")]
     message = assert_error(complete(client), 500, "generation_failed")
     assert "stage on node1 went away" in message

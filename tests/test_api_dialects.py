@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from litestar.testing import TestClient
 
-from exo.api.app import create_app
+from exo.api.cluster_port import GenerationAborted, NoCapacity
 from exo.api.completion import CompletionSettings
-from exo.api.fakes import FakeNodeServices, FakeTokenizer
-from exo.api.services import GenerationFailed, NoCapacity
-from exo.events import ShardAssignment
-from exo.state import Instance, State
+from exo.core.events import ShardAssignment
+from exo.core.state import Instance, State
+from tests.harness.api_checks import assert_claude_error
+from tests.harness.fakes import FakeNodeServices, FakeTokenizer
+
+
+@pytest.fixture(scope="module")
+def completion_settings() -> CompletionSettings:
+    return CompletionSettings(default_max_tokens=256)
+
 
 HEADERS = {"anthropic-version": "2023-06-01"}
 CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -23,31 +28,6 @@ CLAUDE_TOOL = {
     "description": "Weather in a city",
     "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
 }
-
-
-@pytest.fixture(scope="module")
-def app() -> Iterator[tuple[FakeNodeServices, TestClient[Any]]]:
-    fake = FakeNodeServices()
-    with TestClient(
-        create_app(fake, completion_settings=CompletionSettings(default_max_tokens=256))
-    ) as client:
-        yield fake, client
-
-
-@pytest.fixture
-def services(app: tuple[FakeNodeServices, TestClient[Any]]) -> FakeNodeServices:
-    fake, _ = app
-    fake.__dict__.update(FakeNodeServices().__dict__)
-    fake.tokenizers["exo-tiny"] = FakeTokenizer(
-        {1000: "Hel", 1001: "lo", 1002: " wo", 1003: "rld", 1004: "!"}
-    )
-    fake.script = [1000, 1001, 1002, 1003, 1004]  # "Hello world!"
-    return fake
-
-
-@pytest.fixture
-def client(app: tuple[FakeNodeServices, TestClient[Any]], services: FakeNodeServices) -> TestClient[Any]:
-    return app[1]
 
 
 def script_text(services: FakeNodeServices, text: str) -> None:
@@ -65,14 +45,6 @@ def prompt_text(services: FakeNodeServices) -> str:
 def claude(client: TestClient[Any], headers: dict[str, str] | None = None, **body: Any) -> Any:
     request = {"model": "exo-tiny", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}], **body}
     return client.post("/v1/messages", json=request, headers=HEADERS if headers is None else headers)
-
-
-def assert_claude_error(response: Any, status_code: int, error_type: str) -> str:
-    assert response.status_code == status_code, response.text
-    body = response.json()
-    assert body["type"] == "error"
-    assert body["error"]["type"] == error_type
-    return str(body["error"]["message"])
 
 
 def claude_events(response: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -172,11 +144,32 @@ def test_claude_tool_history_and_system_blocks(client: TestClient[Any], services
 
 
 def test_claude_forced_tool(client: TestClient[Any], services: FakeNodeServices) -> None:
-    script_text(services, '{"city": "Paris"}}</tool_call>')
+    script_text(services, CALL_TEXT)
     services.tokenizers["exo-tiny"].chat_template = "<tool_call>"
-    body = claude(client, tools=[CLAUDE_TOOL], tool_choice={"type": "tool", "name": "get_weather"}).json()
+    body = claude(
+        client, tools=[CLAUDE_TOOL], tool_choice={"type": "tool", "name": "get_weather"}, max_tokens=200
+    ).json()
     assert body["content"][-1]["input"] == {"city": "Paris"}
-    assert prompt_text(services).endswith('<tool_call>\n{"name": "get_weather", "arguments": ')
+    grammar = services.generate_calls[0].sampling.grammar
+    assert grammar is not None and not grammar.trigger and '"const": "get_weather"' in grammar.lark
+
+
+def test_claude_tool_choice_any_and_structured_output(
+    client: TestClient[Any], services: FakeNodeServices
+) -> None:
+    script_text(services, CALL_TEXT)
+    services.tokenizers["exo-tiny"].chat_template = "<tool_call>"
+    body = claude(client, tools=[CLAUDE_TOOL], tool_choice={"type": "any"}, max_tokens=200).json()
+    assert body["stop_reason"] == "tool_use"
+    grammar = services.generate_calls[-1].sampling.grammar
+    assert grammar is not None and not grammar.trigger
+    script_text(services, '{"a": 1}')
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    output_config = {"format": {"type": "json_schema", "schema": schema}}
+    body = claude(client, output_config=output_config).json()
+    assert body["content"][0]["text"] == '{"a": 1}'
+    grammar = services.generate_calls[-1].sampling.grammar
+    assert grammar is not None and '"lenient": false' in grammar.lark  # Claude's are always strict
 
 
 @pytest.mark.parametrize(
@@ -188,10 +181,16 @@ def test_claude_forced_tool(client: TestClient[Any], services: FakeNodeServices)
         ({"messages": []}, 400, "invalid_request_error", "messages"),
         ({"temperature": 1.5}, 400, "invalid_request_error", "temperature"),
         (
-            {"output_config": {"format": {"type": "json_schema", "schema": {}}}},
+            {"output_config": {"format": {"type": "json_schema"}}},
             400,
             "invalid_request_error",
-            "structured",
+            "output_config.format",
+        ),
+        (
+            {"output_config": {"format": {"type": "json_schema", "schema": {"type": "object", "if": {}}}}},
+            400,
+            "invalid_request_error",
+            "Unimplemented keys",
         ),
         (
             {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "base64"}}]}]},
@@ -216,7 +215,7 @@ def test_claude_no_capacity_and_stage_failure(client: TestClient[Any], services:
     services.ensure_error = NoCapacity("exo-tiny", ["node0: short by 1 GiB"])
     assert "short by 1 GiB" in assert_claude_error(claude(client), 503, "overloaded_error")
     services.ensure_error = None
-    services.script = [1000, GenerationFailed("i-1", "stage gone")]
+    services.script = [1000, GenerationAborted("i-1", "stage gone")]
     events = claude_events(claude(client, stream=True))
     assert events[-1][0] == "error" and "stage gone" in events[-1][1]["error"]["message"]
 
@@ -318,9 +317,15 @@ def test_ollama_model_routes(client: TestClient[Any], services: FakeNodeServices
         ("/ollama/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "nope"),
         (
             "/ollama/api/chat",
-            {"model": "exo-tiny", "messages": [{"role": "user", "content": "hi"}], "format": "json"},
+            {"model": "exo-tiny", "messages": [{"role": "user", "content": "hi"}], "format": "xml"},
             400,
             "format",
+        ),
+        (
+            "/ollama/api/chat",
+            {"model": "exo-tiny", "messages": [{"role": "user", "content": "hi"}], "think": "extreme"},
+            400,
+            "think",
         ),
         (
             "/ollama/api/chat",
@@ -350,7 +355,54 @@ def test_ollama_errors(
 
 
 def test_ollama_stage_failure_mid_stream(client: TestClient[Any], services: FakeNodeServices) -> None:
-    services.script = [1000, GenerationFailed("i-1", "stage gone")]
+    services.script = [1000, GenerationAborted("i-1", "stage gone")]
     lines = ndjson(ollama_chat(client))
     assert "stage gone" in lines[-1]["error"]
     assert not any(line.get("done") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("format_", "expected"),
+    [
+        ("json", '%json {"type": "object"'),
+        (
+            {"type": "object", "properties": {"a": {"type": "integer"}}},
+            '%json {"type": "object", "properties"',
+        ),
+    ],
+)
+def test_ollama_format_becomes_a_grammar(
+    client: TestClient[Any], services: FakeNodeServices, format_: Any, expected: str
+) -> None:
+    script_text(services, '{"a": 1}')
+    for path, extra in (
+        ("/ollama/api/chat", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/ollama/api/generate", {"prompt": "hi"}),
+    ):
+        body = {"model": "exo-tiny", "stream": False, "format": format_, **extra}
+        assert client.post(path, json=body).status_code == 200
+        grammar = services.generate_calls[-1].sampling.grammar
+        assert grammar is not None and grammar.lark.startswith(f"start: {expected}")
+
+
+@pytest.mark.parametrize(
+    ("think", "claude_thinking", "options"),
+    [
+        (False, {"type": "disabled"}, {"enable_thinking": False}),
+        (True, {"type": "enabled", "budget_tokens": 1024}, {"enable_thinking": True}),
+    ],
+)
+def test_think_flags_become_template_variables(
+    client: TestClient[Any], services: FakeNodeServices, think: bool, claude_thinking: Any, options: Any
+) -> None:
+    script_text(services, "hi")
+    chat = {
+        "model": "exo-tiny",
+        "stream": False,
+        "think": think,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    assert client.post("/ollama/api/chat", json=chat).status_code == 200
+    assert services.tokenizers["exo-tiny"].template_options[-1] == options
+    assert claude(client, thinking=claude_thinking).status_code == 200
+    assert services.tokenizers["exo-tiny"].template_options[-1] == options

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -15,15 +14,19 @@ import pytest
 from litestar.testing import TestClient
 
 from exo.api import runs
-from exo.api.app import create_app
 from exo.api.completion import CompletionSettings
-from exo.api.fakes import FakeNodeServices, FakeTokenizer, model_info
 from exo.api.openai_chat import chat_completion_stream, chat_request
 from exo.api.openai_types import ChatCompletionRequest
 from exo.api.runs import ActiveCompletions, CompletionRun
-from exo.inference.protocol import SamplingParams
-from tests.test_api_chat import sse_events, wait_until_generation_ends
-from tests.test_api_routes import assert_error
+from exo.core.sampling import SamplingParams
+from tests.harness.api_checks import assert_error, sse_events, wait_until_generation_ends
+from tests.harness.fakes import FakeNodeServices, FakeTokenizer, model_info
+
+
+@pytest.fixture(scope="module")
+def completion_settings() -> CompletionSettings:
+    return CompletionSettings(default_max_tokens=256)
+
 
 USER_HI = [{"role": "user", "content": "hi"}]
 WEATHER_TOOL = {
@@ -40,31 +43,6 @@ CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}
 
 def tokens_of(tokenizer: FakeTokenizer, text: str) -> list[int]:
     return tokenizer.encode(text)
-
-
-@pytest.fixture(scope="module")
-def app() -> Iterator[tuple[FakeNodeServices, TestClient[Any]]]:
-    """One app per module (building one takes a while); each test resets the fake it holds."""
-    fake = FakeNodeServices()
-    settings = CompletionSettings(default_max_tokens=256)
-    with TestClient(create_app(fake, completion_settings=settings)) as test_client:
-        yield fake, test_client
-
-
-@pytest.fixture
-def services(app: tuple[FakeNodeServices, TestClient[Any]]) -> FakeNodeServices:
-    fake, _ = app
-    fake.__dict__.update(FakeNodeServices().__dict__)  # a fresh fake in the object the app holds
-    fake.tokenizers["exo-tiny"] = FakeTokenizer(
-        {1000: "Hel", 1001: "lo", 1002: " wo", 1003: "rld", 1004: "!"}
-    )
-    fake.script = [1000, 1001, 1002, 1003, 1004]  # "Hello world!"
-    return fake
-
-
-@pytest.fixture
-def client(app: tuple[FakeNodeServices, TestClient[Any]], services: FakeNodeServices) -> TestClient[Any]:
-    return app[1]
 
 
 def chat(client: TestClient[Any], **body: Any) -> Any:
@@ -148,13 +126,39 @@ def test_sampling_fields_reach_the_runner(client: TestClient[Any], services: Fak
         ({"logit_bias": {"x": 1}}, "logit_bias", "invalid_request"),
         ({"logit_bias": {"1": 101}}, "logit_bias", "invalid_request"),
         ({"logit_bias": {"999999": 1}}, "logit_bias", "invalid_request"),  # beyond the vocabulary
-        ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "invalid_request"),
         (
-            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-            "response_format",
-            "unsupported_response_format",
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "object"}}},
+            "response_format.json_schema.schema",
+            "invalid_request",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": "yes"}}},
+            "response_format.json_schema.strict",
+            "invalid_request",
+        ),
+        (  # strict: a keyword the grammar library does not implement is refused, not ignored
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "strict": True, "schema": {"type": "object", "if": {}}},
+                }
+            },
+            "response_format.json_schema.schema",
+            "unsupported_schema",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "objekt"}},
+                }
+            },
+            "response_format.json_schema.schema",
+            "unsupported_schema",
         ),
         ({"response_format": {"type": "xml"}}, "response_format.type", "invalid_request"),
+        ({"reasoning_effort": "extreme"}, "reasoning_effort", "invalid_request"),
         ({"tool_choice": "required"}, "tool_choice", "invalid_request"),
         (
             {"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": [WEATHER_TOOL]},
@@ -267,16 +271,103 @@ def test_tool_choice_none_does_not_render_tools(client: TestClient[Any], service
 def test_named_tool_choice_renders_only_that_tool_and_forces_the_call(
     client: TestClient[Any], services: FakeNodeServices
 ) -> None:
-    script_text(services, '{"city": "Paris"}}\n</tool_call>')
+    script_text(services, CALL_TEXT)
     services.tokenizers["exo-tiny"].chat_template = "... <tool_call> ..."  # a Hermes-style template
     choice = {"type": "function", "function": {"name": "get_weather"}}
     body = chat(client, tools=[TIME_TOOL, WEATHER_TOOL], tool_choice=choice).json()
     prompt = "".join(chr(token) for token in services.generate_calls[0].prompt_tokens)
     assert '"get_weather"' in prompt and '"get_time"' not in prompt
-    assert prompt.endswith('<assistant><tool_call>\n{"name": "get_weather", "arguments": ')
+    grammar = services.generate_calls[0].sampling.grammar
+    assert grammar is not None and not grammar.trigger  # the whole answer is the call
+    assert '"const": "get_weather"' in grammar.lark and "get_time" not in grammar.lark
     (call,) = body["choices"][0]["message"]["tool_calls"]
     assert call["function"]["name"] == "get_weather"
     assert body["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "parallel", "whole", "then"),
+    [
+        ("auto", None, False, "free"),
+        ("auto", False, False, "end"),
+        ("required", None, True, None),
+        ("required", False, True, None),
+    ],
+)
+def test_tool_choice_becomes_a_grammar(
+    client: TestClient[Any],
+    services: FakeNodeServices,
+    *,
+    tool_choice: str,
+    parallel: bool | None,
+    whole: bool,
+    then: str | None,
+) -> None:
+    """`required` constrains the whole answer to calls; `auto` leaves it free until the model opens a
+    call, whose JSON must then match a declared tool; parallel_tool_calls false allows one call."""
+    script_text(services, CALL_TEXT)
+    services.tokenizers["exo-tiny"].chat_template = "... <tool_call> ..."
+    extra: dict[str, Any] = {} if parallel is None else {"parallel_tool_calls": parallel}
+    assert chat(client, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice=tool_choice, **extra).status_code == 200
+    grammar = services.generate_calls[0].sampling.grammar
+    assert grammar is not None
+    assert '"const": "get_weather"' in grammar.lark and '"const": "get_time"' in grammar.lark
+    assert bool(grammar.trigger) is not whole
+    if then is not None:
+        assert grammar.then == then
+    else:
+        assert ('call ("\\n" call)*' in grammar.lark) is (parallel is None)
+
+
+def test_tool_choice_none_sends_no_grammar(client: TestClient[Any], services: FakeNodeServices) -> None:
+    script_text(services, CALL_TEXT)
+    services.tokenizers["exo-tiny"].chat_template = "... <tool_call> ..."
+    assert chat(client, tools=[WEATHER_TOOL], tool_choice="none").status_code == 200
+    assert services.generate_calls[0].sampling.grammar is None
+
+
+def test_forced_tool_choice_on_a_format_without_a_grammar_is_400(
+    client: TestClient[Any], services: FakeNodeServices
+) -> None:
+    """A template whose calls are not JSON between markers: "required" cannot be enforced, so it is
+    refused rather than hoped for; "auto" still works (parsed, not constrained)."""
+    script_text(services, "hi")
+    services.tokenizers["exo-tiny"].chat_template = "[TOOL_CALLS]"
+    assert_error(
+        chat(client, tools=[WEATHER_TOOL], tool_choice="required"),
+        400,
+        "unsupported_tool_choice",
+        "tool_choice",
+    )
+    assert chat(client, tools=[WEATHER_TOOL]).status_code == 200
+    assert services.generate_calls[-1].sampling.grammar is None
+
+
+@pytest.mark.parametrize(
+    ("response_format", "expected"),
+    [
+        ({"type": "text"}, None),
+        ({"type": "json_object"}, '%json {"type": "object"'),
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {"name": "p", "schema": {"type": "array"}, "strict": True},
+            },
+            '%json {"type": "array"',
+        ),
+    ],
+)
+def test_response_format_becomes_a_grammar(
+    client: TestClient[Any], services: FakeNodeServices, response_format: dict[str, Any], expected: str | None
+) -> None:
+    script_text(services, "{}")
+    assert chat(client, response_format=response_format).status_code == 200
+    grammar = services.generate_calls[0].sampling.grammar
+    if expected is None:
+        assert grammar is None
+    else:
+        assert grammar is not None and grammar.lark.startswith(f"start: {expected}")
+        assert '"lenient": false' in grammar.lark  # strict (json_object has no schema to relax)
 
 
 def test_parallel_tool_calls_false_keeps_one(client: TestClient[Any], services: FakeNodeServices) -> None:
@@ -506,3 +597,20 @@ async def test_an_opened_run_nobody_reads_is_cancelled(monkeypatch: pytest.Monke
     await wait_for_generations(services)
     assert services.generate_calls[0].closed_early
     assert len(registry) == 0
+
+
+@pytest.mark.parametrize(
+    ("effort", "options"),
+    [
+        (None, {}),
+        ("none", {"enable_thinking": False}),
+        ("high", {"enable_thinking": True, "reasoning_effort": "high"}),
+    ],
+)
+def test_reasoning_effort_becomes_template_variables(
+    client: TestClient[Any], services: FakeNodeServices, effort: str | None, options: dict[str, Any]
+) -> None:
+    script_text(services, "hi")
+    extra = {} if effort is None else {"reasoning_effort": effort}
+    assert chat(client, **extra).status_code == 200
+    assert services.tokenizers["exo-tiny"].template_options[-1] == options

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -10,67 +9,20 @@ import pytest
 from litestar.testing import TestClient
 
 from exo.api.app import MAX_EVENTS_PAGE, create_app
-from exo.api.fakes import FakeNodeServices, model_info
-from exo.api.services import ClusterUnavailable, NoCapacity
-from exo.events import IndexedEvent, InstanceCreated, MasterElected, NodeJoined, ShardAssignment
-from exo.state import Instance, RunnerInfo, State, apply, state_document
+from exo.api.cluster_port import ClusterUnavailable, NoCapacity
+from exo.core.events import ShardAssignment
+from exo.core.state import Instance, RunnerInfo, state_document
+from tests.harness.api_checks import assert_error, build_state
+from tests.harness.fakes import FakeNodeServices, model_info
 
 GIB = 1024**3
 
 
-def build_state() -> tuple[State, list[IndexedEvent]]:
-    events = [
-        MasterElected(term=1, node_id="node0"),
-        NodeJoined(node_id="node0", bus_address="tcp://10.0.0.1:52414", memory_available_bytes=6000),
-        NodeJoined(node_id="node1", bus_address="tcp://10.0.0.2:52414", memory_available_bytes=3000),
-        InstanceCreated(
-            instance_id="i-7",
-            model_id="exo-tiny",
-            sharding="Pipeline",
-            shard_assignments={"node0": ShardAssignment(0, 8, 8)},
-        ),
-    ]
-    state = State()
-    indexed_events: list[IndexedEvent] = []
-    for index, event in enumerate(events, start=1):
-        indexed = IndexedEvent(
-            index=index, term=1, origin_node_id="node0", origin_sequence=index, event=event
-        )
-        indexed_events.append(indexed)
-        state = apply(state, indexed)
-    return state, indexed_events
-
-
 @pytest.fixture
-def services() -> FakeNodeServices:
-    state, indexed_events = build_state()
-    fake = FakeNodeServices(state=state)
-    fake.indexed_events = indexed_events
-    return fake
-
-
-@pytest.fixture
-def client(services: FakeNodeServices) -> Iterator[TestClient[Any]]:
-    with TestClient(create_app(services)) as test_client:
-        yield test_client
-
-
-def assert_error(response: Any, status_code: int, code: str | None = None, param: str | None = None) -> str:
-    """The response is OpenAI's error object with this status; returns the message."""
-    assert response.status_code == status_code, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    assert isinstance(body["error"]["message"], str)
-    assert body["error"]["message"]
-    expected_type = "invalid_request_error" if status_code < 500 else "server_error"
-    assert body["error"]["type"] == expected_type
-    if code is not None:
-        assert body["error"]["code"] == code
-    if param is not None:
-        assert body["error"]["param"] == param
-    return body["error"]["message"]
+def services(services: FakeNodeServices) -> FakeNodeServices:
+    """The shared fake, serving a small cluster's state and the log that made it."""
+    services.current_state, services.indexed_events = build_state()
+    return services
 
 
 def test_health(client: TestClient[Any]) -> None:

@@ -12,7 +12,8 @@ import mlx.core as mx
 import msgspec
 import pytest
 
-from exo.inference.protocol import GenerationStarted, SamplingParams, TokenSampled, encode, pipeline_decoder
+from exo.core.sampling import SamplingParams
+from exo.inference.protocol import GenerationStarted, TokenSampled, encode, pipeline_decoder
 from exo.inference.sampling import TokenSampler, greedy, logprobs_from_logits
 
 LOGITS = mx.array([[[2.0, 1.0, 0.5, -1.0, 3.0]]])  # token 4 is the most likely, then 0, 1, 2, 3

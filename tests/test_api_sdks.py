@@ -2,8 +2,8 @@
 Python packages, raw HTTP for the errors, a client that disconnects, a cancel by id.
 
 One node for the module (`python -m exo.node`, with an API key so every client authenticates)
-with a synthetic qwen2 model, whose chat template renders tools, and the built-in exo-tiny, whose
-template does not. Synthetic weights are random: tool-call tests check shapes, not choices.
+with a synthetic qwen2 model, whose chat template renders tools, and a llama one, whose template
+does not. Synthetic weights are random: tool-call tests check shapes, not choices.
 """
 
 from __future__ import annotations
@@ -21,16 +21,17 @@ import httpx
 import ollama
 import openai
 import pytest
+from openai.types.responses import ResponseCompletedEvent, ResponseIncompleteEvent
 
-from tests.cluster_harness import NodeProcess, free_port, wait_until
-from tests.inference_helpers import tiny_models
+from tests.harness.cluster_harness import NodeProcess, free_port, wait_until
+from tests.harness.inference_helpers import tiny_models
 
 pytestmark = pytest.mark.slow
 
 API_KEY = "sdk-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 QWEN = "tiny-qwen2"  # renders tools (Hermes <tool_call> form)
-PLAIN = "exo-tiny"  # the built-in model: ChatML without tools
+PLAIN = "tiny-llama"  # plain ChatML: its template does not render tools
 HUGE = "huge-qwen2"  # headers claim 1.2 TB of weights: never fits
 USER_HI: Any = [{"role": "user", "content": "Tell me about the sea."}]  # each SDK types it its own way
 WEATHER_TOOL: Any = {
@@ -69,6 +70,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     models = root / "models"
     models.mkdir()
     shutil.copytree(tiny_models()["qwen2"], models / QWEN)
+    shutil.copytree(tiny_models()["llama"], models / PLAIN)
     write_huge_model(models / HUGE, models / QWEN)
     process = NodeProcess(
         name="node0",
@@ -272,8 +274,9 @@ def test_errors_on_a_real_node(node: NodeProcess) -> None:
     )
     stream_options = {"model": QWEN, "messages": USER_HI, "stream_options": {"include_usage": True}}
     assert_error(chat(node, stream_options), 400, "invalid_request", "stream_options")
-    json_mode = {"model": QWEN, "messages": USER_HI, "response_format": {"type": "json_object"}}
-    assert_error(chat(node, json_mode), 400, "unsupported_response_format", "response_format")
+    unsupported = {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {"if": {}}}}
+    json_mode = {"model": QWEN, "messages": USER_HI, "response_format": unsupported}
+    assert_error(chat(node, json_mode), 400, "unsupported_schema", "response_format.json_schema.schema")
     tool_choice = {"model": QWEN, "messages": USER_HI, "tool_choice": "required"}
     assert_error(chat(node, tool_choice), 400, "invalid_request", "tool_choice")
     assert "nope" in assert_error(
@@ -447,3 +450,161 @@ def test_ollama_client(node: NodeProcess) -> None:
     with pytest.raises(ollama.ResponseError) as raised:
         ollama.Client(host=node.url + "/ollama").list()
     assert raised.value.status_code == 401
+
+
+# --- OpenAI Responses ------------------------------------------------------------------------
+
+
+def test_openai_sdk_responses_create_stream_and_chain(openai_client: openai.OpenAI) -> None:
+    whole = openai_client.responses.create(
+        model=QWEN,
+        input="Tell me about the sea.",
+        instructions="Be brief.",
+        max_output_tokens=12,
+        temperature=0,
+    )
+    assert whole.id.startswith("resp_") and whole.status in ("completed", "incomplete")
+    assert whole.usage is not None and 0 < whole.usage.output_tokens <= 12
+    assert whole.usage.total_tokens == whole.usage.input_tokens + whole.usage.output_tokens
+    if whole.status == "incomplete":  # random weights rarely end by themselves
+        assert whole.incomplete_details is not None and whole.incomplete_details.reason == "max_output_tokens"
+    events = list(
+        openai_client.responses.create(
+            model=QWEN,
+            input="Tell me about the sea.",
+            instructions="Be brief.",
+            max_output_tokens=12,
+            temperature=0,
+            stream=True,
+        )
+    )
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[-1].type == f"response.{whole.status}"
+    streamed = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert streamed == whole.output_text  # temperature 0: the same answer
+    with openai_client.responses.stream(
+        model=QWEN,
+        input="Tell me about the sea.",
+        instructions="Be brief.",
+        max_output_tokens=12,
+        temperature=0,
+    ) as stream:
+        last = [event for event in stream][-1]
+    assert isinstance(last, ResponseCompletedEvent | ResponseIncompleteEvent) and last.type == events[-1].type
+    assert last.response.output_text == whole.output_text
+    chained = openai_client.responses.create(
+        model=QWEN, input="And the sky?", previous_response_id=whole.id, max_output_tokens=4
+    )
+    assert chained.usage is not None and whole.usage is not None
+    assert chained.usage.input_tokens > whole.usage.input_tokens  # the earlier turn is in the prompt
+    assert openai_client.responses.retrieve(chained.id).previous_response_id == whole.id
+    assert [item.type for item in openai_client.responses.input_items.list(chained.id).data] == ["message"]
+    openai_client.responses.delete(whole.id)
+    with pytest.raises(openai.NotFoundError):
+        openai_client.responses.create(model=QWEN, input="x", previous_response_id=whole.id)
+
+
+def test_openai_sdk_responses_function_call_output_round_trip(openai_client: openai.OpenAI) -> None:
+    """A client's own function call and its output, sent as items; then chained on."""
+    tool: Any = {"type": "function", **WEATHER_TOOL["function"]}
+    first = openai_client.responses.create(
+        model=QWEN,
+        input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "type": "function_call",
+                "call_id": "call_1",
+                "name": "get_weather",
+                "arguments": '{"city": "Paris"}',
+            },
+            {"type": "function_call_output", "call_id": "call_1", "output": '{"sky": "clear"}'},
+        ],
+        tools=[tool],
+        max_output_tokens=8,
+        temperature=0,
+    )
+    assert first.status in ("completed", "incomplete") and first.tools[0].type == "function"
+    for call in (item for item in first.output if item.type == "function_call"):
+        assert call.name == "get_weather"  # whatever random weights call, it is a declared tool
+    second = openai_client.responses.create(
+        model=QWEN, input="Thanks!", previous_response_id=first.id, tools=[tool], max_output_tokens=4
+    )
+    assert second.usage is not None and first.usage is not None
+    assert second.usage.input_tokens > first.usage.input_tokens
+    with pytest.raises(openai.BadRequestError) as refused:
+        openai_client.responses.create(
+            model=QWEN, input=[{"type": "function_call_output", "call_id": "nope", "output": "x"}]
+        )
+    assert refused.value.param == "input[0].call_id"
+
+
+@pytest.fixture(scope="module")
+def eos_model(node: NodeProcess, openai_client: openai.OpenAI) -> str:
+    """A copy of the qwen2 model whose end-of-sequence token is the third token of its greedy answer,
+    so that answer ends by itself (status completed) on random weights."""
+    from tokenizers import Tokenizer  # pyright: ignore[reportMissingTypeStubs]
+
+    source = tiny_models()["qwen2"]
+    tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    greedy = openai_client.chat.completions.create(
+        model=QWEN, messages=USER_HI, max_tokens=8, temperature=0, logprobs=True
+    )
+    assert greedy.choices[0].logprobs is not None and greedy.choices[0].logprobs.content is not None
+    seen: list[int] = []
+    for entry in greedy.choices[0].logprobs.content:
+        ids = tokenizer.encode(entry.token, add_special_tokens=False).ids
+        if len(seen) >= 2 and len(ids) == 1 and ids[0] not in seen:
+            end_token = tokenizer.id_to_token(ids[0])
+            break
+        seen += ids
+    else:
+        pytest.fail("no token of the greedy answer can serve as the end of sequence")
+    models_dir = Path(node.extra_args[node.extra_args.index("--models-dir") + 1])
+    folder = models_dir / "tiny-qwen2-eos"
+    shutil.copytree(source, folder)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        config = json.loads((folder / name).read_text())
+        config["eos_token"] = end_token
+        (folder / name).write_text(json.dumps(config))
+    wait_until(
+        lambda: any(model["id"] == folder.name for model in get(node, "/v1/models")["data"]), 30, "the copy"
+    )
+    return folder.name
+
+
+def test_openai_sdk_responses_stream_helper_final_response(
+    openai_client: openai.OpenAI, eos_model: str
+) -> None:
+    whole = openai_client.responses.create(model=eos_model, input=USER_HI[0]["content"], temperature=0)
+    assert whole.status == "completed" and whole.output_text
+    with openai_client.responses.stream(
+        model=eos_model, input=USER_HI[0]["content"], temperature=0
+    ) as stream:
+        deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert final.status == "completed" and final.output_text == "".join(deltas) == whole.output_text
+    assert openai_client.responses.retrieve(final.id).output_text == final.output_text
+
+
+def test_anthropic_sdk_count_tokens(node: NodeProcess) -> None:
+    client = anthropic.Anthropic(base_url=node.url, api_key=API_KEY, max_retries=0)
+    tool: Any = {
+        "name": "get_weather",
+        "description": "Weather",
+        "input_schema": WEATHER_TOOL["function"]["parameters"],
+    }
+    for extra in ({}, {"system": "Be brief.", "tools": [tool]}):
+        counted = client.messages.count_tokens(model=QWEN, messages=USER_HI, **extra)
+        answered = client.messages.create(model=QWEN, max_tokens=1, messages=USER_HI, **extra)
+        assert counted.input_tokens == answered.usage.input_tokens
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.count_tokens(model="nope", messages=USER_HI)
+
+
+def test_embeddings_are_not_supported(openai_client: openai.OpenAI, node: NodeProcess) -> None:
+    with pytest.raises(openai.APIStatusError) as refused:
+        openai_client.embeddings.create(model=QWEN, input="hi")
+    assert refused.value.status_code == 501 and refused.value.code == "not_supported"
+    with pytest.raises(ollama.ResponseError) as ollama_refused:
+        ollama.Client(host=node.url + "/ollama", headers=AUTH).embed(model=QWEN, input="hi")
+    assert ollama_refused.value.status_code == 501 and "not supported" in ollama_refused.value.error

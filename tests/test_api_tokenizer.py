@@ -4,7 +4,6 @@ node loads a model's tokenizer): templates, multi-byte characters split over tok
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +12,9 @@ from litestar.testing import TestClient
 from mlx_lm.tokenizer_utils import TokenizerWrapper, load
 from tokenizers import ByteLevelBPETokenizer
 
-from exo.api.app import create_app
-from exo.api.fakes import END_OF_SEQUENCE, FakeNodeServices
-from exo.api.services import ChatTokenizer
-from tests.test_api_chat import sse_events, streamed_text
+from exo.api.cluster_port import ChatTokenizer
+from tests.harness.api_checks import sse_events, streamed_text
+from tests.harness.fakes import END_OF_SEQUENCE, FakeNodeServices
 
 ANSWER = "Héllo wörld 🙂 done"
 TEMPLATE = (
@@ -41,18 +39,12 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> TokenizerWrapper:
 
 
 @pytest.fixture
-def services(tokenizer: TokenizerWrapper) -> FakeNodeServices:
-    fake = FakeNodeServices()
+def services(services: FakeNodeServices, tokenizer: TokenizerWrapper) -> FakeNodeServices:
+    fake = services
     as_protocol: ChatTokenizer = tokenizer  # the node can hand mlx-lm's wrapper to the API as is
     fake.tokenizers["exo-tiny"] = as_protocol  # type: ignore[assignment]
     fake.script = list(tokenizer.encode(ANSWER, add_special_tokens=False))
     return fake
-
-
-@pytest.fixture
-def client(services: FakeNodeServices) -> Iterator[TestClient[Any]]:
-    with TestClient(create_app(services)) as test_client:
-        yield test_client
 
 
 def chat(client: TestClient[Any], **body: Any) -> Any:

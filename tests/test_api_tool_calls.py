@@ -6,9 +6,8 @@ import json
 
 import pytest
 
+from exo.api.cluster_port import GeneratedToken
 from exo.api.decoding import ChoiceDecoder, ChoiceEnded, ChoiceEvent, TextDelta, ToolCallMade
-from exo.api.fakes import END_OF_SEQUENCE, FakeTokenizer
-from exo.api.services import GeneratedToken
 from exo.api.tool_calls import (
     CallPiece,
     ContentPiece,
@@ -18,6 +17,7 @@ from exo.api.tool_calls import (
     parse_json_calls,
     parse_tool_calls,
 )
+from tests.harness.fakes import END_OF_SEQUENCE, FakeTokenizer
 
 WEATHER = ParsedCall("get_weather", '{"city": "Paris"}')
 

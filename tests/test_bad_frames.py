@@ -12,8 +12,8 @@ import msgspec
 import pytest
 import zmq
 
-from exo.bus import messages as m
-from tests.cluster_harness import LoopbackCluster, NodeProcess, wait_until
+from exo.core import messages as m
+from tests.harness.cluster_harness import LoopbackCluster, NodeProcess, wait_until
 
 pytestmark = pytest.mark.slow
 

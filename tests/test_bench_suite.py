@@ -46,7 +46,7 @@ REPLAY_OUTPUT = """## Event store: 2026-11-27, vm (x86_64, 2 cores, load average
 | measurement | events/s (wall) | events per CPU second | ratio to baseline (CPU) |
 |---|---:|---:|---:|
 | baseline: read + msgspec decode, no apply | 716,167 | 747,710 | 1.00 |
-| replay: read + decode + `exo.state.apply` (`exo.replay.rebuild`) | 257,854 | 261,698 | 0.35 |
+| replay: read + decode + `exo.core.state.apply` (`exo.replay.rebuild`) | 257,854 | 261,698 | 0.35 |
 | `exo-replay --json` command, whole process (7.3 s) | 137,582 | 140,153 | 0.19 |
 
 | events per commit | synchronous=FULL events/s | synchronous=NORMAL events/s | FULL / NORMAL |

@@ -8,9 +8,12 @@ import msgspec
 import pytest
 import zmq
 
-from exo.bus import messages as m
 from exo.bus.security import cluster_tag, derive_security
-from tests.cluster_harness import LoopbackCluster, wait_until
+from exo.core import messages as m
+from exo.core.models import ModelInfo
+from exo.core.security import CLUSTER_KEYS_ENVIRONMENT, BusSecurity
+from exo.node.worker import Worker
+from tests.harness.cluster_harness import LoopbackCluster, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +28,37 @@ def test_keys_and_tags_are_derived_deterministically_and_differ_per_secret() -> 
     tag = cluster_tag(SECRET)
     assert tag is not None and SECRET not in tag and tag != cluster_tag("other")
     assert first.secret_key is not None and first.secret_key.decode() not in (tag or "")
+
+
+def test_runners_get_the_key_pair_not_the_secret() -> None:
+    """The worker hands its runners the derived keys in the environment; they come back unchanged,
+    an unset value is an open bus, and anything else is refused with a clear error."""
+    security = derive_security(SECRET)
+    value = security.environment_value()
+    assert value is not None and SECRET not in value
+    assert BusSecurity.from_environment_value(value) == security
+    assert BusSecurity.from_environment_value(None) == BusSecurity() == BusSecurity.from_environment_value("")
+    assert BusSecurity().environment_value() is None
+    for bad in ("one-key-only", f"{value} extra", "short short"):
+        with pytest.raises(ValueError, match=CLUSTER_KEYS_ENVIRONMENT):
+            BusSecurity.from_environment_value(bad)
+
+
+def no_model(model_id: str) -> ModelInfo:
+    raise LookupError(model_id)
+
+
+def test_the_worker_passes_keys_and_drops_the_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXO_CLUSTER_SECRET", SECRET)
+    monkeypatch.setenv(CLUSTER_KEYS_ENVIRONMENT, "stale")
+    worker = Worker("n", no_model, lambda events: None, security=derive_security(SECRET))
+    environment = worker.runner_environment
+    assert "EXO_CLUSTER_SECRET" not in environment
+    assert BusSecurity.from_environment_value(environment[CLUSTER_KEYS_ENVIRONMENT]) == derive_security(
+        SECRET
+    )
+    open_worker = Worker("n", no_model, lambda events: None)
+    assert CLUSTER_KEYS_ENVIRONMENT not in open_worker.runner_environment
 
 
 def test_wrong_secret_and_plain_sockets_cannot_join_or_inject(tmp_path: Path) -> None:

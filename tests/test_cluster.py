@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from tests.cluster_harness import LoopbackCluster, NodeProcess, free_port, wait_until
+from tests.harness.cluster_harness import LoopbackCluster, NodeProcess, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -36,14 +37,21 @@ def all_events(node: NodeProcess) -> list[dict[str, Any]]:
         events.extend(page)
 
 
-def replay_json(data_dir: Path, until: int) -> dict[str, Any]:
+def replay_json(data_dir: Path, until: int) -> bytes:
     result = subprocess.run(
         [sys.executable, "-m", "exo.replay", str(data_dir / "events.db"), "--json", "--until", str(until)],
         capture_output=True,
         check=True,
         timeout=60,
     )
-    return json.loads(result.stdout)
+    return result.stdout
+
+
+def served_state(node: NodeProcess) -> tuple[int, bytes]:
+    """GET /state's bytes as served, with the index they are at."""
+    response = httpx.get(node.url + "/state", timeout=2.0)
+    response.raise_for_status()
+    return json.loads(response.content)["last_event_index"], response.content
 
 
 def test_three_nodes_elect_one_master_and_agree(tmp_path: Path) -> None:
@@ -156,7 +164,7 @@ def test_master_kill_failover_no_gap_and_rejoin(tmp_path: Path) -> None:
 
 
 def test_full_restart_restores_state_and_replay_matches(tmp_path: Path) -> None:
-    served: dict[str, dict[int, dict[str, Any]]] = {}
+    served: dict[str, dict[int, bytes]] = {}
     with LoopbackCluster(tmp_path, 3) as cluster:
         cluster.start_all()
         state = wait_until(
@@ -169,8 +177,8 @@ def test_full_restart_restores_state_and_replay_matches(tmp_path: Path) -> None:
             "cluster formed",
         )
         for node in cluster.nodes:
-            document = node.state()
-            served.setdefault(node.name, {})[document["last_event_index"]] = document
+            index, document = served_state(node)
+            served.setdefault(node.name, {})[index] = document
         for node in cluster.nodes:
             node.stop()
         for node in cluster.nodes:
@@ -189,8 +197,8 @@ def test_full_restart_restores_state_and_replay_matches(tmp_path: Path) -> None:
         assert set(restored["nodes"]) == set(state["nodes"])
         assert restored["term"] >= state["term"]
         for node in cluster.nodes:
-            document = node.state()
-            served[node.name][document["last_event_index"]] = document
+            index, document = served_state(node)
+            served[node.name][index] = document
         for node in cluster.nodes:
             node.stop()
     for node in cluster.nodes:

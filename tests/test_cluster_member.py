@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import zmq.asyncio
 
-from exo.bus import messages as m
 from exo.bus.sockets import SocketFactory
 from exo.bus.transport import Bus
-from exo.events import IndexedEvent, MasterElected, NodeLabelled
-from exo.roles.cluster import ClusterMember
-from exo.roles.replica import restore
+from exo.core import messages as m
+from exo.core.events import IndexedEvent, MasterElected, NodeLabelled
+from exo.node.cluster import ClusterMember
+from exo.node.replica import restore
 from exo.store.memory import InMemoryEventStore
-from tests.cluster_harness import free_port
+from tests.harness.cluster_harness import free_port
 
 
 @pytest.fixture
@@ -73,3 +74,21 @@ async def test_nothing_of_a_new_master_is_appended_before_the_logs_are_compared(
     member._reconciled_with = ("n9", 2)  # pyright: ignore[reportPrivateUsage]
     member._on_global_events(published)  # pyright: ignore[reportPrivateUsage]
     assert member._apply_queue.qsize() == 1  # pyright: ignore[reportPrivateUsage]
+
+
+async def test_a_node_named_in_its_own_peer_list_is_not_its_own_peer(member: ClusterMember) -> None:
+    """`--peers` that names every node (the same list on each machine) includes this one: the hello
+    answered by itself makes that address its own, not a peer in `/node_status`, and gossip that
+    names it again does not dial it again."""
+    bus = member.bus
+    own = f"127.0.0.1:{bus.bus_port}"
+    bus.add_peer(own)
+    deadline = asyncio.get_running_loop().time() + 10
+    while bus.self_address is None:
+        assert asyncio.get_running_loop().time() < deadline, "no hello answered by this node"
+        await asyncio.sleep(0.01)
+    assert bus.self_address == own
+    assert own not in bus.peers
+    bus.add_peer(own)
+    assert own not in bus.peers
+    assert bus.known_addresses() == []

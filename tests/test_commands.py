@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from exo.bus.messages import DeleteInstance, LabelNode, PlaceInstance
-from exo.events import (
+import msgspec
+import pytest
+
+from exo.core.events import (
     IndexedEvent,
     InstanceCreated,
     InstanceDeleted,
@@ -13,11 +15,21 @@ from exo.events import (
     RunnerStatusUpdated,
     ShardAssignment,
 )
-from exo.inference.models import ModelInfo
+from exo.core.messages import (
+    CommandAnswered,
+    Deleted,
+    DeleteInstance,
+    Labelled,
+    LabelNode,
+    Placed,
+    PlaceInstance,
+    Refused,
+)
+from exo.core.models import ModelFootprint, ModelInfo
+from exo.core.state import State, apply
+from exo.node.worker import LocalRunner, Worker
 from exo.roles.commands import decide, replacement_events
-from exo.roles.placement import ModelFootprint
-from exo.roles.worker import LocalRunner, StartRunner, StopRunner, Worker, plan
-from exo.state import State, apply
+from exo.roles.worker_plan import StartRunner, StopRunner, plan
 
 GIB = 1024**3
 FOOTPRINT = ModelFootprint.uniform(12, GIB // 4)
@@ -37,7 +49,7 @@ def cluster(*node_ids: str) -> State:
 def test_place_instance_creates_it_on_nodes_that_have_the_model() -> None:
     state = cluster("a", "b")
     outcome = decide(PlaceInstance("m", FOOTPRINT, "Pipeline", 2), state, {"m": {"a", "b"}}, "i-1")
-    assert outcome.answer.ok and outcome.answer.result == {"instance_id": "i-1"}
+    assert outcome.answer == Placed("i-1")
     (created,) = outcome.events
     assert isinstance(created, InstanceCreated) and set(created.shard_assignments) == {"a", "b"}
 
@@ -45,22 +57,35 @@ def test_place_instance_creates_it_on_nodes_that_have_the_model() -> None:
 def test_place_instance_refusals() -> None:
     state = cluster("a")
     nobody = decide(PlaceInstance("m", FOOTPRINT), state, {}, "i-1")
-    assert (
-        not nobody.answer.ok
-        and nobody.answer.status_code == 503
-        and "no alive node" in (nobody.answer.error or "")
-    )
+    assert isinstance(nobody.answer, Refused) and nobody.answer.reason == "model_not_held"
+    assert "no alive node" in nobody.answer.detail
     too_big = ModelFootprint.uniform(4, 64 * GIB)
     refused = decide(PlaceInstance("m", too_big), state, {"m": {"a"}}, "i-1")
-    assert not refused.answer.ok and refused.answer.status_code == 503 and refused.events == []
+    assert isinstance(refused.answer, Refused) and refused.answer.reason == "does_not_fit"
+    assert "cannot place 'm'" in refused.answer.detail and refused.events == []
 
 
 def test_delete_and_label() -> None:
     state = cluster("a")
-    assert decide(DeleteInstance("nope"), state, {}, "x").answer.status_code == 404
+    missing = decide(DeleteInstance("nope"), state, {}, "x").answer
+    assert isinstance(missing, Refused) and missing.reason == "instance_not_found"
     labelled = decide(LabelNode("a", "rack", "3"), state, {}, "x")
-    assert labelled.events == [NodeLabelled("a", "rack", "3")]
-    assert decide(LabelNode("zz", "k", "v"), state, {}, "x").answer.status_code == 404
+    assert labelled.answer == Labelled("a") and labelled.events == [NodeLabelled("a", "rack", "3")]
+    unknown = decide(LabelNode("zz", "k", "v"), state, {}, "x").answer
+    assert isinstance(unknown, Refused) and unknown.reason == "node_not_found"
+
+
+def test_command_answers_carry_no_http_status_and_refuse_unknown_reasons() -> None:
+    """The cluster protocol says what happened; only the API maps it to an HTTP status."""
+    for answer in (Placed("i-1"), Deleted("i-1"), Labelled("a"), Refused("not_master", "not the master")):
+        encoded = msgspec.msgpack.encode(CommandAnswered(answer))
+        assert msgspec.msgpack.decode(encoded, type=CommandAnswered) == CommandAnswered(answer)
+        assert b"status_code" not in encoded
+    bad = msgspec.msgpack.encode(
+        {"type": "CommandAnswered", "answer": {"type": "Refused", "reason": "teapot"}}
+    )
+    with pytest.raises(msgspec.ValidationError, match="reason"):
+        msgspec.msgpack.decode(bad, type=CommandAnswered)
 
 
 def test_instance_that_lost_a_node_is_replaced_on_the_survivors() -> None:
@@ -78,6 +103,44 @@ def test_instance_that_lost_a_node_is_replaced_on_the_survivors() -> None:
     created = events[1]
     assert isinstance(created, InstanceCreated) and created.instance_id == "i-2"
     assert "b" not in created.shard_assignments
+
+
+@pytest.mark.parametrize(
+    ("placed_on", "min_nodes", "alive_after", "stages_after"),
+    [
+        (3, 3, 2, 2),  # fewer nodes left than asked for: every node left, not 1
+        (3, 3, 3, 3),  # one gone, three left: the min_nodes asked for
+        (2, 2, 4, 2),
+        (2, 1, 3, 1),  # asked for 1 (placed on 2 for memory): the fewest that fit, as placed
+    ],
+)
+def test_a_replacement_keeps_the_min_nodes_it_was_placed_with(
+    placed_on: int, min_nodes: int, alive_after: int, stages_after: int
+) -> None:
+    nodes = [f"n{i}" for i in range(alive_after + 1)]
+    width = 12 // placed_on
+    assignments = {nodes[i]: ShardAssignment(i * width, (i + 1) * width, 12) for i in range(placed_on)}
+    state = state_of(
+        *(NodeJoined(node, f"{node}:1", 16 * GIB, 8 * GIB) for node in nodes),
+        InstanceCreated("i-1", "m", "Pipeline", assignments, min_nodes=min_nodes),
+        NodeTimedOut(nodes[0]),
+    )
+    assert state.instances["i-1"].min_nodes == min_nodes
+    events = replacement_events(state, {"m": set(nodes)}, lambda model_id: FOOTPRINT, lambda: "i-2")
+    assert events[0] == InstanceDeleted("i-1")
+    created = events[1]
+    assert isinstance(created, InstanceCreated)
+    assert len(created.shard_assignments) == stages_after
+    assert nodes[0] not in created.shard_assignments
+    assert created.min_nodes == min_nodes  # what the user asked for, for the next failover too
+
+
+def test_place_instance_records_min_nodes() -> None:
+    outcome = decide(
+        PlaceInstance("m", FOOTPRINT, "Pipeline", 2), cluster("a", "b", "c"), {"m": {"a", "b", "c"}}, "i"
+    )
+    (created,) = outcome.events
+    assert isinstance(created, InstanceCreated) and created.min_nodes == 2
 
 
 def test_instance_failed_for_another_reason_is_not_replaced() -> None:
@@ -129,8 +192,8 @@ def test_a_worker_holds_its_stage_only_through_a_ready_runner_of_its_own_at_the_
 
 
 def test_membership_waits_longer_before_marking_a_node_gone() -> None:
-    from exo.bus.messages import Heartbeat, Rank
-    from exo.roles.master import membership_events
+    from exo.core.messages import Heartbeat, Rank
+    from exo.roles.membership import membership_events
 
     state = cluster("a", "b")
     heartbeats = {

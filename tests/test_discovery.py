@@ -14,9 +14,9 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from exo.bus.discovery import (
     SERVICE_TYPE,
+    DiscoveredPeer,
     Discovery,
     DiscoveryError,
-    Peer,
     PeerFound,
     PeerLost,
     PeerTable,
@@ -35,7 +35,7 @@ def parse(
     addresses: list[str] | None = None,
     port: int | None = 52414,
     cluster_tag: str | None = None,
-) -> Peer | Rejection:
+) -> DiscoveredPeer | Rejection:
     return parse_announcement(
         properties,
         ["198.18.0.2"] if addresses is None else addresses,
@@ -90,31 +90,34 @@ def test_parse_rejects(
 @pytest.mark.parametrize(
     ("properties", "addresses", "cluster_tag", "expected"),
     [
-        (GOOD, ["198.18.0.2"], None, Peer("node-b", ("198.18.0.2",), 52414)),
-        (TAGGED, ["198.18.0.2"], "tag-1", Peer("node-b", ("198.18.0.2",), 52414)),
+        (GOOD, ["198.18.0.2"], None, DiscoveredPeer("node-b", ("198.18.0.2",), 52414)),
+        (TAGGED, ["198.18.0.2"], "tag-1", DiscoveredPeer("node-b", ("198.18.0.2",), 52414)),
         # unknown TXT keys are for later versions; junk addresses are skipped, duplicates merged
         (
             {**GOOD, b"extra": b"x", b"flag": None},
             ["198.18.0.2"],
             None,
-            Peer("node-b", ("198.18.0.2",), 52414),
+            DiscoveredPeer("node-b", ("198.18.0.2",), 52414),
         ),
         (
             GOOD,
             ["garbage", "10.0.0.9", "198.18.0.2", "10.0.0.9"],
             None,
-            Peer("node-b", ("10.0.0.9", "198.18.0.2"), 52414),
+            DiscoveredPeer("node-b", ("10.0.0.9", "198.18.0.2"), 52414),
         ),
         (
             {b"node_id": "nœud-ß".encode(), b"proto": b"1"},
             ["127.0.0.1"],
             None,
-            Peer("nœud-ß", ("127.0.0.1",), 52414),
+            DiscoveredPeer("nœud-ß", ("127.0.0.1",), 52414),
         ),
     ],
 )
 def test_parse_accepts(
-    properties: dict[bytes, bytes | None], addresses: list[str], cluster_tag: str | None, expected: Peer
+    properties: dict[bytes, bytes | None],
+    addresses: list[str],
+    cluster_tag: str | None,
+    expected: DiscoveredPeer,
 ) -> None:
     assert parse(properties, addresses, 52414, cluster_tag) == expected
 
@@ -135,13 +138,13 @@ def test_instance_label_is_the_node_id_when_it_is_a_plain_label() -> None:
 
 def test_peer_table_reports_changes_only() -> None:
     table = PeerTable([ipaddress.IPv4Network("198.18.0.0/24")])
-    peer = Peer("node-b", ("198.18.0.2",), 52414)
+    peer = DiscoveredPeer("node-b", ("198.18.0.2",), 52414)
     assert table.observe("b", peer) == [PeerFound("node-b", "198.18.0.2:52414")]
     assert table.observe("b", peer) == []  # a re-announcement with nothing new
-    moved = Peer("node-b", ("198.18.0.3",), 52414)
+    moved = DiscoveredPeer("node-b", ("198.18.0.3",), 52414)
     assert table.observe("b", moved) == [PeerFound("node-b", "198.18.0.3:52414")]
     assert table.peers() == {"node-b": "198.18.0.3:52414"}
-    renamed = Peer("node-c", ("198.18.0.3",), 52414)
+    renamed = DiscoveredPeer("node-c", ("198.18.0.3",), 52414)
     assert table.observe("b", renamed) == [PeerLost("node-b"), PeerFound("node-c", "198.18.0.3:52414")]
     assert table.observe("b", Rejection("peer belongs to another cluster", False)) == [PeerLost("node-c")]
     assert table.observe("b", Rejection("missing node_id", True)) == []
@@ -151,7 +154,7 @@ def test_peer_table_reports_changes_only() -> None:
 
 def test_peer_table_keeps_a_node_announced_under_two_names() -> None:
     table = PeerTable()
-    peer = Peer("node-b", ("10.0.0.2",), 1)
+    peer = DiscoveredPeer("node-b", ("10.0.0.2",), 1)
     table.observe("b1", peer)
     assert table.observe("b2", peer) == []
     assert table.remove("b1") == []
@@ -350,8 +353,12 @@ async def test_unusable_interface_address_is_a_clear_error() -> None:
 
 def test_peer_table_falls_back_to_the_other_name_of_a_node() -> None:
     table = PeerTable()
-    assert table.observe("b1", Peer("node-b", ("10.0.0.2",), 1)) == [PeerFound("node-b", "10.0.0.2:1")]
-    assert table.observe("b2", Peer("node-b", ("10.0.0.3",), 1)) == [PeerFound("node-b", "10.0.0.3:1")]
+    assert table.observe("b1", DiscoveredPeer("node-b", ("10.0.0.2",), 1)) == [
+        PeerFound("node-b", "10.0.0.2:1")
+    ]
+    assert table.observe("b2", DiscoveredPeer("node-b", ("10.0.0.3",), 1)) == [
+        PeerFound("node-b", "10.0.0.3:1")
+    ]
     assert table.remove("b2") == [PeerFound("node-b", "10.0.0.2:1")]
     assert table.peers() == {"node-b": "10.0.0.2:1"}
 

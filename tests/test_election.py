@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from exo.bus.messages import CampaignStarted, Heartbeat, Rank, VictoryDeclared
+from exo.core.messages import CampaignStarted, Heartbeat, Rank, VictoryDeclared
 from exo.roles.election import (
     Action,
     AnnounceCampaign,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster_harness import LoopbackCluster, wait_until
+from tests.harness.cluster_harness import LoopbackCluster, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -20,13 +20,13 @@ import msgspec
 import pytest
 import zmq
 
-from exo.bus import messages as m
-from exo.bus.codec import DECODE_ERRORS
-from exo.bus.messages import TOPIC_TYPES, Rank
-from exo.events import IndexedEvent, NodeLabelled
+from exo.core import messages as m
+from exo.core.decoding import DECODE_ERRORS
+from exo.core.events import IndexedEvent, NodeLabelled
+from exo.core.messages import TOPIC_TYPES, Rank
 from exo.inference.frames import MalformedFrameError, decode_frames
 from exo.inference.protocol import ActivationsSent, GenerationCancelled, TokenSampled, encode
-from tests.cluster_harness import LoopbackCluster, NodeProcess, wait_until
+from tests.harness.cluster_harness import LoopbackCluster, NodeProcess, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -8,13 +8,14 @@ import contextlib
 from collections.abc import AsyncGenerator
 from typing import cast
 
-from exo.api.fakes import FakeNodeServices
-from exo.api.services import GeneratedToken
-from exo.events import ShardAssignment
-from exo.generation import PipelineGenerator
+from exo.api.cluster_port import GeneratedToken
+from exo.core.events import ShardAssignment
+from exo.core.sampling import SamplingParams
+from exo.core.state import Instance, RunnerInfo, State
 from exo.inference.client import GenerationRequest, PipelineClient
-from exo.inference.protocol import SamplingParams, TokenSampled
-from exo.state import Instance, RunnerInfo, State
+from exo.inference.protocol import TokenSampled
+from exo.node.generation import PipelineGenerator
+from tests.harness.fakes import FakeNodeServices
 
 
 def instance(instance_id: str, model_id: str = "exo-tiny", status: str = "ready") -> Instance:

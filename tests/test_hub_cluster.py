@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.cluster_harness import LoopbackCluster, NodeProcess, wait_until
-from tests.hub_fixtures import publish
-from tests.local_hub import LocalHub
+from tests.harness.cluster_harness import LoopbackCluster, NodeProcess, wait_until
+from tests.harness.hub_fixtures import publish
+from tests.harness.local_hub import LocalHub
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ from exo.inference.hub import (
 from exo.inference.manifest import HubFile, HubModel, is_complete, needed_files, read_manifest
 from exo.inference.models import describe_model, get_model, list_models, read_model_info
 from exo.inference.peer_files import FileRange, NotServed, ProgressCallback, fetch_from_peers, read_chunk
-from tests.hub_fixtures import publish, settings_for
-from tests.local_hub import LocalHub
+from tests.harness.hub_fixtures import publish, settings_for
+from tests.harness.local_hub import LocalHub
 
 REPO = "test-org/tiny-4"
 
@@ -279,7 +279,7 @@ def test_hand_placed_org_name_folders_are_models_and_ids_validate(tmp_path: Path
 
 def test_synthetic_shards_are_checked(tmp_path: Path) -> None:
     from exo.inference.synthetic import write_synthetic_model
-    from tests.hub_fixtures import SMALL_SPEC
+    from tests.harness.hub_fixtures import SMALL_SPEC
 
     with pytest.raises(ValueError, match="shards"):
         write_synthetic_model(tmp_path / "m", SMALL_SPEC, shards=SMALL_SPEC.layers + 1)

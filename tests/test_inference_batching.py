@@ -17,10 +17,10 @@ from litestar.testing import TestClient
 from tokenizers import Tokenizer
 
 from exo.api.app import create_app
-from exo.api.fakes import FakeNodeServices
-from exo.api.services import Overloaded
-from exo.events import ShardAssignment
-from exo.generation import PipelineGenerator
+from exo.api.cluster_port import Overloaded
+from exo.core.events import ShardAssignment
+from exo.core.sampling import SamplingParams
+from exo.core.state import Instance, RunnerInfo, State
 from exo.inference.batching import enable_row_attention, forward_chunks
 from exo.inference.client import GenerationError, GenerationRequest, PipelineClient, TokenSink
 from exo.inference.pass_threads import PassThreads
@@ -31,7 +31,6 @@ from exo.inference.protocol import (
     GenerationFailed,
     GenerationStarted,
     RunnerStats,
-    SamplingParams,
     TokenSampled,
     control_from_runner_decoder,
     encode,
@@ -40,8 +39,9 @@ from exo.inference.protocol import (
 from exo.inference.runner import parse_arguments, runner_command
 from exo.inference.scheduler import AdmissionQueue, StageScheduler, Work, group_prefills, micro_batch_limit
 from exo.inference.shard import ShardSpec, load_shard
-from exo.state import Instance, RunnerInfo, State
-from tests.inference_helpers import (
+from exo.node.generation import PipelineGenerator
+from tests.harness.fakes import FakeNodeServices
+from tests.harness.inference_helpers import (
     ControlServer,
     RunnerProcess,
     load,
@@ -50,18 +50,9 @@ from tests.inference_helpers import (
     tiny_models,
     wait_for_stats,
 )
-from tests.wired_pipeline import WiredPipeline, generate_alone
+from tests.harness.prompts import TEXTS
+from tests.harness.wired_pipeline import WiredPipeline, generate_alone
 
-TEXTS = [
-    "Hi",
-    "The river runs through the valley",
-    "Please summarize the following paragraph in one sentence and explain",
-    "Once upon a time",
-    "Explain your reasoning step by step, then answer",
-    "a b c d e f g",
-    "What is the capital of France?",
-    "Write a poem about the sea and the old mill by the river",
-]
 MAX_TOKENS = 16
 ONE_STAGE = [(0, 6)]
 TWO_STAGES = [(0, 3), (3, 6)]

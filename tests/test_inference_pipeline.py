@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
+from exo.core.sampling import SamplingParams
 from exo.inference.client import GenerationError, GenerationRequest, PipelineClient, TokenSink
-from exo.inference.protocol import SamplingParams
-from tests.inference_helpers import (
+from tests.harness.inference_helpers import (
     ControlServer,
     RunnerProcess,
     launch_pipeline,

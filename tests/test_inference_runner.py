@@ -22,7 +22,7 @@ from exo.inference.protocol import (
     TokenSampled,
     encode,
 )
-from tests.inference_helpers import (
+from tests.harness.inference_helpers import (
     N_LAYERS,
     ControlServer,
     load,

@@ -15,6 +15,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from exo.core.sampling import SamplingParams
+from exo.inference.chat_templates import CHATML_TEMPLATE
 from exo.inference.client import GenerationError, GenerationRequest, PipelineClient, TokenSink
 from exo.inference.models import (
     InvalidModelIdError,
@@ -28,7 +30,6 @@ from exo.inference.protocol import (
     GenerationCancelled,
     GenerationFailed,
     GenerationStarted,
-    SamplingParams,
     StageAlive,
     TokenSampled,
     encode,
@@ -41,12 +42,13 @@ from exo.inference.scheduler import StageScheduler, Work
 from exo.inference.shard import ShardLoadError, ShardModel, ShardSpec, load_shard
 from exo.inference.stage import Outgoing, PipelineStage, prefill_chunks
 from exo.inference.synthetic import (
+    BUILTIN_SPEC,
     SyntheticModelSpec,
     ensure_builtin_model,
     parse_arguments,
     write_synthetic_model,
 )
-from tests.inference_helpers import N_LAYERS, tiny_models
+from tests.harness.inference_helpers import N_LAYERS, tiny_models
 
 SMALL_SPEC = SyntheticModelSpec(layers=2, hidden=64, intermediate=128, vocab=300)
 
@@ -475,3 +477,26 @@ async def test_client_reports_a_silent_stage_and_a_missing_token() -> None:
         await sink.close()
         first_stage.close(linger=0)
         context.term()
+
+
+def test_the_builtin_model_renders_tools_and_an_old_copy_is_updated(tmp_path: Path) -> None:
+    """exo-tiny's template renders tools (so `tools` work on the default model, with mlx-lm's
+    json_tools parser); a copy made with the old plain-ChatML template gets the new one, and
+    nothing else in the folder changes."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    path = ensure_builtin_model(tmp_path)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    fresh = load_tokenizer(path)
+    assert fresh.tool_call_start == "<tool_call>"
+    rendered = fresh.apply_chat_template([{"role": "user", "content": "hi"}], tools=tools, tokenize=False)
+    assert "get_weather" in rendered
+    config_path = path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = CHATML_TEMPLATE  # as an older exo wrote it
+    config_path.write_text(json.dumps(config))
+    weights = (path / "model.safetensors").read_bytes()
+    assert ensure_builtin_model(tmp_path) == path
+    assert json.loads(config_path.read_text())["chat_template"] == BUILTIN_SPEC.chat_template
+    assert (path / "model.safetensors").read_bytes() == weights
+    assert sorted(item.name for item in path.iterdir() if item.name.startswith(".")) == []

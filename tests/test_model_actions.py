@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from exo.bus.messages import PlaceInstance
-from exo.events import (
+from exo.core.events import (
     Event,
     IndexedEvent,
     InstanceCreated,
@@ -19,10 +18,11 @@ from exo.events import (
     decode_event,
     encode_event,
 )
+from exo.core.messages import Placed, PlaceInstance, Refused
+from exo.core.models import ModelFootprint
+from exo.core.state import ModelDownload, State, apply, decode_state, encode_state
 from exo.roles.commands import decide
 from exo.roles.downloads import FetchModel, RemoveModel, holders, instances_using, plan_model_actions
-from exo.roles.placement import ModelFootprint
-from exo.state import ModelDownload, State, apply, decode_state, encode_state
 
 GIB = 1024**3
 REPO = "org/model"
@@ -101,11 +101,12 @@ def test_placing_a_download_prefers_the_nodes_that_hold_the_model() -> None:
     command = PlaceInstance(REPO, footprint, download=True)
     # "c" holds the model: it is chosen though "a" has more memory.
     placed = decide(command, state, {REPO: {"c"}}, "i-1")
-    assert placed.answer.ok
+    assert placed.answer == Placed("i-1")
     [created] = placed.events
     assert isinstance(created, InstanceCreated) and list(created.shard_assignments) == ["c"]
     # No holder: the usual placement over every alive node.
     anywhere = decide(command, state, {}, "i-2")
-    assert anywhere.answer.ok
+    assert anywhere.answer == Placed("i-2")
     # Without `download` a model no node holds is refused, as before.
-    assert not decide(PlaceInstance(REPO, footprint), state, {}, "i-3").answer.ok
+    refused = decide(PlaceInstance(REPO, footprint), state, {}, "i-3").answer
+    assert isinstance(refused, Refused) and refused.reason == "model_not_held"

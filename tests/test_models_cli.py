@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from exo.node import main
-from tests.hub_fixtures import publish
-from tests.local_hub import LocalHub
+from exo.node.main import main
+from tests.harness.hub_fixtures import publish
+from tests.harness.local_hub import LocalHub
 
 REPO = "test-org/tiny-4"
 

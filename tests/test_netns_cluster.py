@@ -1,6 +1,6 @@
 """Whole exo nodes in separate network namespaces: mDNS formation (issue 2) and chaos (issue 6).
 
-Every node is a real `python -m exo.node` on its own namespace host (tests/netns_cluster.py), so
+Every node is a real `python -m exo.node` on its own namespace host (tests/harness/netns_cluster.py), so
 nodes meet over a real (virtual) ethernet, find each other by mDNS, and the network can be cut
 under them: a killed process, a pulled cable, a partition, a full restart, a master dying under a
 streaming pipeline. Every wait is a poll with a deadline; the only fixed durations are how long a
@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from tests.netns import requires_netns
-from tests.netns_cluster import ExoNode, NetnsExoCluster, replay_verify
+from tests.harness.netns import requires_netns
+from tests.harness.netns_cluster import ExoNode, NetnsExoCluster, replay_verify
 
 pytestmark = pytest.mark.netns
 

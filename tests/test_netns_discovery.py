@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests import netns
-from tests.netns import (
+from tests.harness import netns
+from tests.harness.netns import (
     REPO_ROOT,
     LineWatcher,
     NetnsCluster,
@@ -27,7 +27,7 @@ from tests.netns import (
 pytestmark = pytest.mark.netns
 
 DEADLINE = 20.0
-PEER_SCRIPT = str(REPO_ROOT / "tests" / "discovery_peer.py")
+PEER_SCRIPT = str(REPO_ROOT / "tests" / "harness" / "discovery_peer.py")
 
 
 class Peer:

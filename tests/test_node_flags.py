@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from exo.inference.models import ModelInfo
+from exo.core.models import ModelInfo
 from exo.inference.runner_options import parse_arguments as parse_runner_arguments
-from exo.node import parse_args
-from exo.roles.worker import RunnerLimits, Worker
+from exo.node.main import parse_args
+from exo.node.worker import RunnerLimits, Worker
 
 
 def no_model(model_id: str) -> ModelInfo:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from exo.events import IndexedEvent, NodeLabelled
+from exo.core.events import IndexedEvent, InstanceDeleted, NodeLabelled, RunnerStatusUpdated
 from exo.roles.outbox import MAX_LOCAL_BATCH, MAX_PENDING_LOCAL_EVENTS, RESEND_AFTER_SECONDS, Outbox
 
 
@@ -76,3 +76,27 @@ def test_a_backlog_being_applied_is_not_resent_but_a_skipped_event_is() -> None:
     # No progress for a while (the master is gone): everything old enough goes again.
     assert resent(outbox, now=2.35) == [3, 5, 6]
     assert outbox.resent == 4
+
+
+def test_statuses_of_an_instance_deleted_in_the_log_are_forgotten() -> None:
+    """The master drops a runner status for a deleted instance; the outbox must not resend it
+    forever. It forgets such statuses once it sees a deletion, and keeps everything else."""
+    outbox = Outbox("a", first_sequence=0)
+    outbox.add(
+        [
+            RunnerStatusUpdated("i-1", "a", "failed", "stopped"),
+            RunnerStatusUpdated("i-2", "a", "ready", activation_address="tcp://x:1"),
+            NodeLabelled("a", "k", "v"),
+        ],
+        now=0.0,
+    )
+    unrelated = IndexedEvent(5, 1, "m", -1, NodeLabelled("m", "k", "v"))
+    outbox.applied([unrelated], now=0.1, instances={"i-2"})
+    assert len(outbox) == 3  # no deletion seen: nothing is judged
+    outbox.applied([IndexedEvent(6, 1, "m", -1, InstanceDeleted("i-1"))], now=0.2, instances={"i-2"})
+    assert len(outbox) == 2
+    resent = outbox.stale(now=5.0)
+    assert [type(local.event).__name__ for batch in resent for local in batch] == [
+        "RunnerStatusUpdated",
+        "NodeLabelled",
+    ]

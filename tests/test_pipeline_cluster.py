@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.cluster_harness import LoopbackCluster, NodeProcess, wait_until
-from tests.inference_helpers import tiny_models
+from tests.harness.cluster_harness import LoopbackCluster, NodeProcess, wait_until
+from tests.harness.inference_helpers import tiny_models
 
 pytestmark = pytest.mark.slow
 

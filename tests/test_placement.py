@@ -7,17 +7,11 @@ import random
 
 import pytest
 
-from exo.events import ShardAssignment
-from exo.inference.models import ModelInfo
-from exo.roles.placement import (
-    ModelFootprint,
-    Placement,
-    PlacementRefusal,
-    place,
-    previews,
-    split_layers,
-)
-from exo.state import NodeInfo, NodeStatus
+from exo.core.events import ShardAssignment
+from exo.core.models import ModelFootprint, ModelInfo
+from exo.core.placement import Placement, PlacementRefusal
+from exo.core.state import NodeInfo, NodeStatus
+from exo.roles.placement import place, previews, split_layers
 
 GIB = 1024**3
 

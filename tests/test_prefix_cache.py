@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from exo.api.fakes import FakeNodeServices
-from exo.events import ShardAssignment
-from exo.generation import PipelineGenerator
+from exo.core.events import ShardAssignment
+from exo.core.sampling import SamplingParams
+from exo.core.state import Instance, RunnerInfo, State
 from exo.inference.client import GenerationRequest, PipelineClient, TokenSink
 from exo.inference.prefix_cache import KVSnapshots, PrefixIndex
 from exo.inference.protocol import (
@@ -25,12 +25,12 @@ from exo.inference.protocol import (
     GenerationStarted,
     PrefixCacheConfirmed,
     PrefixCached,
-    SamplingParams,
     TokenSampled,
 )
 from exo.inference.shard import ShardSpec, load_shard
-from exo.state import Instance, RunnerInfo, State
-from tests.inference_helpers import (
+from exo.node.generation import PipelineGenerator
+from tests.harness.fakes import FakeNodeServices
+from tests.harness.inference_helpers import (
     N_LAYERS,
     ControlServer,
     RunnerProcess,
@@ -40,15 +40,10 @@ from tests.inference_helpers import (
     tiny_models,
     wait_for_stats,
 )
-from tests.wired_pipeline import REQUESTER, WiredPipeline
+from tests.harness.prompts import NEXT_USER, TURN_ONE
+from tests.harness.wired_pipeline import REQUESTER, WiredPipeline
 
 ROUTE = ["tcp://stage0", "tcp://stage1"]
-SYSTEM = (
-    "<|im_start|>system\nYou are a careful assistant who answers questions about rivers, old mills "
-    "and the sea, briefly and in plain words.<|im_end|>\n"
-)
-TURN_ONE = SYSTEM + "<|im_start|>user\nTell me about the tide.<|im_end|>\n<|im_start|>assistant\n"
-NEXT_USER = "<|im_end|>\n<|im_start|>user\nAnd what does the moon do?<|im_end|>\n<|im_start|>assistant\n"
 MAX_TOKENS = 12
 
 

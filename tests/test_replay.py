@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from exo.events import (
+from exo.core.events import (
     Event,
     IndexedEvent,
     InstanceCreated,
@@ -25,9 +25,12 @@ from exo.events import (
     RunnerStatusUpdated,
     ShardAssignment,
 )
-from exo.replay import LogGapError, main, replay_state, restore_state
-from exo.state import State, apply, state_document
+from exo.core.fold import LogGapError, fold_events
+from exo.core.state import State, apply, state_document
+from exo.node.replica import restore
+from exo.replay import main
 from exo.store import InMemoryEventStore, Snapshot, SqliteEventStore
+from exo.store.restore import restore_state
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EVENT_COUNT = 300
@@ -111,7 +114,7 @@ def test_summary_names_the_figures(log: Path, capsys: pytest.CaptureFixture[str]
 def test_json_is_the_state_document_of_the_folded_log(log: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_main(capsys, str(log), "--json")
     assert code == 0
-    assert out.encode() == state_document(fold(scenario())) + b"\n"
+    assert out.encode() == state_document(fold(scenario()))
     document = json.loads(out)
     assert document["last_event_index"] == EVENT_COUNT
     assert document["instances"]["i-1"]["status"] == "failed"
@@ -121,7 +124,7 @@ def test_json_is_the_state_document_of_the_folded_log(log: Path, capsys: pytest.
 def test_until_stops_after_that_index(log: Path, capsys: pytest.CaptureFixture[str], until: int) -> None:
     code, out, _ = run_main(capsys, f"sqlite+aiosqlite:///{log}", "--json", "--until", str(until))
     assert code == 0
-    assert out.encode() == state_document(fold(scenario()[:until])) + b"\n"
+    assert out.encode() == state_document(fold(scenario()[:until]))
 
 
 def test_until_starts_from_the_newest_snapshot_at_or_before_it(
@@ -137,7 +140,7 @@ def test_until_starts_from_the_newest_snapshot_at_or_before_it(
     for until in (100, 180):
         code, out, _ = run_main(capsys, str(path), "--json", "--until", str(until))
         assert code == 0
-        assert out.encode() == state_document(fold(events[:until])) + b"\n"
+        assert out.encode() == state_document(fold(events[:until]))
     code, _, err = run_main(capsys, str(path), "--until", "50")
     assert code == 1
     assert err == "exo-replay: bad index 1: missing (the log continues at 101)\n"
@@ -201,7 +204,7 @@ def test_an_empty_store_replays_to_the_empty_state(
 ) -> None:
     path = tmp_path / "events.db"
     write_log(path, [])
-    assert run_main(capsys, str(path), "--json") == (0, state_document(State()).decode() + "\n", "")
+    assert run_main(capsys, str(path), "--json") == (0, state_document(State()).decode(), "")
     assert run_main(capsys, str(path), "--verify")[:2] == (0, "ok: 0 events\n")
 
 
@@ -285,20 +288,20 @@ def _command(*arguments: str) -> subprocess.CompletedProcess[str]:
 def test_the_command_prints_json_and_errors_without_tracebacks(log: Path, tmp_path: Path) -> None:
     result = _command(str(log), "--json", "--until", "150")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.encode() == state_document(fold(scenario()[:150])) + b"\n"
+    assert result.stdout.encode() == state_document(fold(scenario()[:150]))
     missing = _command(str(tmp_path / "missing.db"))
     assert missing.returncode == 2
     assert missing.stderr.startswith("exo-replay: ") and "Traceback" not in missing.stderr
 
 
-def test_replay_state_refuses_a_hole() -> None:
+def test_the_fold_refuses_a_hole() -> None:
     events = scenario(20)
     with pytest.raises(LogGapError) as gap:
-        replay_state([*events[:5], *events[6:]])
+        fold_events([*events[:5], *events[6:]])
     assert (gap.value.expected, gap.value.found) == (6, 7)
     with pytest.raises(LogGapError):
-        replay_state(events[1:])
-    assert replay_state(events[10:], fold(events[:10])) == fold(events)
+        fold_events(events[1:])
+    assert fold_events(events[10:], fold(events[:10])) == fold(events)
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
@@ -314,15 +317,53 @@ async def test_restore_state_from_a_store_equals_the_fold(tmp_path: Path, kind: 
     await store.close()
 
 
-def test_a_snapshot_with_its_events_gone_cannot_rebuild_before_it(
+def test_node_start_up_refuses_a_log_with_a_hole_as_exo_replay_does(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Start-up, truncation and exo-replay fold through one fold: a hole is an error in all of them,
+    never a state that silently skipped events."""
+    events = scenario(40)
+    path = tmp_path / "events.db"
+    write_log(path, events)
+    with sqlite3.connect(path) as connection:
+        connection.execute("DELETE FROM events WHERE event_index = 17")
+    connection.close()
+
+    async def check() -> None:
+        store = SqliteEventStore(str(path))
+        await store.open()
+        try:
+            with pytest.raises(LogGapError) as gap:
+                await restore(store)
+            assert (gap.value.expected, gap.value.found) == (17, 18)
+            assert await restore_state(store, until=16) == fold(events[:16])
+            with pytest.raises(LogGapError):
+                await restore_state(store, until=30)
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+    code, _, err = run_main(capsys, str(path), "--json")
+    assert (code, err) == (1, "exo-replay: bad index 17: missing (the log continues at 18)\n")
+
+
+def test_a_store_whose_events_stop_short_is_refused_before_its_snapshot(tmp_path: Path) -> None:
     events = scenario(40)
     path = tmp_path / "events.db"
     write_log(path, events, snapshot_at=40)
     with sqlite3.connect(path) as connection:
         connection.execute("DELETE FROM events")
     connection.close()
-    assert run_main(capsys, str(path), "--json")[:2] == (0, state_document(fold(events)).decode() + "\n")
-    code, _, err = run_main(capsys, str(path), "--until", "10")
-    assert (code, err) == (1, "exo-replay: bad index 1: missing (no later event is stored)\n")
+
+    async def check() -> None:
+        store = SqliteEventStore(str(path))
+        await store.open()
+        try:
+            assert await restore_state(store) == fold(events)  # the snapshot covers the whole log
+            with pytest.raises(LogGapError) as gap:
+                await restore_state(store, until=10)
+            assert (gap.value.expected, gap.value.found) == (1, None)
+        finally:
+            await store.close()
+
+    asyncio.run(check())

@@ -8,12 +8,13 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from exo.events import IndexedEvent, MasterElected, NodeJoined, NodeLabelled
-from exo.roles import replica as replica_module
-from exo.roles.replica import Replica, find_common_prefix, rebuild, restore
-from exo.state import State, apply
+from exo.core.events import IndexedEvent, MasterElected, NodeJoined, NodeLabelled
+from exo.core.state import State, apply
+from exo.node import replica as replica_module
+from exo.node.replica import Replica, find_common_prefix, restore
 from exo.store.base import StoreError
 from exo.store.memory import InMemoryEventStore
+from exo.store.restore import restore_state
 
 
 def log(length: int, term: int = 1, origin: str = "m", start: int = 1) -> list[IndexedEvent]:
@@ -37,7 +38,7 @@ async def test_restore_rebuilds_the_same_state() -> None:
     restored = await restore(replica.store)
     assert restored.state == replica.state
     assert restored.orderer.last_applied == 50
-    assert (await rebuild(replica.store, 10)).last_event_index == 10
+    assert (await restore_state(replica.store, 10)).last_event_index == 10
 
 
 async def common_prefix(ours: list[IndexedEvent], theirs: list[IndexedEvent]) -> int | None:
@@ -69,7 +70,7 @@ async def test_common_prefix_finds_where_a_partitioned_tail_begins() -> None:
 
 async def test_truncating_a_divergent_tail_rebuilds_state() -> None:
     replica = await replica_with(log(40))
-    expected = await rebuild(replica.store, 25)
+    expected = await restore_state(replica.store, 25)
     await replica.truncate_after(25, expected)
     assert replica.last_index == 25
     assert await replica.store.last_index() == 25

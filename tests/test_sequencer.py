@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from exo.bus.liveness import Liveness
-from exo.bus.messages import LocalEvent
-from exo.events import IndexedEvent, NodeLabelled
+from exo.core.events import (
+    IndexedEvent,
+    InstanceCreated,
+    InstanceDeleted,
+    NodeLabelled,
+    RunnerStatusUpdated,
+    ShardAssignment,
+)
+from exo.core.messages import LocalEvent
+from exo.roles.liveness import Liveness
 from exo.roles.sequencer import (
     GAP_RETRY_INITIAL,
     GAP_RETRY_MAX,
@@ -130,3 +137,24 @@ def test_orderer_batches_that_continue_or_not(batch: list[int], released: list[i
     assert [e.index for e in orderer.receive([indexed(i) for i in batch])] == released
     assert orderer.last_applied == (released[-1] if released else 3)
     assert orderer.buffered == buffered
+
+
+def test_a_runner_status_for_a_deleted_or_unknown_instance_is_not_sequenced() -> None:
+    """A straggler (a runner that stopped, or finished loading, after its instance was deleted) is
+    dropped, once, and a resend of it too; statuses of live instances pass, in batch order."""
+    assignments = {"a": ShardAssignment(0, 4, 4)}
+    sequencer = Sequencer("m", 1, 10, OriginHighWater(), instances=["i-old"])
+    own = sequencer.sequence_own([InstanceCreated("i-new", "exo-tiny", "Pipeline", assignments)])
+    own += sequencer.sequence_own([InstanceDeleted("i-old")])
+    statuses = [
+        LocalEvent(1, RunnerStatusUpdated("i-old", "a", "failed", "runner exited with code -15")),
+        LocalEvent(2, RunnerStatusUpdated("i-new", "a", "loading")),
+        LocalEvent(3, RunnerStatusUpdated("i-never", "a", "ready", activation_address="tcp://x:1")),
+    ]
+    out = sequencer.sequence("a", statuses)
+    assert [(e.index, e.origin_sequence) for e in own + out] == [(11, -1), (12, -1), (13, 2)]
+    assert sequencer.stale_statuses_dropped == 2
+    assert sequencer.sequence("a", statuses) == []
+    assert sequencer.stale_statuses_dropped == 2  # the resend is not even looked at again
+    sequencer.rewind(10, OriginHighWater(), ["i-old"])
+    assert [e.index for e in sequencer.sequence("a", statuses[:1])] == [11]

@@ -11,15 +11,11 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
+from exo.core.sampling import SamplingParams
 from exo.inference import stage_passes
-from exo.inference.protocol import (
-    GenerationCancelled,
-    GenerationFailed,
-    SamplingParams,
-    TokenSampled,
-)
-from tests.inference_helpers import tiny_models
-from tests.wired_pipeline import WiredPipeline, generate_alone
+from exo.inference.protocol import GenerationCancelled, GenerationFailed, TokenSampled
+from tests.harness.inference_helpers import tiny_models
+from tests.harness.wired_pipeline import WiredPipeline, generate_alone
 
 ONE_STAGE = [(0, 6)]
 TWO_STAGES = [(0, 3), (3, 6)]

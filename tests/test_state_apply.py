@@ -1,8 +1,8 @@
-"""One test (or a few) per `_apply_*` in exo/state.py, through the public `apply`."""
+"""One test (or a few) per `_apply_*` in exo/core/state.py, through the public `apply`."""
 
 from __future__ import annotations
 
-from exo.events import (
+from exo.core.events import (
     Event,
     IndexedEvent,
     InstanceCreated,
@@ -15,7 +15,7 @@ from exo.events import (
     RunnerStatusUpdated,
     ShardAssignment,
 )
-from exo.state import State, apply
+from exo.core.state import State, apply
 
 TWO_STAGES = {"a": ShardAssignment(0, 4, 8), "b": ShardAssignment(4, 8, 8)}
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from bench.replay_bench import realistic_events
-from exo.events import Event, IndexedEvent
-from exo.state import State, StateBuilder, apply, encode_state
+from exo.core.events import Event, IndexedEvent
+from exo.core.state import State, StateBuilder, apply, encode_state
 
 # Every event type, instance churn and nodes timing out with instances on them (see realistic_events).
 LOG = list(realistic_events(20_000, seed=11))

@@ -17,21 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from exo.events import IndexedEvent, NodeJoined, NodeLabelled
-from exo.state import State, apply
+from exo.core.events import IndexedEvent, NodeJoined
+from exo.core.state import State, apply
 from exo.store import EventStore, InMemoryEventStore, Snapshot, SqliteEventStore, StoreError, open_store
 from exo.store.location import parse_store_url
 from exo.store.migrate import head_revision
+from tests.harness.store_events import events
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def events(start: int, stop: int) -> list[IndexedEvent]:
-    """Indexed events start..stop inclusive."""
-    return [
-        IndexedEvent(index, 1, "node0", index, NodeLabelled("node0", "step", str(index)))
-        for index in range(start, stop + 1)
-    ]
 
 
 def state_after(last: int) -> State:
@@ -397,7 +390,7 @@ def _child_env() -> dict[str, str]:
 KILL_WRITER = """
 import asyncio, sys
 from exo.store import SqliteEventStore
-from tests.test_store import events
+from tests.harness.store_events import events
 
 async def main():
     store = SqliteEventStore(sys.argv[1])

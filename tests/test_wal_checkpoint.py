@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from exo.events import IndexedEvent, NodeLabelled
+from exo.core.events import IndexedEvent, NodeLabelled
 from exo.store import SqliteEventStore
 from exo.store.wal_checkpoint import WalCheckpointer
 

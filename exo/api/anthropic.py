@@ -11,17 +11,18 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
 
+from exo.api.cluster_port import ServiceError
 from exo.api.completion import ChatPrompt, CompletionRequest, ToolSpec
-from exo.api.decoding import ChoiceEnded, TextDelta, ToolCallMade
+from exo.api.constraints import OutputFormat
+from exo.api.decoding import ChoiceEnded, ReasoningDelta, TextDelta, ToolCallMade
 from exo.api.errors import ApiError, anthropic_error, service_error_body
 from exo.api.openai_chat import sampling_params
 from exo.api.openai_types import MAX_STOP_STRINGS, NonEmptyString, StopString, TopK, TopP
 from exo.api.runs import CompletionRun, collect, server_sent_event
-from exo.api.services import ServiceError
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
 
@@ -72,8 +73,16 @@ class ToolChoice(msgspec.Struct, frozen=True):
     disable_parallel_tool_use: bool | None = None
 
 
+class ThinkingConfig(msgspec.Struct, frozen=True):
+    """Extended thinking: "enabled" / "adaptive" turn the template's thinking on, "disabled" off.
+    `budget_tokens` is accepted; the output's `max_tokens` is the only bound exo enforces."""
+
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
 class OutputConfig(msgspec.Struct, frozen=True):
-    format: dict[str, Any] | None = None  # structured output: refused, never ignored
+    format: dict[str, Any] | None = None  # structured output: {"type": "json_schema", "schema": ...}
     effort: str | None = None
 
 
@@ -91,10 +100,16 @@ class MessagesRequest(msgspec.Struct, frozen=True, kw_only=True):
     tool_choice: ToolChoice | None = None
     metadata: dict[str, Any] | None = None
     output_config: OutputConfig | None = None
+    thinking: ThinkingConfig | None = None
 
 
 class OutputText(msgspec.Struct, frozen=True, tag="text", tag_field="type"):
     text: str
+
+
+class OutputThinking(msgspec.Struct, frozen=True, tag="thinking", tag_field="type"):
+    thinking: str
+    signature: str = ""  # exo does not sign thinking; clients send it back unchanged
 
 
 class OutputToolUse(msgspec.Struct, frozen=True, tag="tool_use", tag_field="type"):
@@ -112,7 +127,7 @@ class MessageUsage(msgspec.Struct, frozen=True, omit_defaults=True):
 class MessageResponse(msgspec.Struct, frozen=True):
     id: str
     model: str
-    content: list[OutputText | OutputToolUse]
+    content: list[OutputThinking | OutputText | OutputToolUse]
     stop_reason: StopReason | None
     stop_sequence: str | None
     usage: MessageUsage
@@ -124,19 +139,37 @@ class MessageResponse(msgspec.Struct, frozen=True):
 
 
 def messages_request(body: MessagesRequest) -> CompletionRequest:
-    if body.output_config is not None and body.output_config.format is not None:
-        raise ApiError(
-            400,
-            "output_config.format (structured output) is not supported: exo does not constrain decoding yet",
-            "output_config.format",
-            "unsupported_response_format",
-        )
     return CompletionRequest(
         model=body.model,
-        prompt=ChatPrompt(conversation(body), tool_spec(body)),
+        prompt=ChatPrompt(conversation(body), tool_spec(body), thinking_options(body.thinking)),
         sampling=sampling_params(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k),
         max_tokens=body.max_tokens,
         stop=list(body.stop_sequences or []),
+        output=output_format(body.output_config),
+    )
+
+
+def thinking_options(thinking: ThinkingConfig | None) -> dict[str, Any]:
+    if thinking is None:
+        return {}
+    return {"enable_thinking": thinking.type != "disabled"}
+
+
+def output_format(config: OutputConfig | None) -> OutputFormat | None:
+    """Claude's structured output, `{"type": "json_schema", "schema": {...}}`: always strict."""
+    if config is None or config.format is None:
+        return None
+    fmt = config.format
+    schema = fmt.get("schema")
+    if fmt.get("type") != "json_schema" or not isinstance(schema, dict):
+        raise ApiError(
+            400,
+            'output_config.format must be {"type": "json_schema", "schema": {...}}',
+            "output_config.format",
+            "invalid_request",
+        )
+    return OutputFormat(
+        schema=cast("dict[str, Any]", schema), strict=True, param="output_config.format.schema"
     )
 
 
@@ -254,7 +287,9 @@ async def message_response(
     run: CompletionRun, model: str, receive: Callable[[], Any] | None
 ) -> MessageResponse:
     (result,) = await collect(run, receive)
-    content: list[OutputText | OutputToolUse] = []
+    content: list[OutputThinking | OutputText | OutputToolUse] = []
+    if result.reasoning_text is not None:
+        content.append(OutputThinking(result.reasoning_text))
     if result.text or not result.tool_calls:
         content.append(OutputText(result.text))
     content += [OutputToolUse(call.id, call.name, _input(call.arguments)) for call in result.tool_calls]
@@ -272,14 +307,16 @@ async def message_stream(run: CompletionRun, model: str) -> AsyncGenerator[bytes
     start = MessageResponse(run.completion_id, model, [], None, None, usage)
     yield event("message_start", {"message": start})
     block = -1
-    text_open = False
+    open_kind: Literal["text", "thinking"] | None = None  # the block being streamed
     try:
         async with aclosing(run.events()) as events:
             async for _, item in events:
                 match item:
                     case TextDelta(text=text) if text:
-                        if not text_open:
-                            block, text_open = block + 1, True
+                        if open_kind != "text":
+                            if open_kind is not None:
+                                yield event("content_block_stop", {"index": block})
+                            block, open_kind = block + 1, "text"
                             yield event(
                                 "content_block_start", {"index": block, "content_block": OutputText("")}
                             )
@@ -287,10 +324,19 @@ async def message_stream(run: CompletionRun, model: str) -> AsyncGenerator[bytes
                             "content_block_delta",
                             {"index": block, "delta": {"type": "text_delta", "text": text}},
                         )
+                    case ReasoningDelta(text=text):
+                        if open_kind != "thinking":
+                            if open_kind is not None:
+                                yield event("content_block_stop", {"index": block})
+                            block, open_kind = block + 1, "thinking"
+                            start = {"index": block, "content_block": OutputThinking("")}
+                            yield event("content_block_start", start)
+                        delta = {"type": "thinking_delta", "thinking": text}
+                        yield event("content_block_delta", {"index": block, "delta": delta})
                     case ToolCallMade():
-                        if text_open:
+                        if open_kind is not None:
                             yield event("content_block_stop", {"index": block})
-                            text_open = False
+                            open_kind = None
                         block += 1
                         tool_use = OutputToolUse(item.id, item.name, {})
                         yield event("content_block_start", {"index": block, "content_block": tool_use})
@@ -299,11 +345,11 @@ async def message_stream(run: CompletionRun, model: str) -> AsyncGenerator[bytes
                         yield event("content_block_stop", {"index": block})
                     case ChoiceEnded():
                         if block < 0:  # nothing was generated: still one (empty) text block
-                            block, text_open = 0, True
+                            block, open_kind = 0, "text"
                             yield event(
                                 "content_block_start", {"index": block, "content_block": OutputText("")}
                             )
-                        if text_open:
+                        if open_kind is not None:
                             yield event("content_block_stop", {"index": block})
                         delta = {"stop_reason": stop_reason(item), "stop_sequence": item.stop_sequence}
                         yield event(

@@ -22,6 +22,7 @@ from litestar.params import JSONBody, Parameter, SkipValidation
 
 from exo.api import ollama
 from exo.api.anthropic import MessagesRequest
+from exo.api.cluster_port import InstanceNotFound, ModelNotFound, NodeServices, text_tokenizer
 from exo.api.completion import CompletionSettings
 from exo.api.completion_routes import COMPLETION_ROUTES
 from exo.api.errors import BODY, EXCEPTION_HANDLERS, QUERY, READ, decode_strictly, error_responses
@@ -41,12 +42,16 @@ from exo.api.ollama_types import (
 from exo.api.openai_completions import TextCompletionRequest
 from exo.api.openai_types import ChatCompletionRequest, ModelList, ModelObject
 from exo.api.openapi import render_plugins
+from exo.api.request_body import check_request_body
+from exo.api.responses_routes import RESPONSES_ROUTES, Responses
+from exo.api.responses_store import ResponseStore
+from exo.api.responses_types import ResponsesRequest
 from exo.api.runs import ActiveCompletions
-from exo.api.services import InstanceNotFound, ModelNotFound, NodeServices, text_tokenizer
-from exo.events import Event, IndexedEvent, Sharding
-from exo.inference.models import ModelInfo
-from exo.roles.placement import PlacementPreview
-from exo.state import Instance, State, state_document
+from exo.api.small_routes import SMALL_ROUTES, CountTokensRequest
+from exo.core.events import Event, IndexedEvent, Sharding
+from exo.core.models import ModelInfo
+from exo.core.placement import PlacementPreview
+from exo.core.state import Instance, State, state_document
 
 MAX_EVENTS_PAGE = 1000
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
@@ -216,6 +221,8 @@ async def ollama_show(
     source = text_tokenizer(tokenizer).chat_template
     template = source if isinstance(source, str) else ""
     capabilities = ["completion", *(["tools"] if "tools" in template else [])]
+    if getattr(tokenizer, "has_thinking", False):  # mlx-lm found thinking markers: Ollama's `think` applies
+        capabilities.append("thinking")
     return ShowResponse(
         modelfile="",
         parameters="",
@@ -243,6 +250,8 @@ REQUEST_BODIES: dict[tuple[str, str], type[Any]] = {
     ("post", "/v1/messages"): MessagesRequest,
     ("post", "/ollama/api/chat"): OllamaChatRequest,
     ("post", "/ollama/api/generate"): GenerateRequest,
+    ("post", "/v1/responses"): ResponsesRequest,
+    ("post", "/v1/messages/count_tokens"): CountTokensRequest,
     **MODEL_REQUEST_BODIES,
 }
 
@@ -253,15 +262,18 @@ def create_app(
     *,
     completion_settings: CompletionSettings | None = None,
     max_request_bytes: int = MAX_REQUEST_BYTES,
+    response_store: ResponseStore | None = None,
     manage_models: bool = False,
 ) -> Litestar:
     """The API over `services`. With `api_key`, every route but `GET /health` needs it as a bearer token.
+    `response_store` bounds the Responses API's stored responses (default: 1,000 for 1 h).
 
     `manage_models`: `services` also implements exo.api.model_routes.ModelServices (the node's
     does): `/models` then shows each node's state of each model, and models can be fetched
     and deleted."""
     settings = completion_settings or CompletionSettings()
     registry = ActiveCompletions()
+    responses = Responses(response_store)
 
     def provide_services() -> NodeServices:
         return services
@@ -271,6 +283,9 @@ def create_app(
 
     def provide_registry() -> ActiveCompletions:
         return registry
+
+    def provide_responses() -> Responses:
+        return responses
 
     return Litestar(
         route_handlers=[
@@ -292,19 +307,26 @@ def create_app(
             ollama_running,
             ollama_show,
             *COMPLETION_ROUTES,
+            *RESPONSES_ROUTES,
+            *SMALL_ROUTES,
         ],
         dependencies={
             "services": Provide(provide_services, sync_to_thread=False),
             "settings": Provide(provide_settings, sync_to_thread=False),
             "registry": Provide(provide_registry, sync_to_thread=False),
+            "responses": Provide(provide_responses, sync_to_thread=False),
         },
         guards=[] if api_key is None else [_require_api_key(api_key)],
+        before_request=check_request_body,
         exception_handlers=EXCEPTION_HANDLERS,
         cors_config=CORSConfig(allow_origins=["*"], allow_headers=["*"], allow_methods=["*"]),
         openapi_config=OpenAPIConfig(
             title="exo", version="0.1.0", path="/schema", render_plugins=render_plugins(REQUEST_BODIES)
         ),
         request_max_body_size=max_request_bytes,
+        # The node configures logging once, one format for every logger; Litestar's default config
+        # would replace the root handler and its level.
+        logging_config=None,
     )
 
 

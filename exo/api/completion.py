@@ -6,34 +6,26 @@ Everything here can fail with a plain HTTP error, before any byte of an answer i
 
 from __future__ import annotations
 
-import json
-from typing import Any, Literal
+import asyncio
+from typing import Any
 
 import msgspec
 
+from exo.api.channels import opens_thinking
+from exo.api.cluster_port import ChatTokenizer, NodeServices, text_tokenizer
+from exo.api.constraints import OutputFormat, ToolSpec, build_grammar, validate_grammar
 from exo.api.errors import ApiError
 from exo.api.model_limits import context_length
-from exo.api.services import ChatTokenizer, NodeServices, text_tokenizer
-from exo.api.tool_calls import HERMES_OPEN
-from exo.inference.protocol import SamplingParams
-from exo.state import Instance
-
-ToolMode = Literal["auto", "required", "named"]
-
-
-class ToolSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """Tools offered to the model (`tool_choice` "none" means no ToolSpec at all)."""
-
-    definitions: list[dict[str, Any]]  # OpenAI function tools, as chat templates take them
-    mode: ToolMode = "auto"
-    name: str | None = None  # the tool that must be called, for mode "named"
-    parallel: bool = True
-    param: str = "tools"  # the request field, for errors
+from exo.core.sampling import SamplingParams
+from exo.core.state import Instance
 
 
 class ChatPrompt(msgspec.Struct, frozen=True, tag=True):
     messages: list[dict[str, Any]]  # as Hugging Face chat templates take them
     tools: ToolSpec | None = None
+    # Template variables: `enable_thinking` (Qwen 3 and the templates mlx-lm knows) and
+    # `reasoning_effort` (gpt-oss); templates ignore the ones they do not use.
+    template_options: dict[str, Any] = {}
 
 
 class TextPrompt(msgspec.Struct, frozen=True, tag=True):
@@ -49,6 +41,7 @@ class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True):
     max_tokens_param: str = "max_tokens"  # the request field it came from, for errors
     stop: list[str] = []
     n: int = 1
+    output: OutputFormat | None = None  # structured output: the answer must be this JSON
 
 
 class CompletionSettings(msgspec.Struct, frozen=True):
@@ -63,63 +56,71 @@ class PreparedCompletion(msgspec.Struct, frozen=True, kw_only=True):
     instance: Instance
     prompt_tokens: list[int]
     max_tokens: int
-    forced_prefix: str = ""  # text appended to the prompt for the model (a required tool call)
+    forced_prefix: str = (
+        ""  # text the prompt wrote for the model, parsed as output (none now: grammars force calls)
+    )
 
 
 async def prepare(
     services: NodeServices, request: CompletionRequest, settings: CompletionSettings
 ) -> tuple[PreparedCompletion, ChatTokenizer]:
     tokenizer = await services.tokenizer(request.model)
-    forced_prefix = ""
+    tools = None
     if isinstance(request.prompt, ChatPrompt):
-        prompt_tokens, forced_prefix = render_chat(tokenizer, request.prompt)
+        prompt_tokens = render_chat(tokenizer, request.prompt)
+        tools = request.prompt.tools
     else:
         prompt_tokens = tokens_of_text(services, tokenizer, request.model, request.prompt)
     max_tokens = check_context(services, request, len(prompt_tokens), settings.default_max_tokens)
     check_logit_bias(services, request)
+    thinking_end = None
+    if isinstance(request.prompt, ChatPrompt) and opens_thinking(tokenizer, prompt_tokens):
+        thinking_end = str(getattr(tokenizer, "think_end", ""))
+    grammar = build_grammar(tokenizer, tools, request.output, thinking_end or None)
+    if grammar is not None:
+        param = request.output.param if request.output is not None else "tools"
+        await asyncio.to_thread(validate_grammar, grammar, param)
+        sampling = msgspec.structs.replace(request.sampling, grammar=grammar)
+        request = msgspec.structs.replace(request, sampling=sampling)
     instance = await services.ensure_instance(request.model, settings.instance_ready_timeout_s)
     prepared = PreparedCompletion(
         request=request,
         instance=instance,
         prompt_tokens=prompt_tokens,
         max_tokens=max_tokens,
-        forced_prefix=forced_prefix,
     )
     return prepared, tokenizer
 
 
-def render_chat(tokenizer: ChatTokenizer, prompt: ChatPrompt) -> tuple[list[int], str]:
-    """Prompt tokens and the forced prefix (text the prompt writes for the model)."""
+def render_chat(tokenizer: ChatTokenizer, prompt: ChatPrompt) -> list[int]:
+    """The prompt's tokens; a 400 when tools are offered to a template that does not render them."""
     tools = prompt.tools
-    prompt_tokens = _apply_template(tokenizer, prompt.messages, tools.definitions if tools else None)
-    if tools is None:
-        return prompt_tokens, ""
-    if prompt_tokens == _apply_template(tokenizer, prompt.messages, None):
+    options = prompt.template_options
+    prompt_tokens = _apply_template(tokenizer, prompt.messages, tools.definitions if tools else None, options)
+    if tools is not None and prompt_tokens == _apply_template(tokenizer, prompt.messages, None, options):
         raise ApiError(
             400,
             "this model's chat template does not render tools, so it cannot call them",
             param=tools.param,
             code="tools_unsupported",
         )
-    template = text_tokenizer(tokenizer).chat_template
-    if tools.mode == "auto" or not isinstance(template, str) or HERMES_OPEN not in template:
-        # A template with another call format: the tools are rendered, the call is not forced.
-        return prompt_tokens, ""
-    forced = f"{HERMES_OPEN}\n"
-    if tools.mode == "named":
-        forced += '{"name": ' + json.dumps(tools.name) + ', "arguments": '
-    return prompt_tokens + list(text_tokenizer(tokenizer).encode(forced, add_special_tokens=False)), forced
+    return prompt_tokens
 
 
 def _apply_template(
-    tokenizer: ChatTokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    tokenizer: ChatTokenizer,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    options: dict[str, Any],
 ) -> list[int]:
     try:
         if tools is None:
-            rendered = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            rendered = tokenizer.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=True, **options
+            )
         else:
             rendered = tokenizer.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=True, tools=tools
+                messages, tokenize=True, add_generation_prompt=True, tools=tools, **options
             )
         return list(rendered)
     # A chat template is code from the model folder run on client input: whatever it raises

@@ -14,6 +14,7 @@ from litestar.params import HeaderParameter, JSONBody, Parameter, SkipValidation
 from litestar.response import Stream
 
 from exo.api import anthropic, ollama
+from exo.api.cluster_port import NodeServices, text_tokenizer
 from exo.api.completion import CompletionRequest, CompletionSettings, prepare
 from exo.api.errors import GENERATE, QUERY, ApiError, decode_strictly, error_responses
 from exo.api.ollama_types import ChatChunk, ChatRequest, GenerateChunk, GenerateRequest
@@ -28,7 +29,6 @@ from exo.api.openai_completions import (
 )
 from exo.api.openai_types import CancelledCompletion, ChatCompletion, ChatCompletionRequest
 from exo.api.runs import ActiveCompletions, CompletionRun
-from exo.api.services import NodeServices, text_tokenizer
 
 Services = SkipValidation[NodeServices]
 Settings = SkipValidation[CompletionSettings]

@@ -10,14 +10,14 @@ survived, so the tokens of the `logprobs` list always join to exactly the conten
 from __future__ import annotations
 
 from collections import deque
-from typing import Literal
+from typing import Literal, Protocol
 
 import msgspec
 
+from exo.api.cluster_port import ChatTokenizer, GeneratedToken, text_tokenizer
 from exo.api.openai_types import TokenLogprob, TopLogprob
-from exo.api.services import ChatTokenizer, GeneratedToken, text_tokenizer
 from exo.api.stop_strings import StopStringMatcher
-from exo.api.tool_calls import ContentPiece, Piece, ToolCallExtractor
+from exo.api.tool_calls import CallPiece, ContentPiece, Piece, ReasoningPiece
 
 EndReason = Literal["stop", "length", "tool_calls"]
 
@@ -27,6 +27,13 @@ class TextDelta(msgspec.Struct, frozen=True):
     # Tokens decided by this step (with logprobs on); their texts join, over the whole choice,
     # to the content, though one delta's tokens need not match its text.
     logprobs: list[TokenLogprob] = []
+
+
+class ReasoningDelta(msgspec.Struct, frozen=True):
+    """The model's thinking, separated from the content (`reasoning_content`, Claude `thinking`
+    blocks, Ollama `thinking`, Responses `reasoning` items)."""
+
+    text: str
 
 
 class ToolCallMade(msgspec.Struct, frozen=True):
@@ -42,7 +49,18 @@ class ChoiceEnded(msgspec.Struct, frozen=True):
     end_of_sequence: bool = False  # the model ended it itself
 
 
-ChoiceEvent = TextDelta | ToolCallMade | ChoiceEnded
+ChoiceEvent = TextDelta | ReasoningDelta | ToolCallMade | ChoiceEnded
+
+
+class Extractor(Protocol):
+    """Finds what is not content in the text (ToolCallExtractor, channels.OutputSplitter)."""
+
+    @property
+    def decided(self) -> int: ...
+
+    def feed(self, text: str) -> list[Piece]: ...
+
+    def finish(self) -> list[Piece]: ...
 
 
 class _PendingToken(msgspec.Struct):
@@ -59,7 +77,7 @@ class ChoiceDecoder:
         *,
         max_tokens: int,
         stop_strings: list[str],
-        extractor: ToolCallExtractor | None = None,
+        extractor: Extractor | None = None,
         parallel_tool_calls: bool = True,
         call_id_prefix: str = "call",
     ) -> None:
@@ -156,6 +174,14 @@ class ChoiceDecoder:
                 text += piece.text
                 continue
             self._removed.append((piece.start, piece.end))
+            if isinstance(piece, ReasoningPiece):
+                if piece.text:
+                    if text:
+                        events.append(TextDelta(text))
+                        text = ""
+                    events.append(ReasoningDelta(piece.text))
+                continue
+            assert isinstance(piece, CallPiece)
             if self._calls and not self._parallel:
                 continue  # parallel_tool_calls false: the first call only
             if text:

@@ -19,9 +19,9 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
 
-from exo.api.services import (
+from exo.api.cluster_port import (
     ClusterUnavailable,
-    GenerationFailed,
+    GenerationAborted,
     InstanceFailed,
     InstanceNotFound,
     InstanceNotReady,
@@ -67,7 +67,7 @@ _SERVICE_ERRORS: dict[type[ServiceError], tuple[int, str, str, str | None]] = {
     InstanceFailed: (503, "server_error", "instance_failed", None),
     InstanceNotReady: (504, "server_error", "instance_not_ready", None),
     ClusterUnavailable: (503, "server_error", "cluster_unavailable", None),
-    GenerationFailed: (500, "server_error", "generation_failed", None),
+    GenerationAborted: (500, "server_error", "generation_failed", None),
     Overloaded: (503, "server_error", "overloaded", None),
     ModelUnavailable: (502, "server_error", "model_unavailable", "model"),  # status from the error
 }

@@ -6,7 +6,7 @@ import functools
 import json
 from pathlib import Path
 
-from exo.inference.models import ModelInfo
+from exo.core.models import ModelInfo
 
 # Where Hugging Face configs put the context length, most specific first.
 _CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions")

@@ -20,12 +20,12 @@ from litestar import get as get_route
 from litestar.params import JSONBody, Parameter
 from litestar.response import Stream
 
+from exo.api.cluster_port import NodeServices, ServiceError
 from exo.api.completion_routes import ndjson_stream
 from exo.api.errors import BODY, QUERY, READ, decode_strictly, error_responses
 from exo.api.model_limits import context_length
 from exo.api.ollama import model_id as ollama_model_id
-from exo.api.services import NodeServices, ServiceError
-from exo.inference.models import ModelInfo
+from exo.core.models import ModelInfo
 
 PULL_POLL_SECONDS = 0.25
 PULL_TIMEOUT_SECONDS = 24 * 3600.0

@@ -18,8 +18,10 @@ from typing import Any
 
 import msgspec
 
+from exo.api.cluster_port import ServiceError
 from exo.api.completion import ChatPrompt, CompletionRequest, TextPrompt, ToolSpec
-from exo.api.decoding import ChoiceEnded, TextDelta, ToolCallMade
+from exo.api.constraints import OutputFormat
+from exo.api.decoding import ChoiceEnded, ReasoningDelta, TextDelta, ToolCallMade
 from exo.api.errors import ApiError, service_error_body
 from exo.api.model_limits import context_length
 from exo.api.ollama_types import (
@@ -38,9 +40,8 @@ from exo.api.ollama_types import (
 )
 from exo.api.openai_chat import function_definitions, sampling_params
 from exo.api.runs import ChoiceResult, CompletionRun, collect
-from exo.api.services import ServiceError
-from exo.inference.models import ModelInfo
-from exo.inference.protocol import SamplingParams
+from exo.core.models import ModelInfo
+from exo.core.sampling import SamplingParams
 
 OLLAMA_VERSION = "0.12.0"  # the Ollama API version these routes follow
 LATEST = ":latest"
@@ -67,14 +68,38 @@ def timestamp(seconds: float) -> str:
 # --- requests --------------------------------------------------------------------------------
 
 
-def _check_format(format_: Format) -> None:
-    if format_ not in (None, ""):
+def output_format(format_: Format) -> OutputFormat | None:
+    """Ollama's `format`: "json" is any JSON object, an object is a JSON schema. As Ollama's own
+    schema-to-grammar conversion, keywords the grammar library lacks are ignored."""
+    if format_ is None or format_ == "":
+        return None
+    if format_ == "json":
+        return OutputFormat(schema=None, param="format")
+    if isinstance(format_, dict):
+        return OutputFormat(schema=format_, strict=False, param="format")
+    raise ApiError(
+        400, f'format must be "json" or a JSON schema, got {format_!r}', "format", "invalid_request"
+    )
+
+
+def think_options(think: bool | str | None) -> dict[str, Any]:
+    """Ollama's `think`: false turns thinking off in templates that can, true or a level ("low",
+    "medium", "high", which gpt-oss templates take as `reasoning_effort`) turns it on. Thinking is
+    separated into `thinking` whenever the model writes its markers."""
+    if think is None:
+        return {}
+    if think is False:
+        return {"enable_thinking": False}
+    if think is True:
+        return {"enable_thinking": True}
+    if think not in ("low", "medium", "high"):
         raise ApiError(
             400,
-            "format (JSON output) is not supported: exo does not constrain decoding yet",
-            "format",
+            f'think must be a boolean or "low", "medium", "high", got {think!r}',
+            "think",
             "invalid_request",
         )
+    return {"enable_thinking": True, "reasoning_effort": think}
 
 
 def _options_sampling(options: Options | None) -> tuple[SamplingParams, int | None, list[str]]:
@@ -95,16 +120,16 @@ def _options_sampling(options: Options | None) -> tuple[SamplingParams, int | No
 
 
 def chat_request(body: ChatRequest) -> CompletionRequest:
-    _check_format(body.format)
     sampling, max_tokens, stop = _options_sampling(body.options)
     tools = ToolSpec(definitions=function_definitions(body.tools)) if body.tools else None
     return CompletionRequest(
         model=model_id(body.model),
-        prompt=ChatPrompt(conversation(body.messages), tools),
+        prompt=ChatPrompt(conversation(body.messages), tools, think_options(body.think)),
         sampling=sampling,
         max_tokens=max_tokens,
         max_tokens_param="options.num_predict",
         stop=stop,
+        output=output_format(body.format),
     )
 
 
@@ -134,7 +159,6 @@ def conversation(messages: list[Message]) -> list[dict[str, Any]]:
 
 
 def generate_request(body: GenerateRequest) -> CompletionRequest:
-    _check_format(body.format)
     for field, value in (
         ("suffix", body.suffix),
         ("template", body.template),
@@ -148,7 +172,9 @@ def generate_request(body: GenerateRequest) -> CompletionRequest:
         prompt: ChatPrompt | TextPrompt = TextPrompt(text=body.prompt)
     else:
         messages = [{"role": "system", "content": body.system}] if body.system else []
-        prompt = ChatPrompt([*messages, {"role": "user", "content": body.prompt}])
+        prompt = ChatPrompt(
+            [*messages, {"role": "user", "content": body.prompt}], None, think_options(body.think)
+        )
     return CompletionRequest(
         model=model_id(body.model),
         prompt=prompt,
@@ -156,6 +182,7 @@ def generate_request(body: GenerateRequest) -> CompletionRequest:
         max_tokens=max_tokens,
         max_tokens_param="options.num_predict",
         stop=stop,
+        output=output_format(body.format),
     )
 
 
@@ -186,7 +213,7 @@ def _done_reason(ended: ChoiceEnded) -> str:
 
 def _final_chat(run: CompletionRun, model: str, result: ChoiceResult, load_seconds: float) -> ChatChunk:
     calls = [_tool_call(call) for call in result.tool_calls] or None
-    message = AnswerMessage("assistant", result.text, tool_calls=calls)
+    message = AnswerMessage("assistant", result.text, tool_calls=calls, thinking=result.reasoning_text)
     return ChatChunk(model, now(), message, True, _done_reason(result.ended), **_timings(run, load_seconds))
 
 
@@ -204,6 +231,9 @@ async def chat_stream(run: CompletionRun, model: str, load_seconds: float) -> As
                 match event:
                     case TextDelta(text=text) if text:
                         yield _line(ChatChunk(model, now(), AnswerMessage("assistant", text), False))
+                    case ReasoningDelta(text=text):
+                        message = AnswerMessage("assistant", "", thinking=text)
+                        yield _line(ChatChunk(model, now(), message, False))
                     case ToolCallMade():
                         yield _line(
                             ChatChunk(
@@ -229,7 +259,13 @@ async def generate_answer(
 ) -> GenerateChunk:
     (result,) = await collect(run, receive)
     return GenerateChunk(
-        model, now(), result.text, True, _done_reason(result.ended), **_timings(run, load_seconds)
+        model,
+        now(),
+        result.text,
+        True,
+        _done_reason(result.ended),
+        thinking=result.reasoning_text,
+        **_timings(run, load_seconds),
     )
 
 
@@ -240,6 +276,8 @@ async def generate_stream(run: CompletionRun, model: str, load_seconds: float) -
                 match event:
                     case TextDelta(text=text) if text:
                         yield _line(GenerateChunk(model, now(), text, False))
+                    case ReasoningDelta(text=text):
+                        yield _line(GenerateChunk(model, now(), "", False, thinking=text))
                     case ChoiceEnded():
                         final = GenerateChunk(model, now(), "", True, _done_reason(event))
                         yield _line(msgspec.structs.replace(final, **_timings(run, load_seconds)))

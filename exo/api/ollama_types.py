@@ -93,6 +93,7 @@ class AnswerMessage(msgspec.Struct, frozen=True, omit_defaults=True):
     role: Literal["assistant"]
     content: str
     tool_calls: list[ToolCall] | None = None
+    thinking: str | None = None
 
 
 class ChatChunk(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -121,6 +122,7 @@ class GenerateChunk(msgspec.Struct, frozen=True, omit_defaults=True):
     prompt_eval_duration: int | None = None
     eval_count: int | None = None
     eval_duration: int | None = None
+    thinking: str | None = None  # the model's separated thinking
 
 
 class ModelDetails(msgspec.Struct, frozen=True):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
+from exo.api.cluster_port import ServiceError
 from exo.api.completion import ChatPrompt, CompletionRequest, ToolSpec
-from exo.api.decoding import ChoiceEnded, TextDelta, ToolCallMade
+from exo.api.constraints import OutputFormat
+from exo.api.decoding import ChoiceEnded, ReasoningDelta, TextDelta, ToolCallMade
 from exo.api.errors import ApiError, ErrorBody, service_error_body
 from exo.api.openai_types import (
     AssistantMessage,
@@ -23,6 +25,7 @@ from exo.api.openai_types import (
     ImageContentPart,
     LogitBias,
     NamedToolChoice,
+    ResponseFormat,
     ToolCall,
     ToolCallDelta,
     ToolCallDeltaFunction,
@@ -30,8 +33,7 @@ from exo.api.openai_types import (
     ToolDefinition,
 )
 from exo.api.runs import CompletionRun, collect, server_sent_event
-from exo.api.services import ServiceError
-from exo.inference.protocol import SamplingParams
+from exo.core.sampling import SamplingParams
 
 DONE = b"data: [DONE]\n\n"
 
@@ -44,25 +46,67 @@ def chat_request(body: ChatCompletionRequest) -> CompletionRequest:
         )
     if body.top_logprobs and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_request")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise ApiError(
-            400,
-            f"response_format {body.response_format.type!r} is not supported: exo does not constrain "
-            "decoding to JSON yet (use 'text')",
-            "response_format",
-            "unsupported_response_format",
-        )
     max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
     if max_tokens is None:
         max_tokens, param = body.max_tokens, "max_tokens"
     return CompletionRequest(
         model=body.model,
-        prompt=ChatPrompt(conversation(body.messages), tool_spec(body)),
+        prompt=ChatPrompt(
+            conversation(body.messages), tool_spec(body), reasoning_options(body.reasoning_effort)
+        ),
         sampling=openai_sampling(body, logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0),
         max_tokens=max_tokens,
         max_tokens_param=param,
         stop=stop_strings(body.stop),
         n=body.n,
+        output=output_format(body.response_format),
+    )
+
+
+def reasoning_options(effort: str | None) -> dict[str, Any]:
+    """`reasoning_effort` as template variables: "none" turns thinking off (`enable_thinking`),
+    the others turn it on and are passed as `reasoning_effort` for templates that take it."""
+    if effort is None:
+        return {}
+    if effort == "none":
+        return {"enable_thinking": False}
+    return {"enable_thinking": True, "reasoning_effort": effort}
+
+
+def output_format(response_format: ResponseFormat | None) -> OutputFormat | None:
+    """OpenAI's `response_format`: "text" is free; "json_object" any JSON object; "json_schema"
+    JSON matching `json_schema.schema`, enforced exactly with `json_schema.strict`."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return OutputFormat(schema=None, strict=True)
+    spec = response_format.json_schema
+    if spec is None:
+        raise ApiError(
+            400,
+            "response_format json_schema needs a json_schema object",
+            "response_format.json_schema",
+            "invalid_request",
+        )
+    schema, strict = spec.get("schema"), spec.get("strict")
+    if schema is not None and not isinstance(schema, dict):
+        raise ApiError(
+            400,
+            "json_schema.schema must be an object",
+            "response_format.json_schema.schema",
+            "invalid_request",
+        )
+    if strict is not None and not isinstance(strict, bool):
+        raise ApiError(
+            400,
+            "json_schema.strict must be a boolean",
+            "response_format.json_schema.strict",
+            "invalid_request",
+        )
+    return OutputFormat(
+        schema=cast("dict[str, Any] | None", schema),
+        strict=strict is True,
+        param="response_format.json_schema.schema",
     )
 
 
@@ -180,8 +224,19 @@ def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 
 def message_text(message: ChatMessage, message_index: int) -> str:
-    if message.content is None or isinstance(message.content, str):
-        return message.content or ""
+    if message.content is None:
+        # OpenAI requires content on every turn but the assistant's (which may carry only tool
+        # calls, or be a placeholder some clients send as null).
+        if message.role != "assistant":
+            raise ApiError(
+                400,
+                f"messages[{message_index}]: a {message.role!r} message needs a 'content'",
+                param=f"messages[{message_index}].content",
+                code="invalid_request",
+            )
+        return ""
+    if isinstance(message.content, str):
+        return message.content
     texts: list[str] = []
     for part_index, part in enumerate(message.content):
         if isinstance(part, ImageContentPart):
@@ -218,7 +273,11 @@ def tool_spec(body: ChatCompletionRequest) -> ToolSpec | None:
             )
         chosen = [tool for tool in tools if tool.function.name == choice.function.name]
         return ToolSpec(
-            definitions=function_definitions(chosen), mode="named", name=choice.function.name, parallel=False
+            definitions=function_definitions(chosen),
+            mode="named",
+            name=choice.function.name,
+            parallel=False,
+            strict=strict_tools(chosen),
         )
     if choice == "required" and not tools:
         raise ApiError(400, "tool_choice 'required' needs tools", "tool_choice", "invalid_request")
@@ -229,7 +288,14 @@ def tool_spec(body: ChatCompletionRequest) -> ToolSpec | None:
         definitions=function_definitions(tools),
         mode="required" if choice == "required" else "auto",
         parallel=parallel,
+        strict=strict_tools(tools),
     )
+
+
+def strict_tools(tools: list[ToolDefinition]) -> list[str]:
+    """Tools whose `strict: true` asks for their parameters schema exactly (others: keywords the
+    grammar library lacks are ignored)."""
+    return [tool.function.name for tool in tools if tool.function.strict]
 
 
 def function_definitions(tools: list[ToolDefinition]) -> list[dict[str, Any]]:
@@ -258,7 +324,7 @@ async def chat_completion(
         content: str | None = result.text
         if calls and not result.text.strip():
             content = None
-        message = AssistantMessage("assistant", content, calls or None)
+        message = AssistantMessage("assistant", content, calls or None, result.reasoning_text)
         choice_logprobs = ChoiceLogprobs(result.logprobs) if logprobs else None
         choices.append(Choice(index, message, result.ended.reason, choice_logprobs))
     return ChatCompletion(run.completion_id, "chat.completion", run.created, model, choices, run.usage)
@@ -285,6 +351,8 @@ async def chat_completion_stream(
                     case TextDelta(text=text, logprobs=entries):
                         choice_logprobs = ChoiceLogprobs(entries) if logprobs else None
                         yield chunk(ChunkChoice(index, Delta(content=text), logprobs=choice_logprobs))
+                    case ReasoningDelta(text=text):
+                        yield chunk(ChunkChoice(index, Delta(reasoning_content=text)))
                     case ToolCallMade():
                         header = ToolCallDelta(
                             event.index, ToolCallDeltaFunction(event.name, ""), event.id, "function"

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from exo.api.cluster_port import ServiceError
 from exo.api.completion import CompletionRequest, TextPrompt
 from exo.api.decoding import ChoiceEnded, TextDelta
 from exo.api.errors import ApiError
@@ -29,8 +30,7 @@ from exo.api.openai_types import (
     Usage,
 )
 from exo.api.runs import CompletionRun, collect, server_sent_event
-from exo.api.services import ServiceError
-from exo.inference.protocol import MAX_TOP_LOGPROBS
+from exo.core.sampling import MAX_TOP_LOGPROBS
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 

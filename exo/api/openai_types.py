@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from exo.inference.protocol import MAX_TOP_LOGPROBS
+from exo.core.sampling import MAX_TOP_LOGPROBS
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 ChatFinishReason = Literal["stop", "length", "tool_calls"]
@@ -119,6 +119,8 @@ class ChatCompletionRequest(msgspec.Struct, frozen=True, kw_only=True):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    # How much the model thinks, for templates that take it ("none" turns thinking off).
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     user: str | None = None
 
 
@@ -165,6 +167,7 @@ class AssistantMessage(msgspec.Struct, frozen=True, omit_defaults=True):
     role: Literal["assistant"]
     content: str | None
     tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = None  # the model's thinking (vLLM's, DeepSeek's and LiteLLM's field)
 
 
 class Choice(msgspec.Struct, frozen=True):
@@ -199,6 +202,7 @@ class Delta(msgspec.Struct, frozen=True, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    reasoning_content: str | None = None
 
 
 class ChunkChoice(msgspec.Struct, frozen=True):

@@ -19,10 +19,19 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from exo.api.channels import OutputSplitter, mlx_lm_parse, model_markers, opens_thinking
+from exo.api.cluster_port import ChatTokenizer, GeneratedToken, NodeServices, ServiceError
 from exo.api.completion import ChatPrompt, PreparedCompletion
-from exo.api.decoding import ChoiceDecoder, ChoiceEnded, ChoiceEvent, TextDelta, ToolCallMade
+from exo.api.decoding import (
+    ChoiceDecoder,
+    ChoiceEnded,
+    ChoiceEvent,
+    Extractor,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallMade,
+)
 from exo.api.openai_types import PromptTokensDetails, TokenLogprob, Usage
-from exo.api.services import ChatTokenizer, GeneratedToken, NodeServices, ServiceError
 from exo.api.tool_calls import ToolCallExtractor
 
 QUEUE_SLOTS_PER_CHOICE = 64
@@ -63,7 +72,7 @@ class CompletionRun:
                 tokenizer,
                 max_tokens=prepared.max_tokens,
                 stop_strings=request.stop,
-                extractor=None if tools is None else ToolCallExtractor(prepared.forced_prefix),
+                extractor=extractor_for(tokenizer, prepared),
                 parallel_tool_calls=tools.parallel if tools is not None else True,
                 call_id_prefix=f"{call_id_prefix}_{uuid.uuid4().hex[:12]}",
             )
@@ -233,6 +242,21 @@ class CompletionRun:
         self._queue.put_nowait(item)
 
 
+def extractor_for(tokenizer: ChatTokenizer, prepared: PreparedCompletion) -> Extractor | None:
+    """What splits a chat answer: mlx-lm's markers for the model (thinking; calls with the tool
+    parser mlx-lm chose), else exo's own call extractor when tools are offered, else nothing."""
+    prompt = prepared.request.prompt
+    if not isinstance(prompt, ChatPrompt):
+        return None
+    tools = prompt.tools
+    markers = model_markers(tokenizer, tools=tools is not None)
+    if markers is not None and (tools is None or markers.tool is not None):
+        parse = None if tools is None else mlx_lm_parse(tokenizer, tools.definitions)
+        initial = "reasoning" if opens_thinking(tokenizer, prepared.prompt_tokens) else "normal"
+        return OutputSplitter(markers, parse, initial)
+    return None if tools is None else ToolCallExtractor(prepared.forced_prefix)
+
+
 class ActiveCompletions:
     """Runs in progress on this node, by completion id (for POST /v1/cancel/{id})."""
 
@@ -275,6 +299,7 @@ class ChoiceResult:
 
     def __init__(self) -> None:
         self.texts: list[str] = []
+        self.reasoning: list[str] = []
         self.tool_calls: list[ToolCallMade] = []
         self.logprobs: list[TokenLogprob] = []
         self.ended = ChoiceEnded("stop")
@@ -282,6 +307,11 @@ class ChoiceResult:
     @property
     def text(self) -> str:
         return "".join(self.texts)
+
+    @property
+    def reasoning_text(self) -> str | None:
+        """The separated thinking; None when the model did not think."""
+        return "".join(self.reasoning) if self.reasoning else None
 
 
 async def collect(run: CompletionRun, receive: Callable[[], Any] | None = None) -> list[ChoiceResult]:
@@ -296,6 +326,8 @@ async def collect(run: CompletionRun, receive: Callable[[], Any] | None = None) 
                     case TextDelta():
                         result.texts.append(event.text)
                         result.logprobs += event.logprobs
+                    case ReasoningDelta():
+                        result.reasoning.append(event.text)
                     case ToolCallMade():
                         result.tool_calls.append(event)
                     case ChoiceEnded():

@@ -1,4 +1,7 @@
-"""Tool calls in generated text, found as the text streams in (sans-IO).
+"""Tool calls in generated text, found as the text streams in (sans-IO), for tokenizers mlx-lm
+chose no tool parser for: llama 3's bare-JSON calls, for which mlx-lm has no parser, and the Hermes
+form in a template mlx-lm did not recognise. Models with an mlx-lm parser are split by
+exo/api/channels.py with that parser.
 
 Two forms are recognised:
 
@@ -43,7 +46,15 @@ class CallPiece(msgspec.Struct, frozen=True):
     end: int
 
 
-Piece = ContentPiece | CallPiece
+class ReasoningPiece(msgspec.Struct, frozen=True):
+    """The model's thinking (text between its think markers; "" for a marker itself): not content."""
+
+    text: str
+    start: int
+    end: int
+
+
+Piece = ContentPiece | CallPiece | ReasoningPiece
 
 
 def parse_call_object(value: object) -> ParsedCall | None:

@@ -9,7 +9,8 @@ from typing import Any
 
 import msgspec
 
-from exo.bus.messages import TOPIC_TYPES, ReplyEnvelope, RequestEnvelope
+from exo.core.decoding import DECODE_ERRORS
+from exo.core.messages import TOPIC_TYPES, ReplyEnvelope, RequestEnvelope
 
 logger = logging.getLogger(__name__)
 
@@ -21,13 +22,6 @@ _request_decoder = msgspec.msgpack.Decoder(RequestEnvelope)
 _reply_decoder = msgspec.msgpack.Decoder(ReplyEnvelope)
 
 LOG_INTERVAL_SECONDS = 1.0
-# What decoding an untrusted frame can raise: msgspec reports invalid UTF-8 in a string as a plain
-# UnicodeDecodeError, not as a DecodeError, so every receive path catches this tuple.
-DECODE_ERRORS: tuple[type[Exception], ...] = (
-    msgspec.DecodeError,
-    msgspec.ValidationError,
-    UnicodeDecodeError,
-)
 
 
 class DropCounter:

@@ -1,7 +1,8 @@
 """mDNS discovery: announce this node's bus port as `_exo._tcp.local.` and report the other nodes found.
 
-Pure part: `parse_announcement` turns what a peer announced into a `Peer` or a `Rejection`, and `PeerTable`
-turns a stream of those into found/lost decisions. `Discovery` is the thin zeroconf shell around them.
+Pure part: `parse_announcement` turns what a peer announced into a `DiscoveredPeer` or a
+`Rejection`, and `PeerTable` turns a stream of those into found/lost decisions. `Discovery` is
+the thin zeroconf shell around them.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def instance_label(node_id: str) -> str:
 
 
 @dataclass(frozen=True)
-class Peer:
+class DiscoveredPeer:
     node_id: str
     addresses: tuple[str, ...]
     port: int
@@ -93,7 +94,7 @@ def parse_announcement(
     *,
     own_node_id: str,
     cluster_tag: str | None,
-) -> Peer | Rejection:
+) -> DiscoveredPeer | Rejection:
     """Decide what one resolved `_exo._tcp` service means to this node."""
     raw_node_id = properties.get(TXT_NODE_ID)
     if raw_node_id is None:
@@ -132,7 +133,7 @@ def parse_announcement(
         if peer_tag is None:
             return Rejection("peer announces no cluster tag", malformed=False)
         return Rejection("peer belongs to another cluster", malformed=False)
-    return Peer(node_id=node_id, addresses=usable, port=port)
+    return DiscoveredPeer(node_id=node_id, addresses=usable, port=port)
 
 
 def choose_address(addresses: Sequence[str], local_networks: Sequence[ipaddress.IPv4Network]) -> str:
@@ -170,7 +171,7 @@ class PeerTable:
     def peers(self) -> dict[str, str]:
         return dict(self._reported)
 
-    def observe(self, service_name: str, result: Peer | Rejection) -> list[PeerFound | PeerLost]:
+    def observe(self, service_name: str, result: DiscoveredPeer | Rejection) -> list[PeerFound | PeerLost]:
         if isinstance(result, Rejection):
             return self.remove(service_name)
         host = choose_address(result.addresses, self.local_networks)
@@ -372,7 +373,7 @@ class Discovery:
 
     async def _resolve(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
         info = AsyncServiceInfo(service_type, name)
-        result: Peer | Rejection
+        result: DiscoveredPeer | Rejection
         if await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS):
             result = parse_announcement(
                 info.properties,

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from typing import TypeVar
 
 import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
-from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from exo.bus.sockets import BusSecurity
+from exo.core.security import BusSecurity, SameKeyOnly
 
-# The node hands the secret to its runner subprocesses in this variable (never on a command line).
-CLUSTER_SECRET_ENVIRONMENT = "EXO_CLUSTER_SECRET"
 KEY_DERIVATION_LABEL = b"exo-bus-curve-v1:"
 TAG_DERIVATION_LABEL = b"exo-cluster-tag-v1:"
 
@@ -45,35 +41,12 @@ def cluster_tag(cluster_secret: str | None) -> str | None:
     return hashlib.sha256(TAG_DERIVATION_LABEL + cluster_secret.encode()).hexdigest()[:32]
 
 
-class _SameKeyOnly:
-    def __init__(self, public_key: bytes) -> None:
-        self.public_key = public_key
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        return secrets.compare_digest(key, self.public_key)
-
-
 def start_authenticator(context: zmq.asyncio.Context, security: BusSecurity) -> AsyncioAuthenticator | None:
     """ZAP handler for every CURVE server socket of `context`: only the cluster's own key gets in."""
     if not security.enabled:
         return None
-    return _started(AsyncioAuthenticator(context), security)
-
-
-def start_thread_authenticator(
-    context: zmq.Context[zmq.Socket[bytes]], security: BusSecurity
-) -> ThreadAuthenticator | None:
-    """The same ZAP rule for a plain (non-asyncio) context: the runner subprocesses."""
-    if not security.enabled:
-        return None
-    return _started(ThreadAuthenticator(context), security)
-
-
-Authenticator = TypeVar("Authenticator", AsyncioAuthenticator, ThreadAuthenticator)
-
-
-def _started(authenticator: Authenticator, security: BusSecurity) -> Authenticator:
     assert security.public_key is not None
+    authenticator = AsyncioAuthenticator(context)
     authenticator.start()
-    authenticator.configure_curve_callback(domain="*", credentials_provider=_SameKeyOnly(security.public_key))
+    authenticator.configure_curve_callback(domain="*", credentials_provider=SameKeyOnly(security.public_key))
     return authenticator

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import zmq
 import zmq.asyncio
+
+from exo.core.security import BusSecurity, apply_curve
 
 # Bounded queues: a slow or dead peer costs at most this many frames of memory per socket.
 SEND_HIGH_WATER_MARK = 10_000
 RECEIVE_HIGH_WATER_MARK = 10_000
 # A frame larger than this is refused by ZeroMQ before it reaches Python (protects every socket).
 MAX_FRAME_BYTES = 256 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class BusSecurity:
-    """CURVE keys derived from the cluster secret; None fields mean an open bus."""
-
-    public_key: bytes | None = None
-    secret_key: bytes | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.public_key is not None and self.secret_key is not None
 
 
 class SocketFactory:
@@ -43,24 +30,6 @@ class SocketFactory:
             socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
         apply_curve(socket, self.security, server=server)
         return socket
-
-
-def apply_curve(socket: zmq.Socket[Any], security: BusSecurity, *, server: bool) -> None:
-    """Make `socket` a CURVE server or client with the cluster's keys (nothing on an open bus).
-
-    Also used for the runners' activation and token sockets, which are made outside this factory
-    (plain zmq in the runner subprocess).
-    """
-    if not security.enabled:
-        return
-    assert security.public_key is not None and security.secret_key is not None
-    socket.curve_publickey = security.public_key
-    socket.curve_secretkey = security.secret_key
-    if server:
-        socket.curve_server = True
-    else:
-        # Every node derives the same key pair from the secret: it is also the server key.
-        socket.curve_serverkey = security.public_key
 
 
 def bind_ephemeral(socket: zmq.asyncio.Socket, host: str) -> int:

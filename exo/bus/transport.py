@@ -19,7 +19,8 @@ import zmq
 import zmq.asyncio
 
 from exo.bus.codec import DropCounter, decode_reply, decode_request, decode_topic, encode
-from exo.bus.messages import (
+from exo.bus.sockets import SocketFactory, bind_ephemeral
+from exo.core.messages import (
     HelloAnswered,
     HelloRequested,
     Reply,
@@ -28,7 +29,6 @@ from exo.bus.messages import (
     RequestEnvelope,
     RequestFailed,
 )
-from exo.bus.sockets import SocketFactory, bind_ephemeral
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class RequestTimedOut(Exception):
 
 
 @dataclass
-class Peer:
+class PeerLink:
     """A peer as seen through one bus address."""
 
     address: str
@@ -83,7 +83,7 @@ class Bus:
         self._topic_handlers: dict[bytes, TopicHandler] = {}
         self._request_handler: RequestHandler | None = None
         self._peer_handlers: list[PeerHandler] = []
-        self.peers: dict[str, Peer] = {}  # by bus address
+        self.peers: dict[str, PeerLink] = {}  # by bus address
         self._request_ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._router: zmq.asyncio.Socket | None = None
@@ -93,6 +93,9 @@ class Bus:
         self.frames_received = 0
         self._answering: set[asyncio.Task[None]] = set()
         self.self_address: str | None = None
+        # Addresses that turned out to be this node (a static peer list or gossip naming it): never
+        # dialled again, never listed as a peer.
+        self._own_addresses: set[str] = set()
 
     # --- set-up --------------------------------------------------------------------------------
 
@@ -145,11 +148,13 @@ class Bus:
 
     def add_peer(self, address: str) -> None:
         """Connect to a peer's bus port and say hello until it answers (idempotent)."""
+        if address in self._own_addresses:
+            return
         peer = self.peers.get(address)
         if peer is None:
             dealer = self.factory.make(zmq.DEALER, server=False)
             dealer.connect(f"tcp://{address}")
-            peer = Peer(address=address, dealer=dealer)
+            peer = PeerLink(address=address, dealer=dealer)
             self.peers[address] = peer
             peer.reader_task = asyncio.create_task(self._read_replies(peer), name=f"bus-dealer-{address}")
         if peer.hello_task is None or peer.hello_task.done():
@@ -164,7 +169,7 @@ class Bus:
     def known_addresses(self) -> list[str]:
         return sorted(address for address, peer in self.peers.items() if peer.node_id is not None)
 
-    async def _hello(self, peer: Peer) -> None:
+    async def _hello(self, peer: PeerLink) -> None:
         request = HelloRequested(node_id=self.node_id, bus_port=self.bus_port)
         while True:
             try:
@@ -177,10 +182,13 @@ class Bus:
                 return
             await asyncio.sleep(HELLO_RETRY_SECONDS)
 
-    def _hello_answered(self, peer: Peer, reply: HelloAnswered) -> None:
+    def _hello_answered(self, peer: PeerLink, reply: HelloAnswered) -> None:
         if reply.node_id == self.node_id:
-            # An address of our own (a static peer list that names this node): how others reach us.
+            # An address of our own (a static peer list that names this node): how others reach us,
+            # not a peer.
             self.self_address = self.self_address or peer.address
+            self._own_addresses.add(peer.address)
+            self._forget(peer)
             return
         host, _ = split_address(peer.address)
         pub_address = f"tcp://{host}:{reply.pub_port}"
@@ -196,6 +204,19 @@ class Bus:
             self._subscribed_to[reply.node_id] = pub_address
         for handler in self._peer_handlers:
             handler(reply.node_id, peer.address)
+
+    def _forget(self, peer: PeerLink) -> None:
+        """Drop a peer entry; its reader stops and its socket closes in a task that close() awaits."""
+        self.peers.pop(peer.address, None)
+
+        async def close_peer() -> None:
+            if peer.reader_task is not None:
+                peer.reader_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await peer.reader_task
+            peer.dealer.close(linger=0)
+
+        self._tasks.append(asyncio.create_task(close_peer(), name=f"bus-forget-{peer.address}"))
 
     # --- request / reply -----------------------------------------------------------------------
 
@@ -221,7 +242,7 @@ class Bus:
         finally:
             peer.pending.pop(request_id, None)
 
-    async def _read_replies(self, peer: Peer) -> None:
+    async def _read_replies(self, peer: PeerLink) -> None:
         while True:
             frames = await peer.dealer.recv_multipart()
             self.frames_received += 1

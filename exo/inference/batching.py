@@ -17,8 +17,8 @@ never sees a padded one, and the padded positions are trimmed from each row's ca
 (their keys are overwritten by the next step), so each request's cache ends as if it ran alone.
 
 Where batched and single rows can still differ is the matmul: with MKL, a float32 GEMM of 4 or more
-rows picks another kernel than 1 to 3 rows and rounds differently (about 1e-6 relative; measured in
-tests/test_inference_batching.py); the reference BLAS gives identical rows.
+rows picks another kernel than 1 to 3 rows and rounds differently (tests/test_inference_batching.py
+bounds the difference); the reference BLAS gives identical rows.
 """
 
 from __future__ import annotations

@@ -77,3 +77,21 @@ or (message.role == "assistant" and not message.tool_calls) %}
     {{- '<|im_start|>assistant\\n' }}
 {%- endif %}
 """
+
+# As Qwen 3's thinking models: the generation prompt opens `<think>` for the model (mlx-lm then
+# starts the answer in its reasoning state), or writes an empty block when `enable_thinking` is
+# false. Tools render as above.
+THINKING_TOOLS_TEMPLATE = QWEN2_TOOLS_TEMPLATE.replace(
+    """{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}""",
+    """{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- else %}
+        {{- '<think>\\n' }}
+    {%- endif %}
+{%- endif %}""",
+)
+assert THINKING_TOOLS_TEMPLATE != QWEN2_TOOLS_TEMPLATE

@@ -30,13 +30,13 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from exo.bus.codec import DECODE_ERRORS
-from exo.bus.sockets import BusSecurity, apply_curve
+from exo.core.decoding import DECODE_ERRORS
+from exo.core.sampling import SamplingParams
+from exo.core.security import BusSecurity, apply_curve
 from exo.inference.protocol import (
     GenerationCancelled,
     GenerationFailed,
     GenerationStarted,
-    SamplingParams,
     StageAlive,
     TokenSampled,
     encode,

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import msgspec
 
-from exo.events import Event, ModelDownloadFailed, ModelDownloadFinished, ModelDownloadStarted, ModelRemoved
+from exo.core.events import (
+    Event,
+    ModelDownloadFailed,
+    ModelDownloadFinished,
+    ModelDownloadStarted,
+    ModelRemoved,
+)
+from exo.core.models import ModelInfo
 from exo.inference.downloads import (
     FileSource,
     FreeBytes,
@@ -28,7 +35,7 @@ from exo.inference.downloads import (
 )
 from exo.inference.hub import HubError, HubSettings, fetch_hub_model
 from exo.inference.manifest import HubFile, HubModel, is_weight_file, needed_files, read_manifest
-from exo.inference.models import ModelInfo, describe_model, model_folder, split_hub_id
+from exo.inference.models import describe_model, model_folder, split_hub_id
 
 MODEL_CACHE_SECONDS = 300.0
 

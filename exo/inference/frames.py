@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from exo.bus.codec import DECODE_ERRORS
+from exo.core.decoding import DECODE_ERRORS
 from exo.inference.protocol import (
     WIRE_DTYPES,
     ActivationsSent,

@@ -20,7 +20,7 @@ import re
 import struct
 from pathlib import Path
 
-import msgspec
+from exo.core.models import ModelInfo
 
 # mlx-lm architectures whose model is the standard embed -> `model.layers` (one attention mask)
 # -> norm -> lm_head, which is what exo.inference.shard runs a slice of.
@@ -42,36 +42,6 @@ class InvalidModelIdError(ValueError):
 
 class ModelNotFoundError(LookupError):
     pass
-
-
-class ModelInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    model_id: str
-    path: str
-    architecture: str
-    n_layers: int
-    hidden_size: int
-    vocab_size: int
-    dtype: str
-    total_weight_bytes: int
-    layer_bytes: list[int]  # one entry per layer, in order
-    embedding_bytes: int
-    head_bytes: int  # lm_head; 0 when tied to the embeddings
-    other_bytes: int  # final norm and anything else outside the layers
-    tied_embeddings: bool
-    supported: bool
-    reason: str  # why not supported; "" when supported
-
-    def shard_weight_bytes(self, start_layer: int, end_layer: int) -> int:
-        """Bytes a stage holding layers [start_layer, end_layer) loads."""
-        total = sum(self.layer_bytes[start_layer:end_layer])
-        first, last = start_layer == 0, end_layer == self.n_layers
-        if first:
-            total += self.embedding_bytes
-        if last:
-            total += self.other_bytes + self.head_bytes
-            if self.tied_embeddings and not first:
-                total += self.embedding_bytes
-        return total
 
 
 def check_model_id(model_id: str) -> None:

@@ -1,9 +1,8 @@
 """BLAS threads per forward pass: one thread for a batch of several requests' single-token steps.
 
-Measured on the 2-core development VM (MKL, float32, weights out of cache): a 2816 x 1024 GEMM of
-8 rows takes 3.0-3.4 ms of CPU on one thread and 5.2-6.0 ms on two, for a wall time only 0-15%
-shorter on an idle machine and longer on a busy one (the second thread waits for a core that the
-node, the requester or another stage holds). A one-row step is a GEMV that MKL runs on one thread
+A small GEMM on two threads costs almost twice the CPU for little or no wall time, and on a busy
+machine the second thread waits for a core the node or another stage holds (figures in
+docs/benchmarks-inference.md). A one-row step is a GEMV that MKL runs on one thread
 anyway, and a prompt chunk (many rows) does gain from more threads, so those keep the configured
 count. Switching costs one call between passes, made only when the count changes.
 """

@@ -17,14 +17,16 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
+from exo.core.sampling import SamplingParams
+
 # --- control: worker <-> runner -------------------------------------------------------------
 
 
-class _Message(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+class _RunnerMessage(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     pass
 
 
-class LoadShard(_Message, frozen=True):
+class LoadShard(_RunnerMessage, frozen=True):
     """Load layers [start_layer, end_layer) of the model at `model_path` (a folder in HF layout)."""
 
     instance_id: str
@@ -35,18 +37,18 @@ class LoadShard(_Message, frozen=True):
     n_layers: Annotated[int, msgspec.Meta(ge=1)]
 
 
-class Shutdown(_Message, frozen=True):
+class Shutdown(_RunnerMessage, frozen=True):
     pass
 
 
-class RunnerStarted(_Message, frozen=True):
+class RunnerStarted(_RunnerMessage, frozen=True):
     """First message of a runner: the worker learns its routing id and pid."""
 
     runner_id: str
     pid: int
 
 
-class ShardLoaded(_Message, frozen=True):
+class ShardLoaded(_RunnerMessage, frozen=True):
     instance_id: str
     activation_address: str  # tcp://HOST:PORT of the runner's PULL socket
     start_layer: int
@@ -56,14 +58,14 @@ class ShardLoaded(_Message, frozen=True):
     blas: str
 
 
-class RunnerFailed(_Message, frozen=True):
+class RunnerFailed(_RunnerMessage, frozen=True):
     """The runner cannot do its job (missing model, unsupported architecture, out of memory...)."""
 
     reason: str
     instance_id: str | None = None
 
 
-class RunnerStats(_Message, frozen=True):
+class RunnerStats(_RunnerMessage, frozen=True):
     """Sent every few seconds once a shard is loaded; local figures for `/node_status`."""
 
     instance_id: str
@@ -96,25 +98,7 @@ ControlFromRunner = RunnerStarted | ShardLoaded | RunnerFailed | RunnerStats
 # --- pipeline: requester <-> stages -----------------------------------------------------------
 
 
-MAX_TOP_LOGPROBS: Final = 20
-
-
-class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    temperature: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
-    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: no top-k cut
-    seed: int | None = None  # same seed, prompt and params: same tokens
-    # Everything below defaults to "off", so frames from before these fields decode unchanged.
-    min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0  # drop tokens below min_p x the top one
-    presence_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] = 0.0  # per token seen in the output
-    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] = 0.0  # per occurrence in the output
-    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] = 1.0  # prompt + output, as mlx-lm
-    logit_bias: dict[int, Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]] = {}
-    logprobs: bool = False  # send the sampled token's log-probability
-    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)] = 0  # and this many alternatives
-
-
-class GenerationStarted(_Message, frozen=True):
+class GenerationStarted(_RunnerMessage, frozen=True):
     """Sent by the requester to route[0]; each stage forwards it (stage_index + 1) to the next."""
 
     request_id: str
@@ -138,7 +122,7 @@ class BatchRow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_li
     step: Annotated[int, msgspec.Meta(ge=0)]
 
 
-class ActivationsSent(_Message, frozen=True):
+class ActivationsSent(_RunnerMessage, frozen=True):
     """Hidden state for the next stage; the raw buffer is the frame after this header.
 
     `step` is the index of the token this pass produces. A prompt is sent as one or more chunks
@@ -155,7 +139,7 @@ class ActivationsSent(_Message, frozen=True):
     batch: list[BatchRow] = []
 
 
-class TokenSampled(_Message, frozen=True):
+class TokenSampled(_RunnerMessage, frozen=True):
     """From the last stage to reply_to and to route[0] (the next step's input).
 
     With finish_reason "stop" the token is the EOS token, not content. A finished TokenSampled
@@ -174,7 +158,7 @@ class TokenSampled(_Message, frozen=True):
     cached_tokens: int | None = None
 
 
-class GenerationCancelled(_Message, frozen=True):
+class GenerationCancelled(_RunnerMessage, frozen=True):
     """From the requester to route[0]; each stage frees the request and forwards it."""
 
     request_id: str
@@ -183,7 +167,7 @@ class GenerationCancelled(_Message, frozen=True):
 FailureCode = Literal["busy"]
 
 
-class GenerationFailed(_Message, frozen=True):
+class GenerationFailed(_RunnerMessage, frozen=True):
     request_id: str
     reason: str
     stage_address: str = ""
@@ -193,7 +177,7 @@ class GenerationFailed(_Message, frozen=True):
     retry_after: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
 
 
-class PrefixCached(_Message, frozen=True):
+class PrefixCached(_RunnerMessage, frozen=True):
     """A finished request's KV cache kept as a prefix cache entry (named by its request id).
 
     The first stage decides and sends it along the route, ahead of the finished TokenSampled:
@@ -208,14 +192,14 @@ class PrefixCached(_Message, frozen=True):
     evicted: list[str] = []
 
 
-class PrefixCacheConfirmed(_Message, frozen=True):
+class PrefixCacheConfirmed(_RunnerMessage, frozen=True):
     """From the last stage to route[0]: every stage holds entry `request_id`, so it may be used."""
 
     request_id: str
     stage_address: str = ""
 
 
-class StageAlive(_Message, frozen=True):
+class StageAlive(_RunnerMessage, frozen=True):
     """Heartbeat from a stage to a requester: it still holds these requests."""
 
     stage_address: str

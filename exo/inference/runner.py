@@ -28,10 +28,10 @@ import msgspec
 import psutil
 import zmq
 
-from exo.bus.codec import DECODE_ERRORS
-from exo.bus.security import CLUSTER_SECRET_ENVIRONMENT, derive_security, start_thread_authenticator
-from exo.bus.sockets import BusSecurity, apply_curve
+from exo.core.decoding import DECODE_ERRORS
+from exo.core.security import BusSecurity, apply_curve
 from exo.inference.blas import BlasInfo, load_optimized_blas
+from exo.inference.curve import security_from_environment, start_thread_authenticator
 from exo.inference.pass_threads import PassThreads, mkl_thread_setter
 from exo.inference.protocol import (
     LoadShard,
@@ -108,7 +108,7 @@ class PushSockets:
         self._sockets.clear()
 
 
-class Heartbeat:
+class StageBeacon:
     """A thread sending StageAlive to each requester with requests here, every interval, and at
     once when a request arrives (so a requester knows every stage of its route within
     milliseconds, and notices any of them dying)."""
@@ -170,8 +170,8 @@ class Runner:
         self.lifecycle: Lifecycle = "starting"
         self.instance_id: str | None = None
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        # With a cluster secret (from the node, in the environment) every pipeline socket is CURVE.
-        self.security = derive_security(os.environ.get(CLUSTER_SECRET_ENVIRONMENT))
+        # With a cluster secret every pipeline socket is CURVE: the worker hands down the derived keys.
+        self.security = security_from_environment()
         self.authenticator = start_thread_authenticator(self.context, self.security)
         self.control = self.context.socket(zmq.DEALER)
         self.control.setsockopt(zmq.ROUTING_ID, options.runner_id.encode())
@@ -181,7 +181,7 @@ class Runner:
         self.activations: zmq.Socket[bytes] | None = None
         self.pushes = PushSockets(self.context, options.send_timeout, self.security)
         self.stage: PipelineStage | None = None
-        self.heartbeat: Heartbeat | None = None
+        self.heartbeat: StageBeacon | None = None
         self.dropped_control_frames = 0
         self.exit_code = 0
         self._parent_pid = os.getppid()
@@ -251,7 +251,7 @@ class Runner:
             retry_after=self.options.retry_after,
             pass_threads=self.pass_threads(),
         )
-        self.heartbeat = Heartbeat(self.context, address, self.options.heartbeat_interval, self.security)
+        self.heartbeat = StageBeacon(self.context, address, self.options.heartbeat_interval, self.security)
         self.heartbeat.start()
         self.transition("ready")
         self.send_control(

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections import deque
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import mlx.core as mx
 
-from exo.inference.protocol import SamplingParams
+from exo.core.sampling import SamplingParams
 
 Sampler = Callable[[mx.array], mx.array]  # log-probabilities (1, vocab) -> token ids (1,)
 
@@ -89,6 +90,16 @@ def needs_processing(params: SamplingParams) -> bool:
     )
 
 
+class Constraint(Protocol):
+    """Which tokens may come next (a grammar: exo/inference/grammar.py), told each drawn token."""
+
+    def mask(self) -> mx.array | None:
+        """(1, vocab) booleans, True where allowed; None: no constraint at this step."""
+        ...
+
+    def accept(self, token: int) -> None: ...
+
+
 class TokenSampler:
     """One request's sampling on the last stage: logits -> token (+ log-probabilities).
 
@@ -97,10 +108,21 @@ class TokenSampler:
     prompt and output tokens (mlx-lm's rule: negative logits multiplied, positive divided),
     `logit_bias` added, presence/frequency penalties subtracted per output token (OpenAI's rule),
     then the min_p cut, then the usual draw. Output counts are kept here, so it is stateful.
+
+    A `constraint` (a grammar) masks the tokens it does not allow, last, before the draw. Its mask
+    depends on every token drawn before, yet a stage may draw the next step before it `accept`s
+    this one (it queued the next step on the uncomputed token): `draw` then waits for the drawn
+    tokens it has not seen and tells the constraint itself, so feeding ahead still works.
     """
 
-    def __init__(self, params: SamplingParams, prompt_tokens: Sequence[int] = ()) -> None:
+    def __init__(
+        self, params: SamplingParams, prompt_tokens: Sequence[int] = (), constraint: Constraint | None = None
+    ) -> None:
         self.params = params
+        self._constraint = constraint
+        self._unseen: deque[mx.array] = deque()  # drawn tokens the constraint has not been told
+        self._told = 0  # tokens the constraint has been told
+        self._accepted = 0  # tokens `accept`ed
         self._draw = make_sampler(params)
         self._processing = needs_processing(params)
         self._output_counts: dict[int, int] = {}
@@ -125,9 +147,25 @@ class TokenSampler:
         once evaluated. Split so that a batch's rows are evaluated together (`sample_rows`)."""
         logprobs = logprobs_from_logits(logits)
         processed = self._process(logits[:, -1, :]) if self._processing else logprobs
-        return self._draw(processed), logprobs
+        if self._constraint is None:
+            return self._draw(processed), logprobs
+        while self._unseen:
+            self._constraint.accept(int(self._unseen.popleft().item()))  # pyright: ignore[reportArgumentType]
+            self._told += 1
+        allowed = self._constraint.mask()
+        if allowed is not None:
+            processed = mx.where(allowed, processed, mx.array(-float("inf"), processed.dtype))
+        token = self._draw(processed)
+        self._unseen.append(token)
+        return token, logprobs
 
     def accept(self, token: int, logprobs: mx.array) -> SampledToken:
+        if self._constraint is not None:
+            self._accepted += 1
+            if self._accepted > self._told:  # not told by a later draw already
+                self._unseen.popleft()
+                self._constraint.accept(token)
+                self._told += 1
         self._output_counts[token] = self._output_counts.get(token, 0) + 1
         if self.params.repetition_penalty != 1.0:
             self._seen.add(token)

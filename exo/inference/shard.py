@@ -132,6 +132,7 @@ class ShardModel:
         self.head = head
         self.loaded_tensor_names = loaded_tensor_names
         self.weight_bytes = weight_bytes
+        self.model_path: Path | None = None  # the folder it was loaded from (its tokenizer, for grammars)
 
     def make_cache(self) -> list[KVCache]:
         """A fresh per-layer KV cache for one request."""
@@ -146,8 +147,8 @@ class ShardModel:
             # Start computing each layer while Python builds the next one's graph. On MLX's CPU
             # backend an async_eval blocks until all but the last few queued ops have run, so one
             # async_eval per pass computes after its whole graph is built: a pipeline stage, which
-            # cannot build ahead of its input, would add its build time (~0.3 ms a layer here) to
-            # every token. Same ops in the same order: the outputs are bit-identical.
+            # cannot build ahead of its input, would add its build time to every token
+            # (docs/benchmarks-inference.md). Same ops in the same order: the outputs are bit-identical.
             mx.async_eval(hidden)
         if not self.spec.is_last:
             return hidden
@@ -223,7 +224,7 @@ def load_shard(model_path: Path, spec: ShardSpec) -> ShardModel:
         if isinstance(array, mx.array)
     ]
     mx.eval(arrays)
-    return ShardModel(
+    shard = ShardModel(
         spec=spec,
         config=config,
         embed_tokens=embed_tokens,
@@ -233,3 +234,5 @@ def load_shard(model_path: Path, spec: ShardSpec) -> ShardModel:
         loaded_tensor_names=sorted(wanted),
         weight_bytes=sum(array.nbytes for array in arrays),
     )
+    shard.model_path = model_path
+    return shard

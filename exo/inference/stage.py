@@ -36,6 +36,7 @@ from exo.inference.frames import (
     prefill_chunks,
     start_problem,
 )
+from exo.inference.grammar import GrammarError, make_constraint
 from exo.inference.pass_threads import PassThreads
 from exo.inference.prefix_cache import StagePrefixCache
 from exo.inference.protocol import (
@@ -188,6 +189,12 @@ class PipelineStage:
                 return self._fail(
                     request_id, message.reply_to, f"prefix cache entry {message.prefix_entry} missing here"
                 )
+        sampler: TokenSampler | None = None
+        if spec.is_last:
+            try:
+                sampler = self._sampler(message)
+            except GrammarError as error:
+                return self._fail(request_id, message.reply_to, str(error))
         state = RequestState(
             request_id=request_id,
             route=list(message.route),
@@ -196,7 +203,7 @@ class PipelineStage:
             max_tokens=message.max_tokens,
             eos_token_ids=frozenset(message.eos_token_ids),
             cache=cache if cache is not None else self.shard.make_cache(),
-            sampler=TokenSampler(message.sampling, message.prompt_tokens) if spec.is_last else None,
+            sampler=sampler,
             cached_tokens=forwarded.cached_tokens,
             store_prefix=forwarded.store_prefix,
             tokens=list(message.prompt_tokens) if spec.is_first else [],
@@ -226,6 +233,16 @@ class PipelineStage:
                     )
                 )
         return outgoing
+
+    def _sampler(self, message: GenerationStarted) -> TokenSampler:
+        """The last stage's sampler for a request, with its grammar when it has one."""
+        grammar = message.sampling.grammar
+        constraint = None
+        if grammar is not None:
+            constraint = make_constraint(
+                grammar, self.shard.model_path, self.shard.vocab_size, message.eos_token_ids
+            )
+        return TokenSampler(message.sampling, message.prompt_tokens, constraint)
 
     def _activations(self, message: ActivationsSent, buffer: Buffer) -> list[Outgoing]:
         if self.shard.spec.is_first:

@@ -24,10 +24,13 @@ import msgspec
 import numpy as np
 from safetensors.numpy import save_file
 
-from exo.inference.chat_templates import CHATML_TEMPLATE, QWEN2_TOOLS_TEMPLATE
+from exo.inference.chat_templates import CHATML_TEMPLATE, QWEN2_TOOLS_TEMPLATE, THINKING_TOOLS_TEMPLATE
 from exo.inference.corpus import ENGLISH_CORPUS
 
 Architecture = Literal["llama", "qwen2"]
+# "chatml": plain ChatML; "tools": ChatML that renders tools and calls (Hermes / Qwen 2.5 form).
+# "thinking": "tools" plus Qwen 3's thinking block (adds <think> and </think> to the vocabulary).
+TemplateName = Literal["chatml", "tools", "thinking"]
 
 BUILTIN_MODEL_ID = "exo-tiny"
 END_OF_TEXT = "<|endoftext|>"
@@ -37,6 +40,7 @@ SPECIAL_TOKENS = [END_OF_TEXT, IM_START, IM_END]
 # Added (not special) tokens, as in Qwen2: tool calls are text a client can see and parse.
 TOOL_TOKENS = ["<tool_call>", "</tool_call>"]
 LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+THINK_TOKENS = ["<think>", "</think>"]
 
 
 class SyntheticModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -52,6 +56,7 @@ class SyntheticModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     # token; larger projections make it vary, which exactness tests need.
     proj_scale: float = 3.0
     tie_word_embeddings: bool | None = None  # None: the architecture's usual choice
+    template: TemplateName | None = None  # None: "tools" for qwen2, "chatml" for llama
 
     def validate(self) -> None:
         if self.architecture not in ("llama", "qwen2"):
@@ -69,13 +74,26 @@ class SyntheticModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True
             raise ValueError("vocab must be at least 300 (256 byte tokens plus merges and specials)")
 
     @property
+    def chat_template(self) -> str:
+        name = self.template or ("tools" if self.architecture == "qwen2" else "chatml")
+        return {
+            "chatml": CHATML_TEMPLATE,
+            "tools": QWEN2_TOOLS_TEMPLATE,
+            "thinking": THINKING_TOOLS_TEMPLATE,
+        }[name]
+
+    @property
+    def added_tokens(self) -> list[str]:
+        return TOOL_TOKENS + THINK_TOKENS if self.template == "thinking" else TOOL_TOKENS
+
+    @property
     def tied(self) -> bool:
         if self.tie_word_embeddings is not None:
             return self.tie_word_embeddings
         return self.architecture == "qwen2"
 
 
-def train_tokenizer(vocab_size: int) -> tuple[object, int]:
+def train_tokenizer(vocab_size: int, added_tokens: list[str] = TOOL_TOKENS) -> tuple[object, int]:
     """Byte-level BPE over the built-in corpus; returns (tokenizers.Tokenizer, actual vocab size)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -84,13 +102,13 @@ def train_tokenizer(vocab_size: int) -> tuple[object, int]:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(TOOL_TOKENS),
+        vocab_size=vocab_size - len(added_tokens),
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(ENGLISH_CORPUS.split("\n"), trainer=trainer)
-    tokenizer.add_tokens(TOOL_TOKENS)
+    tokenizer.add_tokens(added_tokens)
     return tokenizer, tokenizer.get_vocab_size()
 
 
@@ -158,7 +176,6 @@ def _weights(spec: SyntheticModelSpec, vocab_size: int) -> dict[str, np.ndarray]
 
 
 def _tokenizer_config(spec: SyntheticModelSpec) -> dict[str, object]:
-    template = QWEN2_TOOLS_TEMPLATE if spec.architecture == "qwen2" else CHATML_TEMPLATE
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
@@ -169,7 +186,7 @@ def _tokenizer_config(spec: SyntheticModelSpec) -> dict[str, object]:
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 4096,
-        "chat_template": template,
+        "chat_template": spec.chat_template,
     }
 
 
@@ -188,7 +205,7 @@ def write_synthetic_model(out: Path, spec: SyntheticModelSpec, shards: int = 1) 
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
-        tokenizer, vocab_size = train_tokenizer(spec.vocab)
+        tokenizer, vocab_size = train_tokenizer(spec.vocab, spec.added_tokens)
         eos_ids = [tokenizer.token_to_id(IM_END), tokenizer.token_to_id(END_OF_TEXT)]  # type: ignore[attr-defined]
         tokenizer.save(str(building / "tokenizer.json"))  # type: ignore[attr-defined]
         (building / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(spec), indent=2))
@@ -236,8 +253,17 @@ def _save_weights(folder: Path, weights: dict[str, np.ndarray], n_layers: int, s
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+# Its template renders tools, so `tools` work on the default model.
 BUILTIN_SPEC = SyntheticModelSpec(
-    architecture="llama", layers=8, hidden=256, intermediate=512, heads=4, kv_heads=2, vocab=1024, seed=0
+    architecture="llama",
+    layers=8,
+    hidden=256,
+    intermediate=512,
+    heads=4,
+    kv_heads=2,
+    vocab=1024,
+    seed=0,
+    template="tools",
 )
 
 
@@ -245,6 +271,7 @@ def ensure_builtin_model(models_dir: Path) -> Path:
     """The default `exo-tiny` model in `models_dir`, made if missing (safe if two processes race)."""
     target = Path(models_dir) / BUILTIN_MODEL_ID
     if (target / "config.json").is_file():
+        _update_builtin_template(target)
         return target
     try:
         return write_synthetic_model(target, BUILTIN_SPEC)
@@ -253,6 +280,26 @@ def ensure_builtin_model(models_dir: Path) -> Path:
         if (target / "config.json").is_file():
             return target
         raise
+
+
+def _update_builtin_template(target: Path) -> None:
+    """A copy made by an older exo has the plain ChatML template: give it the one that renders
+    tools (same weights and tokenizer; only tokenizer_config.json changes, atomically)."""
+    config_path = target / "tokenizer_config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(config, dict) or config.get("chat_template") != CHATML_TEMPLATE:
+        return
+    config["chat_template"] = BUILTIN_SPEC.chat_template
+    fresh = config_path.with_name(f".{config_path.name}.updating-{os.getpid()}")
+    try:
+        fresh.write_text(json.dumps(config, indent=2))
+        fresh.chmod(0o644)
+        os.replace(fresh, config_path)
+    except OSError:
+        fresh.unlink(missing_ok=True)  # a read-only models dir: keep the old template
 
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModelSpec, int]:
@@ -270,6 +317,7 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModel
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--proj-scale", type=float, default=BUILTIN_SPEC.proj_scale)
     parser.add_argument("--shards", type=int, default=1, help="weight files, split by layers (with an index)")
+    parser.add_argument("--template", choices=["chatml", "tools", "thinking"], default=None)
     tie = parser.add_mutually_exclusive_group()
     tie.add_argument("--tie", dest="tie", action="store_true", default=None, help="tie lm_head to embeddings")
     tie.add_argument("--no-tie", dest="tie", action="store_false", help="separate lm_head")
@@ -285,6 +333,7 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModel
         seed=arguments.seed,
         proj_scale=arguments.proj_scale,
         tie_word_embeddings=arguments.tie,
+        template=arguments.template,
     )
     try:
         spec.validate()

@@ -5,20 +5,33 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from exo.bus.messages import Command, CommandAnswered, DeleteInstance, LabelNode, PlaceInstance
-from exo.events import Event, InstanceCreated, InstanceDeleted, NodeLabelled
-from exo.roles.placement import ModelFootprint, Placement, PlacementRefusal, place
-from exo.state import State
+from exo.core.events import Event, InstanceCreated, InstanceDeleted, NodeLabelled
+from exo.core.messages import (
+    Command,
+    CommandAnswer,
+    Deleted,
+    DeleteInstance,
+    Labelled,
+    LabelNode,
+    Placed,
+    PlaceInstance,
+    RefusalReason,
+    Refused,
+)
+from exo.core.models import ModelFootprint
+from exo.core.placement import Placement, PlacementRefusal
+from exo.core.state import State
+from exo.roles.placement import place
 
 
 @dataclass(frozen=True)
 class CommandOutcome:
-    answer: CommandAnswered
+    answer: CommandAnswer
     events: list[Event] = field(default_factory=list[Event])
 
 
-def _refused(error: str, status_code: int) -> CommandOutcome:
-    return CommandOutcome(CommandAnswered(ok=False, error=error, status_code=status_code))
+def _refused(reason: RefusalReason, detail: str) -> CommandOutcome:
+    return CommandOutcome(Refused(reason, detail))
 
 
 def reserved_bytes(state: State, footprints: Mapping[str, ModelFootprint]) -> dict[str, int]:
@@ -46,40 +59,46 @@ def decide(
             return _place(command, state, nodes_with_model, new_instance_id)
         case DeleteInstance(instance_id=instance_id):
             if instance_id not in state.instances:
-                return _refused(f"instance {instance_id!r} not found", 404)
-            return CommandOutcome(
-                CommandAnswered(ok=True, result={"instance_id": instance_id}), [InstanceDeleted(instance_id)]
-            )
+                return _refused("instance_not_found", f"instance {instance_id!r} not found")
+            return CommandOutcome(Deleted(instance_id), [InstanceDeleted(instance_id)])
         case LabelNode(node_id=node_id, key=key, value=value):
             if node_id not in state.nodes:
-                return _refused(f"node {node_id!r} not found", 404)
-            return CommandOutcome(CommandAnswered(ok=True), [NodeLabelled(node_id, key, value)])
+                return _refused("node_not_found", f"node {node_id!r} not found")
+            return CommandOutcome(Labelled(node_id), [NodeLabelled(node_id, key, value)])
 
 
 def _place(
-    command: PlaceInstance, state: State, nodes_with_model: Mapping[str, set[str]], instance_id: str
+    command: PlaceInstance,
+    state: State,
+    nodes_with_model: Mapping[str, set[str]],
+    instance_id: str,
+    *,
+    at_most_available: bool = False,
 ) -> CommandOutcome:
+    """`at_most_available`: a re-placement asks for min_nodes or every candidate left, if fewer."""
     holders = nodes_with_model.get(command.model_id, set())
     alive = [node for node in state.nodes.values() if node.status == "alive"]
     candidates = [node for node in alive if node.node_id in holders]
     if not candidates and not command.download:
-        return _refused(f"no alive node has model {command.model_id!r} in its models dir", 503)
+        return _refused("model_not_held", f"no alive node has model {command.model_id!r} in its models dir")
     reserved = reserved_bytes(state, {command.model_id: command.footprint})
+    min_nodes = min(command.min_nodes, len(candidates)) if at_most_available else command.min_nodes
     # Nodes that already hold the model first: a download is placed on the others only when
     # the holders alone cannot take it.
-    result = place(command.footprint, candidates, command.min_nodes, reserved) if candidates else None
+    result = place(command.footprint, candidates, min_nodes, reserved) if candidates else None
     if command.download and not isinstance(result, Placement):
         result = place(command.footprint, alive, command.min_nodes, reserved)
     assert result is not None
     if isinstance(result, PlacementRefusal):
-        return _refused(f"cannot place {command.model_id!r}: {'; '.join(result.reasons)}", 503)
+        return _refused("does_not_fit", f"cannot place {command.model_id!r}: {'; '.join(result.reasons)}")
     created = InstanceCreated(
         instance_id=instance_id,
         model_id=command.model_id,
         sharding=command.sharding,
         shard_assignments=result.shard_assignments,
+        min_nodes=command.min_nodes,
     )
-    return CommandOutcome(CommandAnswered(ok=True, result={"instance_id": instance_id}), [created])
+    return CommandOutcome(Placed(instance_id), [created])
 
 
 def gone_node_failure(reason: str | None) -> bool:
@@ -95,9 +114,9 @@ def replacement_events(
 ) -> list[Event]:
     """Re-place every instance that failed because a stage's node went away, on the nodes still alive.
 
-    The failed instance is deleted and a new one created (same model, same stage count at least 1),
-    so requests in flight on it end and new requests use the new one. An instance that no longer
-    fits stays failed with its reason.
+    The failed instance is deleted and a new one created (same model, at least the `min_nodes` it was
+    placed with, or every node left that has the model when fewer remain), so requests in flight on
+    it end and new requests use the new one. An instance that no longer fits stays failed.
     """
     events: list[Event] = []
     for instance_id, instance in sorted(state.instances.items()):
@@ -106,8 +125,8 @@ def replacement_events(
         footprint = footprint_of(instance.model_id)
         if footprint is None:
             continue
-        command = PlaceInstance(instance.model_id, footprint, instance.sharding, 1)
-        outcome = _place(command, state, nodes_with_model, new_instance_id())
-        if outcome.answer.ok:
+        command = PlaceInstance(instance.model_id, footprint, instance.sharding, instance.min_nodes)
+        outcome = _place(command, state, nodes_with_model, new_instance_id(), at_most_available=True)
+        if isinstance(outcome.answer, Placed):
             events.extend([InstanceDeleted(instance_id), *outcome.events])
     return events

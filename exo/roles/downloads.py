@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exo.state import State
+from exo.core.state import State
 
 
 @dataclass(frozen=True)

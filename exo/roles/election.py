@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from exo.bus.liveness import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
-from exo.bus.messages import CampaignStarted, Heartbeat, Rank, VictoryDeclared
+from exo.core.messages import CampaignStarted, Heartbeat, Rank, VictoryDeclared
+from exo.roles.liveness import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 
 Phase = Literal["waiting", "follower", "candidate", "master"]
 Precedence = tuple[bool, int, bool, str]

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
-from exo.bus.messages import LocalEvent
-from exo.events import Event, IndexedEvent
+from exo.core.events import Event, IndexedEvent, InstanceDeleted, RunnerStatusUpdated
+from exo.core.messages import LocalEvent
 
 RESEND_AFTER_SECONDS = 1.0
 MAX_PENDING_LOCAL_EVENTS = 100_000
@@ -59,14 +59,25 @@ class Outbox:
             added.append(local)
         return _batches(added)
 
-    def applied(self, events: Sequence[IndexedEvent], now: float) -> None:
-        """Forget this node's events that the log now holds."""
+    def applied(
+        self, events: Sequence[IndexedEvent], now: float, instances: Container[str] | None = None
+    ) -> None:
+        """Forget this node's events that the log now holds, and, once `events` delete an instance,
+        the runner statuses of instances no longer in `instances` (the applied state's): the master
+        drops those as describing nothing, so they would otherwise wait here forever."""
         if not self._pending:
             return
+        deleted = False
         for event in events:
+            deleted = deleted or isinstance(event.event, InstanceDeleted)
             if event.origin_node_id == self.node_id and self._pending.pop(event.origin_sequence, None):
                 self._highest_applied = max(self._highest_applied, event.origin_sequence)
                 self._progress_at = now
+        if deleted and instances is not None:
+            for sequence, pending in list(self._pending.items()):
+                status = pending.event.event
+                if isinstance(status, RunnerStatusUpdated) and status.instance_id not in instances:
+                    del self._pending[sequence]
 
     def stale(self, now: float) -> list[list[LocalEvent]]:
         """Batches of events sent more than RESEND_AFTER_SECONDS ago, still not applied, and skipped

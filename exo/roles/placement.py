@@ -17,95 +17,10 @@ from collections.abc import Iterable, Mapping
 
 import msgspec
 
-from exo.events import ShardAssignment
-from exo.inference.models import ModelInfo
-from exo.state import NodeInfo
-
-
-class ModelFootprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The memory a model needs, split the way pipeline stages hold it.
-
-    `layer_bytes` has one entry per layer. The first stage also holds `embedding_bytes`, the last
-    stage `head_bytes` (final norm, lm_head); with `tied_embeddings` the last stage needs the
-    embedding matrix too (as its output head) unless it is also the first stage.
-    """
-
-    layer_bytes: list[int]
-    embedding_bytes: int = 0
-    head_bytes: int = 0
-    tied_embeddings: bool = False
-
-    @classmethod
-    def uniform(
-        cls, n_layers: int, layer_bytes: int, embedding_bytes: int = 0, head_bytes: int = 0
-    ) -> ModelFootprint:
-        return cls([layer_bytes] * n_layers, embedding_bytes, head_bytes)
-
-    @classmethod
-    def of_model(cls, model: ModelInfo) -> ModelFootprint:
-        return cls(
-            layer_bytes=list(model.layer_bytes),
-            embedding_bytes=model.embedding_bytes,
-            head_bytes=model.head_bytes + model.other_bytes,
-            tied_embeddings=model.tied_embeddings,
-        )
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.layer_bytes)
-
-    @property
-    def total_bytes(self) -> int:
-        """What the model needs on a single node."""
-        return sum(self.layer_bytes) + self.embedding_bytes + self.head_bytes
-
-    def stage_bytes(self, start_layer: int, end_layer: int) -> int:
-        """What the stage holding layers `[start_layer, end_layer)` needs."""
-        fixed = self.fixed_bytes(first=start_layer == 0, last=end_layer == self.n_layers)
-        return sum(self.layer_bytes[start_layer:end_layer]) + fixed
-
-    def fixed_bytes(self, *, first: bool, last: bool) -> int:
-        """What a stage holds besides its layers."""
-        fixed = self.embedding_bytes if first else 0
-        if last:
-            fixed += self.head_bytes + (self.embedding_bytes if self.tied_embeddings and not first else 0)
-        return fixed
-
-
-class Placement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A feasible placement. Both dicts are in pipeline order (first stage first)."""
-
-    shard_assignments: dict[str, ShardAssignment]
-    bytes_by_node: dict[str, int]
-
-    @property
-    def node_ids(self) -> list[str]:
-        return list(self.shard_assignments)
-
-
-class NodeVerdict(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One node's part in a refused placement: what it would have needed, or why it was left out."""
-
-    node_id: str
-    available_bytes: int
-    needed_bytes: int
-    shortfall_bytes: int
-    reason: str
-
-
-class PlacementRefusal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Why no placement exists: one line per cause, and the per-node detail behind them."""
-
-    reasons: list[str]
-    nodes: list[NodeVerdict]
-
-
-class PlacementPreview(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """What a placement on exactly `n_nodes` nodes would look like, or why there is none."""
-
-    n_nodes: int
-    placement: Placement | None
-    refusal: PlacementRefusal | None
+from exo.core.events import ShardAssignment
+from exo.core.models import ModelFootprint
+from exo.core.placement import NodeVerdict, Placement, PlacementPreview, PlacementRefusal
+from exo.core.state import NodeInfo
 
 
 class _Candidate(msgspec.Struct, frozen=True):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from exo.bus.messages import LocalEvent
-from exo.events import Event, IndexedEvent
+from exo.core.events import Event, IndexedEvent, InstanceCreated, InstanceDeleted, RunnerStatusUpdated
+from exo.core.messages import LocalEvent
 
 # Out-of-order events held while a gap is being fetched; past this the newest are dropped and
 # fetched again later (bounded memory beats buffering an unbounded burst).
@@ -58,22 +58,47 @@ class OriginHighWater:
 
 
 class Sequencer:
-    """Assigns the next indices, in the master's term, to local events not seen before."""
+    """Assigns the next indices, in the master's term, to local events not seen before.
 
-    def __init__(self, node_id: str, term: int, last_index: int, high_water: OriginHighWater) -> None:
+    It knows which instances exist as of the last index it handed out (`instances`, seeded from the
+    applied state and moved by every event it sequences), so a runner's status that arrives after
+    its instance was deleted (a runner stopping, a load finishing late) is dropped instead of
+    written to the log: it would describe nothing.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        term: int,
+        last_index: int,
+        high_water: OriginHighWater,
+        instances: Iterable[str] = (),
+    ) -> None:
         self.node_id = node_id
         self.term = term
         self.next_index = last_index + 1
         self.high_water = high_water
-        self._own_sequence = 0
+        self.instances = set(instances)
+        self.stale_statuses_dropped = 0
+
+    def rewind(self, last_index: int, high_water: OriginHighWater, instances: Iterable[str]) -> None:
+        """Back to the durable log's end after a failed commit: its indices are handed out again."""
+        self.next_index = last_index + 1
+        self.high_water = high_water
+        self.instances = set(instances)
 
     def sequence(self, origin: str, local_events: Iterable[LocalEvent]) -> list[IndexedEvent]:
         indexed: list[IndexedEvent] = []
         for local in local_events:
             if not self.high_water.is_new(origin, local.sequence):
                 continue
+            if isinstance(local.event, RunnerStatusUpdated) and local.event.instance_id not in self.instances:
+                self.high_water.record(origin, local.sequence)  # seen: a resend is dropped too
+                self.stale_statuses_dropped += 1
+                continue
             event = IndexedEvent(self.next_index, self.term, origin, local.sequence, local.event)
             self.high_water.observe(event)
+            self._track(local.event)
             self.next_index += 1
             indexed.append(event)
         return indexed
@@ -83,8 +108,15 @@ class Sequencer:
         indexed: list[IndexedEvent] = []
         for event in events:
             indexed.append(IndexedEvent(self.next_index, self.term, self.node_id, -1, event))
+            self._track(event)
             self.next_index += 1
         return indexed
+
+    def _track(self, event: Event) -> None:
+        if isinstance(event, InstanceCreated):
+            self.instances.add(event.instance_id)
+        elif isinstance(event, InstanceDeleted):
+            self.instances.discard(event.instance_id)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from exo.events import IndexedEvent
-from exo.state import State
+from exo.core.events import IndexedEvent
+from exo.core.state import State
 
 
 class StoreError(Exception):

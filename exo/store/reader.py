@@ -16,9 +16,9 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.pool import NullPool
 
-from exo.bus.codec import DECODE_ERRORS
-from exo.events import IndexedEvent, indexed_event_decoder
-from exo.state import decode_state
+from exo.core.decoding import DECODE_ERRORS
+from exo.core.events import IndexedEvent, indexed_event_decoder
+from exo.core.state import decode_state
 from exo.store.base import Snapshot, StoreError
 from exo.store.location import parse_store_url
 from exo.store.migrate import head_revision

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from exo.events import IndexedEvent
+from exo.core.events import IndexedEvent
 from exo.store.base import Snapshot
 
 

@@ -26,7 +26,7 @@ events_table = Table(
     Column("payload", LargeBinary, nullable=False),
 )
 
-# One row per snapshot; `state` is the msgpack of exo.state.State after applying `event_index`.
+# One row per snapshot; `state` is the msgpack of exo.core.state.State after applying `event_index`.
 snapshots_table = Table(
     "snapshots",
     metadata,

@@ -25,9 +25,9 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from exo.bus.codec import DECODE_ERRORS
-from exo.events import IndexedEvent, event_type_name, indexed_event_decoder
-from exo.state import decode_state, encode_state
+from exo.core.decoding import DECODE_ERRORS
+from exo.core.events import IndexedEvent, event_type_name, indexed_event_decoder
+from exo.core.state import decode_state, encode_state
 from exo.store import rules
 from exo.store.base import Snapshot, StoreError
 from exo.store.location import Synchronous, parse_store_url

@@ -1,18 +1,15 @@
 """The SQLite store's single writer: one connection on one thread, a whole batch per call.
 
-Why not an append through SQLAlchemy's pool: pool checkout, the BEGIN hook, a last-index select, a
-compiled insert of dict rows, commit and the reset on return cost about 4 ms for one event and 22 ms
-for 1,024 on the development VM. Why not aiosqlite statement by statement: every statement is a
-round trip into its thread, and under CPU load (other suites on the 2 cores) one empty round trip
-took 2-3 ms at p90 and up to 9 ms at p99. Here a batch (BEGIN IMMEDIATE, executemany, COMMIT, or
+Not an append through SQLAlchemy's pool (checkout, hooks and dict rows cost more than the insert)
+nor aiosqlite statement by statement (a round trip into its thread per statement, slow under CPU
+load); docs/benchmarks-store.md has the figures. Here a batch (BEGIN IMMEDIATE, executemany, COMMIT, or
 ROLLBACK on error) is one call into this thread: it always runs to its end, even when the awaiting
 caller is cancelled. The store is the only writer of its file, so the last index lives in memory.
 
 `insert_now` writes on the caller's thread instead, blocking it for the commit: for the master's
-sequencer, whose next step (apply, publish) waits for the commit anyway. The hop into the thread
-and back cost more than the commit itself there: at 1,000 events/s through 3 nodes on the 2-core VM,
-0.5 ms of a 1.1 ms insert at p50, and the p99 of the whole event path fell from 11.8-12.0 ms to
-7.8-8.0 ms without it. A lock keeps the two ways from using the connection at once.
+sequencer, whose next step (apply, publish) waits for the commit anyway: the hop into the thread
+and back cost more than the commit itself there (docs/benchmarks-store.md). A lock keeps the two
+ways from using the connection at once.
 
 The connection takes the same settings as the store's SQLAlchemy connections (WAL, `synchronous`,
 busy timeout); callers serialise every use (the store's write lock).

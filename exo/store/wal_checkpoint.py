@@ -2,9 +2,8 @@
 
 By default SQLite checkpoints inside the commit that takes the WAL past 1,000 pages: that commit
 copies the pages back into the database file and syncs it before it returns. At 1,000 events/s (a
-page per commit) that is about once a second, and the master's sequencer waits for its commit: the
-event path's latency (3 nodes on the 2-core VM, synchronous=NORMAL) showed a 15-38 ms stall every
-~1.1 s, and p99 went from 8.4-12.0 ms to 4.0 ms with checkpoints out of the commit.
+page per commit) that is about once a second, and the master's sequencer waits for its commit: a
+stall on the event path every second (docs/benchmarks-store.md has the figures).
 
 So every connection to a log turns automatic checkpoints off (`apply_log_pragmas`), and this
 thread runs a PASSIVE checkpoint every `CHECKPOINT_INTERVAL_SECONDS`: PASSIVE neither waits for nor

@@ -1,0 +1,185 @@
+"""The cluster's events: one closed union, one frozen Struct per event, past-tense names.
+
+Events describe cluster state changes only (nodes, masters, instances, runners). Tokens and
+activations never go through the log.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Sharding = Literal["Pipeline"]
+# "downloading": the stage's node is fetching the model files it lacks (then "loading").
+RunnerStatus = Literal["downloading", "loading", "ready", "failed", "stopped"]
+
+
+class _Event(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    pass
+
+
+class ShardAssignment(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A contiguous block of layers `[start_layer, end_layer)` of a model with `n_layers` layers."""
+
+    start_layer: int
+    end_layer: int
+    n_layers: int
+
+
+class MasterElected(_Event, frozen=True):
+    term: int
+    node_id: str
+
+
+class NodeJoined(_Event, frozen=True):
+    """A node was seen (first time, or back after being marked gone)."""
+
+    node_id: str
+    bus_address: str
+    memory_total_bytes: int = 0
+    memory_available_bytes: int = 0
+    hostname: str = ""
+
+
+class NodeTimedOut(_Event, frozen=True):
+    """The master heard nothing from a node for the liveness window: it is marked `gone`."""
+
+    node_id: str
+
+
+class NodeMemoryMeasured(_Event, frozen=True):
+    node_id: str
+    memory_total_bytes: int
+    memory_available_bytes: int
+
+
+class NodeLabelled(_Event, frozen=True):
+    """An operator (or a benchmark) attached a key/value label to a node."""
+
+    node_id: str
+    key: str
+    value: str
+
+
+class InstanceCreated(_Event, frozen=True):
+    instance_id: str
+    model_id: str
+    sharding: Sharding
+    shard_assignments: dict[str, ShardAssignment]
+    # What the user asked for: a re-placement after a node is gone keeps it while enough nodes remain.
+    # Logs written before it existed decode with 1, what their placements used.
+    min_nodes: int = 1
+
+
+class InstanceDeleted(_Event, frozen=True):
+    instance_id: str
+
+
+class RunnerStatusUpdated(_Event, frozen=True):
+    """`activation_address` is where a `ready` runner's stage takes pipeline frames."""
+
+    instance_id: str
+    node_id: str
+    status: RunnerStatus
+    reason: str | None = None
+    activation_address: str | None = None
+
+
+class ModelDownloadRequested(_Event, frozen=True):
+    """Someone asked `node_id` to fetch the whole model (`POST /models/download`); the node does."""
+
+    node_id: str
+    model_id: str
+
+
+class ModelRemovalRequested(_Event, frozen=True):
+    """Someone asked `node_id` to delete the model's files (`DELETE /models/{id}`); the node does
+    and answers with a `ModelRemoved` of the same `request_id`."""
+
+    node_id: str
+    model_id: str
+    request_id: str = ""
+
+
+class ModelDownloadStarted(_Event, frozen=True):
+    """A node began fetching files of a model (bytes in flight are live figures, not events).
+    `whole`: all of it (a request to fetch the model), else what one of its stages needs."""
+
+    node_id: str
+    model_id: str
+    bytes_total: int
+    whole: bool = True
+
+
+class ModelDownloadFinished(_Event, frozen=True):
+    """A node holds, verified, the files of the model it fetched (all, or its stage's)."""
+
+    node_id: str
+    model_id: str
+    bytes_total: int
+    whole: bool = True
+
+
+class ModelDownloadFailed(_Event, frozen=True):
+    node_id: str
+    model_id: str
+    reason: str
+
+
+class ModelRemoved(_Event, frozen=True):
+    """A node deleted a model's files (`had_files` False: it held none)."""
+
+    node_id: str
+    model_id: str
+    had_files: bool = True
+    request_id: str = ""
+
+
+Event = (
+    MasterElected
+    | NodeJoined
+    | NodeTimedOut
+    | NodeMemoryMeasured
+    | NodeLabelled
+    | InstanceCreated
+    | InstanceDeleted
+    | RunnerStatusUpdated
+    | ModelDownloadRequested
+    | ModelRemovalRequested
+    | ModelDownloadStarted
+    | ModelDownloadFinished
+    | ModelDownloadFailed
+    | ModelRemoved
+)
+
+
+class IndexedEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    """An event as the master sequenced it: its place in the log and the term that placed it.
+
+    `origin_node_id`/`origin_sequence` identify the local event it came from, so a node can tell
+    when its own event was applied and the master can drop a resent duplicate.
+    """
+
+    index: int
+    term: int
+    origin_node_id: str
+    origin_sequence: int
+    event: Event
+
+
+event_encoder = msgspec.msgpack.Encoder()
+indexed_event_decoder = msgspec.msgpack.Decoder(IndexedEvent)
+event_decoder = msgspec.msgpack.Decoder(Event)
+
+
+def encode_event(event: Event) -> bytes:
+    return event_encoder.encode(event)
+
+
+def decode_event(data: bytes) -> Event:
+    return event_decoder.decode(data)
+
+
+def event_type_name(event: Event) -> str:
+    return type(event).__name__

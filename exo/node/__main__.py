@@ -1,0 +1,5 @@
+"""`python -m exo.node`."""
+
+from exo.node.main import main
+
+main()
