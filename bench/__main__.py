@@ -1,7 +1,7 @@
 """`python -m bench`: every benchmark in one run, one table, and docs/benchmarks.md rewritten.
 
-    python -m bench [--quick] [--only serving,pinned,blas,pipeline,events,replay,structured,hub] [--rounds N]
-                    [--write-docs | --no-docs]
+    python -m bench [--quick] [--rounds N] [--write-docs | --no-docs]
+                    [--only serving,formats,pinned,blas,pipeline,events,replay,structured,hub]
 
 Makes its models with `python -m exo.inference.synthetic` (into bench/out/models), starts exo nodes,
 `mlx_lm.server` and mlx-lm in-process as real processes, measures them in interleaved rounds, runs
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bench import machine
 from bench.existing import events_rows, pipeline_rows, replay_rows, run_bench
+from bench.formats_bench import run_formats
 from bench.hub_bench import run_or_fail as run_hub_section
 from bench.processes import eos_token_ids, linked_copy, make_model
 from bench.scaling import run_blas, run_pinned
@@ -48,7 +49,7 @@ DOCS = machine.REPO / "docs" / "benchmarks.md"
 # The event-path sections first: run right after the inference sections (which start and stop
 # processes holding gigabytes), the events bench saw one 70-90 ms stall in its 5 s latency window in
 # two suite runs out of two, and none in six runs on its own or right after the pipeline bench.
-SECTIONS = ("events", "replay", "serving", "pinned", "blas", "pipeline", "structured", "hub")
+SECTIONS = ("events", "replay", "serving", "formats", "pinned", "blas", "pipeline", "structured", "hub")
 DOCS_SKELETON = "# Benchmarks\n\nEvery figure is a ratio against a baseline measured in the same run.\n"
 
 
@@ -119,6 +120,7 @@ def subprocess_sections(quick: bool, settings: Settings) -> dict[str, Callable[[
 
 SECTION_TITLES = {
     "serving": "Serving through HTTP (exo, mlx_lm.server, mlx-lm in-process)",
+    "formats": "Checkpoint formats: bfloat16 and 4-bit against float32 (bench/formats_bench.py)",
     "pinned": "Two nodes pinned to one core each",
     "blas": "MKL against the reference BLAS",
     "pipeline": "Pipelines on loopback against one process (bench/pipeline_bench.py)",
@@ -145,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(directory)
         sections: dict[str, Callable[[], tuple[list[Row], str]]] = {
             "serving": lambda: run_serving(model, settings, root),
+            "formats": lambda: run_formats(
+                model, settings, root, QUICK_MODEL_ARGUMENTS if arguments.quick else DEFAULT_MODEL_ARGUMENTS
+            ),
             "pinned": lambda: run_pinned(model, settings, root),
             "blas": lambda: run_blas(model, settings, root),
             "structured": lambda: run_structured(model, settings, root),

@@ -207,6 +207,8 @@ def test_previews(client: TestClient[Any]) -> None:
             "node1": {"start_layer": 5, "end_layer": 8, "n_layers": 8},
         },
         "bytes_by_node": {"node0": 5000, "node1": 3000},
+        "weights": "native",
+        "weights_note": "",
     }
 
 

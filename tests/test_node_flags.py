@@ -16,7 +16,7 @@ def no_model(model_id: str) -> ModelInfo:
 
 def test_serving_limits_default_to_the_runners_own() -> None:
     config = parse_args([])
-    assert config.runner_limits == RunnerLimits()
+    assert config.runner_limits == RunnerLimits(weights_dtype="auto")
     worker = Worker("n", no_model, lambda events: None)
     worker.control_address = "tcp://127.0.0.1:5000"
     options = parse_runner_arguments(worker.runner_argv("r-1")[3:])
@@ -28,7 +28,7 @@ def test_serving_limits_reach_the_runners_argv() -> None:
     limits = {"--max-active-requests": 2, "--max-waiting-requests": 0, "--max-batch-size": 1}
     limits["--prefix-cache-tokens"] = 0
     config = parse_args([str(item) for pair in limits.items() for item in pair])
-    assert config.runner_limits == RunnerLimits(2, 0, 1, 0)
+    assert config.runner_limits == RunnerLimits(2, 0, 1, 0, "auto")
     worker = Worker("n", no_model, lambda events: None, runner_limits=config.runner_limits)
     worker.control_address = "tcp://127.0.0.1:5000"
     options = parse_runner_arguments(worker.runner_argv("r-1")[3:])
@@ -52,3 +52,17 @@ def test_bad_serving_limits_are_refused(
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("weights_dtype", ["auto", "float32", "native"])
+def test_weights_dtype_reaches_the_runners_argv(weights_dtype: str) -> None:
+    config = parse_args(["--weights-dtype", weights_dtype])
+    worker = Worker("n", no_model, lambda events: None, runner_limits=config.runner_limits)
+    worker.control_address = "tcp://127.0.0.1:5000"
+    assert parse_runner_arguments(worker.runner_argv("r-1")[3:]).weights_dtype == weights_dtype
+
+
+def test_bad_weights_dtype_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--weights-dtype", "bfloat16"])
+    assert "invalid choice: 'bfloat16'" in capsys.readouterr().err

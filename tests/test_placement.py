@@ -145,7 +145,9 @@ def test_footprint_of_a_listed_model() -> None:
         reason="",
     )
     footprint = ModelFootprint.of_model(model)
-    assert footprint == ModelFootprint([100, 120], embedding_bytes=50, head_bytes=4, tied_embeddings=True)
+    assert footprint == ModelFootprint(
+        [100, 120], embedding_bytes=50, head_bytes=4, tied_embeddings=True, weights="native"
+    )
     for start, end in [(0, 1), (1, 2), (0, 2)]:
         assert footprint.stage_bytes(start, end) == model.shard_weight_bytes(start, end)
 

@@ -70,6 +70,10 @@ class InstanceCreated(_Event, frozen=True):
     # What the user asked for: a re-placement after a node is gone keeps it while enough nodes remain.
     # Logs written before it existed decode with 1, what their placements used.
     min_nodes: int = 1
+    # The representation placement sized the stages for ("float32" or "native"; None: not said),
+    # and why the native one was kept when `--weights-dtype auto` found too little memory ("" else).
+    weights: Literal["float32", "native"] | None = None
+    weights_note: str = ""
 
 
 class InstanceDeleted(_Event, frozen=True):

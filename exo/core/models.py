@@ -3,7 +3,38 @@ exo.inference.models) and the memory its pipeline stages need (ModelFootprint, w
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import msgspec
+
+# `--weights-dtype`: what a stage holds on MLX's CPU backend (docs/inference.md).
+WeightsDtype = Literal["auto", "float32", "native"]
+# What a stage actually holds: "float32" after an upcast / dequantization, or the checkpoint's own.
+Representation = Literal["float32", "native"]
+WEIGHTS_DTYPES: tuple[str, ...] = get_args(WeightsDtype)
+
+
+def representation_for(
+    weights_dtype: WeightsDtype, *, placed: Representation | None = None, accelerator: bool
+) -> Representation:
+    """The representation a stage holds, from the flag and what placement chose (`placed`: None
+    when placement made no choice). An explicit flag wins; `auto` follows placement, then the backend."""
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
+    if weights_dtype != "auto":
+        return weights_dtype
+    if placed is not None:
+        return placed
+    return "native" if accelerator else "float32"
+
+
+class WeightBytes(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The bytes of a model's weights in one representation, split as ModelInfo splits them."""
+
+    layer_bytes: list[int]
+    embedding_bytes: int
+    head_bytes: int
+    other_bytes: int
 
 
 class ModelInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -22,6 +53,9 @@ class ModelInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tied_embeddings: bool
     supported: bool
     reason: str  # why not supported; "" when supported
+    # The same weights held as float32 (half precision upcast, quantized layers dequantized), which
+    # is what a runner on MLX's CPU backend holds; None when not computed (then as the file).
+    float32: WeightBytes | None = None
 
     def shard_weight_bytes(self, start_layer: int, end_layer: int) -> int:
         """Bytes a stage holding layers [start_layer, end_layer) loads."""
@@ -48,6 +82,10 @@ class ModelFootprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     embedding_bytes: int = 0
     head_bytes: int = 0
     tied_embeddings: bool = False
+    # The representation these bytes are of (None: not said), and, for `--weights-dtype auto`,
+    # the smaller native footprint placement falls back to when float32 does not fit.
+    weights: Representation | None = None
+    fallback: ModelFootprint | None = None
 
     @classmethod
     def uniform(
@@ -56,13 +94,40 @@ class ModelFootprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return cls([layer_bytes] * n_layers, embedding_bytes, head_bytes)
 
     @classmethod
-    def of_model(cls, model: ModelInfo) -> ModelFootprint:
-        return cls(
+    def of_model(
+        cls, model: ModelInfo, weights_dtype: WeightsDtype = "native", *, accelerator: bool = False
+    ) -> ModelFootprint:
+        """The bytes a runner with this `--weights-dtype` holds (on a GPU backend when
+        `accelerator`): float32 after an upcast is twice a bfloat16 file, a dequantized 4-bit
+        layer about six times its packed bytes."""
+        native = cls(
             layer_bytes=list(model.layer_bytes),
             embedding_bytes=model.embedding_bytes,
             head_bytes=model.head_bytes + model.other_bytes,
             tied_embeddings=model.tied_embeddings,
+            weights="native",
         )
+        if representation_for(weights_dtype, accelerator=accelerator) == "native":
+            return native
+        wide = model.float32
+        if wide is None:
+            return msgspec.structs.replace(native, weights="float32")
+        upcast = cls(
+            layer_bytes=list(wide.layer_bytes),
+            embedding_bytes=wide.embedding_bytes,
+            head_bytes=wide.head_bytes + wide.other_bytes,
+            tied_embeddings=model.tied_embeddings,
+            weights="float32",
+        )
+        if weights_dtype == "auto" and upcast.total_bytes > native.total_bytes:
+            return msgspec.structs.replace(upcast, fallback=native)
+        return upcast
+
+    def held_as(self, weights: Representation | None) -> ModelFootprint:
+        """The footprint of the representation an instance was placed with."""
+        if weights == "native" and self.fallback is not None:
+            return self.fallback
+        return self
 
     @property
     def n_layers(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from exo.core.events import ShardAssignment
+from exo.core.models import Representation
 
 
 class Placement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -12,6 +13,9 @@ class Placement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     shard_assignments: dict[str, ShardAssignment]
     bytes_by_node: dict[str, int]
+    weights: Representation | None = None  # the representation the bytes are of
+    # Why the native representation was kept (`auto` with too little memory for float32), or "".
+    weights_note: str = ""
 
     @property
     def node_ids(self) -> list[str]:

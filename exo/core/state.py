@@ -62,6 +62,8 @@ class Instance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     runners: dict[str, RunnerInfo] = {}
     failure_reason: str | None = None
     min_nodes: int = 1  # as placed; kept by re-placement while enough nodes remain
+    weights: Literal["float32", "native"] | None = None  # as InstanceCreated
+    weights_note: str = ""
 
     def stage_order(self) -> list[str]:
         """Node ids in pipeline order (by first layer)."""
@@ -266,6 +268,8 @@ def _apply_instance_created(builder: StateBuilder, event: InstanceCreated) -> No
         status="placing",
         shard_assignments=event.shard_assignments,
         min_nodes=event.min_nodes,
+        weights=event.weights,
+        weights_note=event.weights_note,
     )
     builder.set_instance(instance)
 

@@ -20,7 +20,7 @@ import re
 import struct
 from pathlib import Path
 
-from exo.core.models import ModelInfo
+from exo.core.models import ModelInfo, WeightBytes
 
 # mlx-lm architectures whose model is the standard embed -> `model.layers` (one attention mask)
 # -> norm -> lm_head, which is what exo.inference.shard runs a slice of.
@@ -139,6 +139,39 @@ def _int(config: dict[str, object], key: str) -> int:
     return value
 
 
+class _Tally:
+    def __init__(self, n_layers: int) -> None:
+        self.layer_bytes = [0] * n_layers
+        self.embedding_bytes = self.head_bytes = self.other_bytes = 0
+
+
+def _quantized_bits(module: str, config: dict[str, object]) -> int | None:
+    """The bits of an mlx-lm quantized module (its own entry in "quantization", else the default)."""
+    quantization = config.get("quantization")
+    if not isinstance(quantization, dict):
+        return None
+    own = quantization.get(module)
+    bits = own.get("bits") if isinstance(own, dict) else quantization.get("bits")
+    return bits if isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 32 else None
+
+
+def _float32_bytes(
+    name: str, dtype: str, size: int, tensors: dict[str, tuple[str, int]], config: dict[str, object]
+) -> int:
+    """The bytes of tensor `name` once held as float32: half precision doubles; a packed quantized
+    weight becomes 32/bits times its bytes, and its scales and biases go away."""
+    module, _, leaf = name.rpartition(".")
+    packed = tensors.get(f"{module}.weight", ("", 0))[0] == "U32" and f"{module}.scales" in tensors
+    if packed and leaf in ("scales", "biases"):
+        return 0
+    if packed and leaf == "weight":
+        bits = _quantized_bits(module, config)
+        if bits is None:
+            raise ValueError(f"{name} is packed but config.json has no quantization bits for it")
+        return size * 32 // bits
+    return size * 2 if dtype in ("F16", "BF16") else size
+
+
 def _dominant_dtype(dtype_bytes: dict[str, int]) -> str:
     """The dtype holding most bytes (uint32 for quantized models' packed weights)."""
     if not dtype_bytes:
@@ -202,20 +235,27 @@ def describe_model(model_id: str, path: str, config: object, sizes: TensorSizes)
             raise ValueError("no model*.safetensors weights")
         layer_bytes = [0] * n_layers
         embedding_bytes = head_bytes = other_bytes = 0
+        float32 = _Tally(n_layers)
         dtype_bytes: dict[str, int] = {}
-        for name, dtype, size in sizes:
+        tensors = {name: (dtype, size) for name, dtype, size in sizes}
+        for name, (dtype, size) in tensors.items():
             dtype_bytes[dtype] = dtype_bytes.get(dtype, 0) + size
+            wide = _float32_bytes(name, dtype, size, tensors, config)
             index = layer_index(name)
             if index is not None:
                 if index >= n_layers:
                     continue  # e.g. multi-token-prediction layers that mlx-lm drops
                 layer_bytes[index] += size
+                float32.layer_bytes[index] += wide
             elif "embed_tokens" in name:
                 embedding_bytes += size
+                float32.embedding_bytes += wide
             elif name.startswith("lm_head"):
                 head_bytes += size
+                float32.head_bytes += wide
             elif "rotary_emb" not in name:
                 other_bytes += size
+                float32.other_bytes += wide
     except ValueError as error:
         return _unreadable(model_id, path, error)
     config_dict: dict[str, object] = config
@@ -237,6 +277,12 @@ def describe_model(model_id: str, path: str, config: object, sizes: TensorSizes)
         tied_embeddings=tied,
         supported=not reason,
         reason=reason,
+        float32=WeightBytes(
+            layer_bytes=float32.layer_bytes,
+            embedding_bytes=float32.embedding_bytes,
+            head_bytes=0 if tied else float32.head_bytes,
+            other_bytes=float32.other_bytes,
+        ),
     )
 
 

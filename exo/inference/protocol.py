@@ -35,6 +35,8 @@ class LoadShard(_RunnerMessage, frozen=True):
     start_layer: Annotated[int, msgspec.Meta(ge=0)]
     end_layer: Annotated[int, msgspec.Meta(ge=1)]
     n_layers: Annotated[int, msgspec.Meta(ge=1)]
+    # What placement chose for `--weights-dtype auto` (None: no choice, the runner decides).
+    placed_weights: Literal["float32", "native"] | None = None
 
 
 class Shutdown(_RunnerMessage, frozen=True):
@@ -56,6 +58,7 @@ class ShardLoaded(_RunnerMessage, frozen=True):
     weight_bytes: int
     load_seconds: float
     blas: str
+    weights: Literal["float32", "native"] = "native"  # the representation the stage holds
 
 
 class RunnerFailed(_RunnerMessage, frozen=True):

@@ -215,17 +215,25 @@ class Runner:
                 self.dropped_control_frames += 1  # one runner, one shard
 
     def load(self, command: LoadShard) -> None:
+        import mlx.core as mx
+
         from exo.inference.shard import ShardLoadError, ShardSpec, load_shard
         from exo.inference.stage import PipelineStage
+        from exo.inference.weights import wanted_representation
 
         self.transition("loading")
         self.instance_id = command.instance_id
         spec = ShardSpec(
             start_layer=command.start_layer, end_layer=command.end_layer, n_layers=command.n_layers
         )
+        representation = wanted_representation(
+            self.options.weights_dtype,
+            placed=command.placed_weights,
+            accelerator=mx.default_device().type == mx.DeviceType.gpu,
+        )
         started = time.perf_counter()
         try:
-            shard = load_shard(Path(command.model_path), spec)
+            shard = load_shard(Path(command.model_path), spec, representation)
         except ShardLoadError as error:
             return self.fail(str(error))
         except MemoryError:
@@ -263,6 +271,7 @@ class Runner:
                 weight_bytes=shard.weight_bytes,
                 load_seconds=load_seconds,
                 blas=self.blas.library,
+                weights=shard.representation,
             )
         )
         return None

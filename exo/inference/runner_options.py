@@ -10,6 +10,8 @@ from collections.abc import Mapping
 
 import msgspec
 
+from exo.inference.weights import WEIGHTS_DTYPES, WeightsDtype
+
 DESCRIPTION = (
     "A pipeline stage: loads one shard when its worker says so and serves pipeline frames. "
     "The first stage's admission, batching and prefix cache settings decide for the instance."
@@ -32,6 +34,7 @@ class RunnerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     send_timeout: float = 2.0
     heartbeat_interval: float = 1.0
     stats_interval: float = 2.0
+    weights_dtype: WeightsDtype = "auto"
 
 
 # The serving limits a node passes on to its runners (`exo --max-active-requests ...`), and the
@@ -67,6 +70,7 @@ def runner_command(
     max_waiting_requests: int | None = None,
     max_batch_size: int | None = None,
     prefix_cache_tokens: int | None = None,
+    weights_dtype: WeightsDtype | None = None,
 ) -> list[str]:
     """The argv a worker starts a runner with (the same interpreter as the caller); None leaves
     the runner's default."""
@@ -81,6 +85,7 @@ def runner_command(
         "--max-waiting-requests": max_waiting_requests,
         "--max-batch-size": max_batch_size,
         "--prefix-cache-tokens": prefix_cache_tokens,
+        "--weights-dtype": weights_dtype,
     }
     for flag, value in optional.items():
         if value is not None:
@@ -115,6 +120,13 @@ def parse_arguments(argv: list[str] | None = None) -> RunnerOptions:
     parser.add_argument("--retry-after", type=float, default=1.0, help="seconds a refused requester waits")
     parser.add_argument("--heartbeat-interval", type=float, default=1.0)
     parser.add_argument("--stats-interval", type=float, default=2.0)
+    parser.add_argument(
+        "--weights-dtype",
+        choices=WEIGHTS_DTYPES,
+        default="auto",
+        help="hold weights as float32 (upcast, dequantized) or as the checkpoint has them; "
+        "auto: float32 on MLX's CPU backend unless placement kept the native representation",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     arguments = parser.parse_args(argv)
     if arguments.activation_host in ("0.0.0.0", "*", "::") and not arguments.advertise_host:
@@ -143,4 +155,5 @@ def parse_arguments(argv: list[str] | None = None) -> RunnerOptions:
         retry_after=arguments.retry_after,
         heartbeat_interval=arguments.heartbeat_interval,
         stats_interval=arguments.stats_interval,
+        weights_dtype=arguments.weights_dtype,
     )

@@ -27,6 +27,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 from exo.inference.models import layer_index, unsupported_reason, weight_files
+from exo.inference.weights import Representation, hold_as_float32
 
 
 class ShardLoadError(ValueError):
@@ -120,6 +121,7 @@ class ShardModel:
         head: Callable[[mx.array], mx.array] | None,
         loaded_tensor_names: list[str],
         weight_bytes: int,
+        representation: Representation = "native",
     ) -> None:
         self.spec = spec
         self.config = config
@@ -133,6 +135,7 @@ class ShardModel:
         self.loaded_tensor_names = loaded_tensor_names
         self.weight_bytes = weight_bytes
         self.model_path: Path | None = None  # the folder it was loaded from (its tokenizer, for grammars)
+        self.representation: Representation = representation
 
     def make_cache(self) -> list[KVCache]:
         """A fresh per-layer KV cache for one request."""
@@ -156,8 +159,10 @@ class ShardModel:
         return self.head(self.norm(hidden))
 
 
-def load_shard(model_path: Path, spec: ShardSpec) -> ShardModel:
-    """Build the model class mlx-lm would, and materialize only this stage's tensors."""
+def load_shard(model_path: Path, spec: ShardSpec, representation: Representation = "native") -> ShardModel:
+    """Build the model class mlx-lm would, and materialize only this stage's tensors, as the
+    checkpoint has them (`native`) or as float32 (half precision upcast, quantized layers
+    dequantized; see exo.inference.weights)."""
     model_path = Path(model_path)
     spec.validate()
     config = _read_config(model_path)
@@ -205,6 +210,10 @@ def load_shard(model_path: Path, spec: ShardSpec) -> ShardModel:
                 f"tensor {name} has shape {array.shape}, the config implies {parameters[name].shape}"
             )
     model.load_weights(list(wanted.items()), strict=False)
+    loaded_tensor_names = sorted(wanted)
+    del wanted  # the model holds the arrays now: an upcast can free each source once converted
+    if representation == "float32":
+        hold_as_float32(model)
 
     inner = model.model
     embed_tokens = inner.embed_tokens if (spec.is_first or (spec.is_last and tied)) else None
@@ -231,8 +240,9 @@ def load_shard(model_path: Path, spec: ShardSpec) -> ShardModel:
         layers=layers,
         norm=norm,
         head=head,
-        loaded_tensor_names=sorted(wanted),
+        loaded_tensor_names=loaded_tensor_names,
         weight_bytes=sum(array.nbytes for array in arrays),
+        representation=representation,
     )
     shard.model_path = model_path
     return shard

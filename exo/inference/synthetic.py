@@ -1,12 +1,16 @@
 """Seeded random-weight models in the real Hugging Face layout.
 
 No model hub is reachable from the machines exo is developed and tested on, so models are made
-locally: config.json, model.safetensors (float32), tokenizer.json (byte-level BPE trained with
+locally: config.json, model.safetensors (float32, or bfloat16 / float16, or quantized by mlx-lm's own
+`quantize_model` and saved in mlx-lm's layout: packed uint32 weights with scales and biases in the
+dtype of the weights, a "quantization" key in config.json, as the MLX community's Hub conversions
+are), tokenizer.json (byte-level BPE trained with
 `tokenizers` on a small built-in English corpus, so any text encodes), tokenizer_config.json with a
 ChatML-style chat template. mlx_lm.load and transformers' AutoTokenizer read the folder as they
 would a downloaded one. Same arguments and seed give byte-identical weights.
 
-`python -m exo.inference.synthetic OUT [--arch llama|qwen2] [--layers N] ...`
+`python -m exo.inference.synthetic OUT [--arch llama|qwen2] [--layers N] [--dtype bfloat16]
+[--quantize 4 [--group-size 64]] ...`
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ Architecture = Literal["llama", "qwen2"]
 # "chatml": plain ChatML; "tools": ChatML that renders tools and calls (Hermes / Qwen 2.5 form).
 # "thinking": "tools" plus Qwen 3's thinking block (adds <think> and </think> to the vocabulary).
 TemplateName = Literal["chatml", "tools", "thinking"]
+WeightDtype = Literal["float32", "bfloat16", "float16"]
+QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)  # mlx's affine quantization
+GROUP_SIZES = (32, 64, 128)
 
 BUILTIN_MODEL_ID = "exo-tiny"
 END_OF_TEXT = "<|endoftext|>"
@@ -57,10 +64,28 @@ class SyntheticModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     proj_scale: float = 3.0
     tie_word_embeddings: bool | None = None  # None: the architecture's usual choice
     template: TemplateName | None = None  # None: "tools" for qwen2, "chatml" for llama
+    # The saved format. Quantized models keep scales and biases (and norms) in `dtype`: bfloat16
+    # with a quantization is what a Hub model converted by mlx_lm.convert looks like.
+    dtype: WeightDtype = "float32"
+    quantize_bits: int | None = None
+    group_size: int = 64
 
     def validate(self) -> None:
         if self.architecture not in ("llama", "qwen2"):
             raise ValueError(f"unknown architecture {self.architecture!r}: use llama or qwen2")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"unknown dtype {self.dtype!r}: use float32, bfloat16 or float16")
+        if self.quantize_bits is not None and self.quantize_bits not in QUANTIZE_BITS:
+            raise ValueError(f"quantize bits must be one of {QUANTIZE_BITS}, got {self.quantize_bits}")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group size must be one of {GROUP_SIZES}, got {self.group_size}")
+        if self.quantize_bits is not None and (
+            self.hidden % self.group_size or self.intermediate % self.group_size
+        ):
+            raise ValueError(
+                f"hidden ({self.hidden}) and intermediate ({self.intermediate}) must be multiples of "
+                f"the group size ({self.group_size}) to quantize every layer"
+            )
         for name in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
@@ -126,7 +151,7 @@ def _config(spec: SyntheticModelSpec, vocab_size: int, eos_ids: list[int]) -> di
         "rms_norm_eps": 1e-6,
         "hidden_act": "silu",
         "tie_word_embeddings": spec.tied,
-        "torch_dtype": "float32",
+        "torch_dtype": spec.dtype,
         "bos_token_id": None,
         "eos_token_id": eos_ids,
         "exo_synthetic": {"seed": spec.seed, "proj_scale": spec.proj_scale},
@@ -199,6 +224,8 @@ def write_synthetic_model(out: Path, spec: SyntheticModelSpec, shards: int = 1) 
     spec.validate()
     if not 1 <= shards <= spec.layers:
         raise ValueError(f"shards must be between 1 and the number of layers ({spec.layers}), got {shards}")
+    if shards > 1 and (spec.dtype != "float32" or spec.quantize_bits is not None):
+        raise ValueError("shards > 1 is for float32 models (mlx-lm's save_model shards by size)")
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists")
@@ -217,7 +244,10 @@ def write_synthetic_model(out: Path, spec: SyntheticModelSpec, shards: int = 1) 
         (building / "generation_config.json").write_text(
             json.dumps({"eos_token_id": eos_ids, "do_sample": False}, indent=2)
         )
-        _save_weights(building, _weights(spec, vocab_size), spec.layers, shards)
+        if spec.dtype == "float32" and spec.quantize_bits is None:
+            _save_weights(building, _weights(spec, vocab_size), spec.layers, shards)
+        else:
+            _save_with_mlx_lm(building, spec, config, _weights(spec, vocab_size))
         # mkdtemp makes a private folder; a model folder is ordinary data that others may read.
         for written in building.iterdir():
             written.chmod(0o644)
@@ -251,6 +281,30 @@ def _save_weights(folder: Path, weights: dict[str, np.ndarray], n_layers: int, s
     total = sum(array.nbytes for array in weights.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _save_with_mlx_lm(
+    folder: Path, spec: SyntheticModelSpec, config: dict[str, object], weights: dict[str, np.ndarray]
+) -> None:
+    """Cast (and quantize) the float32 weights with mlx-lm's model class and save them as mlx-lm's
+    own convert does: its quantize_model, save_model and save_config."""
+    import contextlib
+    import sys
+
+    import mlx.core as mx
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    from exo.inference.shard import model_classes
+
+    model_class, args_class = model_classes(config)
+    model = model_class(args_class.from_dict(config))
+    model.load_weights([(name, mx.array(array)) for name, array in weights.items()])
+    model.set_dtype(getattr(mx, spec.dtype))
+    if spec.quantize_bits is not None:
+        with contextlib.redirect_stdout(sys.stderr):  # it prints bits per weight
+            model, config = quantize_model(model, config, spec.group_size, spec.quantize_bits)
+    save_model(folder, model)
+    save_config(dict(config), folder / "config.json")
 
 
 # Its template renders tools, so `tools` work on the default model.
@@ -321,6 +375,20 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModel
     tie = parser.add_mutually_exclusive_group()
     tie.add_argument("--tie", dest="tie", action="store_true", default=None, help="tie lm_head to embeddings")
     tie.add_argument("--no-tie", dest="tie", action="store_false", help="separate lm_head")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="weights' dtype (and, quantized, the scales' and norms': bfloat16 as in Hub conversions)",
+    )
+    parser.add_argument(
+        "--quantize",
+        type=int,
+        metavar="BITS",
+        default=None,
+        help=f"mlx-lm affine quantization, {QUANTIZE_BITS}",
+    )
+    parser.add_argument("--group-size", type=int, default=64, help=f"quantization group size, {GROUP_SIZES}")
     arguments = parser.parse_args(argv)
     spec = SyntheticModelSpec(
         architecture=arguments.arch,
@@ -334,6 +402,9 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModel
         proj_scale=arguments.proj_scale,
         tie_word_embeddings=arguments.tie,
         template=arguments.template,
+        dtype=arguments.dtype,
+        quantize_bits=arguments.quantize,
+        group_size=arguments.group_size,
     )
     try:
         spec.validate()
@@ -341,6 +412,8 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModel
         parser.error(str(error))
     if not 1 <= arguments.shards <= spec.layers:
         parser.error(f"--shards must be between 1 and --layers ({spec.layers})")
+    if arguments.shards > 1 and (spec.dtype != "float32" or spec.quantize_bits is not None):
+        parser.error("--shards is for float32 models (mlx-lm's save_model shards by size)")
     return arguments.out, spec, arguments.shards
 
 

@@ -27,6 +27,7 @@ from exo.core.placement import PlacementPreview
 from exo.core.sampling import SamplingParams
 from exo.core.state import Instance, State
 from exo.inference.models import InvalidModelIdError, ModelNotFoundError, get_model, list_models
+from exo.inference.weights import WeightsDtype, accelerator_backend
 from exo.node.cluster import ClusterMember
 from exo.node.generation import PipelineGenerator
 from exo.roles.commands import reserved_bytes
@@ -45,8 +46,12 @@ MODEL_LIST_CACHE_SECONDS = 2.0
 class ModelCatalog:
     """This node's models dir, listed at most every couple of seconds (heartbeats ask often)."""
 
-    def __init__(self, models_dir: Path) -> None:
+    def __init__(self, models_dir: Path, weights_dtype: WeightsDtype = "auto") -> None:
         self.models_dir = models_dir
+        # This node's `--weights-dtype`: the footprint it asks placement for is the bytes its
+        # runners would hold (float32 on MLX's CPU backend, with the native bytes to fall back on).
+        self.weights_dtype: WeightsDtype = weights_dtype
+        self._accelerator = accelerator_backend()
         self._listed_at = -MODEL_LIST_CACHE_SECONDS
         self._models: list[ModelInfo] = []
         self._tokenizers: dict[str, ChatTokenizer] = {}
@@ -74,7 +79,10 @@ class ModelCatalog:
             model = self.get_info(model_id)
         except (ModelNotFoundError, InvalidModelIdError):
             return None
-        return ModelFootprint.of_model(model) if model.supported else None
+        return self.footprint_of_model(model) if model.supported else None
+
+    def footprint_of_model(self, model: ModelInfo) -> ModelFootprint:
+        return ModelFootprint.of_model(model, self.weights_dtype, accelerator=self._accelerator)
 
     def get(self, model_id: str) -> ModelInfo:
         try:
@@ -215,7 +223,9 @@ class ClusterServices:
             MASTER_WAIT_SECONDS,
         )
         answer = await self._command(
-            m.PlaceInstance(model_id, ModelFootprint.of_model(model), sharding, min_nodes, download=download)
+            m.PlaceInstance(
+                model_id, self.catalog.footprint_of_model(model), sharding, min_nodes, download=download
+            )
         )
         match answer.answer:
             case m.Placed(instance_id=instance_id):
@@ -231,7 +241,7 @@ class ClusterServices:
 
     def previews(self, model_id: str) -> list[PlacementPreview]:
         model = self.catalog.get(model_id)
-        footprint = ModelFootprint.of_model(model)
+        footprint = self.catalog.footprint_of_model(model)
         state = self.state()
         alive = [node for node in state.nodes.values() if node.status == "alive"]
         return previews(footprint, alive, reserved_bytes(state, {model_id: footprint}))

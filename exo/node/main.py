@@ -38,6 +38,7 @@ from exo.inference.client import PipelineClient, TokenSink
 from exo.inference.fetcher import ModelFetcher
 from exo.inference.runner_options import serving_limit_problems
 from exo.inference.synthetic import ensure_builtin_model
+from exo.inference.weights import WEIGHTS_DTYPES
 from exo.node.api_adapter import ClusterServices, ModelCatalog
 from exo.node.cluster import ClusterMember
 from exo.node.generation import PipelineGenerator
@@ -117,6 +118,13 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
         action="store_true",
         help="a chat request for a Hugging Face model no node holds fetches it (env EXO_AUTO_DOWNLOAD=1)",
     )
+    parser.add_argument(
+        "--weights-dtype",
+        choices=WEIGHTS_DTYPES,
+        default="auto",
+        help="auto: on MLX's CPU backend hold bf16/f16 weights as float32 and dequantize quantized "
+        "ones (the fast path), unless memory is short; float32: always; native: as the checkpoint has them",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0)
     parser.add_argument(
         "--new-cluster-secret", action="store_true", help="print a fresh cluster secret and exit"
@@ -156,6 +164,7 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
             max_waiting_requests=args.max_waiting_requests,
             max_batch_size=args.max_batch_size,
             prefix_cache_tokens=args.prefix_cache_tokens,
+            weights_dtype=args.weights_dtype,
         ),
     )
 
@@ -216,7 +225,7 @@ async def run_node(
             ) from None
         # The built-in model, so a fresh machine with no network answers a chat request.
         await asyncio.to_thread(ensure_builtin_model, config.models_dir)
-        catalog = ModelCatalog(config.models_dir)
+        catalog = ModelCatalog(config.models_dir, config.runner_limits.weights_dtype or "auto")
         member = ClusterMember(
             node_id,
             bus,

@@ -34,6 +34,7 @@ from exo.inference.protocol import (
     encode,
 )
 from exo.inference.runner import runner_command
+from exo.inference.weights import WeightsDtype
 from exo.roles.worker_plan import LOCAL_TRANSITIONS, LocalStatus, StartRunner, StopRunner, plan
 
 logger = logging.getLogger(__name__)
@@ -45,12 +46,14 @@ REANNOUNCE_SECONDS = 2.0
 
 class RunnerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A node's settings for the runners it starts (`exo --max-active-requests ...`); None keeps
-    the runner's default. The first stage's settings decide for the whole instance."""
+    the runner's default. The first stage's serving limits decide for the whole instance;
+    `weights_dtype` is each stage's own."""
 
     max_active_requests: int | None = None
     max_waiting_requests: int | None = None
     max_batch_size: int | None = None
     prefix_cache_tokens: int | None = None
+    weights_dtype: WeightsDtype | None = None
 
 
 # Fetches what a stage needs before its runner starts (a Hub model's files); calls its third
@@ -253,6 +256,7 @@ class Worker:
             start_layer=decision.assignment.start_layer,
             end_layer=decision.assignment.end_layer,
             n_layers=decision.assignment.n_layers,
+            placed_weights=decision.placed_weights,
         )
         runner = LocalRunner(decision.instance_id, runner_id, load)
         self.runners[decision.instance_id] = runner

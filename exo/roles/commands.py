@@ -42,7 +42,7 @@ def reserved_bytes(state: State, footprints: Mapping[str, ModelFootprint]) -> di
         if instance.status not in ("placing", "downloading", "loading") or footprint is None:
             continue
         for node_id, shard in instance.shard_assignments.items():
-            stage = footprint.stage_bytes(shard.start_layer, shard.end_layer)
+            stage = footprint.held_as(instance.weights).stage_bytes(shard.start_layer, shard.end_layer)
             reserved[node_id] = reserved.get(node_id, 0) + stage
     return reserved
 
@@ -97,6 +97,8 @@ def _place(
         sharding=command.sharding,
         shard_assignments=result.shard_assignments,
         min_nodes=command.min_nodes,
+        weights=result.weights,
+        weights_note=result.weights_note,
     )
     return CommandOutcome(Placed(instance_id), [created])
 

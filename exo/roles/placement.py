@@ -34,11 +34,43 @@ def place(
     min_nodes: int = 1,
     reserved_bytes_by_node: Mapping[str, int] | None = None,
 ) -> Placement | PlacementRefusal:
-    """The placement on the fewest nodes (at least `min_nodes`) that fits, or why none does.
+    """The placement on the fewest nodes (at least `min_nodes`) that fits, or why none does; with a
+    `fallback` footprint (`--weights-dtype auto`), the native representation when float32 does not fit.
 
     `reserved_bytes_by_node` is memory already promised to instances whose runners have not loaded
     yet (so not visible in the nodes' measured available memory); it is subtracted first.
     """
+    nodes = list(nodes)
+    attempt = _place_one(footprint, nodes, min_nodes, reserved_bytes_by_node)
+    if isinstance(attempt, Placement) or footprint.fallback is None:
+        return attempt
+    return _fall_back(
+        footprint, attempt, _place_one(footprint.fallback, nodes, min_nodes, reserved_bytes_by_node)
+    )
+
+
+def _fall_back(
+    footprint: ModelFootprint, refused: PlacementRefusal, fallback: Placement | PlacementRefusal
+) -> Placement | PlacementRefusal:
+    """The native placement, saying why, or both refusals' reasons when neither fits."""
+    assert footprint.fallback is not None
+    sizes = (
+        f"held as float32 the model needs {format_bytes(footprint.total_bytes)}, as the checkpoint "
+        f"has it {format_bytes(footprint.fallback.total_bytes)}"
+    )
+    if isinstance(fallback, Placement):
+        why = "; ".join(refused.reasons[:1]) or "it does not fit"
+        note = f"kept the checkpoint's representation: {sizes}; too little memory for float32 ({why})"
+        return msgspec.structs.replace(fallback, weights="native", weights_note=note)
+    return PlacementRefusal(reasons=[sizes, *fallback.reasons], nodes=fallback.nodes)
+
+
+def _place_one(
+    footprint: ModelFootprint,
+    nodes: Iterable[NodeInfo],
+    min_nodes: int = 1,
+    reserved_bytes_by_node: Mapping[str, int] | None = None,
+) -> Placement | PlacementRefusal:
     problem = _check_footprint(footprint)
     if problem is not None:
         return PlacementRefusal(reasons=[problem], nodes=[])
@@ -96,6 +128,9 @@ def previews(
             attempt = PlacementRefusal(reasons=[reason], nodes=[])
         else:
             attempt = _place_on(footprint, candidates[:node_count])
+            if isinstance(attempt, PlacementRefusal) and footprint.fallback is not None:
+                native = _place_on(footprint.fallback, candidates[:node_count])
+                attempt = _fall_back(footprint, attempt, native)
         if isinstance(attempt, Placement):
             result.append(PlacementPreview(n_nodes=node_count, placement=attempt, refusal=None))
         else:
@@ -196,6 +231,7 @@ def _place_on(footprint: ModelFootprint, chosen: list[_Candidate]) -> Placement 
                 for candidate, (start, end) in zip(chosen, ranges, strict=True)
             },
             bytes_by_node={candidate.node_id: needed[position] for position, candidate in enumerate(chosen)},
+            weights=footprint.weights,
         )
     verdicts: list[NodeVerdict] = []
     reasons: list[str] = []

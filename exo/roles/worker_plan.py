@@ -27,6 +27,8 @@ class StartRunner:
     instance_id: str
     model_id: str
     assignment: ShardAssignment
+    # "native" when placement kept the checkpoint's representation for lack of memory
+    placed_weights: Literal["float32", "native"] | None = None
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,9 @@ def plan(state: State, node_id: str, local: Mapping[str, LocalStatus]) -> list[D
         assignment = instance.shard_assignments.get(node_id)
         if assignment is None or instance.status == "failed" or instance_id in local:
             continue
-        decisions.append(StartRunner(instance_id, instance.model_id, assignment))
+        # Only a memory-forced native choice binds the runner: otherwise its own backend decides.
+        placed = "native" if instance.weights == "native" and instance.weights_note else None
+        decisions.append(StartRunner(instance_id, instance.model_id, assignment, placed))
     for instance_id, status in sorted(local.items()):
         instance = state.instances.get(instance_id)
         gone = instance is None or node_id not in instance.shard_assignments or instance.status == "failed"

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 import pytest
@@ -61,6 +62,24 @@ def tiny_models() -> dict[str, Path]:
     root = Path(tempfile.mkdtemp(prefix="exo-inference-models-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     return {name: write_synthetic_model(root / f"tiny-{name}", spec) for name, spec in TINY_SPECS.items()}
+
+
+# The formats users download: a bfloat16 checkpoint, and 4-bit / 8-bit mlx-lm conversions. The 4-bit
+# one is made from bfloat16 weights, so its scales, biases and norms are bfloat16 as in Hub
+# conversions; the 8-bit one keeps float32 scales and uses another group size.
+FORMAT_SPECS = {
+    "bf16": msgspec.structs.replace(TINY_SPECS["llama"], dtype="bfloat16"),
+    "q4": msgspec.structs.replace(TINY_SPECS["llama"], dtype="bfloat16", quantize_bits=4, group_size=64),
+    "q8": msgspec.structs.replace(TINY_SPECS["qwen2"], quantize_bits=8, group_size=32),
+}
+
+
+@functools.cache
+def tiny_format_models() -> dict[str, Path]:
+    """format name -> folder of a tiny model saved in that format, made once per test process."""
+    root = Path(tempfile.mkdtemp(prefix="exo-format-models-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return {name: write_synthetic_model(root / f"tiny-{name}", spec) for name, spec in FORMAT_SPECS.items()}
 
 
 class ControlServer:
@@ -143,11 +162,12 @@ def load(
     end: int,
     *,
     n_layers: int = N_LAYERS,
+    placed_weights: Literal["float32", "native"] | None = None,
 ) -> ShardLoaded | RunnerFailed:
     control.receive(runner.runner_id, (RunnerStarted,))
     command = LoadShard(
         instance_id="i-test", model_id=model.name, model_path=str(model), start_layer=start, end_layer=end,
-        n_layers=n_layers,
+        n_layers=n_layers, placed_weights=placed_weights,
     )  # fmt: skip
     control.send(runner.runner_id, command)
     answer = control.receive(runner.runner_id, (ShardLoaded, RunnerFailed))
