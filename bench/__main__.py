@@ -1,7 +1,7 @@
 """`python -m bench`: every benchmark in one run, one table, and docs/benchmarks.md rewritten.
 
     python -m bench [--quick] [--rounds N] [--write-docs | --no-docs]
-                    [--only serving,formats,pinned,blas,pipeline,events,replay,structured]
+                    [--only serving,formats,pinned,blas,pipeline,events,replay,structured,hub]
 
 Makes its models with `python -m exo.inference.synthetic` (into bench/out/models), starts exo nodes,
 `mlx_lm.server` and mlx-lm in-process as real processes, measures them in interleaved rounds, runs
@@ -26,6 +26,7 @@ from pathlib import Path
 from bench import machine
 from bench.existing import events_rows, pipeline_rows, replay_rows, run_bench, tensor_rows
 from bench.formats_bench import run_formats
+from bench.hub_bench import run_or_fail as run_hub_section
 from bench.processes import eos_token_ids, linked_copy, make_model
 from bench.scaling import run_blas, run_pinned
 from bench.serving import run_serving
@@ -48,7 +49,18 @@ DOCS = machine.REPO / "docs" / "benchmarks.md"
 # The event-path sections first: run right after the inference sections (which start and stop
 # processes holding gigabytes), the events bench saw one 70-90 ms stall in its 5 s latency window in
 # two suite runs out of two, and none in six runs on its own or right after the pipeline bench.
-SECTIONS = ("events", "replay", "serving", "formats", "pinned", "blas", "pipeline", "structured", "tensor")
+SECTIONS = (
+    "events",
+    "replay",
+    "serving",
+    "formats",
+    "pinned",
+    "blas",
+    "pipeline",
+    "structured",
+    "tensor",
+    "hub",
+)
 DOCS_SKELETON = "# Benchmarks\n\nEvery figure is a ratio against a baseline measured in the same run.\n"
 
 
@@ -140,6 +152,7 @@ SECTION_TITLES = {
     "replay": "Event store: replay and appends (bench/replay_bench.py)",
     "structured": "Constrained decoding: json_schema against free decoding (bench/structured.py)",
     "tensor": "Tensor parallelism: 2 ranks against 1 runner and the two-core ceiling (bench/tensor_bench.py)",
+    "hub": "Hub downloads: 3 stages, one download per cluster, resume (bench/hub_bench.py)",
 }
 
 
@@ -166,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             "blas": lambda: run_blas(model, settings, root),
             "structured": lambda: run_structured(model, settings, root),
             **subprocess_sections(arguments.quick, settings),
+            "hub": lambda: run_hub_section(arguments.quick, settings.rounds, root / "hub"),
         }
         for name in SECTIONS:
             if name not in arguments.only:

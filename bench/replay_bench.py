@@ -37,6 +37,12 @@ from exo.core.events import (
     InstanceCreated,
     InstanceDeleted,
     MasterElected,
+    ModelDownloadFailed,
+    ModelDownloadFinished,
+    ModelDownloadRequested,
+    ModelDownloadStarted,
+    ModelRemovalRequested,
+    ModelRemoved,
     NodeJoined,
     NodeLabelled,
     NodeMemoryMeasured,
@@ -72,6 +78,8 @@ def realistic_events(count: int, seed: int = 7) -> Iterator[IndexedEvent]:
         if index <= 1 + NODE_COUNT:
             node_id = nodes[index - 2]
             return NodeJoined(node_id, f"10.0.0.{index}:52414", 64 * GIB, 48 * GIB, node_id)
+        if index % 997 == 0:
+            return _download_event(index, nodes[index % NODE_COUNT])
         node_id = rng.choice(nodes)
         roll = rng.random()
         if roll < 0.40:
@@ -104,6 +112,24 @@ def realistic_events(count: int, seed: int = 7) -> Iterator[IndexedEvent]:
     for index in range(1, count + 1):
         event = next_event(index)
         yield IndexedEvent(index, term, nodes[index % NODE_COUNT], index, event)
+
+
+def _download_event(index: int, node_id: str) -> Event:
+    """Model downloads are rare: one of their six events every 997th, in a fixed cycle."""
+    model_id = f"org/model-{index % 3}"
+    match (index // 997) % 6:
+        case 0:
+            return ModelDownloadRequested(node_id, model_id)
+        case 1:
+            return ModelDownloadStarted(node_id, model_id, 4 * GIB)
+        case 2:
+            return ModelDownloadFinished(node_id, model_id, 4 * GIB)
+        case 3:
+            return ModelDownloadFailed(node_id, model_id, "the Hub refused: 403")
+        case 4:
+            return ModelRemovalRequested(node_id, model_id, f"r{index}")
+        case _:
+            return ModelRemoved(node_id, model_id, request_id=f"r{index}")
 
 
 async def write_log(path: Path, count: int) -> float:

@@ -51,10 +51,17 @@ def shell_blocks(markdown: str) -> list[str]:
 
 
 def commands(block: str) -> list[str]:
-    """Simple commands of a block: continuations joined, comments dropped, split at && || ; |."""
+    """Simple commands of a block: continuations and multi-line quotes joined, comments dropped, split
+    at && || ; |."""
     joined = re.sub(r"\s*\\\n\s*", " ", block)
-    found: list[str] = []
+    lines: list[str] = []
     for raw in joined.splitlines():
+        if lines and lines[-1].count("'") % 2:  # a quoted argument (a JSON body) goes on over lines
+            lines[-1] += " " + raw.strip()
+        else:
+            lines.append(raw)
+    found: list[str] = []
+    for raw in lines:
         line = raw.split(" #", 1)[0].strip()
         if line and not line.startswith("#"):
             found.extend(part for part in SEPARATORS.split(line) if part)

@@ -129,11 +129,16 @@ def get_header_dtype(model: Path, tensor: str) -> str:
 
 
 def test_synthetic_format_arguments_are_checked(tmp_path: Path) -> None:
-    _, spec = parse_arguments(
+    _, spec, _shards = parse_arguments(
         [str(tmp_path / "m"), "--dtype", "float16", "--quantize", "8", "--group-size", "32"]
     )
     assert (spec.dtype, spec.quantize_bits, spec.group_size) == ("float16", 8, 32)
-    for bad in (["--dtype", "int8"], ["--quantize", "7"], ["--group-size", "48"]):
+    for bad in (
+        ["--dtype", "int8"],
+        ["--quantize", "7"],
+        ["--group-size", "48"],
+        ["--dtype", "bfloat16", "--shards", "2"],
+    ):
         with pytest.raises(SystemExit):
             parse_arguments([str(tmp_path / "m"), *bad])
     with pytest.raises(ValueError, match="multiples of the group size"):

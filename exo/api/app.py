@@ -27,6 +27,8 @@ from exo.api.completion import CompletionSettings
 from exo.api.completion_routes import COMPLETION_ROUTES
 from exo.api.errors import BODY, EXCEPTION_HANDLERS, QUERY, READ, decode_strictly, error_responses
 from exo.api.model_limits import context_length
+from exo.api.model_routes import MODEL_ROUTES
+from exo.api.model_routes import REQUEST_BODIES as MODEL_REQUEST_BODIES
 from exo.api.ollama_types import ChatRequest as OllamaChatRequest
 from exo.api.ollama_types import (
     GenerateRequest,
@@ -177,10 +179,10 @@ async def remove_node(services: Services, node_id: InstanceId) -> RemovedNode:
     return RemovedNode(node_id)
 
 
-@get("/v1/models/{model_id:str}", responses=error_responses(*QUERY, 404))
+@get("/v1/models/{model_id:path}", responses=error_responses(*QUERY, 404))
 async def openai_model(services: Services, model_id: ModelId) -> ModelObject:
-    """One model, as OpenAI's `models.retrieve` reads it."""
-    return _model_object(_find_model(services, model_id, supported_only=True))
+    """One model, as OpenAI's `models.retrieve` reads it (a Hub id `org/name` has a slash)."""
+    return _model_object(_find_model(services, model_id.lstrip("/"), supported_only=True))
 
 
 @get("/ollama", media_type="text/plain", responses=error_responses(*READ, dialect="ollama"))
@@ -257,6 +259,7 @@ REQUEST_BODIES: dict[tuple[str, str], type[Any]] = {
     ("post", "/ollama/api/generate"): GenerateRequest,
     ("post", "/v1/responses"): ResponsesRequest,
     ("post", "/v1/messages/count_tokens"): CountTokensRequest,
+    **MODEL_REQUEST_BODIES,
 }
 
 
@@ -267,9 +270,14 @@ def create_app(
     completion_settings: CompletionSettings | None = None,
     max_request_bytes: int = MAX_REQUEST_BYTES,
     response_store: ResponseStore | None = None,
+    manage_models: bool = False,
 ) -> Litestar:
     """The API over `services`. With `api_key`, every route but `GET /health` needs it as a bearer token.
-    `response_store` bounds the Responses API's stored responses (default: 1,000 for 1 h)."""
+    `response_store` bounds the Responses API's stored responses (default: 1,000 for 1 h).
+
+    `manage_models`: `services` also implements exo.api.model_routes.ModelServices (the node's
+    does): `/models` then shows each node's state of each model, and models can be fetched
+    and deleted."""
     settings = completion_settings or CompletionSettings()
     registry = ActiveCompletions()
     responses = Responses(response_store)
@@ -293,7 +301,7 @@ def create_app(
             node_status,
             state,
             events,
-            models,
+            *(MODEL_ROUTES if manage_models else [models]),
             openai_models,
             place_instance,
             instance_previews,

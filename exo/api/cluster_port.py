@@ -225,9 +225,20 @@ class ServiceError(Exception):
 
 
 class ModelNotFound(ServiceError):
-    def __init__(self, model_id: str) -> None:
-        super().__init__(f"model {model_id!r} not found")
+    """`hint` says how to get it (a Hub model that is not local: how to fetch it)."""
+
+    def __init__(self, model_id: str, hint: str = "") -> None:
+        super().__init__(f"model {model_id!r} not found" + (f": {hint}" if hint else ""))
         self.model_id = model_id
+
+
+class ModelUnavailable(ServiceError):
+    """A model could not be fetched or deleted: the Hub refused (gated: 403, no such repo: 404,
+    unreachable: 503), the disk is full (507), or its files are in use (409)."""
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class InstanceNotFound(ServiceError):

@@ -27,6 +27,7 @@ from exo.api.cluster_port import (
     InstanceNotFound,
     InstanceNotReady,
     ModelNotFound,
+    ModelUnavailable,
     NoCapacity,
     NodeNotFound,
     NodeStillAnswers,
@@ -73,6 +74,7 @@ _SERVICE_ERRORS: dict[type[ServiceError], tuple[int, str, str, str | None]] = {
     NodeStillAnswers: (409, "invalid_request_error", "node_answers", None),
     GenerationAborted: (500, "server_error", "generation_failed", None),
     Overloaded: (503, "server_error", "overloaded", None),
+    ModelUnavailable: (502, "server_error", "model_unavailable", "model"),  # status from the error
 }
 
 _HTTP_CODES: dict[int, str] = {
@@ -93,6 +95,8 @@ def service_error_body(error: ServiceError) -> tuple[int, ErrorBody]:
     for error_class in type(error).__mro__:
         if error_class in _SERVICE_ERRORS:
             status_code, error_type, code, param = _SERVICE_ERRORS[error_class]
+            if isinstance(error, ModelUnavailable):
+                status_code, error_type = error.status_code, error_type_for_status(error.status_code)
             return status_code, ErrorBody(ErrorDetail(str(error), error_type, param, code))
     return 500, ErrorBody(ErrorDetail(str(error), "server_error", None, "service_error"))
 
@@ -273,13 +277,15 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
 _DESCRIPTIONS: dict[int, str] = {
     400: "Bad request: malformed JSON, a missing or wrongly typed field (named in `param`)",
     401: "Missing or wrong API key (when the node has one)",
+    403: "The Hub refused: a gated model without a token that has access (set HF_TOKEN)",
     404: "No such model, instance, node or completion",
-    409: "The node still answers: stop it before removing it",
+    409: "The node still answers (stop it first), or the model's files are in use by an instance",
     413: "Request body too large",
     500: "A pipeline stage failed during the generation",
     503: "No capacity to place the model, the instance failed or is overloaded (with Retry-After), "
     "or no master reachable or no majority of the members (with Retry-After)",
     504: "The instance did not become ready in time",
+    507: "Not enough free disk for the model's files",
 }
 Dialect = Literal["openai", "anthropic", "ollama"]
 _BODIES: dict[Dialect, type[msgspec.Struct]] = {

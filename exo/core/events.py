@@ -11,7 +11,8 @@ from typing import Literal
 import msgspec
 
 Sharding = Literal["Pipeline", "Tensor"]
-RunnerStatus = Literal["loading", "ready", "failed", "stopped"]
+# "downloading": the stage's node is fetching the model files it lacks (then "loading").
+RunnerStatus = Literal["downloading", "loading", "ready", "failed", "stopped"]
 
 
 class _Event(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
@@ -104,6 +105,56 @@ class RunnerStatusUpdated(_Event, frozen=True):
     ring_address: str | None = None
 
 
+class ModelDownloadRequested(_Event, frozen=True):
+    """Someone asked `node_id` to fetch the whole model (`POST /models/download`); the node does."""
+
+    node_id: str
+    model_id: str
+
+
+class ModelRemovalRequested(_Event, frozen=True):
+    """Someone asked `node_id` to delete the model's files (`DELETE /models/{id}`); the node does
+    and answers with a `ModelRemoved` of the same `request_id`."""
+
+    node_id: str
+    model_id: str
+    request_id: str = ""
+
+
+class ModelDownloadStarted(_Event, frozen=True):
+    """A node began fetching files of a model (bytes in flight are live figures, not events).
+    `whole`: all of it (a request to fetch the model), else what one of its stages needs."""
+
+    node_id: str
+    model_id: str
+    bytes_total: int
+    whole: bool = True
+
+
+class ModelDownloadFinished(_Event, frozen=True):
+    """A node holds, verified, the files of the model it fetched (all, or its stage's)."""
+
+    node_id: str
+    model_id: str
+    bytes_total: int
+    whole: bool = True
+
+
+class ModelDownloadFailed(_Event, frozen=True):
+    node_id: str
+    model_id: str
+    reason: str
+
+
+class ModelRemoved(_Event, frozen=True):
+    """A node deleted a model's files (`had_files` False: it held none)."""
+
+    node_id: str
+    model_id: str
+    had_files: bool = True
+    request_id: str = ""
+
+
 Event = (
     MasterElected
     | NodeJoined
@@ -114,6 +165,12 @@ Event = (
     | InstanceCreated
     | InstanceDeleted
     | RunnerStatusUpdated
+    | ModelDownloadRequested
+    | ModelRemovalRequested
+    | ModelDownloadStarted
+    | ModelDownloadFinished
+    | ModelDownloadFailed
+    | ModelRemoved
 )
 
 

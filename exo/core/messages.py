@@ -94,16 +94,37 @@ class Heartbeat(_BusMessage, frozen=True):
 ConnectionMessage = Heartbeat
 
 
+# --- topic `downloads` (every node -> all; live figures, never logged) --------------------------
+
+
+class DownloadProgressed(_BusMessage, frozen=True):
+    """The sender's latest figures for one model's download (a last-value update: a lost one is
+    replaced by the next, sent at most a few times a second). `files`: path -> (done, total)."""
+
+    node_id: str
+    model_id: str
+    status: str
+    bytes_done: int
+    bytes_total: int
+    files: dict[str, tuple[int, int]] = {}
+    reason: str | None = None
+
+
+DownloadsMessage = DownloadProgressed
+
+
 # --- topic `commands` (any -> master, fire and forget; answered ones go over request/reply) ---
 
 
 class PlaceInstance(_BusMessage, frozen=True):
-    """`footprint` comes from the asking node's copy of the model: the master may not have it."""
+    """`footprint` comes from the asking node's copy of the model (or the Hub's metadata): the
+    master may not have it. `download`: a Hub model the chosen nodes may fetch (holders first)."""
 
     model_id: str
     footprint: ModelFootprint
     sharding: Sharding = "Pipeline"
     min_nodes: int = 1
+    download: bool = False
 
 
 class DeleteInstance(_BusMessage, frozen=True):
@@ -219,8 +240,51 @@ class RequestFailed(_BusMessage, frozen=True):
     reason: str
 
 
-Request = HelloRequested | EventsRequested | SnapshotRequested | CommandRequested
-Reply = HelloAnswered | EventsAnswered | SnapshotAnswered | CommandAnswered | RequestFailed
+class FileChunkRequested(_BusMessage, frozen=True):
+    """Bytes `[offset, offset + length)` of a model file a peer holds verified, at this commit
+    (one download per cluster: peers fetch from each other before the Hub)."""
+
+    repo_id: str
+    commit: str
+    path: str
+    offset: int
+    length: int
+
+
+class FileChunkAnswered(_BusMessage, frozen=True):
+    offset: int
+    size: int  # the whole file's
+    data: bytes
+
+
+class HubModelRequested(_BusMessage, frozen=True):
+    """What a peer knows of a Hub model (its files, sha256, tensor sizes), so a node placed on it
+    need not ask the Hub again."""
+
+    model_id: str
+
+
+class HubModelAnswered(_BusMessage, frozen=True):
+    model: bytes  # JSON of exo.inference.manifest.HubModel (the bus does not know that type)
+
+
+Request = (
+    HelloRequested
+    | EventsRequested
+    | SnapshotRequested
+    | CommandRequested
+    | FileChunkRequested
+    | HubModelRequested
+)
+Reply = (
+    HelloAnswered
+    | EventsAnswered
+    | SnapshotAnswered
+    | CommandAnswered
+    | RequestFailed
+    | FileChunkAnswered
+    | HubModelAnswered
+)
 
 
 class RequestEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
@@ -238,6 +302,7 @@ TOPIC_LOCAL_EVENTS: Final = b"local_events"
 TOPIC_COMMANDS: Final = b"commands"
 TOPIC_ELECTION: Final = b"election"
 TOPIC_CONNECTION: Final = b"connection"
+TOPIC_DOWNLOADS: Final = b"downloads"
 
 TOPIC_TYPES: Final[dict[bytes, object]] = {
     TOPIC_GLOBAL_EVENTS: GlobalEventsMessage,
@@ -245,4 +310,5 @@ TOPIC_TYPES: Final[dict[bytes, object]] = {
     TOPIC_COMMANDS: Command,
     TOPIC_ELECTION: ElectionMessage,
     TOPIC_CONNECTION: ConnectionMessage,
+    TOPIC_DOWNLOADS: DownloadsMessage,
 }

@@ -16,6 +16,12 @@ from exo.core.events import (
     InstanceCreated,
     InstanceDeleted,
     MasterElected,
+    ModelDownloadFailed,
+    ModelDownloadFinished,
+    ModelDownloadRequested,
+    ModelDownloadStarted,
+    ModelRemovalRequested,
+    ModelRemoved,
     NodeJoined,
     NodeLabelled,
     NodeMemoryMeasured,
@@ -28,7 +34,8 @@ from exo.core.events import (
 )
 
 NodeStatus = Literal["alive", "gone"]
-InstanceStatus = Literal["placing", "loading", "ready", "failed"]
+InstanceStatus = Literal["placing", "downloading", "loading", "ready", "failed"]
+DownloadStatus = Literal["requested", "downloading", "ready", "failed", "removing", "removed"]
 
 
 class NodeInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -92,12 +99,24 @@ class Instance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return addresses[:1] if self.sharding == "Tensor" else addresses
 
 
+class ModelDownload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What the log says of one node's download of one model (bytes done are live figures)."""
+
+    status: DownloadStatus
+    bytes_total: int = 0
+    reason: str | None = None
+    whole: bool = True  # the whole model (else a stage's files)
+    request_id: str = ""  # of the removal asked ("removing") or done ("removed")
+
+
 class State(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     master_node_id: str | None = None
     term: int = 0
     last_event_index: int = 0
     nodes: dict[str, NodeInfo] = {}
     instances: dict[str, Instance] = {}
+    # node id -> model id -> the node's last download of it (Hub models only).
+    downloads: dict[str, dict[str, ModelDownload]] = {}
 
 
 def apply(state: State, indexed: IndexedEvent) -> State:
@@ -120,6 +139,7 @@ class StateBuilder:
     __slots__ = (
         "_own_instances",
         "_own_nodes",
+        "downloads",
         "instances",
         "last_event_index",
         "master_node_id",
@@ -133,6 +153,7 @@ class StateBuilder:
         self.last_event_index = state.last_event_index
         self.nodes = state.nodes
         self.instances = state.instances
+        self.downloads = state.downloads
         # Whether this builder made the dict (and may change it in place); the start state's are shared.
         self._own_nodes = False
         self._own_instances = False
@@ -159,12 +180,26 @@ class StateBuilder:
                 _apply_instance_deleted(self, event)
             case MasterElected() as event:
                 _apply_master_elected(self, event)
+            case ModelDownloadRequested(node_id=node_id, model_id=model_id):
+                self.set_download(node_id, model_id, ModelDownload("requested"))
+            case ModelRemovalRequested(node_id=node_id, model_id=model_id, request_id=request_id):
+                self.set_download(node_id, model_id, ModelDownload("removing", request_id=request_id))
+            case ModelDownloadStarted(node_id=node_id, model_id=model_id, bytes_total=total, whole=whole):
+                self.set_download(node_id, model_id, ModelDownload("downloading", total, whole=whole))
+            case ModelDownloadFinished(node_id=node_id, model_id=model_id, bytes_total=total, whole=whole):
+                self.set_download(node_id, model_id, ModelDownload("ready", total, whole=whole))
+            case ModelDownloadFailed(node_id=node_id, model_id=model_id, reason=reason):
+                self.set_download(node_id, model_id, ModelDownload("failed", reason=reason))
+            case ModelRemoved(node_id=node_id, model_id=model_id, request_id=request_id):
+                self.set_download(node_id, model_id, ModelDownload("removed", request_id=request_id))
             case _:
                 assert_never(indexed.event)
         self.last_event_index = indexed.index
 
     def build(self) -> State:
-        state = State(self.master_node_id, self.term, self.last_event_index, self.nodes, self.instances)
+        state = State(
+            self.master_node_id, self.term, self.last_event_index, self.nodes, self.instances, self.downloads
+        )
         # The built state now shares these dicts: the next change copies them again.
         self._own_nodes = self._own_instances = False
         return state
@@ -180,6 +215,10 @@ class StateBuilder:
 
     def delete_instance(self, instance_id: str) -> None:
         del self._writable_instances()[instance_id]
+
+    def set_download(self, node_id: str, model_id: str, download: ModelDownload) -> None:
+        """Downloads change rarely (a few events per model): copied whole, not copy-on-write."""
+        self.downloads = {**self.downloads, node_id: {**self.downloads.get(node_id, {}), model_id: download}}
 
     def _writable_nodes(self) -> dict[str, NodeInfo]:
         if not self._own_nodes:
@@ -308,6 +347,8 @@ def _instance_status(
         (runner := runners.get(node_id)) is not None and runner.status == "ready" for node_id in assignments
     ):
         return "ready", None
+    if any(runner.status == "downloading" for runner in runners.values()):
+        return "downloading", None
     if runners:
         return "loading", None
     return "placing", None

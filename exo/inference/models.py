@@ -1,5 +1,10 @@
 """The models a node can serve: each subfolder of the models dir that has a config.json.
 
+A model id is a folder name (`exo-tiny`) or a Hugging Face repo id (`org/name`, optionally
+`org/name@revision`), which lives at `MODELS_DIR/org/name/` (downloaded, or put there by hand).
+A downloaded model's folder also holds `.exo-hub.json` (exo/inference/manifest.py): what the Hub
+said about its files, so a stage that fetched only its own weight files is still described whole.
+
 Reads only config.json and the safetensors headers (no weights), so listing is cheap. Sizes come
 from the headers: placement needs bytes per layer, and what the first stage (embeddings) and the
 last stage (final norm, lm_head or the tied embeddings) carry besides.
@@ -25,6 +30,10 @@ TENSOR_PARALLEL_ARCHITECTURES: frozenset[str] = frozenset({"llama", "mistral", "
 
 LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+_SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,95}"
+HUB_ID_PATTERN = re.compile(
+    rf"^(?P<repo>{_SEGMENT}/{_SEGMENT})(?:@(?P<revision>[A-Za-z0-9_.\-/]{{1,128}}))?$"
+)
 _MAX_HEADER_BYTES = 100_000_000
 _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "U32": "uint32"}
 
@@ -38,11 +47,26 @@ class ModelNotFoundError(LookupError):
 
 
 def check_model_id(model_id: str) -> None:
-    if not MODEL_ID_PATTERN.match(model_id) or ".." in model_id:
+    if ".." in model_id or not (MODEL_ID_PATTERN.match(model_id) or HUB_ID_PATTERN.match(model_id)):
         raise InvalidModelIdError(
-            f"invalid model id {model_id!r}: use letters, digits, '_', '-', '.'; no '/', no '..', "
-            "no leading '.'"
+            f"invalid model id {model_id!r}: a folder name (letters, digits, '_', '-', '.') or a "
+            "Hugging Face repo id 'org/name' with an optional '@revision'; no '..', no leading '.'"
         )
+
+
+def split_hub_id(model_id: str) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) for a Hub id `org/name[@revision]`; None for a folder name."""
+    match = HUB_ID_PATTERN.match(model_id)
+    if match is None or ".." in model_id:
+        return None
+    return match.group("repo"), match.group("revision")
+
+
+def model_folder(models_dir: Path, model_id: str) -> Path:
+    """Where `model_id` lives (or would): `MODELS_DIR/name` or `MODELS_DIR/org/name`."""
+    check_model_id(model_id)
+    hub = split_hub_id(model_id)
+    return Path(models_dir) / (hub[0] if hub is not None else model_id)
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -51,8 +75,7 @@ def _inside(path: Path, root: Path) -> bool:
 
 def resolve_model_dir(models_dir: Path, model_id: str) -> Path:
     """The folder of `model_id`, checked to be a real model folder inside `models_dir`."""
-    check_model_id(model_id)
-    candidate = Path(models_dir) / model_id
+    candidate = model_folder(models_dir, model_id)
     if not _inside(candidate, Path(models_dir)):
         raise InvalidModelIdError(f"model {model_id!r} points outside the models dir")
     if not (candidate / "config.json").is_file():
@@ -124,17 +147,6 @@ class _Tally:
         self.embedding_bytes = self.head_bytes = self.other_bytes = 0
 
 
-def _tensor_entries(file: Path) -> list[tuple[str, tuple[str, int]]]:
-    """(name, (safetensors dtype, bytes)) of every tensor in the file, from its header."""
-    entries: list[tuple[str, tuple[str, int]]] = []
-    for name, entry in read_safetensors_header(file).items():
-        offsets = entry.get("data_offsets")
-        if not (isinstance(offsets, list) and len(offsets) == 2):
-            raise ValueError(f"{file.name}: tensor {name} has no data_offsets")
-        entries.append((name, (str(entry.get("dtype")), int(offsets[1]) - int(offsets[0]))))
-    return entries
-
-
 def _quantized_bits(module: str, config: dict[str, object]) -> int | None:
     """The bits of an mlx-lm quantized module (its own entry in "quantization", else the default)."""
     quantization = config.get("quantization")
@@ -170,24 +182,64 @@ def _dominant_dtype(dtype_bytes: dict[str, int]) -> str:
     return _DTYPE_NAMES.get(dominant, dominant.lower())
 
 
+TensorSizes = list[tuple[str, str, int]]  # (tensor name, safetensors dtype, bytes)
+
+
+def tensor_sizes(model_dir: Path) -> TensorSizes:
+    """Every tensor of the model's weight files, from their headers."""
+    files = weight_files(model_dir)
+    if not files:
+        raise ValueError("no model*.safetensors weights")
+    sizes: TensorSizes = []
+    for file in files:
+        for name, entry in read_safetensors_header(file).items():
+            offsets = entry.get("data_offsets")
+            if not (isinstance(offsets, list) and len(offsets) == 2):
+                raise ValueError(f"{file.name}: tensor {name} has no data_offsets")
+            sizes.append((name, str(entry.get("dtype")), int(offsets[1]) - int(offsets[0])))
+    return sizes
+
+
 def read_model_info(model_dir: Path, model_id: str) -> ModelInfo:
-    """Describe one model folder; a broken folder is described as unsupported, with the reason."""
-    path = str(model_dir)
+    """Describe one model folder; a broken folder is described as unsupported, with the reason.
+
+    A downloaded folder's tensors come from its manifest (the Hub's headers for every weight
+    file), so a stage holding only some of the weight files describes the whole model."""
+    from exo.inference.manifest import read_manifest  # the manifest module imports this one
+
     try:
         config = json.loads((model_dir / "config.json").read_text())
+        manifest = read_manifest(model_dir)
+        sizes = manifest.tensors if manifest is not None else tensor_sizes(model_dir)
+    except (OSError, ValueError, json.JSONDecodeError) as error:
+        return _unreadable(model_id, str(model_dir), error)
+    return describe_model(model_id, str(model_dir), config, sizes)
+
+
+def _unreadable(model_id: str, path: str, error: Exception) -> ModelInfo:
+    return ModelInfo(
+        model_id=model_id, path=path, architecture="unknown", n_layers=0, hidden_size=0,
+        vocab_size=0, dtype="unknown", total_weight_bytes=0, layer_bytes=[], embedding_bytes=0,
+        head_bytes=0, other_bytes=0, tied_embeddings=False, supported=False,
+        reason=f"unreadable model: {error}",
+    )  # fmt: skip
+
+
+def describe_model(model_id: str, path: str, config: object, sizes: TensorSizes) -> ModelInfo:
+    """A model's description from its config and tensor sizes (local headers or the Hub's)."""
+    try:
         if not isinstance(config, dict):
             raise ValueError("config.json is not an object")
         n_layers = _int(config, "num_hidden_layers")
         hidden_size = _int(config, "hidden_size")
         vocab_size = _int(config, "vocab_size")
-        files = weight_files(model_dir)
-        if not files:
+        if not sizes:
             raise ValueError("no model*.safetensors weights")
         layer_bytes = [0] * n_layers
         embedding_bytes = head_bytes = other_bytes = 0
         float32 = _Tally(n_layers)
         dtype_bytes: dict[str, int] = {}
-        tensors = {name: entry for file in files for name, entry in _tensor_entries(file)}
+        tensors = {name: (dtype, size) for name, dtype, size in sizes}
         for name, (dtype, size) in tensors.items():
             dtype_bytes[dtype] = dtype_bytes.get(dtype, 0) + size
             wide = _float32_bytes(name, dtype, size, tensors, config)
@@ -206,19 +258,15 @@ def read_model_info(model_dir: Path, model_id: str) -> ModelInfo:
             elif "rotary_emb" not in name:
                 other_bytes += size
                 float32.other_bytes += wide
-    except (OSError, ValueError, json.JSONDecodeError) as error:
-        return ModelInfo(
-            model_id=model_id, path=path, architecture="unknown", n_layers=0, hidden_size=0,
-            vocab_size=0, dtype="unknown", total_weight_bytes=0, layer_bytes=[], embedding_bytes=0,
-            head_bytes=0, other_bytes=0, tied_embeddings=False, supported=False,
-            reason=f"unreadable model: {error}",
-        )  # fmt: skip
-    reason = unsupported_reason(config)
-    tied = bool(config.get("tie_word_embeddings", head_bytes == 0))
+    except ValueError as error:
+        return _unreadable(model_id, path, error)
+    config_dict: dict[str, object] = config
+    reason = unsupported_reason(config_dict)
+    tied = bool(config_dict.get("tie_word_embeddings", head_bytes == 0))
     return ModelInfo(
         model_id=model_id,
         path=path,
-        architecture=str(config.get("model_type")),
+        architecture=str(config_dict.get("model_type")),
         n_layers=n_layers,
         hidden_size=hidden_size,
         vocab_size=vocab_size,
@@ -254,17 +302,28 @@ def list_models(models_dir: Path) -> list[ModelInfo]:
     if not root.is_dir():
         return []
     models: list[ModelInfo] = []
+    for model_id, folder in _model_folders(root):
+        models.append(read_model_info(folder.resolve(), model_id))
+    return sorted(models, key=lambda model: model.model_id)
+
+
+def _model_folders(root: Path) -> list[tuple[str, Path]]:
+    """(model id, folder) of every `name/` and `org/name/` folder with a config.json."""
+    found: list[tuple[str, Path]] = []
     for entry in sorted(root.iterdir()):
-        try:
-            check_model_id(entry.name)
-        except InvalidModelIdError:
-            continue  # hidden folders, e.g. a model still being written
-        if not entry.is_dir() or not _inside(entry, root) or not (entry / "config.json").is_file():
+        if not MODEL_ID_PATTERN.match(entry.name) or not entry.is_dir() or not _inside(entry, root):
+            continue  # hidden folders, e.g. downloads still being written
+        if (entry / "config.json").is_file():
+            if _inside(entry / "config.json", root):
+                found.append((entry.name, entry))
             continue
-        if not _inside(entry / "config.json", root):
-            continue
-        models.append(read_model_info(entry.resolve(), entry.name))
-    return models
+        for inner in sorted(entry.iterdir()):
+            model_id = f"{entry.name}/{inner.name}"
+            if not HUB_ID_PATTERN.match(model_id) or not inner.is_dir():
+                continue
+            if (inner / "config.json").is_file() and _inside(inner / "config.json", root):
+                found.append((model_id, inner))
+    return found
 
 
 def get_model(models_dir: Path, model_id: str) -> ModelInfo:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -45,6 +46,7 @@ IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [END_OF_TEXT, IM_START, IM_END]
 # Added (not special) tokens, as in Qwen2: tool calls are text a client can see and parse.
 TOOL_TOKENS = ["<tool_call>", "</tool_call>"]
+LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 THINK_TOKENS = ["<think>", "</think>"]
 
 
@@ -213,9 +215,17 @@ def _tokenizer_config(spec: SyntheticModelSpec) -> dict[str, object]:
     }
 
 
-def write_synthetic_model(out: Path, spec: SyntheticModelSpec) -> Path:
-    """Write the model folder at `out` (must not exist); atomic: built beside it, then renamed."""
+def write_synthetic_model(out: Path, spec: SyntheticModelSpec, shards: int = 1) -> Path:
+    """Write the model folder at `out` (must not exist); atomic: built beside it, then renamed.
+
+    With `shards` > 1 the weights are split by layers over that many files with a
+    model.safetensors.index.json, as large models are published on the Hub (a pipeline stage then
+    needs only some of the files)."""
     spec.validate()
+    if not 1 <= shards <= spec.layers:
+        raise ValueError(f"shards must be between 1 and the number of layers ({spec.layers}), got {shards}")
+    if shards > 1 and (spec.dtype != "float32" or spec.quantize_bits is not None):
+        raise ValueError("shards > 1 is for float32 models (mlx-lm's save_model shards by size)")
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists")
@@ -235,9 +245,7 @@ def write_synthetic_model(out: Path, spec: SyntheticModelSpec) -> Path:
             json.dumps({"eos_token_id": eos_ids, "do_sample": False}, indent=2)
         )
         if spec.dtype == "float32" and spec.quantize_bits is None:
-            save_file(
-                _weights(spec, vocab_size), str(building / "model.safetensors"), metadata={"format": "pt"}
-            )
+            _save_weights(building, _weights(spec, vocab_size), spec.layers, shards)
         else:
             _save_with_mlx_lm(building, spec, config, _weights(spec, vocab_size))
         # mkdtemp makes a private folder; a model folder is ordinary data that others may read.
@@ -249,6 +257,30 @@ def write_synthetic_model(out: Path, spec: SyntheticModelSpec) -> Path:
         shutil.rmtree(building, ignore_errors=True)
         raise
     return out
+
+
+def _save_weights(folder: Path, weights: dict[str, np.ndarray], n_layers: int, shards: int) -> None:
+    if shards == 1:
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = [f"model-{number:05d}-of-{shards:05d}.safetensors" for number in range(1, shards + 1)]
+    parts: list[dict[str, np.ndarray]] = [{} for _ in names]
+    for tensor_name, array in weights.items():
+        match = LAYER_NAME.search(tensor_name)
+        if match is not None:
+            part = int(match.group(1)) * shards // n_layers
+        elif "embed_tokens" in tensor_name:
+            part = 0
+        else:
+            part = shards - 1  # final norm and lm_head
+        parts[part][tensor_name] = array
+    weight_map: dict[str, str] = {}
+    for name, part in zip(names, parts, strict=True):
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    total = sum(array.nbytes for array in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def _save_with_mlx_lm(
@@ -324,7 +356,7 @@ def _update_builtin_template(target: Path) -> None:
         fresh.unlink(missing_ok=True)  # a read-only models dir: keep the old template
 
 
-def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModelSpec]:
+def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModelSpec, int]:
     parser = argparse.ArgumentParser(
         prog="python -m exo.inference.synthetic", description="Write a seeded random-weight model."
     )
@@ -338,6 +370,7 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModel
     parser.add_argument("--vocab", type=int, default=BUILTIN_SPEC.vocab)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--proj-scale", type=float, default=BUILTIN_SPEC.proj_scale)
+    parser.add_argument("--shards", type=int, default=1, help="weight files, split by layers (with an index)")
     parser.add_argument("--template", choices=["chatml", "tools", "thinking"], default=None)
     tie = parser.add_mutually_exclusive_group()
     tie.add_argument("--tie", dest="tie", action="store_true", default=None, help="tie lm_head to embeddings")
@@ -377,13 +410,17 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[Path, SyntheticModel
         spec.validate()
     except ValueError as error:
         parser.error(str(error))
-    return arguments.out, spec
+    if not 1 <= arguments.shards <= spec.layers:
+        parser.error(f"--shards must be between 1 and --layers ({spec.layers})")
+    if arguments.shards > 1 and (spec.dtype != "float32" or spec.quantize_bits is not None):
+        parser.error("--shards is for float32 models (mlx-lm's save_model shards by size)")
+    return arguments.out, spec, arguments.shards
 
 
 def main(argv: list[str] | None = None) -> None:
-    out, spec = parse_arguments(argv)
+    out, spec, shards = parse_arguments(argv)
     try:
-        written = write_synthetic_model(out, spec)
+        written = write_synthetic_model(out, spec, shards)
     except FileExistsError as error:
         raise SystemExit(f"error: {error}") from None
     print(written)

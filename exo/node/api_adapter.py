@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exo.api.cluster_port import (
     ChatTokenizer,
@@ -15,6 +15,7 @@ from exo.api.cluster_port import (
     InstanceNotFound,
     InstanceNotReady,
     ModelNotFound,
+    ModelUnavailable,
     NoCapacity,
     NodeNotFound,
     NodeStillAnswers,
@@ -34,6 +35,10 @@ from exo.node.generation import PipelineGenerator
 from exo.roles.commands import reserved_bytes
 from exo.roles.placement import previews
 from exo.roles.tensor_placement import tensor_previews
+
+if TYPE_CHECKING:
+    from exo.api.model_routes import NodeModelState
+    from exo.node.hub_services import HubModels
 
 COMMAND_SECONDS = 10.0
 MASTER_WAIT_SECONDS = 10.0
@@ -65,7 +70,11 @@ class ModelCatalog:
         return self._models
 
     def supported_ids(self) -> list[str]:
-        return [model.model_id for model in self.all() if model.supported]
+        """Models this node can serve whole (a Hub model of which it holds a stage's files only
+        is not one: placement must not count on it)."""
+        from exo.inference.manifest import is_complete
+
+        return [model.model_id for model in self.all() if model.supported and is_complete(Path(model.path))]
 
     def get_info(self, model_id: str) -> ModelInfo:
         """The model's info; LookupError/ValueError (from exo.inference.models) when it is not here."""
@@ -109,6 +118,7 @@ class ClusterServices:
         *,
         node_status_extra: Callable[[], dict[str, Any]] | None = None,
         holds_its_stage: Callable[[Instance], bool] | None = None,
+        hub: HubModels | None = None,
     ) -> None:
         self.member = member
         self.catalog = catalog
@@ -118,6 +128,7 @@ class ClusterServices:
         self.started_at = time.monotonic()
         self._node_status_extra = node_status_extra or dict
         self.generator = generator
+        self.hub = hub  # Hub ids and downloads (none: this node fetches no models)
 
     @property
     def node_id(self) -> str:
@@ -216,7 +227,18 @@ class ClusterServices:
             raise ClusterUnavailable("the master's events did not reach this node in time")
 
     async def place_instance(self, model_id: str, sharding: Sharding, min_nodes: int) -> Instance:
-        model = self.catalog.get(model_id)
+        return await self._place(model_id, sharding, min_nodes, allow_download=True)
+
+    async def _place(
+        self, model_id: str, sharding: Sharding, min_nodes: int, *, allow_download: bool
+    ) -> Instance:
+        """A Hub id is placed from the Hub's metadata; the chosen nodes fetch what they lack."""
+        hub = self.hub
+        download = hub is not None and hub.is_hub_id(model_id)
+        if hub is not None and download:
+            model = await hub.describe(model_id, allow_download=allow_download)
+        else:
+            model = self.catalog.get(model_id)
         if not model.supported:
             raise NoCapacity(model_id, [model.reason])
         # A node that just started: let the master record it before placing on the cluster it knows.
@@ -226,7 +248,9 @@ class ClusterServices:
             MASTER_WAIT_SECONDS,
         )
         answer = await self._command(
-            m.PlaceInstance(model_id, self.catalog.footprint_of_model(model), sharding, min_nodes)
+            m.PlaceInstance(
+                model_id, self.catalog.footprint_of_model(model), sharding, min_nodes, download=download
+            )
         )
         match answer.answer:
             case m.Placed(instance_id=instance_id):
@@ -284,7 +308,8 @@ class ClusterServices:
         deadline = time.monotonic() + timeout_s
         instance = self._usable_instance(model_id)
         if instance is None:
-            instance = await self.place_instance(model_id, "Pipeline", 1)
+            auto_download = self.hub is not None and self.hub.auto_download
+            instance = await self._place(model_id, "Pipeline", 1, allow_download=auto_download)
         instance_id = instance.instance_id
 
         def settled(state: State) -> bool:
@@ -325,4 +350,23 @@ class ClusterServices:
         return self.generator.generate(instance, prompt_tokens, sampling, max_tokens)
 
     async def tokenizer(self, model_id: str) -> ChatTokenizer:
+        hub = self.hub
+        if hub is not None and hub.is_hub_id(model_id):
+            await hub.ensure_support_files(model_id, allow_download=hub.auto_download)
         return await self.catalog.tokenizer(model_id)
+
+    # --- models (exo.api.model_routes.ModelServices) -----------------------------------------------
+
+    def _hub(self) -> HubModels:
+        if self.hub is None:
+            raise ModelUnavailable("this node does not fetch models", 503)
+        return self.hub
+
+    def model_states(self) -> dict[str, dict[str, NodeModelState]]:
+        return self._hub().model_states() if self.hub is not None else {}
+
+    async def download_model(self, model_id: str, node_ids: list[str] | None) -> list[str]:
+        return await self._hub().download_model(model_id, node_ids)
+
+    async def delete_model(self, model_id: str) -> list[str]:
+        return await self._hub().delete_model(model_id)

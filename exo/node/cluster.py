@@ -12,7 +12,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,9 +87,13 @@ class ClusterMember:
         interval: float = HEARTBEAT_INTERVAL,
         local_models: Callable[[], list[str]] = list,
         footprint_of: Callable[[str], ModelFootprint | None] = lambda _model_id: None,
+        serve_file_chunk: Callable[[m.FileChunkRequested], Awaitable[m.Reply]] | None = None,
+        serve_hub_model: Callable[[m.HubModelRequested], Awaitable[m.Reply]] | None = None,
     ) -> None:
         """`local_models`: the models this node can serve (announced in heartbeats). `footprint_of`:
-        a model's memory needs, for the master re-placing instances that lost a stage."""
+        a model's memory needs, for the master re-placing instances that lost a stage.
+        `serve_file_chunk` / `serve_hub_model` answer peers' requests for model file bytes and Hub
+        model descriptions (none: refused)."""
         self.node_id = node_id
         self.bus = bus
         self.replica = replica
@@ -116,6 +120,8 @@ class ClusterMember:
         self.counters = ClusterCounters()
         self.local_models = local_models
         self.footprint_of = footprint_of
+        self.serve_file_chunk = serve_file_chunk
+        self.serve_hub_model = serve_hub_model
         self.hostname = socket.gethostname()
         bus.on_topic(m.TOPIC_CONNECTION, self._on_heartbeat)
         bus.on_topic(m.TOPIC_ELECTION, self._on_election)
@@ -585,3 +591,11 @@ class ClusterMember:
                 if self.master is None:
                     return m.RequestFailed(f"not the master; ask {self.election.master_node_id}")
                 return await self.execute(request.command)
+            case m.FileChunkRequested():
+                if self.serve_file_chunk is None:
+                    return m.RequestFailed("this node serves no model files")
+                return await self.serve_file_chunk(request)
+            case m.HubModelRequested():
+                if self.serve_hub_model is None:
+                    return m.RequestFailed("this node knows no Hub models")
+                return await self.serve_hub_model(request)

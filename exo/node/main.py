@@ -25,6 +25,7 @@ from litestar import Litestar
 
 from exo.api.app import create_app
 from exo.api.body_limits import DEFAULT_MAX_BODY_BYTES
+from exo.api.cluster_port import ChatTokenizer
 from exo.api.http_guard import (
     AcceptErrorLimiter,
     connection_limit,
@@ -37,15 +38,18 @@ from exo.bus.security import cluster_tag, derive_security, new_cluster_secret, s
 from exo.bus.sockets import SocketFactory
 from exo.bus.transport import Bus
 from exo.core.fold import LogGapError
+from exo.core.messages import TOPIC_DOWNLOADS
 from exo.core.state import State
 from exo.inference.blas import check_blas, load_optimized_blas
 from exo.inference.client import PipelineClient, TokenSink
+from exo.inference.fetcher import ModelFetcher
 from exo.inference.runner_options import serving_limit_problems
 from exo.inference.synthetic import ensure_builtin_model
 from exo.inference.weights import WEIGHTS_DTYPES
 from exo.node.api_adapter import ClusterServices, ModelCatalog
 from exo.node.cluster import ClusterMember
 from exo.node.generation import PipelineGenerator
+from exo.node.hub_services import HubModels
 from exo.node.replica import restore
 from exo.node.worker import RunnerLimits, Worker
 from exo.store import open_store
@@ -79,6 +83,7 @@ class NodeConfig:
     runner_limits: RunnerLimits = field(default_factory=RunnerLimits)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_connections: int | None = None  # None: default_max_connections() at start
+    auto_download: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> NodeConfig:
@@ -130,6 +135,11 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
         help="tokens of finished requests' KV cache kept for reuse (default 8192; 0: off)",
     )
     parser.add_argument(
+        "--auto-download",
+        action="store_true",
+        help="a chat request for a Hugging Face model no node holds fetches it (env EXO_AUTO_DOWNLOAD=1)",
+    )
+    parser.add_argument(
         "--weights-dtype",
         choices=WEIGHTS_DTYPES,
         default="auto",
@@ -171,6 +181,7 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
         verbosity=args.verbose,
         max_body_bytes=args.max_body_bytes,
         max_connections=args.max_connections,
+        auto_download=args.auto_download or os.environ.get("EXO_AUTO_DOWNLOAD", "") in ("1", "true", "yes"),
         runner_limits=RunnerLimits(
             max_active_requests=args.max_active_requests,
             max_waiting_requests=args.max_waiting_requests,
@@ -257,7 +268,18 @@ async def run_node(
             force_master=config.force_master,
             local_models=catalog.supported_ids,
             footprint_of=catalog.footprint,
+            # Peers ask for the files and Hub descriptions this node holds. The Hub models below
+            # answer, and they need the member: `hub` is looked up when a request comes.
+            serve_file_chunk=lambda request: hub.serve_file_chunk(request),  # noqa: PLW0108
+            serve_hub_model=lambda request: hub.serve_hub_model(request),  # noqa: PLW0108
         )
+        hub = HubModels(
+            member,
+            ModelFetcher(node_id, config.models_dir, member.submit),
+            local_models=catalog.all,
+            auto_download=config.auto_download,
+        )
+        bus.on_topic(TOPIC_DOWNLOADS, hub.on_progress)  # before start: the SUB subscribes then
         await bus.start()
         stack.push_async_callback(bus.close)
         stack.push_async_callback(member.close)
@@ -271,6 +293,9 @@ async def run_node(
             advertise_host=None if bind_host == host else host,
             security=security,
             runner_limits=config.runner_limits,
+            prepare=lambda model_id, shard, started: hub.prepare_stage(
+                model_id, shard.start_layer, shard.end_layer, started
+            ),
         )
         await worker.start()
         stack.push_async_callback(worker.close)
@@ -281,9 +306,16 @@ async def run_node(
         stack.push_async_callback(sink.close)
         client = PipelineClient(sink, context=context, security=security)
         stack.push_async_callback(client.close)
+
+        async def tokenizer(model_id: str) -> ChatTokenizer:
+            """A Hub model's tokenizer files are fetched first (the catalog reads the models dir)."""
+            if hub.is_hub_id(model_id):
+                await hub.ensure_support_files(model_id, allow_download=hub.auto_download)
+            return await catalog.tokenizer(model_id)
+
         generator = PipelineGenerator(
             client,
-            catalog.tokenizer,
+            tokenizer,
             lambda: member.state,
             holds_its_stage=worker.holds_its_stage,
             wait_for_state=member.replica.wait_for,
@@ -299,6 +331,9 @@ async def run_node(
                     "mapped": blas_check.library,
                 },
                 "runners": worker.status(),
+                "downloads": msgspec.to_builtins(hub.fetcher.progress()),
+                "peer_bytes_served": hub.peer_bytes_served,
+                "peer_bytes_fetched": hub.peer_bytes_fetched,
                 "token_sink": {
                     "address": sink.address,
                     "dropped_frames": sink.dropped_frames,
@@ -306,7 +341,11 @@ async def run_node(
                 },
             },
             holds_its_stage=worker.holds_its_stage,
+            hub=hub,
         )
+        stack.push_async_callback(hub.close)
+        for loop in (hub.publish_progress(), hub.act_on_requests()):
+            stack.push_async_callback(cancel_task, asyncio.create_task(loop))
         if config.discovery:
             discovery = await start_discovery(node_id, config, bus)
             if discovery is not None:
@@ -315,7 +354,9 @@ async def run_node(
             start_line(config, node_id, host, store_url=config.event_store, blas=blas_check.library)
         )
         if config.api:
-            app = create_app(services, api_key=config.api_key, max_request_bytes=config.max_body_bytes)
+            app = create_app(
+                services, api_key=config.api_key, max_request_bytes=config.max_body_bytes, manage_models=True
+            )
             max_connections = connection_limit(config.max_connections)
             api = ApiServer(app, config.api_host, config.api_port, max_connections)
             await api.start()
@@ -460,6 +501,11 @@ class ApiServer:
 
 
 def main(argv: list[str] | None = None) -> None:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["models"]:
+        from exo.node.models_cli import main as models_main
+
+        raise SystemExit(models_main(arguments[1:]))
     config = parse_args(argv)
     configure_logging(config.verbosity)
 

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -19,7 +19,7 @@ import zmq
 import zmq.asyncio
 
 from exo.core.decoding import DECODE_ERRORS
-from exo.core.events import Event, RunnerStatusUpdated
+from exo.core.events import Event, RunnerStatusUpdated, ShardAssignment
 from exo.core.models import ModelInfo
 from exo.core.security import CLUSTER_KEYS_ENVIRONMENT, BusSecurity
 from exo.core.state import Instance, State
@@ -58,6 +58,11 @@ class RunnerLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     weights_dtype: WeightsDtype | None = None
 
 
+# Fetches what a stage needs before its runner starts (a Hub model's files); calls its third
+# argument first when it has anything to fetch. Raises LookupError/OSError/ValueError with the reason.
+PrepareStage = Callable[[str, ShardAssignment, Callable[[], None]], Awaitable[None]]
+
+
 @dataclass
 class LocalRunner:
     instance_id: str
@@ -72,6 +77,8 @@ class LocalRunner:
     ring_address: str | None = None  # a tensor rank's, once its runner listens
     ring_sent: bool = False  # RingFormed went to the runner
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+    started: bool = False  # the runner said RunnerStarted (it may wait for its files)
+    preparing: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def move(self, status: LocalStatus) -> bool:
         if status not in LOCAL_TRANSITIONS[self.status]:
@@ -92,8 +99,10 @@ class Worker:
         runner_threads: int | None = None,
         security: BusSecurity | None = None,
         runner_limits: RunnerLimits | None = None,
+        prepare: PrepareStage | None = None,
     ) -> None:
         self.node_id = node_id
+        self._prepare = prepare
         self._find_model = find_model
         self._report = report
         self.activation_host = activation_host
@@ -203,6 +212,61 @@ class Worker:
     # --- runners -------------------------------------------------------------------------------
 
     async def _start(self, decision: StartRunner) -> None:
+        if self._prepare is None:
+            await self._launch(decision)
+            return
+        # The runner starts at once: its interpreter and mlx import (seconds) overlap the fetch of
+        # the files its stage lacks; it gets its LoadShard when they are here.
+        runner_id = f"{decision.instance_id}@{self.node_id}"
+        runner = LocalRunner(decision.instance_id, runner_id, None)
+        self.runners[decision.instance_id] = runner
+        try:
+            runner.process = await asyncio.create_subprocess_exec(
+                *self.runner_argv(runner_id), env=self.runner_environment
+            )
+        except OSError as error:
+            runner.move("failed")
+            runner.failure = str(error)
+            self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "failed", str(error))])
+            return
+        runner.watcher = asyncio.create_task(self._watch(runner), name=f"worker-watch-{runner_id}")
+        runner.preparing = asyncio.create_task(
+            self._prepare_then_load(decision, runner), name=f"worker-prepare-{runner_id}"
+        )
+
+    async def _prepare_then_load(self, decision: StartRunner, runner: LocalRunner) -> None:
+        assert self._prepare is not None
+
+        def downloading() -> None:
+            self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "downloading")])
+
+        try:
+            await self._prepare(decision.model_id, decision.assignment, downloading)
+            model = self._find_model(decision.model_id)
+        except (LookupError, OSError, ValueError) as error:
+            if runner.move("failed"):
+                runner.failure = f"model files unavailable on {self.node_id}: {error}"
+                runner.reported_at = time.monotonic()
+                self._report(
+                    [RunnerStatusUpdated(decision.instance_id, self.node_id, "failed", runner.failure)]
+                )
+                self._send(runner.runner_id, Shutdown())
+            return
+        runner.load = LoadShard(
+            instance_id=decision.instance_id,
+            model_id=decision.model_id,
+            model_path=model.path,
+            start_layer=decision.assignment.start_layer,
+            end_layer=decision.assignment.end_layer,
+            n_layers=decision.assignment.n_layers,
+        )
+        if runner.status != "starting":
+            return
+        self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "loading")])
+        if runner.started and runner.move("loading"):
+            self._send(runner.runner_id, runner.load)
+
+    async def _launch(self, decision: StartRunner) -> None:
         runner_id = f"{decision.instance_id}@{self.node_id}"
         try:
             model = self._find_model(decision.model_id)
@@ -274,8 +338,9 @@ class Worker:
             except TimeoutError:
                 process.kill()
                 await process.wait()
-        if runner.watcher is not None:
-            runner.watcher.cancel()
+        for task in (runner.watcher, runner.preparing):
+            if task is not None:
+                task.cancel()
         self.runners.pop(instance_id, None)
 
     # --- control channel -----------------------------------------------------------------------
@@ -317,6 +382,7 @@ class Worker:
     ) -> None:
         match message:
             case RunnerStarted():
+                runner.started = True
                 if runner.load is not None and runner.move("loading"):
                     self._send(runner.runner_id, runner.load)
             case RingListening(ring_address=ring, activation_address=address):

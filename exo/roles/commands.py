@@ -21,7 +21,7 @@ from exo.core.messages import (
     RemoveNode,
 )
 from exo.core.models import ModelFootprint
-from exo.core.placement import PlacementRefusal
+from exo.core.placement import Placement, PlacementRefusal
 from exo.core.state import Instance, State
 from exo.roles.placement import place
 from exo.roles.tensor_placement import place_tensor
@@ -42,7 +42,7 @@ def reserved_bytes(state: State, footprints: Mapping[str, ModelFootprint]) -> di
     reserved: dict[str, int] = {}
     for instance in state.instances.values():
         footprint = footprints.get(instance.model_id)
-        if instance.status not in ("placing", "loading") or footprint is None:
+        if instance.status not in ("placing", "downloading", "loading") or footprint is None:
             continue
         for node_id, shard in instance.shard_assignments.items():
             held = footprint.held_as(instance.weights)
@@ -92,13 +92,19 @@ def _place(
 ) -> CommandOutcome:
     """`at_most_available`: a re-placement asks for min_nodes or every candidate left, if fewer."""
     holders = nodes_with_model.get(command.model_id, set())
-    candidates = [node for node in state.nodes.values() if node.status == "alive" and node.node_id in holders]
-    if not candidates:
+    alive = [node for node in state.nodes.values() if node.status == "alive"]
+    candidates = [node for node in alive if node.node_id in holders]
+    if not candidates and not command.download:
         return _refused("model_not_held", f"no alive node has model {command.model_id!r} in its models dir")
     reserved = reserved_bytes(state, {command.model_id: command.footprint})
     min_nodes = min(command.min_nodes, len(candidates)) if at_most_available else command.min_nodes
+    # Nodes that already hold the model first: a download is placed on the others only when
+    # the holders alone cannot take it.
     placer = place_tensor if command.sharding == "Tensor" else place
-    result = placer(command.footprint, candidates, min_nodes, reserved)
+    result = placer(command.footprint, candidates, min_nodes, reserved) if candidates else None
+    if command.download and not isinstance(result, Placement):
+        result = placer(command.footprint, alive, command.min_nodes, reserved)
+    assert result is not None
     if isinstance(result, PlacementRefusal):
         return _refused("does_not_fit", f"cannot place {command.model_id!r}: {'; '.join(result.reasons)}")
     created = InstanceCreated(

@@ -1,0 +1,397 @@
+"""Hub models in the node: what the API's model routes and the placement of a Hub id need.
+
+Composition code (like exo/node/api_adapter.py): it joins the fetcher (exo/inference/fetcher.py), the
+cluster member (to ask other nodes through the log) and the placement rules. Live download
+figures from the other nodes arrive as `DownloadProgressed` messages and are kept here as
+last values; the log holds only requested/started/finished/failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from exo.api.cluster_port import ClusterUnavailable, ModelNotFound, ModelUnavailable, NoCapacity
+from exo.api.model_routes import NodeModelState
+from exo.bus.transport import RequestTimedOut
+from exo.core import messages as m
+from exo.core.events import (
+    ModelDownloadFailed,
+    ModelDownloadFinished,
+    ModelDownloadRequested,
+    ModelRemovalRequested,
+)
+from exo.core.models import ModelFootprint, ModelInfo
+from exo.core.placement import Placement
+from exo.core.state import State
+from exo.inference.fetcher import ModelFetcher
+from exo.inference.hub import HubError, HubNotFound
+from exo.inference.manifest import HubFile, HubModel, read_manifest
+from exo.inference.models import model_folder, split_hub_id
+from exo.inference.peer_files import FileRange, NotServed, ProgressCallback, fetch_from_peers, read_chunk
+from exo.node.cluster import ClusterMember
+from exo.roles.commands import reserved_bytes
+from exo.roles.downloads import FetchModel, RemoveModel, instances_using, plan_model_actions
+from exo.roles.placement import place
+
+PROGRESS_INTERVAL_SECONDS = 0.25
+REMOVE_WAIT_SECONDS = 30.0
+MODEL_ACTION_POLL_SECONDS = 1.0
+PEER_CHUNK_SECONDS = 10.0
+PEER_MODEL_SECONDS = 1.0
+
+
+def fetch_hint(model_id: str) -> str:
+    return (
+        f"{model_id} is a Hugging Face model that no node holds yet; fetch it first with "
+        f'`exo models pull {model_id}` or `POST /models/download {{"model_id": "{model_id}"}}`, '
+        "or run the node with --auto-download"
+    )
+
+
+def hub_failure(model_id: str, error: HubError) -> Exception:
+    if isinstance(error, HubNotFound):
+        return ModelNotFound(model_id, error.message)
+    return ModelUnavailable(error.message, error.status)
+
+
+class HubModels:
+    """The node's Hub model services: `ModelServices` for the API, and the placement helpers."""
+
+    def __init__(
+        self,
+        member: ClusterMember,
+        fetcher: ModelFetcher,
+        *,
+        local_models: Callable[[], list[ModelInfo]],
+        auto_download: bool = False,
+    ) -> None:
+        self.member = member
+        self.fetcher = fetcher
+        self._local_models = local_models
+        self.auto_download = auto_download
+        self.remote: dict[tuple[str, str], m.DownloadProgressed] = {}
+        self._running: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_running_loop()
+        self.peer_bytes_served = 0
+        self.peer_bytes_fetched = 0
+        # One download per cluster: files come from peers that hold them before the Hub.
+        fetcher.source = self.peer_source
+        fetcher.ask_peers = self.hub_model_from_peers
+
+    @property
+    def node_id(self) -> str:
+        return self.member.node_id
+
+    @staticmethod
+    def is_hub_id(model_id: str) -> bool:
+        return split_hub_id(model_id) is not None
+
+    # --- placement of a Hub id -------------------------------------------------------------------
+
+    def in_cluster(self, model_id: str) -> bool:
+        """Whether some node holds (some of) the model's files, so placing it fetches only what
+        the chosen nodes lack, from those peers or the Hub."""
+        repo_id = model_id.split("@", 1)[0]
+        if (model_folder(self.fetcher.models_dir, model_id) / "config.json").is_file():
+            return True
+        state = self.member.state
+        return any(
+            (download := models.get(repo_id)) is not None and download.status == "ready"
+            for models in state.downloads.values()
+        )
+
+    async def describe(self, model_id: str, *, allow_download: bool) -> ModelInfo:
+        """The model's description for placement: from the Hub's metadata (or the local manifest).
+        Raises ModelNotFound (with how to fetch it) when it is nowhere and fetching is not allowed."""
+        if not allow_download and not self.in_cluster(model_id):
+            raise ModelNotFound(model_id, fetch_hint(model_id))
+        folder = model_folder(self.fetcher.models_dir, model_id)
+        with contextlib.suppress(ValueError):
+            if (folder / "config.json").is_file() and read_manifest(folder) is None:
+                from exo.inference.models import get_model
+
+                return get_model(self.fetcher.models_dir, model_id)  # put there by hand
+        try:
+            return await self.fetcher.describe(model_id)
+        except HubError as error:
+            raise hub_failure(model_id, error) from None
+
+    async def ensure_support_files(self, model_id: str, *, allow_download: bool) -> Path:
+        """Config and tokenizer files here (for the chat template), fetched when allowed."""
+        folder = model_folder(self.fetcher.models_dir, model_id)
+        if (folder / "config.json").is_file():
+            return folder
+        if not allow_download and not self.in_cluster(model_id):
+            raise ModelNotFound(model_id, fetch_hint(model_id))
+        try:
+            return await self.fetcher.ensure(model_id, support_only=True)
+        except HubError as error:
+            raise hub_failure(model_id, error) from None
+
+    async def prepare_stage(
+        self, model_id: str, start: int, end: int, on_download: Callable[[], None]
+    ) -> None:
+        """The worker's hook: fetch what a stage lacks (LookupError with the reason on failure)."""
+        if not self.is_hub_id(model_id):
+            return
+        folder = model_folder(self.fetcher.models_dir, model_id)
+        try:
+            if (folder / "config.json").is_file() and read_manifest(folder) is None:
+                return  # a model folder put there by hand: used as it is
+        except ValueError:
+            pass
+        try:
+            await self.fetcher.ensure(model_id, (start, end), on_download)
+        except HubError as error:
+            raise LookupError(error.message) from None
+
+    # --- ModelServices -----------------------------------------------------------------------------
+
+    def model_states(self) -> dict[str, dict[str, NodeModelState]]:
+        state = self.member.state
+        result: dict[str, dict[str, NodeModelState]] = {}
+        for node_id, models in state.downloads.items():
+            for model_id, download in models.items():
+                if download.status == "removed":
+                    continue
+                result.setdefault(model_id, {})[node_id] = NodeModelState(
+                    download.status,
+                    download.bytes_total if download.status == "ready" else 0,
+                    download.bytes_total,
+                    download.reason,
+                )
+        for model in self._local_models():
+            result.setdefault(model.model_id, {}).setdefault(
+                self.node_id, NodeModelState("ready", model.total_weight_bytes, model.total_weight_bytes)
+            )
+        for node_id, heartbeat in self.member.heartbeats.items():
+            for model_id in heartbeat.models:
+                result.setdefault(model_id, {}).setdefault(node_id, NodeModelState("ready"))
+        live = [(self.node_id, progress.model_id, progress) for progress in self.fetcher.progress().values()]
+        for (node_id, model_id), message in self.remote.items():
+            live.append((node_id, model_id, message))  # type: ignore[arg-type]
+        for node_id, model_id, figures in live:
+            current = result.get(model_id, {}).get(node_id)
+            if figures.status == "downloading" and (
+                current is None or current.status in ("requested", "downloading")
+            ):
+                result.setdefault(model_id, {})[node_id] = NodeModelState(
+                    "downloading", figures.bytes_done, figures.bytes_total
+                )
+        return result
+
+    async def download_model(self, model_id: str, node_ids: list[str] | None) -> list[str]:
+        if not self.is_hub_id(model_id):
+            raise ModelUnavailable(
+                f"{model_id!r} is not a Hugging Face repo id (org/name[@revision]): nothing to fetch", 400
+            )
+        model = await self.describe(model_id, allow_download=True)
+        state = self.member.state
+        alive = {node.node_id: node for node in state.nodes.values() if node.status == "alive"}
+        if node_ids is None:
+            footprint = ModelFootprint.of_model(model)
+            placement = place(footprint, alive.values(), 1, reserved_bytes(state, {model_id: footprint}))
+            if not isinstance(placement, Placement):
+                raise NoCapacity(model_id, placement.reasons)
+            node_ids = placement.node_ids
+        unknown = [node_id for node_id in node_ids if node_id not in alive]
+        if unknown:
+            raise ModelUnavailable(f"no alive node {', '.join(map(repr, unknown))} in the cluster", 404)
+        repo_id = model_id.split("@", 1)[0]
+        if repo_id != model_id:
+            raise ModelUnavailable("download a revision by placing it; /models/download takes org/name", 400)
+        self.member.submit([ModelDownloadRequested(node_id, repo_id) for node_id in node_ids])
+        return list(node_ids)
+
+    async def delete_model(self, model_id: str) -> list[str]:
+        state = self.member.state
+        using = instances_using(state, model_id)
+        if using:
+            raise ModelUnavailable(
+                f"{model_id} is in use by instance(s) {', '.join(using)}: delete them first", 409
+            )
+        repo_id = model_id.split("@", 1)[0]
+        targets = sorted(node.node_id for node in state.nodes.values() if node.status == "alive")
+        if not targets:
+            targets = [self.node_id]
+        request_id = secrets.token_hex(6)
+        self.member.submit([ModelRemovalRequested(node_id, repo_id, request_id) for node_id in targets])
+
+        def removed(current: State) -> bool:
+            return all(
+                (download := current.downloads.get(node_id, {}).get(repo_id)) is not None
+                and download.status == "removed"
+                and download.request_id == request_id
+                for node_id in targets
+            )
+
+        if not await self.member.replica.wait_for(removed, REMOVE_WAIT_SECONDS):
+            raise ClusterUnavailable(f"not every node removed {model_id} within {REMOVE_WAIT_SECONDS:g} s")
+        return targets
+
+    # --- files between peers ------------------------------------------------------------------------
+
+    async def serve_file_chunk(self, request: m.FileChunkRequested) -> m.Reply:
+        try:
+            wanted = FileRange(request.repo_id, request.commit, request.path, request.offset, request.length)
+            data, size = await asyncio.to_thread(read_chunk, self.fetcher.models_dir, wanted)
+        except (NotServed, OSError, ValueError) as error:
+            return m.RequestFailed(str(error))
+        self.peer_bytes_served += len(data)
+        return m.FileChunkAnswered(request.offset, size, data)
+
+    async def serve_hub_model(self, request: m.HubModelRequested) -> m.Reply:
+        known = self.fetcher.known(request.model_id)
+        if known is None:
+            return m.RequestFailed(f"{request.model_id} is not known here")
+        return m.HubModelAnswered(msgspec.json.encode(known))
+
+    async def hub_model_from_peers(self, model_id: str) -> HubModel | None:
+        """A Hub model's description from any alive peer that has it (all asked at once): the
+        node that placed it read the Hub's metadata, the stages need not read it again."""
+        state = self.member.state
+        peers = [
+            node_id
+            for node_id, node in state.nodes.items()
+            if node.status == "alive" and node_id != self.node_id
+        ]
+        if not peers:
+            return None
+
+        async def ask(peer: str) -> HubModel | None:
+            try:
+                reply = await self.member.bus.request(
+                    peer, m.HubModelRequested(model_id), timeout=PEER_MODEL_SECONDS
+                )
+            except RequestTimedOut:
+                return None
+            if not isinstance(reply, m.HubModelAnswered):
+                return None
+            try:
+                return msgspec.json.decode(reply.model, type=HubModel)
+            except msgspec.DecodeError:
+                return None
+
+        for answer in asyncio.as_completed([ask(peer) for peer in peers]):
+            model = await answer
+            if model is not None:
+                return model
+        return None
+
+    def peers_holding(self, repo_id: str) -> list[str]:
+        """Alive peers the log says hold files of the model, those with all of it first."""
+        state = self.member.state
+        found: list[tuple[bool, str]] = []
+        for node_id, models in state.downloads.items():
+            download = models.get(repo_id)
+            node = state.nodes.get(node_id)
+            if node_id == self.node_id or download is None or download.status != "ready":
+                continue
+            if node is not None and node.status == "alive":
+                found.append((not download.whole, node_id))
+        return [node_id for _partial, node_id in sorted(found)]
+
+    def peer_source(
+        self, model: HubModel, hub_file: HubFile, destination: Path, progress: ProgressCallback
+    ) -> bool:
+        """The fetcher's FileSource (runs in its download thread): the file from peers, if any has it."""
+        peers = self.peers_holding(model.repo_id)
+        if not peers:
+            return False
+        return fetch_from_peers(
+            peers, self._ask_chunk, model, hub_file, destination=destination, progress=progress
+        )
+
+    def _ask_chunk(self, peer: str, wanted: FileRange) -> tuple[bytes, int] | None:
+        offset = wanted.offset
+        request = m.FileChunkRequested(wanted.repo_id, wanted.commit, wanted.path, offset, wanted.length)
+        future = asyncio.run_coroutine_threadsafe(
+            self.member.bus.request(peer, request, timeout=PEER_CHUNK_SECONDS), self._loop
+        )
+        try:
+            reply = future.result(timeout=PEER_CHUNK_SECONDS + 5)
+        except (RequestTimedOut, TimeoutError, RuntimeError):
+            future.cancel()
+            return None
+        if not isinstance(reply, m.FileChunkAnswered) or reply.offset != offset:
+            return None
+        self.peer_bytes_fetched += len(reply.data)
+        return reply.data, reply.size
+
+    # --- the node's loops ----------------------------------------------------------------------------
+
+    def on_progress(self, message: m.DownloadProgressed) -> None:
+        if message.node_id != self.node_id:
+            self.remote[(message.node_id, message.model_id)] = message
+
+    async def publish_progress(self) -> None:
+        """Send this node's live figures a few times a second, only when they moved."""
+        seen = -1
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL_SECONDS)
+            if self.fetcher.version == seen:
+                continue
+            seen = self.fetcher.version
+            for progress in self.fetcher.progress().values():
+                files = {path: (each.bytes_done, each.bytes_total) for path, each in progress.files.items()}
+                message = m.DownloadProgressed(
+                    self.node_id, progress.model_id, progress.status, progress.bytes_done,
+                    progress.bytes_total, files, progress.reason,
+                )  # fmt: skip
+                self.member.bus.publish(m.TOPIC_DOWNLOADS, message)
+
+    async def act_on_requests(self) -> None:
+        """Carry out the downloads and removals the log asks of this node (and resume a whole-model
+        download a restart cut short)."""
+        seen = -1
+
+        def moved(state: State) -> bool:
+            return state.last_event_index != seen
+
+        while True:
+            await self.member.replica.wait_for(moved, MODEL_ACTION_POLL_SECONDS)
+            state = self.member.state
+            seen = state.last_event_index
+            running = self._running | self.fetcher.in_flight
+            for action in plan_model_actions(state, self.node_id, running):
+                self._running.add(action.model_id)
+                task = asyncio.create_task(self._act(action), name=f"model-{action.model_id}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _act(self, action: FetchModel | RemoveModel) -> None:
+        try:
+            match action:
+                case FetchModel(model_id=model_id):
+                    try:
+                        await self.fetcher.ensure(model_id)
+                    except HubError as error:
+                        if not self._reported_failure(model_id):
+                            self.member.submit([ModelDownloadFailed(self.node_id, model_id, error.message)])
+                        return
+                    except (OSError, ValueError):
+                        return  # the fetcher reported it
+                    download = self.member.state.downloads.get(self.node_id, {}).get(model_id)
+                    if download is None or download.status != "ready":
+                        model = await self.fetcher.hub_model(model_id)
+                        self.member.submit([ModelDownloadFinished(self.node_id, model_id, model.total_bytes)])
+                case RemoveModel(model_id=model_id, request_id=request_id):
+                    await self.fetcher.remove(model_id, request_id)
+        finally:
+            self._running.discard(action.model_id)
+
+    def _reported_failure(self, model_id: str) -> bool:
+        progress = self.fetcher.progress().get(model_id)
+        return progress is not None and progress.status == "failed"
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

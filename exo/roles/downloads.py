@@ -1,0 +1,61 @@
+"""What a node does about models it was asked to fetch or delete: a pure decision from the state.
+
+`POST /models/download` and `DELETE /models/{id}` are requests in the log
+(`ModelDownloadRequested`, `ModelRemovalRequested`, one per node); each node acts on its own.
+A download the log shows as still `downloading` on this node, with none running here, was cut by
+a restart: it is resumed (the files already fetched and the part files are kept).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from exo.core.state import State
+
+
+@dataclass(frozen=True)
+class FetchModel:
+    model_id: str
+
+
+@dataclass(frozen=True)
+class RemoveModel:
+    model_id: str
+    request_id: str
+
+
+ModelAction = FetchModel | RemoveModel
+
+
+def plan_model_actions(state: State, node_id: str, running: set[str]) -> list[ModelAction]:
+    """Downloads to start and removals to carry out on `node_id`; `running`: model ids this node
+    is already fetching or removing."""
+    actions: list[ModelAction] = []
+    for model_id, download in sorted(state.downloads.get(node_id, {}).items()):
+        if model_id in running:
+            continue
+        if download.status == "requested" or (download.status == "downloading" and download.whole):
+            actions.append(FetchModel(model_id))
+        elif download.status == "removing":
+            actions.append(RemoveModel(model_id, download.request_id))
+    return actions
+
+
+def instances_using(state: State, model_id: str) -> list[str]:
+    """Instances of the model (any revision of the repo): its files may not be deleted under them."""
+    repo_id = model_id.split("@", 1)[0]
+    return sorted(
+        instance.instance_id
+        for instance in state.instances.values()
+        if instance.model_id.split("@", 1)[0] == repo_id
+    )
+
+
+def holders(state: State, model_id: str) -> list[str]:
+    """Nodes the log says hold (or are fetching) files of the model."""
+    repo_id = model_id.split("@", 1)[0]
+    return sorted(
+        node_id
+        for node_id, models in state.downloads.items()
+        if repo_id in models and models[repo_id].status != "removed"
+    )
