@@ -41,9 +41,13 @@ ROUTES: list[tuple[str, str, Any, int]] = [
     ("POST", "/ollama/api/chat", {**CHAT_BODY, "stream": False}, 200),
     ("POST", "/ollama/api/generate", {"model": "exo-tiny", "prompt": "hi"}, 200),
     ("GET", "/schema/openapi.json", None, 200),
+    ("GET", "/metrics", None, 200),
+    ("GET", "/v1/traces", None, 200),
+    ("GET", "/v1/traces/chatcmpl-none", None, 404),  # no such request
 ]
 # Concrete paths in ROUTES -> the templated paths of the schema.
 PATH_TEMPLATES = {
+    "traces/chatcmpl-none": "traces/{request_id}",
     "i-7": "{instance_id}",
     "models/exo-tiny": "models/{model_id}",
     "chatcmpl-none": "{completion_id}",

@@ -24,6 +24,7 @@ import zmq.asyncio
 from litestar import Litestar
 
 from exo.api.app import create_app
+from exo.api.live_feed import LiveFeed
 from exo.bus.codec import DropCounter
 from exo.bus.discovery import Discovery, DiscoveryError
 from exo.bus.security import cluster_tag, derive_security, new_cluster_secret, start_authenticator
@@ -68,6 +69,7 @@ class NodeConfig:
     cluster_secret: str | None
     api_key: str | None
     verbosity: int
+    metrics_public: bool = False
     runner_limits: RunnerLimits = field(default_factory=RunnerLimits)
 
 
@@ -91,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
     )
     parser.add_argument(
         "--api-key", help="bearer token required on every route but /health (env EXO_API_KEY)"
+    )
+    parser.add_argument(
+        "--metrics-public", action="store_true", help="serve GET /metrics without the --api-key"
     )
     limits = parser.add_argument_group("serving limits (per instance, set by its first stage's node)")
     limits.add_argument("--max-active-requests", type=int, help="requests generating at once (default 64)")
@@ -140,6 +145,7 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
         cluster_secret=args.cluster_secret or os.environ.get("EXO_CLUSTER_SECRET") or None,
         api_key=args.api_key or os.environ.get("EXO_API_KEY") or None,
         verbosity=args.verbose,
+        metrics_public=args.metrics_public,
         runner_limits=RunnerLimits(
             max_active_requests=args.max_active_requests,
             max_waiting_requests=args.max_waiting_requests,
@@ -268,7 +274,12 @@ async def run_node(
             start_line(config, node_id, host, store_url=config.event_store, blas=blas_check.library)
         )
         if config.api:
-            api = ApiServer(create_app(services, api_key=config.api_key), config.api_host, config.api_port)
+            feed = LiveFeed()  # applied events, pushed to open dashboards
+            replica.applied_listeners.append(feed.publish)
+            app = create_app(
+                services, api_key=config.api_key, feed=feed, metrics_public=config.metrics_public
+            )
+            api = ApiServer(app, config.api_host, config.api_port)
             await api.start()
             stack.push_async_callback(api.stop)
             announce.info("ready: %s", api_url(config))
