@@ -419,6 +419,11 @@ class ApiServer:
 
 
 def main(argv: list[str] | None = None) -> None:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["status"]:
+        from exo.status_cli import main as status_main
+
+        raise SystemExit(status_main(arguments[1:]))
     config = parse_args(argv)
     configure_logging(config.verbosity)
 
