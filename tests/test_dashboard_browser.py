@@ -79,6 +79,8 @@ def test_three_nodes_and_the_master_are_shown(
     assert page.find_element(By.ID, "live").text == "live"
     assert len(page.find_elements(By.CSS_SELECTOR, "#topology circle")) == 3
     assert page.find_elements(By.CSS_SELECTOR, "#events li"), "the event log's tail"
+    link = "#nodes tr[data-node='node1'] td:last-child"
+    wait_for(page, lambda d: " ms" in d.find_element(By.CSS_SELECTOR, link).text, 20, "node1's measured link")
     screenshot(page, shots, "topology")
 
 

@@ -165,6 +165,17 @@ class CommandRequested(_BusMessage, frozen=True):
     command: Command
 
 
+class LinkProbed(_BusMessage, frozen=True):
+    """A round trip to measure the link (exo/node/link_probe.py); `payload` is filler whose size
+    over the extra time it takes gives the bandwidth."""
+
+    payload: bytes = b""
+
+
+class LinkProbeAnswered(_BusMessage, frozen=True):
+    payload_bytes: int
+
+
 # Why the master refused a command: a closed set, so the asking side decides what each means to its
 # user (only the API turns them into HTTP status codes).
 RefusalReason = Literal[
@@ -207,8 +218,10 @@ class RequestFailed(_BusMessage, frozen=True):
     reason: str
 
 
-Request = HelloRequested | EventsRequested | SnapshotRequested | CommandRequested
-Reply = HelloAnswered | EventsAnswered | SnapshotAnswered | CommandAnswered | RequestFailed
+Request = HelloRequested | EventsRequested | SnapshotRequested | CommandRequested | LinkProbed
+Reply = (
+    HelloAnswered | EventsAnswered | SnapshotAnswered | CommandAnswered | RequestFailed | LinkProbeAnswered
+)
 
 
 class RequestEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):

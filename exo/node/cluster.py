@@ -567,3 +567,5 @@ class ClusterMember:
                 if self.master is None:
                     return m.RequestFailed(f"not the master; ask {self.election.master_node_id}")
                 return await self.execute(request.command)
+            case m.LinkProbed():
+                return m.LinkProbeAnswered(len(request.payload))

@@ -13,6 +13,7 @@ import secrets
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from exo.inference.synthetic import ensure_builtin_model
 from exo.node.api_adapter import ClusterServices, ModelCatalog
 from exo.node.cluster import ClusterMember
 from exo.node.generation import PipelineGenerator
+from exo.node.link_probe import LinkProber
 from exo.node.replica import restore
 from exo.node.worker import RunnerLimits, Worker
 from exo.store import open_store
@@ -244,6 +246,9 @@ async def run_node(
         stack.push_async_callback(sink.close)
         client = PipelineClient(sink, context=context, security=security)
         stack.push_async_callback(client.close)
+        prober = LinkProber(bus, lambda: member.liveness.alive(time.monotonic()))
+        prober.start()
+        stack.push_async_callback(prober.close)
         generator = PipelineGenerator(
             client, catalog.tokenizer, lambda: member.state, holds_its_stage=worker.holds_its_stage
         )
@@ -258,6 +263,7 @@ async def run_node(
                     "mapped": blas_check.library,
                 },
                 "runners": worker.status(),
+                "links": prober.status(),
                 "token_sink": {
                     "address": sink.address,
                     "dropped_frames": sink.dropped_frames,
