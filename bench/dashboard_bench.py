@@ -64,11 +64,11 @@ def event_latencies(cluster: LoopbackCluster) -> list[float]:
             response.raise_for_status()
             instance_id = response.json()["instance_id"]
             seen = wait_for(
-                driver, lambda d: js(d, "return window.seen[arguments[0]]", instance_id), 10, "row"
+                driver, lambda d, i=instance_id: js(d, "return window.seen[arguments[0]]", i), 10, "row"
             )
             latencies.append(float(seen) - sent)
             httpx.delete(f"{node.url}/instance/{instance_id}", timeout=30).raise_for_status()
-            wait_until(lambda: instance_id not in node.state()["instances"], 30, "deleted")
+            wait_until(lambda i=instance_id: i not in node.state()["instances"], 30, "deleted")
     return latencies
 
 
@@ -142,7 +142,8 @@ def main() -> None:
             wait_until(lambda: (state := cluster.converged()) and len(state["nodes"]) == 3, 60, "three nodes")
             latencies = event_latencies(cluster)
             print(
-                f"event visible ms: p50 {percentile(latencies, 0.5):.0f}, p95 {percentile(latencies, 0.95):.0f}, "
+                f"event visible ms: p50 {percentile(latencies, 0.5):.0f}, "
+                f"p95 {percentile(latencies, 0.95):.0f}, "
                 f"max {max(latencies):.0f} ({[round(v) for v in latencies]})"
             )
 
