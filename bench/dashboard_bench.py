@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import tempfile
 import threading
@@ -93,7 +94,7 @@ def decode_rate(url: str) -> float:
     return (tokens - 1) / (last - first)
 
 
-def decode_ratio(cluster: LoopbackCluster) -> tuple[float, float, list[float], list[float]]:
+def decode_ratio(cluster: LoopbackCluster, rounds: int) -> tuple[float, float, list[float], list[float]]:
     node = cluster.nodes[0]
     node.post("/place_instance", {"model_id": "exo-tiny", "min_nodes": 1}).raise_for_status()
     wait_until(lambda: any(i["status"] == "ready" for i in node.state()["instances"].values()), 120, "ready")
@@ -101,7 +102,7 @@ def decode_ratio(cluster: LoopbackCluster) -> tuple[float, float, list[float], l
     plain: list[float] = []
     watched: list[float] = []
     with chromium() as driver:
-        for _ in range(ROUNDS_DECODE):
+        for _ in range(rounds):
             driver.get("about:blank")
             plain.append(decode_rate(node.url))
             driver.get(node.url + "/")
@@ -123,20 +124,25 @@ def decode_ratio(cluster: LoopbackCluster) -> tuple[float, float, list[float], l
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="The dashboard's costs, measured in chromium.")
+    parser.add_argument("--decode-rounds", type=int, default=ROUNDS_DECODE)
+    parser.add_argument("--decode-only", action="store_true", help="only the decode ratio")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         with LoopbackCluster(Path(root) / "paint", 1) as single:
             single.start_all()
             wait_until(lambda: single.nodes[0].get("/health"), 60, "node")
-            paints = [first_paint(single.nodes[0].url + "/") for _ in range(ROUNDS_PAINT)]
-            fcp = [paint for paint, _ in paints]
-            shown = [shown for _, shown in paints]
-            print(
-                f"first contentful paint ms: median {statistics.median(fcp):.0f}, max {max(fcp):.0f} ({fcp})"
-            )
-            print(f"cluster shown ms: median {statistics.median(shown):.0f}, max {max(shown):.0f}")
-            high, low, plain, watched = decode_ratio(single)
+            if not args.decode_only:
+                paints = [first_paint(single.nodes[0].url + "/") for _ in range(ROUNDS_PAINT)]
+                fcp = [paint for paint, _ in paints]
+                shown = [shown for _, shown in paints]
+                print(f"first contentful paint ms: median {statistics.median(fcp):.0f}, {fcp}")
+                print(f"cluster shown ms: median {statistics.median(shown):.0f}, max {max(shown):.0f}")
+            high, low, plain, watched = decode_ratio(single, args.decode_rounds)
             print(f"decode tok/s: neither {high:.1f} {plain}; dashboard+metrics {low:.1f} {watched}")
             print(f"decode ratio: {low / high:.3f}")
+        if args.decode_only:
+            return
         with LoopbackCluster(Path(root) / "events", 3) as cluster:
             cluster.start_all()
             wait_until(lambda: (state := cluster.converged()) and len(state["nodes"]) == 3, 60, "three nodes")
