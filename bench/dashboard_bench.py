@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 from selenium.webdriver.common.by import By
 
 from tests.harness.browser import chromium, js, wait_for
@@ -123,15 +124,61 @@ def decode_ratio(cluster: LoopbackCluster, rounds: int) -> tuple[float, float, l
     return statistics.median(plain), statistics.median(watched), plain, watched
 
 
+def node_cpu_cost(
+    cluster: LoopbackCluster, rounds: int, window_s: float = 10.0
+) -> tuple[list[float], list[float]]:
+    """CPU ms per second the node process (not its runners) spends, idle, without and with the
+    dashboard open and /metrics scraped every second: what the feed and the scrape cost the node,
+    a figure a busy shared machine cannot blur the way it blurs tokens/s."""
+    node = cluster.nodes[0]
+    assert node.process is not None
+    process = psutil.Process(node.process.pid)
+
+    def cpu_ms_per_s() -> float:
+        before = process.cpu_times()
+        time.sleep(window_s)
+        after = process.cpu_times()
+        return (after.user + after.system - before.user - before.system) * 1000 / window_s
+
+    plain: list[float] = []
+    watched: list[float] = []
+    with chromium() as driver:
+        for _ in range(rounds):
+            driver.get("about:blank")
+            plain.append(cpu_ms_per_s())
+            driver.get(node.url + "/")
+            wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#nodes tr[data-node]"), 20, "nodes")
+            stop = threading.Event()
+
+            def scrape(stop: threading.Event = stop) -> None:
+                while not stop.wait(1.0):
+                    httpx.get(node.url + "/metrics", timeout=5).raise_for_status()
+
+            scraper = threading.Thread(target=scrape)
+            scraper.start()
+            try:
+                watched.append(cpu_ms_per_s())
+            finally:
+                stop.set()
+                scraper.join()
+    return plain, watched
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="The dashboard's costs, measured in chromium.")
     parser.add_argument("--decode-rounds", type=int, default=ROUNDS_DECODE)
     parser.add_argument("--decode-only", action="store_true", help="only the decode ratio")
+    parser.add_argument("--cpu-only", action="store_true", help="only the node's CPU cost of the dashboard")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         with LoopbackCluster(Path(root) / "paint", 1) as single:
             single.start_all()
             wait_until(lambda: single.nodes[0].get("/health"), 60, "node")
+            if args.cpu_only:
+                plain, watched = node_cpu_cost(single, 4)
+                print(f"node CPU ms/s idle: neither {[round(v, 1) for v in plain]}")
+                print(f"node CPU ms/s idle: dashboard+metrics {[round(v, 1) for v in watched]}")
+                return
             if not args.decode_only:
                 paints = [first_paint(single.nodes[0].url + "/") for _ in range(ROUNDS_PAINT)]
                 fcp = [paint for paint, _ in paints]

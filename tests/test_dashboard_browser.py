@@ -135,6 +135,23 @@ def test_a_chat_streams_tokens_into_the_page(page: webdriver.Chrome, shots: Path
     screenshot(page, shots, "chat")
 
 
+def test_stop_ends_an_answer_early(page: webdriver.Chrome) -> None:
+    box = page.find_element(By.ID, "chat-input")
+    box.send_keys("And the sun?", Keys.ENTER)
+    streaming = ".msg.assistant:last-child .stats"
+    wait_for(page, lambda d: d.find_element(By.CSS_SELECTOR, streaming).text == "streaming…", 60, "tokens")
+    page.find_element(By.ID, "chat-stop").click()
+    stats = wait_for(
+        page,
+        lambda d: "stopped" in (text := d.find_element(By.CSS_SELECTOR, streaming).text) and text,
+        20,
+        "stop",
+    )
+    assert "TTFT" in stats, stats
+    assert page.find_element(By.ID, "chat-stop").get_attribute("disabled") is not None
+    assert page.find_element(By.ID, "chat-send").get_attribute("disabled") is None
+
+
 def test_killing_a_node_turns_it_gone(cluster: LoopbackCluster, page: webdriver.Chrome, shots: Path) -> None:
     master = cluster.nodes[0].state()["master_node_id"]
     victim = next(node for node in cluster.nodes[1:] if node.name != master)
