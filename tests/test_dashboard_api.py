@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import tomllib
+from fnmatch import fnmatch
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -201,3 +204,18 @@ def test_the_feed_refuses_more_than_its_clients() -> None:
         feed.join()
     with pytest.raises(FeedClosed, match="too many open dashboards"):
         feed.join()
+
+
+def test_every_dashboard_file_ships_as_package_data() -> None:
+    """A non-editable install carries only what pyproject's package-data names."""
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "exo.api"
+    ]
+    files = sorted(
+        path.relative_to(root / "exo" / "api") for path in (root / "exo" / "api" / "dashboard").iterdir()
+    )
+    assert files and all(any(fnmatch(str(path), pattern) for pattern in globs) for path in files), (
+        files,
+        globs,
+    )
