@@ -152,6 +152,48 @@ def test_stop_ends_an_answer_early(page: webdriver.Chrome) -> None:
     assert page.find_element(By.ID, "chat-send").get_attribute("disabled") is None
 
 
+# What a model with a thinking block and a tool call streams (the OpenAI/vLLM delta fields); the
+# tiny test model makes neither, so the page's fetch is handed this stream instead.
+SCRIPTED_STREAM = """
+window.realFetch ??= window.fetch;
+window.fetch = (url, init) => {
+  if (url !== '/v1/chat/completions') return window.realFetch(url, init);
+  const chunks = [
+    {reasoning_content: 'The user wants '}, {reasoning_content: 'the weather.'},
+    {content: 'Let me check.'},
+    {tool_calls: [{index: 0, id: 'call_1', type: 'function',
+                   function: {name: 'get_weather', arguments: ''}}]},
+    {tool_calls: [{index: 0, function: {arguments: '{"city": '}}]},
+    {tool_calls: [{index: 0, function: {arguments: '"Paris"}'}}]},
+  ];
+  const frame = (delta) => JSON.stringify({id: 'chatcmpl-scripted', choices: [{index: 0, delta}]});
+  const lines = chunks.map((delta) => `data: ${frame(delta)}\\n\\n`);
+  lines.push('data: [DONE]\\n\\n');
+  const body = new ReadableStream({start(controller) {
+    for (const line of lines) controller.enqueue(new TextEncoder().encode(line));
+    controller.close();
+  }});
+  return Promise.resolve(new Response(body, {status: 200, headers: {'content-type': 'text/event-stream'}}));
+};
+"""
+
+
+def test_reasoning_is_folded_and_tool_calls_are_shown_as_calls(page: webdriver.Chrome) -> None:
+    js(page, SCRIPTED_STREAM)
+    try:
+        page.find_element(By.ID, "chat-input").send_keys("Weather in Paris?", Keys.ENTER)
+        answer = ".msg.assistant[data-done='true']:last-child"
+        wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, answer), 20, "the scripted answer")
+        reasoning = page.find_element(By.CSS_SELECTOR, f"{answer} details")
+        assert reasoning.is_displayed() and reasoning.get_attribute("open") is None, "folded away"
+        assert "the weather" in (reasoning.get_attribute("textContent") or "")
+        assert page.find_element(By.CSS_SELECTOR, f"{answer} .content").text == "Let me check."
+        call = page.find_element(By.CSS_SELECTOR, f"{answer} .tool").text
+        assert call == 'call get_weather({"city": "Paris"})', call
+    finally:
+        js(page, "window.fetch = window.realFetch")
+
+
 def test_killing_a_node_turns_it_gone(cluster: LoopbackCluster, page: webdriver.Chrome, shots: Path) -> None:
     master = cluster.nodes[0].state()["master_node_id"]
     victim = next(node for node in cluster.nodes[1:] if node.name != master)

@@ -22,7 +22,7 @@ from litestar.params import Parameter, SkipValidation
 from litestar.response import Stream
 
 from exo.api.cluster_port import NodeServices, ServiceError
-from exo.api.errors import READ, ApiError, error_responses
+from exo.api.errors import QUERY, READ, ApiError, error_responses
 from exo.api.live_feed import FeedClient, FeedClosed, LiveFeed
 from exo.api.telemetry import Telemetry
 from exo.api.traces import Trace
@@ -172,7 +172,7 @@ async def recent_traces(telemetry: Metrics) -> TraceList:
     return TraceList(telemetry.traces.recent(100))
 
 
-@get("/v1/traces/{request_id:str}", responses=error_responses(*READ, 404))
+@get("/v1/traces/{request_id:str}", responses=error_responses(*QUERY, 404))
 async def get_trace(telemetry: Metrics, request_id: RequestId) -> Trace:
     """Where one generation's time went (its completion `id`); the last 512 are kept."""
     trace = telemetry.traces.get(request_id)
