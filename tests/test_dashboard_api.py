@@ -72,6 +72,7 @@ def test_metrics_count_requests_tokens_and_latencies() -> None:
     fake = say_hello_world(FakeNodeServices(state=state))
     fake.status = {
         "last_event_index": 7,
+        "durable_event_index": 6,
         "term": 3,
         "is_master": True,
         "dropped_frames": {"decode": 2},
@@ -107,6 +108,7 @@ def test_metrics_count_requests_tokens_and_latencies() -> None:
     assert values[("exo_time_to_first_token_seconds_count", ())] == 1
     assert values[("exo_inter_token_latency_seconds_count", ())] == STREAMED - 1
     assert values[("exo_log_index", ())] == 7
+    assert values[("exo_log_durable_index", ())] == 6
     assert values[("exo_is_master", ())] == 1
     assert values[("exo_bus_frames_dropped_total", (("reason", "decode"),))] == 2
     assert values[("exo_queue_depth", (("queue", "runner_waiting:i-1"),))] == 2

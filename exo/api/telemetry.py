@@ -127,7 +127,11 @@ def trace_of(run: CompletionRun, gaps: list[float], tokens: int) -> Trace:
         for node_id, shard in stages:
             spans.append(
                 TraceSpan(
-                    "stage", ms(run.started_at), ms(first) - ms(run.started_at), node_id, _layers(shard)
+                    "stage",
+                    ms(run.started_at),
+                    ms(first) - ms(run.started_at),
+                    node_id,
+                    f"{_layers(shard)} (within the prefill: stages do not report their own time yet)",
                 )
             )
         spans.append(
@@ -209,7 +213,7 @@ def _gauges(status: Mapping[str, Any]) -> Iterable[Metric]:
         ("last_event_index", "exo_log_index", "Index of the last event applied on this node"),
         ("term", "exo_election_term", "The election term this node has seen"),
         ("uptime_s", "exo_uptime_seconds", "Seconds since the node started"),
-        ("events_appended", "exo_events_appended", "Events this node sequenced as master"),
+        ("durable_event_index", "exo_log_durable_index", "Last event index appended durably to this log"),
     ):
         value = status.get(key)
         if isinstance(value, int | float):

@@ -264,6 +264,7 @@ async def run_node(
                 },
                 "runners": worker.status(),
                 "links": prober.status(),
+                "durable_event_index": replica.durable_index,
                 "token_sink": {
                     "address": sink.address,
                     "dropped_frames": sink.dropped_frames,
