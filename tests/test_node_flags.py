@@ -52,3 +52,8 @@ def test_bad_serving_limits_are_refused(
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_metrics_public_is_off_unless_asked() -> None:
+    assert parse_args([]).metrics_public is False
+    assert parse_args(["--metrics-public"]).metrics_public is True
