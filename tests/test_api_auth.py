@@ -51,9 +51,13 @@ ROUTES: list[tuple[str, str, Any, int]] = [
     ("POST", "/ollama/api/embed", {"model": "exo-tiny", "input": "hi"}, 501),
     ("POST", "/ollama/api/embeddings", {"model": "exo-tiny", "prompt": "hi"}, 501),
     ("GET", "/schema/openapi.json", None, 200),
+    ("GET", "/metrics", None, 200),
+    ("GET", "/v1/traces", None, 200),
+    ("GET", "/v1/traces/chatcmpl-none", None, 404),  # no such request
 ]
 # Concrete paths in ROUTES -> the templated paths of the schema.
 PATH_TEMPLATES = {
+    "traces/chatcmpl-none": "traces/{request_id}",
     "i-7": "{instance_id}",
     "/node/node1": "/node/{node_id}",
     "models/exo-tiny": "models/{model_id}",

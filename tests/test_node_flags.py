@@ -86,3 +86,8 @@ def test_max_connections_never_exceeds_the_descriptor_budget() -> None:
     assert connection_limit(None) == default_max_connections()
     assert connection_limit(10) == 10
     assert connection_limit(10**9) == descriptor_budget() < 10**9
+
+
+def test_metrics_public_is_off_unless_asked() -> None:
+    assert parse_args([]).metrics_public is False
+    assert parse_args(["--metrics-public"]).metrics_public is True

@@ -25,7 +25,9 @@ from exo.api.anthropic import MessagesRequest
 from exo.api.cluster_port import InstanceNotFound, ModelNotFound, NodeServices, text_tokenizer
 from exo.api.completion import CompletionSettings
 from exo.api.completion_routes import COMPLETION_ROUTES
+from exo.api.dashboard_routes import DASHBOARD_ROUTES
 from exo.api.errors import BODY, EXCEPTION_HANDLERS, QUERY, READ, decode_strictly, error_responses
+from exo.api.live_feed import LiveFeed
 from exo.api.model_limits import context_length
 from exo.api.model_routes import MODEL_ROUTES
 from exo.api.model_routes import REQUEST_BODIES as MODEL_REQUEST_BODIES
@@ -47,6 +49,7 @@ from exo.api.responses_store import ResponseStore
 from exo.api.responses_types import ResponsesRequest
 from exo.api.runs import ActiveCompletions
 from exo.api.small_routes import SMALL_ROUTES, CountTokensRequest
+from exo.api.telemetry import Telemetry, count_requests
 from exo.core.events import Event, IndexedEvent, Sharding
 from exo.core.models import ModelInfo
 from exo.core.placement import PlacementPreview
@@ -271,15 +274,21 @@ def create_app(
     max_request_bytes: int = MAX_REQUEST_BYTES,
     response_store: ResponseStore | None = None,
     manage_models: bool = False,
+    feed: LiveFeed | None = None,
+    metrics_public: bool = False,
 ) -> Litestar:
-    """The API over `services`. With `api_key`, every route but `GET /health` needs it as a bearer token.
-    `response_store` bounds the Responses API's stored responses (default: 1,000 for 1 h).
+    """The API over `services`. With `api_key`, every route but `GET /health` (and the dashboard's
+    page and assets, and `/metrics` with `metrics_public`) needs it as a bearer token.
+    `response_store` bounds the Responses API's stored responses (default: 1,000 for 1 h). `feed`
+    is where the node publishes applied events for the dashboard's live stream.
 
     `manage_models`: `services` also implements exo.api.model_routes.ModelServices (the node's
     does): `/models` then shows each node's state of each model, and models can be fetched
     and deleted."""
     settings = completion_settings or CompletionSettings()
-    registry = ActiveCompletions()
+    live_feed = feed if feed is not None else LiveFeed()
+    telemetry = Telemetry(services.node_status, live_feed)
+    registry = ActiveCompletions(observer=telemetry)
     responses = Responses(response_store)
 
     def provide_services() -> NodeServices:
@@ -293,6 +302,12 @@ def create_app(
 
     def provide_responses() -> Responses:
         return responses
+
+    def provide_feed() -> LiveFeed:
+        return live_feed
+
+    def provide_telemetry() -> Telemetry:
+        return telemetry
 
     return Litestar(
         route_handlers=[
@@ -317,14 +332,18 @@ def create_app(
             *COMPLETION_ROUTES,
             *RESPONSES_ROUTES,
             *SMALL_ROUTES,
+            *DASHBOARD_ROUTES,
         ],
         dependencies={
             "services": Provide(provide_services, sync_to_thread=False),
             "settings": Provide(provide_settings, sync_to_thread=False),
             "registry": Provide(provide_registry, sync_to_thread=False),
             "responses": Provide(provide_responses, sync_to_thread=False),
+            "feed": Provide(provide_feed, sync_to_thread=False),
+            "telemetry": Provide(provide_telemetry, sync_to_thread=False),
         },
-        guards=[] if api_key is None else [_require_api_key(api_key)],
+        middleware=[count_requests(telemetry)],
+        guards=[] if api_key is None else [_require_api_key(api_key, metrics_public=metrics_public)],
         exception_handlers=EXCEPTION_HANDLERS,
         cors_config=CORSConfig(allow_origins=["*"], allow_headers=["*"], allow_methods=["*"]),
         openapi_config=OpenAPIConfig(
@@ -337,11 +356,11 @@ def create_app(
     )
 
 
-def _require_api_key(api_key: str) -> Any:
+def _require_api_key(api_key: str, *, metrics_public: bool = False) -> Any:
     expected = api_key.encode()
 
     def guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-        if handler.opt.get("public"):
+        if handler.opt.get("public") or (metrics_public and handler.opt.get("metrics")):
             return
         supplied = _supplied_key(connection)
         if supplied is None or not hmac.compare_digest(supplied.encode(), expected):

@@ -59,8 +59,11 @@ async def start(
     completion: CompletionRequest,
     **run_options: str,
 ) -> CompletionRun:
+    received_at = time.monotonic()
     prepared, tokenizer = await prepare(services, completion, settings)
-    return CompletionRun(services, prepared, tokenizer, registry=registry, **run_options)
+    return CompletionRun(
+        services, prepared, tokenizer, registry=registry, received_at=received_at, **run_options
+    )
 
 
 @post("/v1/chat/completions", status_code=200, responses=error_responses(*GENERATE))

@@ -15,7 +15,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
@@ -58,6 +58,7 @@ class CompletionRun:
         id_prefix: str = "chatcmpl-",
         call_id_prefix: str = "call",
         registry: ActiveCompletions | None = None,
+        received_at: float | None = None,
     ) -> None:
         self.completion_id = f"{id_prefix}{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -82,6 +83,8 @@ class CompletionRun:
         self._pumps: dict[int, asyncio.Task[None]] = {}
         self.cancelled = False
         self.started_at = time.monotonic()
+        # When the request arrived (before its prompt was prepared): traces start there.
+        self.received_at = received_at if received_at is not None else self.started_at
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self._started = False
@@ -163,7 +166,10 @@ class CompletionRun:
                 if item is None:
                     events = decoder.close()
                 else:
-                    self.first_token_at = self.first_token_at or time.monotonic()
+                    now = time.monotonic()
+                    self.first_token_at = self.first_token_at or now
+                    if self._registry is not None:
+                        self._registry.token_arrived(self, now)
                     events = decoder.feed(item)
                 for event in events:
                     yield RunEvent(index, event)
@@ -257,21 +263,40 @@ def extractor_for(tokenizer: ChatTokenizer, prepared: PreparedCompletion) -> Ext
     return None if tools is None else ToolCallExtractor(prepared.forced_prefix)
 
 
+class RunObserver(Protocol):
+    """Told of every run's start, tokens and end (metrics and traces, exo/api/telemetry.py)."""
+
+    def run_started(self, run: CompletionRun) -> None: ...
+
+    def token_arrived(self, run: CompletionRun, now: float) -> None: ...
+
+    def run_finished(self, run: CompletionRun) -> None: ...
+
+
 class ActiveCompletions:
     """Runs in progress on this node, by completion id (for POST /v1/cancel/{id})."""
 
-    def __init__(self) -> None:
+    def __init__(self, observer: RunObserver | None = None) -> None:
         self._runs: dict[str, CompletionRun] = {}
+        self._observer = observer
 
     def __len__(self) -> int:
         return len(self._runs)
 
     def add(self, run: CompletionRun) -> None:
         self._runs[run.completion_id] = run
+        if self._observer is not None:
+            self._observer.run_started(run)
+
+    def token_arrived(self, run: CompletionRun, now: float) -> None:
+        if self._observer is not None:
+            self._observer.token_arrived(run, now)
 
     def discard(self, run: CompletionRun) -> None:
         if self._runs.get(run.completion_id) is run:
             del self._runs[run.completion_id]
+            if self._observer is not None:
+                self._observer.run_finished(run)
 
     def cancel(self, completion_id: str) -> bool:
         run = self._runs.get(completion_id)

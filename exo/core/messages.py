@@ -193,6 +193,17 @@ class CommandRequested(_BusMessage, frozen=True):
     command: Command
 
 
+class LinkProbed(_BusMessage, frozen=True):
+    """A round trip to measure the link (exo/node/link_probe.py); `payload` is filler whose size
+    over the extra time it takes gives the bandwidth."""
+
+    payload: bytes = b""
+
+
+class LinkProbeAnswered(_BusMessage, frozen=True):
+    payload_bytes: int
+
+
 # Why the master refused a command: a closed set, so the asking side decides what each means to its
 # user (only the API turns them into HTTP status codes).
 RefusalReason = Literal[
@@ -275,6 +286,7 @@ Request = (
     | CommandRequested
     | FileChunkRequested
     | HubModelRequested
+    | LinkProbed
 )
 Reply = (
     HelloAnswered
@@ -284,6 +296,7 @@ Reply = (
     | RequestFailed
     | FileChunkAnswered
     | HubModelAnswered
+    | LinkProbeAnswered
 )
 
 

@@ -599,3 +599,5 @@ class ClusterMember:
                 if self.serve_hub_model is None:
                     return m.RequestFailed("this node knows no Hub models")
                 return await self.serve_hub_model(request)
+            case m.LinkProbed():
+                return m.LinkProbeAnswered(len(request.payload))

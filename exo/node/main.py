@@ -13,6 +13,7 @@ import secrets
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from exo.api.http_guard import (
     raise_descriptor_limit,
     uvicorn_options,
 )
+from exo.api.live_feed import LiveFeed
 from exo.bus.codec import DropCounter
 from exo.bus.discovery import Discovery, DiscoveryError
 from exo.bus.security import cluster_tag, derive_security, new_cluster_secret, start_authenticator
@@ -50,6 +52,7 @@ from exo.node.api_adapter import ClusterServices, ModelCatalog
 from exo.node.cluster import ClusterMember
 from exo.node.generation import PipelineGenerator
 from exo.node.hub_services import HubModels
+from exo.node.link_probe import LinkProber
 from exo.node.replica import restore
 from exo.node.worker import RunnerLimits, Worker
 from exo.store import open_store
@@ -80,6 +83,7 @@ class NodeConfig:
     cluster_secret: str | None
     api_key: str | None
     verbosity: int
+    metrics_public: bool = False
     runner_limits: RunnerLimits = field(default_factory=RunnerLimits)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_connections: int | None = None  # None: default_max_connections() at start
@@ -118,6 +122,9 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
         type=_positive_int,
         help="HTTP connections open at once; more are refused with a 503 (default: up to 1000, "
         "within the process's file descriptor limit)",
+    )
+    parser.add_argument(
+        "--metrics-public", action="store_true", help="serve GET /metrics without the --api-key"
     )
     limits = parser.add_argument_group("serving limits (per instance, set by its first stage's node)")
     limits.add_argument("--max-active-requests", type=int, help="requests generating at once (default 64)")
@@ -182,6 +189,7 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
         max_body_bytes=args.max_body_bytes,
         max_connections=args.max_connections,
         auto_download=args.auto_download or os.environ.get("EXO_AUTO_DOWNLOAD", "") in ("1", "true", "yes"),
+        metrics_public=args.metrics_public,
         runner_limits=RunnerLimits(
             max_active_requests=args.max_active_requests,
             max_waiting_requests=args.max_waiting_requests,
@@ -306,6 +314,9 @@ async def run_node(
         stack.push_async_callback(sink.close)
         client = PipelineClient(sink, context=context, security=security)
         stack.push_async_callback(client.close)
+        prober = LinkProber(bus, lambda: member.liveness.alive(time.monotonic()))
+        prober.start()
+        stack.push_async_callback(prober.close)
 
         async def tokenizer(model_id: str) -> ChatTokenizer:
             """A Hub model's tokenizer files are fetched first (the catalog reads the models dir)."""
@@ -334,6 +345,8 @@ async def run_node(
                 "downloads": msgspec.to_builtins(hub.fetcher.progress()),
                 "peer_bytes_served": hub.peer_bytes_served,
                 "peer_bytes_fetched": hub.peer_bytes_fetched,
+                "links": prober.status(),
+                "durable_event_index": replica.durable_index,
                 "token_sink": {
                     "address": sink.address,
                     "dropped_frames": sink.dropped_frames,
@@ -354,8 +367,15 @@ async def run_node(
             start_line(config, node_id, host, store_url=config.event_store, blas=blas_check.library)
         )
         if config.api:
+            feed = LiveFeed()  # applied events, pushed to open dashboards
+            replica.applied_listeners.append(feed.publish)
             app = create_app(
-                services, api_key=config.api_key, max_request_bytes=config.max_body_bytes, manage_models=True
+                services,
+                api_key=config.api_key,
+                max_request_bytes=config.max_body_bytes,
+                manage_models=True,
+                feed=feed,
+                metrics_public=config.metrics_public,
             )
             max_connections = connection_limit(config.max_connections)
             api = ApiServer(app, config.api_host, config.api_port, max_connections)
@@ -506,6 +526,10 @@ def main(argv: list[str] | None = None) -> None:
         from exo.node.models_cli import main as models_main
 
         raise SystemExit(models_main(arguments[1:]))
+    if arguments[:1] == ["status"]:
+        from exo.node.status_cli import main as status_main
+
+        raise SystemExit(status_main(arguments[1:]))
     config = parse_args(argv)
     configure_logging(config.verbosity)
 

@@ -1,0 +1,205 @@
+"""The dashboard's costs, measured in Debian's chromium (run by hand: `python -m bench.dashboard_bench`).
+
+1. First paint of `GET /` on loopback with a cold cache (a fresh browser profile each round), and
+   the time until the page shows the cluster (its first feed frame rendered).
+2. An event applied on the node, visible in the page: 3-node cluster, the page on node0; the clock
+   starts when the request that makes the event is sent (so the figure is an upper bound: it also
+   holds the command's round trip to the master), and stops when the page's MutationObserver sees
+   the instance's row. p50 and p95.
+3. Single-stream decode with the dashboard open and `/metrics` scraped every second, against neither;
+   rounds interleaved (A, B, A, B, ...) on the same node, the ratio of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+from selenium.webdriver.common.by import By
+
+from tests.harness.browser import chromium, js, wait_for
+from tests.harness.cluster_harness import LoopbackCluster, wait_until
+
+ROUNDS_PAINT = 5
+ROUNDS_EVENTS = 12
+ROUNDS_DECODE = 4
+DECODE_TOKENS = 200
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def first_paint(url: str) -> tuple[float, float]:
+    with chromium() as driver:  # a new profile: nothing cached
+        driver.get(url)
+        wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#nodes tr[data-node]"), 20, "nodes")
+        paint = js(driver, "return performance.getEntriesByName('first-contentful-paint')[0]?.startTime")
+        shown = js(driver, "return performance.now()")  # an upper bound: when the poll saw the rows
+        return float(paint), float(shown)
+
+
+def event_latencies(cluster: LoopbackCluster) -> list[float]:
+    node = cluster.nodes[0]
+    latencies: list[float] = []
+    with chromium() as driver:
+        driver.get(node.url + "/")
+        wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#nodes tr[data-node]"), 20, "nodes")
+        js(
+            driver,
+            """window.seen = {};
+            new MutationObserver(() => {
+              for (const row of document.querySelectorAll('#instances tr[data-instance]'))
+                window.seen[row.dataset.instance] ??= performance.timeOrigin + performance.now();
+            }).observe(document.getElementById('instances'), {subtree: true, childList: true});""",
+        )
+        for _ in range(ROUNDS_EVENTS):
+            sent = time.time() * 1000
+            response = node.post("/place_instance", {"model_id": "exo-tiny", "min_nodes": 1})
+            response.raise_for_status()
+            instance_id = response.json()["instance_id"]
+            seen = wait_for(
+                driver, lambda d, i=instance_id: js(d, "return window.seen[arguments[0]]", i), 10, "row"
+            )
+            latencies.append(float(seen) - sent)
+            httpx.delete(f"{node.url}/instance/{instance_id}", timeout=30).raise_for_status()
+            wait_until(lambda i=instance_id: i not in node.state()["instances"], 30, "deleted")
+    return latencies
+
+
+def decode_rate(url: str) -> float:
+    body = {
+        "model": "exo-tiny",
+        "messages": [{"role": "user", "content": "Tell me about the tide and the moon."}],
+        "max_tokens": DECODE_TOKENS,
+        "stream": True,
+        "temperature": 0,
+    }
+    first = last = None
+    tokens = 0
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and '"content"' in line:
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                tokens += 1
+    assert first is not None and last is not None and tokens > 10, tokens
+    return (tokens - 1) / (last - first)
+
+
+def decode_ratio(cluster: LoopbackCluster, rounds: int) -> tuple[float, float, list[float], list[float]]:
+    node = cluster.nodes[0]
+    node.post("/place_instance", {"model_id": "exo-tiny", "min_nodes": 1}).raise_for_status()
+    wait_until(lambda: any(i["status"] == "ready" for i in node.state()["instances"].values()), 120, "ready")
+    decode_rate(node.url)  # warm-up
+    plain: list[float] = []
+    watched: list[float] = []
+    with chromium() as driver:
+        for _ in range(rounds):
+            driver.get("about:blank")
+            plain.append(decode_rate(node.url))
+            driver.get(node.url + "/")
+            wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#nodes tr[data-node]"), 20, "nodes")
+            stop = threading.Event()
+
+            def scrape(stop: threading.Event = stop) -> None:
+                while not stop.wait(1.0):
+                    httpx.get(node.url + "/metrics", timeout=5).raise_for_status()
+
+            scraper = threading.Thread(target=scrape)
+            scraper.start()
+            try:
+                watched.append(decode_rate(node.url))
+            finally:
+                stop.set()
+                scraper.join()
+    return statistics.median(plain), statistics.median(watched), plain, watched
+
+
+def node_cpu_cost(
+    cluster: LoopbackCluster, rounds: int, window_s: float = 10.0
+) -> tuple[list[float], list[float]]:
+    """CPU ms per second the node process (not its runners) spends, idle, without and with the
+    dashboard open and /metrics scraped every second: what the feed and the scrape cost the node,
+    a figure a busy shared machine cannot blur the way it blurs tokens/s."""
+    node = cluster.nodes[0]
+    assert node.process is not None
+    process = psutil.Process(node.process.pid)
+
+    def cpu_ms_per_s() -> float:
+        before = process.cpu_times()
+        time.sleep(window_s)
+        after = process.cpu_times()
+        return (after.user + after.system - before.user - before.system) * 1000 / window_s
+
+    plain: list[float] = []
+    watched: list[float] = []
+    with chromium() as driver:
+        for _ in range(rounds):
+            driver.get("about:blank")
+            plain.append(cpu_ms_per_s())
+            driver.get(node.url + "/")
+            wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#nodes tr[data-node]"), 20, "nodes")
+            stop = threading.Event()
+
+            def scrape(stop: threading.Event = stop) -> None:
+                while not stop.wait(1.0):
+                    httpx.get(node.url + "/metrics", timeout=5).raise_for_status()
+
+            scraper = threading.Thread(target=scrape)
+            scraper.start()
+            try:
+                watched.append(cpu_ms_per_s())
+            finally:
+                stop.set()
+                scraper.join()
+    return plain, watched
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="The dashboard's costs, measured in chromium.")
+    parser.add_argument("--decode-rounds", type=int, default=ROUNDS_DECODE)
+    parser.add_argument("--decode-only", action="store_true", help="only the decode ratio")
+    parser.add_argument("--cpu-only", action="store_true", help="only the node's CPU cost of the dashboard")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as root:
+        with LoopbackCluster(Path(root) / "paint", 1) as single:
+            single.start_all()
+            wait_until(lambda: single.nodes[0].get("/health"), 60, "node")
+            if args.cpu_only:
+                plain, watched = node_cpu_cost(single, 4)
+                print(f"node CPU ms/s idle: neither {[round(v, 1) for v in plain]}")
+                print(f"node CPU ms/s idle: dashboard+metrics {[round(v, 1) for v in watched]}")
+                return
+            if not args.decode_only:
+                paints = [first_paint(single.nodes[0].url + "/") for _ in range(ROUNDS_PAINT)]
+                fcp = [paint for paint, _ in paints]
+                shown = [shown for _, shown in paints]
+                print(f"first contentful paint ms: median {statistics.median(fcp):.0f}, {fcp}")
+                print(f"cluster shown ms: median {statistics.median(shown):.0f}, max {max(shown):.0f}")
+            high, low, plain, watched = decode_ratio(single, args.decode_rounds)
+            print(f"decode tok/s: neither {high:.1f} {plain}; dashboard+metrics {low:.1f} {watched}")
+            print(f"decode ratio: {low / high:.3f}")
+        if args.decode_only:
+            return
+        with LoopbackCluster(Path(root) / "events", 3) as cluster:
+            cluster.start_all()
+            wait_until(lambda: (state := cluster.converged()) and len(state["nodes"]) == 3, 60, "three nodes")
+            latencies = event_latencies(cluster)
+            print(
+                f"event visible ms: p50 {percentile(latencies, 0.5):.0f}, "
+                f"p95 {percentile(latencies, 0.95):.0f}, "
+                f"max {max(latencies):.0f} ({[round(v) for v in latencies]})"
+            )
+
+
+if __name__ == "__main__":
+    main()
