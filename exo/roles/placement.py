@@ -13,7 +13,7 @@ placement on every node (a new master re-placing after failover agrees with the 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import msgspec
 
@@ -40,12 +40,29 @@ def place(
     `reserved_bytes_by_node` is memory already promised to instances whose runners have not loaded
     yet (so not visible in the nodes' measured available memory); it is subtracted first.
     """
+    return with_fallback(_place_one, footprint, nodes, min_nodes, reserved_bytes_by_node)
+
+
+PlaceOne = Callable[
+    [ModelFootprint, Iterable[NodeInfo], int, Mapping[str, int] | None], Placement | PlacementRefusal
+]
+
+
+def with_fallback(
+    place_one: PlaceOne,
+    footprint: ModelFootprint,
+    nodes: Iterable[NodeInfo],
+    min_nodes: int,
+    reserved_bytes_by_node: Mapping[str, int] | None,
+) -> Placement | PlacementRefusal:
+    """`place_one` for the footprint; with a `fallback` footprint (`--weights-dtype auto`) and no
+    fit, for the native representation too (pipeline and tensor placement alike)."""
     nodes = list(nodes)
-    attempt = _place_one(footprint, nodes, min_nodes, reserved_bytes_by_node)
+    attempt = place_one(footprint, nodes, min_nodes, reserved_bytes_by_node)
     if isinstance(attempt, Placement) or footprint.fallback is None:
         return attempt
     return fall_back(
-        footprint, attempt, _place_one(footprint.fallback, nodes, min_nodes, reserved_bytes_by_node)
+        footprint, attempt, place_one(footprint.fallback, nodes, min_nodes, reserved_bytes_by_node)
     )
 
 

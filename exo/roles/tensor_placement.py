@@ -14,7 +14,7 @@ from exo.core.events import ShardAssignment
 from exo.core.models import ModelFootprint
 from exo.core.placement import NodeVerdict, Placement, PlacementPreview, PlacementRefusal
 from exo.core.state import NodeInfo
-from exo.roles.placement import candidates_of, fall_back, format_bytes, left_out_reasons
+from exo.roles.placement import candidates_of, format_bytes, left_out_reasons, with_fallback
 
 
 def place_tensor(
@@ -26,13 +26,7 @@ def place_tensor(
     """The tensor placement on the fewest nodes (at least `min_nodes`) that fits, or why none does;
     with a `fallback` footprint (`--weights-dtype auto`), the native representation when float32
     does not fit, as pipeline placement does."""
-    nodes = list(nodes)
-    attempt = _place_tensor_one(footprint, nodes, min_nodes, reserved_bytes_by_node)
-    if isinstance(attempt, Placement) or footprint.fallback is None:
-        return attempt
-    return fall_back(
-        footprint, attempt, _place_tensor_one(footprint.fallback, nodes, min_nodes, reserved_bytes_by_node)
-    )
+    return with_fallback(_place_tensor_one, footprint, nodes, min_nodes, reserved_bytes_by_node)
 
 
 def _place_tensor_one(
