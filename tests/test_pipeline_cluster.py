@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -18,41 +15,18 @@ import pytest
 
 from tests.harness.cluster_harness import LoopbackCluster, NodeProcess, wait_until
 from tests.harness.inference_helpers import tiny_models
-
-pytestmark = pytest.mark.slow
-
-MESSAGES = [{"role": "user", "content": "Tell me about the tide and the moon."}]
-MAX_TOKENS = 24
-
-_REFERENCE = textwrap.dedent(
-    """
-    import json, sys
-    from exo.inference.blas import load_optimized_blas
-    load_optimized_blas()
-    import mlx_lm
-    request = json.load(sys.stdin)
-    model, tokenizer = mlx_lm.load(request["model"])
-    prompt = tokenizer.apply_chat_template(request["messages"], tokenize=True, add_generation_prompt=True)
-    text = mlx_lm.generate(model, tokenizer, prompt, max_tokens=request["max_tokens"])
-    json.dump({"text": text}, sys.stdout)
-    """
+from tests.harness.pipeline_checks import (
+    MAX_TOKENS,
+    MESSAGES,
+    chat,
+    delete,
+    kill_mid_stream,
+    place,
+    re_placed_without,
+    reference_text,
 )
 
-
-def reference_text(model: Path) -> str:
-    request = {"model": str(model), "messages": MESSAGES, "max_tokens": MAX_TOKENS}
-    completed = subprocess.run(
-        [sys.executable, "-c", _REFERENCE],
-        input=json.dumps(request).encode(),
-        capture_output=True,
-        check=True,
-    )
-    return str(json.loads(completed.stdout)["text"])
-
-
-def chat(node: NodeProcess, model_id: str, **extra: Any) -> httpx.Response:
-    body = {"model": model_id, "messages": MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 0, **extra}
-    return node.post("/v1/chat/completions", body, timeout=120)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -79,23 +53,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Any:
             "three nodes agree",
         )
         yield running
-
-
-def place(node: NodeProcess, model_id: str, stages: int) -> dict[str, Any]:
-    response = node.post(
-        "/place_instance", {"model_id": model_id, "sharding": "Pipeline", "min_nodes": stages}
-    )
-    assert response.status_code == 200, response.text
-    instance_id = response.json()["instance_id"]
-    return wait_until(
-        lambda: (i := node.get(f"/instance/{instance_id}"))["status"] == "ready" and i,
-        60,
-        f"{stages}-stage {model_id} ready",
-    )
-
-
-def delete(node: NodeProcess, instance_id: str) -> None:
-    assert httpx.delete(f"{node.url}/instance/{instance_id}", timeout=30).status_code == 200
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
@@ -162,31 +119,9 @@ def test_killing_a_stage_mid_stream_ends_the_stream_with_an_error(cluster: Loopb
     victim = next(
         node for node in cluster.nodes if node is not api_node and node.name != instance_master(api_node)
     )
-    body = {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 2000, "temperature": 0, "stream": True}
-    got_error = False
-    with httpx.stream("POST", api_node.url + "/v1/chat/completions", json=body, timeout=60) as response:
-        lines = response.iter_lines()
-        for line in lines:
-            if line.startswith("data: {"):
-                break
-        killed_at = time.monotonic()
-        victim.kill(signal.SIGKILL)
-        for line in lines:
-            if line.startswith("data: {") and '"error"' in line:
-                got_error = True
-        ended_after = time.monotonic() - killed_at
-    assert got_error, "the stream ended without an error event"
-    assert ended_after < 10, f"the stream took {ended_after:.1f}s to end"
+    kill_mid_stream(api_node, victim, "tiny-llama")
     # The master re-places the model on the two survivors and it answers again.
-    replaced = wait_until(
-        lambda: [
-            i
-            for i in api_node.state()["instances"].values()
-            if i["status"] == "ready" and victim.name not in i["shard_assignments"]
-        ],
-        60,
-        "the instance re-placed on the surviving nodes",
-    )
+    replaced = re_placed_without(api_node, victim)
     assert instance["instance_id"] not in api_node.state()["instances"]
     assert replaced[0]["model_id"] == "tiny-llama"
     response = chat(api_node, "tiny-llama")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +13,17 @@ import pytest
 
 from tests.harness.cluster_harness import LoopbackCluster, NodeProcess, wait_until
 from tests.harness.inference_helpers import tiny_models
+from tests.harness.pipeline_checks import (
+    MAX_TOKENS,
+    MESSAGES,
+    chat,
+    delete,
+    kill_mid_stream,
+    place,
+    re_placed_without,
+    reference_text,
+)
 from tests.harness.tensor_reference import mlx_lm_tensor_texts
-from tests.test_pipeline_cluster import MAX_TOKENS, MESSAGES, chat, delete, place, reference_text
 
 PROMPTS = [
     "Tell me about the tide and the moon.",
@@ -173,31 +180,9 @@ def test_killing_a_rank_mid_stream_fails_the_request_fast_and_re_places(cluster:
     api_node, victim = cluster.nodes
     clear(api_node)
     instance = place_tensor(api_node, "tiny-llama", 2)
-    body = {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 2000, "temperature": 0, "stream": True}
-    got_error = False
-    with httpx.stream("POST", api_node.url + "/v1/chat/completions", json=body, timeout=60) as response:
-        lines = response.iter_lines()
-        for line in lines:
-            if line.startswith("data: {"):
-                break
-        killed_at = time.monotonic()
-        victim.kill(signal.SIGKILL)
-        for line in lines:
-            if line.startswith("data: {") and '"error"' in line:
-                got_error = True
-        ended_after = time.monotonic() - killed_at
-    assert got_error, "the stream ended without an error event"
-    assert ended_after < 10, f"the stream took {ended_after:.1f}s to end"
+    kill_mid_stream(api_node, victim, "tiny-llama")
     # The survivor's rank left its runner (no hang in a collective) and the model is re-placed there.
-    replaced = wait_until(
-        lambda: [
-            i
-            for i in api_node.state()["instances"].values()
-            if i["status"] == "ready" and victim.name not in i["shard_assignments"]
-        ],
-        60,
-        "the instance re-placed on the surviving node",
-    )
+    replaced = re_placed_without(api_node, victim)
     assert instance["instance_id"] not in api_node.state()["instances"]
     assert replaced[0]["sharding"] == "Tensor"
     response = chat(api_node, "tiny-llama")
