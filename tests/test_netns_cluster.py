@@ -301,7 +301,10 @@ def test_stream_survives_master_killed_under_a_two_stage_pipeline(tmp_path: Path
         # The master has no copy of the model, so the pipeline must go on the other two nodes.
         shutil.rmtree(master.models_dir / MODEL)
         cluster.wait_until(
-            lambda: all(model["id"] != MODEL for model in master.get("/models")["data"]),
+            # GET /models lists the cluster's models; `local` says whether this node holds one.
+            lambda: all(
+                model["id"] != MODEL or not model["local"] for model in master.get("/models")["data"]
+            ),
             10,
             f"{master.node_id} no longer lists {MODEL}",
         )

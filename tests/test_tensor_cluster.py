@@ -133,7 +133,7 @@ def test_same_tokens_as_mlx_lm_tensor_parallel_and_logprobs_within_tolerance_of_
 def test_streaming_concurrent_streams_sampling_and_cancellation(cluster: LoopbackCluster) -> None:
     node = cluster.nodes[1]
     clear(node)
-    place_tensor(node, "tiny-llama", 2)
+    instance_id = place_tensor(node, "tiny-llama", 2)["instance_id"]
     text = chat(node, "tiny-llama").json()["choices"][0]["message"]["content"]
     chunks: list[str] = []
     body = {
@@ -159,20 +159,20 @@ def test_streaming_concurrent_streams_sampling_and_cancellation(cluster: Loopbac
                 break
     again = chat(node, "tiny-llama")
     assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] == text
-    runners = wait_until(
+    # This instance's ranks only: a runner of an instance an earlier test deleted may still be
+    # stopping on a node, with its own counters.
+    ranks = wait_until(
         lambda: (
-            (status := [n.get("/node_status")["runners"] for n in cluster.nodes])
+            (found := [n.get("/node_status")["runners"].get(instance_id) for n in cluster.nodes])
             and all(
-                r["stats"] is not None and r["stats"]["active_requests"] == 0
-                for s in status
-                for r in s.values()
+                r is not None and r["stats"] is not None and r["stats"]["active_requests"] == 0 for r in found
             )
-            and status
+            and found
         ),
         30,
         "every rank freed the abandoned request",
     )
-    steps = {r["stats"]["steps_done"] for s in runners for r in s.values()}
+    steps = {rank["stats"]["steps_done"] for rank in ranks if rank is not None}
     assert len(steps) == 1, f"the ranks ran different numbers of passes: {steps}"
 
 

@@ -252,14 +252,7 @@ class Worker:
                 )
                 self._send(runner.runner_id, Shutdown())
             return
-        runner.load = LoadShard(
-            instance_id=decision.instance_id,
-            model_id=decision.model_id,
-            model_path=model.path,
-            start_layer=decision.assignment.start_layer,
-            end_layer=decision.assignment.end_layer,
-            n_layers=decision.assignment.n_layers,
-        )
+        runner.load = load_order(decision, model.path)
         if runner.status != "starting":
             return
         self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "loading")])
@@ -275,17 +268,7 @@ class Worker:
                 decision.instance_id, runner_id, f"model not available on {self.node_id}: {error}"
             )
             return
-        load = LoadShard(
-            instance_id=decision.instance_id,
-            model_id=decision.model_id,
-            model_path=model.path,
-            start_layer=decision.assignment.start_layer,
-            end_layer=decision.assignment.end_layer,
-            n_layers=decision.assignment.n_layers,
-            rank=decision.assignment.rank,
-            size=decision.assignment.size,
-            placed_weights=decision.placed_weights,
-        )
+        load = load_order(decision, model.path)
         runner = LocalRunner(decision.instance_id, runner_id, load)
         self.runners[decision.instance_id] = runner
         argv = self.runner_argv(runner_id)
@@ -430,3 +413,19 @@ class Worker:
             }
             for instance_id, runner in self.runners.items()
         }
+
+
+def load_order(decision: StartRunner, model_path: str) -> LoadShard:
+    """What a runner loads for a start decision: its layers, its tensor rank, its representation
+    (one place, so the download-first path and the direct one cannot drift apart)."""
+    return LoadShard(
+        instance_id=decision.instance_id,
+        model_id=decision.model_id,
+        model_path=model_path,
+        start_layer=decision.assignment.start_layer,
+        end_layer=decision.assignment.end_layer,
+        n_layers=decision.assignment.n_layers,
+        rank=decision.assignment.rank,
+        size=decision.assignment.size,
+        placed_weights=decision.placed_weights,
+    )
