@@ -11,7 +11,7 @@ from tests.harness.cluster_harness import free_port
 
 def test_an_unreachable_node_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    assert main(["remove", "node1", "--api", url]) == 1
+    assert main(["remove", "node1", "--api-url", url]) == 1
     error = capsys.readouterr().err
     assert error.startswith(f"exo cluster remove: cannot reach {url}") and error.count("\n") == 1
 

@@ -21,7 +21,13 @@ def main(argv: list[str]) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     remove = commands.add_parser("remove", help="remove a member that is gone for good")
     remove.add_argument("node_id", help="the node to remove (see GET /state's nodes)")
-    remove.add_argument("--api", default="http://127.0.0.1:52415", help="a running node's API URL")
+    remove.add_argument(
+        "--api-url",
+        "--api",
+        dest="api",
+        default=os.environ.get("EXO_API_URL") or "http://127.0.0.1:52415",
+        help="a running node's API URL (env EXO_API_URL), as `exo models` and `exo status` take it",
+    )
     remove.add_argument("--api-key", default=os.environ.get("EXO_API_KEY"), help="env EXO_API_KEY")
     args = parser.parse_args(argv)
     url = f"{args.api.rstrip('/')}/node/{urllib.parse.quote(args.node_id, safe='')}"
