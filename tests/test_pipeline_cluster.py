@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.harness.cluster_harness import LoopbackCluster, NodeProcess, wait_until
-from tests.harness.inference_helpers import tiny_models
 from tests.harness.pipeline_checks import (
     MAX_TOKENS,
     MESSAGES,
+    agreeing_cluster,
     chat,
+    copy_tiny_models,
     delete,
     kill_mid_stream,
     place,
@@ -31,27 +31,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    for architecture, folder in tiny_models().items():
-        shutil.copytree(folder, root / f"tiny-{architecture}")
-    return root
+    return copy_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Any:
-    with LoopbackCluster(
-        tmp_path_factory.mktemp("pipeline"), 3, ["--models-dir", str(models_dir)]
-    ) as running:
-        running.start_all()
-        wait_until(
-            lambda: (
-                (s := running.converged())
-                and sum(n["status"] == "alive" for n in s["nodes"].values()) == 3
-                and s["master_node_id"]
-            ),
-            90,
-            "three nodes agree",
-        )
+def cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[LoopbackCluster]:
+    with agreeing_cluster(tmp_path_factory.mktemp("pipeline"), 3, models_dir) as running:
         yield running
 
 

@@ -4,17 +4,21 @@ deleting instances, and killing a node while a stream is running."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.harness.cluster_harness import NodeProcess, wait_until
+from tests.harness.cluster_harness import LoopbackCluster, NodeProcess, wait_until
+from tests.harness.inference_helpers import tiny_models
 
 MESSAGES = [{"role": "user", "content": "Tell me about the tide and the moon."}]
 MAX_TOKENS = 24
@@ -98,3 +102,27 @@ def re_placed_without(api_node: NodeProcess, victim: NodeProcess) -> list[dict[s
         60,
         f"the instance re-placed without {victim.name}",
     )
+
+
+def copy_tiny_models(root: Path) -> Path:
+    """A models dir holding the tiny synthetic models as `tiny-<architecture>`."""
+    for architecture, folder in tiny_models().items():
+        shutil.copytree(folder, root / f"tiny-{architecture}")
+    return root
+
+
+@contextmanager
+def agreeing_cluster(root: Path, size: int, models_dir: Path) -> Iterator[LoopbackCluster]:
+    """`size` nodes on loopback sharing `models_dir`, once they agree on a master with all alive."""
+    with LoopbackCluster(root, size, ["--models-dir", str(models_dir)]) as running:
+        running.start_all()
+        wait_until(
+            lambda: (
+                (s := running.converged())
+                and sum(n["status"] == "alive" for n in s["nodes"].values()) == size
+                and s["master_node_id"]
+            ),
+            90,
+            f"{size} nodes agree",
+        )
+        yield running
