@@ -29,6 +29,7 @@ from exo.core.messages import (
     RemoveNode,
 )
 from exo.core.models import ModelFootprint, ModelInfo
+from exo.core.placement import TENSOR_STALL_MARK
 from exo.core.state import State, apply
 from exo.node.worker import LocalRunner, Worker
 from exo.roles.commands import decide, replacement_events, reserved_bytes
@@ -268,3 +269,30 @@ def test_a_tensor_instance_is_replaced_when_a_node_went_although_a_survivor_fail
     created = events[1]
     assert isinstance(created, InstanceCreated) and created.sharding == "Tensor"
     assert created.shard_assignments == {"a": ShardAssignment(0, 12, 12, 0, 1)}
+
+
+def test_a_tensor_instance_whose_ranks_cut_a_frozen_peer_is_replaced_on_the_same_nodes() -> None:
+    """Every node is alive (a rank's runner froze, its node did not): the rank that cut the ring
+    names the stall, whichever rank's failure came first, and the instance is placed afresh.
+    A tensor instance that failed for another reason with its nodes alive stays failed."""
+    assignments = {"a": ShardAssignment(0, 12, 12, 0, 2), "b": ShardAssignment(0, 12, 12, 1, 2)}
+    joined = [NodeJoined("a", "a:1", 16 * GIB, 8 * GIB), NodeJoined("b", "b:1", 16 * GIB, 8 * GIB)]
+    created = InstanceCreated("i-1", "m", "Tensor", assignments, min_nodes=2)
+    lost = RunnerStatusUpdated(
+        "i-1", "b", "failed", "tensor pass failed: [ring] connection to a peer was lost"
+    )
+    stalled = RunnerStatusUpdated(
+        "i-1", "a", "failed", f"{TENSOR_STALL_MARK}: rank 0's forward pass did not finish within 5 s"
+    )
+    state = state_of(*joined, created, lost, stalled)
+    assert state.instances["i-1"].failure_reason == lost.reason  # the first failure names the instance
+    events = replacement_events(state, {"m": {"a", "b"}}, lambda model_id: TENSOR_FOOTPRINT, lambda: "i-2")
+    assert events[0] == InstanceDeleted("i-1")
+    replaced = events[1]
+    assert isinstance(replaced, InstanceCreated) and replaced.sharding == "Tensor"
+    assert sorted(replaced.shard_assignments) == ["a", "b"]
+    only_lost = state_of(*joined, created, lost)
+    assert (
+        replacement_events(only_lost, {"m": {"a", "b"}}, lambda model_id: TENSOR_FOOTPRINT, lambda: "i-2")
+        == []
+    )

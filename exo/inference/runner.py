@@ -50,6 +50,7 @@ from exo.inference.protocol import (
 from exo.inference.runner_options import RunnerOptions, parse_arguments, runner_command
 
 if TYPE_CHECKING:
+    from exo.inference.ring_watchdog import PassWatchdog
     from exo.inference.stage import Outgoing, PipelineStage
     from exo.inference.tensor import StepFollower, StepLeader
 
@@ -190,6 +191,7 @@ class Runner:
         self.waiting_for_ring: LoadShard | None = None
         self.leader: StepLeader | None = None
         self.follower: StepFollower | None = None
+        self.watchdog: PassWatchdog | None = None  # a tensor rank's bound on a pass (ring_watchdog)
         self.dropped_control_frames = 0
         self.exit_code = 0
         self._parent_pid = os.getppid()
@@ -264,7 +266,34 @@ class Runner:
             self.leader = StepLeader(ring.activation_addresses[1:])
         else:
             self.follower = StepFollower()
-        return self.load_shard(command, group)
+        self.load_shard(command, group)
+        if self.lifecycle == "ready":
+            self.watch_passes(ring.hosts, command.rank)
+        return None
+
+    def watch_passes(self, hosts: list[str], rank: int) -> None:
+        """Start the bound on a pass stuck in a collective (exo.inference.ring_watchdog)."""
+        from exo.inference.ring_watchdog import (
+            PassWatchdog,
+            cut_ring_connections,
+            pass_timeout_from_environment,
+            ring_endpoints,
+        )
+
+        try:
+            timeout = pass_timeout_from_environment()
+        except ValueError as error:
+            return self.fail(str(error))
+        own_port, peers = ring_endpoints(hosts, rank)
+
+        def interrupted(reason: str) -> None:
+            if self.stage is not None:
+                self.stage.interrupted_because = reason
+
+        cut = lambda: cut_ring_connections(own_port, peers)  # noqa: E731
+        self.watchdog = PassWatchdog(timeout, rank, cut, interrupted)
+        self.watchdog.start()
+        return None
 
     def bind_activations(self) -> None:
         if self.activations is not None:
@@ -434,8 +463,19 @@ class Runner:
                 return self.fail(
                     f"tensor rank out of step: rank 0 ran step {step.turn}, this rank has no work"
                 )
-            self.stage.run_next()
+            self.run_pass()
         return self.check_fatal()
+
+    def run_pass(self) -> list[Outgoing]:
+        """The stage's next pass, watched on a tensor rank (a frozen peer must not block it forever)."""
+        assert self.stage is not None
+        if self.watchdog is None:
+            return self.stage.run_next()
+        self.watchdog.begin()
+        try:
+            return self.stage.run_next()
+        finally:
+            self.watchdog.end()
 
     def check_fatal(self) -> None:
         if self.stage is not None and self.stage.fatal_error is not None and self.lifecycle == "ready":
@@ -498,7 +538,7 @@ class Runner:
                     if self.stage.has_work():
                         if self.leader is not None and not self.share_step(run=True):
                             break
-                        self.send_all(self.stage.run_next())
+                        self.send_all(self.run_pass())
                         self.check_fatal()
                         if self.lifecycle == "stopping":
                             break
@@ -540,6 +580,8 @@ class Runner:
     def close(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        if self.watchdog is not None:
+            self.watchdog.stop()
         self.pushes.close()
         if self.activations is not None:
             self.activations.close(linger=0)

@@ -86,6 +86,9 @@ class PipelineStage:
         self.in_flight: LaunchedPass | None = None  # launched, its result not yet taken
         self.counters = StageCounters()
         self.fatal_error: str | None = None  # set when this stage can serve nothing more
+        # Why a tensor rank's pass was broken off (its watchdog cut the ring): said instead of MLX's
+        # "connection lost", which would blame a peer that is alive but frozen.
+        self.interrupted_because: str | None = None
         self.admission: AdmissionQueue[GenerationStarted] = AdmissionQueue(
             max_active_requests, max_waiting_requests
         )
@@ -465,10 +468,11 @@ class PipelineStage:
         if self.shard.tensor_group is not None:
             # A tensor rank's failed pass (a lost ring peer, or one rank failing where others did
             # not) leaves the ranks out of step: the runner must stop, not take the next request.
-            self.fatal_error = f"tensor pass failed: {error}"
+            self.fatal_error = self.interrupted_because or f"tensor pass failed: {error}"
+        why = self.interrupted_because or error
         outgoing: list[Outgoing] = []
         for state, _ in batch:
-            outgoing.extend(self._abort(state, f"stage {self.address} failed: {error}"))
+            outgoing.extend(self._abort(state, f"stage {self.address} failed: {why}"))
         return outgoing
 
     def _sampled(

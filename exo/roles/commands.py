@@ -21,7 +21,7 @@ from exo.core.messages import (
     RemoveNode,
 )
 from exo.core.models import ModelFootprint
-from exo.core.placement import Placement, PlacementRefusal
+from exo.core.placement import TENSOR_STALL_MARK, Placement, PlacementRefusal
 from exo.core.state import Instance, State
 from exo.roles.placement import place
 from exo.roles.tensor_placement import place_tensor
@@ -133,13 +133,23 @@ def _tensor_rank_gone(state: State, instance: Instance) -> bool:
     )
 
 
+def _tensor_rank_stalled(instance: Instance) -> bool:
+    """A tensor instance whose ranks cut their ring because a peer froze in a collective: its
+    nodes are alive, and a fresh instance (the frozen runner is killed when this one is deleted)
+    can serve again."""
+    return instance.sharding == "Tensor" and any(
+        (runner.reason or "").startswith(TENSOR_STALL_MARK) for runner in instance.runners.values()
+    )
+
+
 def replacement_events(
     state: State,
     nodes_with_model: Mapping[str, set[str]],
     footprint_of: Callable[[str], ModelFootprint | None],
     new_instance_id: Callable[[], str],
 ) -> list[Event]:
-    """Re-place every instance that failed because a stage's node went away, on the nodes still alive.
+    """Re-place every instance that failed because a stage's node went away (or, for a tensor
+    instance, a rank froze and the others cut their ring), on the nodes still alive.
 
     The failed instance is deleted and a new one created (same model, at least the `min_nodes` it was
     placed with, or every node left that has the model when fewer remain), so requests in flight on
@@ -148,7 +158,9 @@ def replacement_events(
     events: list[Event] = []
     for instance_id, instance in sorted(state.instances.items()):
         if instance.status != "failed" or not (
-            gone_node_failure(instance.failure_reason) or _tensor_rank_gone(state, instance)
+            gone_node_failure(instance.failure_reason)
+            or _tensor_rank_gone(state, instance)
+            or _tensor_rank_stalled(instance)
         ):
             continue
         footprint = footprint_of(instance.model_id)
