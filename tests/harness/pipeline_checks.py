@@ -112,9 +112,14 @@ def copy_tiny_models(root: Path) -> Path:
 
 
 @contextmanager
-def agreeing_cluster(root: Path, size: int, models_dir: Path) -> Iterator[LoopbackCluster]:
-    """`size` nodes on loopback sharing `models_dir`, once they agree on a master with all alive."""
+def agreeing_cluster(
+    root: Path, size: int, models_dir: Path, env: dict[str, str] | None = None
+) -> Iterator[LoopbackCluster]:
+    """`size` nodes on loopback sharing `models_dir` (and `env` added to their environment, which
+    their runners inherit), once they agree on a master with all alive."""
     with LoopbackCluster(root, size, ["--models-dir", str(models_dir)]) as running:
+        for node in running.nodes:
+            node.env.update(env or {})
         running.start_all()
         wait_until(
             lambda: (

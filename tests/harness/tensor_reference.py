@@ -29,6 +29,8 @@ _SCRIPT = textwrap.dedent(
     request = json.loads(open(sys.argv[1]).read())
     group = mx.distributed.init(strict=True, backend="ring")
     model, tokenizer = sharded_load(request["model"], tensor_group=group)
+    if request["upcast"]:  # what exo holds on the CPU: bf16 and quantization scales widened
+        model.set_dtype(mx.float32)
     texts = []
     for messages in request["conversations"]:
         prompt = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
@@ -40,9 +42,20 @@ _SCRIPT = textwrap.dedent(
 
 
 def mlx_lm_tensor_texts(
-    model: Path, conversations: list[list[dict[str, Any]]], max_tokens: int, ranks: int = 2
+    model: Path,
+    conversations: list[list[dict[str, Any]]],
+    max_tokens: int,
+    ranks: int = 2,
+    upcast: bool = False,
 ) -> list[str]:
-    request = {"model": str(model), "conversations": conversations, "max_tokens": max_tokens}
+    """Rank 0's greedy texts; `upcast` widens every floating array to float32 after the load
+    (`set_dtype`, as exo's `--weights-dtype auto` holds a bfloat16 or quantized checkpoint on a CPU)."""
+    request = {
+        "model": str(model),
+        "conversations": conversations,
+        "max_tokens": max_tokens,
+        "upcast": upcast,
+    }
     with tempfile.TemporaryDirectory(prefix="exo-mlx-ring-") as folder:
         request_file = Path(folder) / "request.json"
         request_file.write_text(json.dumps(request))
