@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from exo.core.placement import TENSOR_STALL_MARK
+from exo.inference.protocol import LoadShard, RingListening, RunnerFailed, RunnerStarted
 from exo.inference.ring_watchdog import (
     DEFAULT_PASS_TIMEOUT,
     PassWatchdog,
@@ -22,6 +23,7 @@ from exo.inference.ring_watchdog import (
     ring_endpoints,
 )
 from tests.harness.cluster_harness import free_port, wait_until
+from tests.harness.inference_helpers import N_LAYERS, ControlServer, spawn_runner, stop_runners, tiny_models
 
 
 def test_the_bound_comes_from_the_environment_and_bad_values_are_refused() -> None:
@@ -113,3 +115,21 @@ def test_a_collective_blocked_on_a_stopped_peer_raises_once_the_watchdog_cuts_th
     assert report["outcome"] == "[ring] connection to a peer was lost"
     assert report["cut"] and report["cut"][0] >= 1
     assert report["fired"].startswith(TENSOR_STALL_MARK)
+
+
+def test_a_tensor_rank_refuses_a_bad_bound_before_it_listens(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXO_TENSOR_PASS_TIMEOUT", "soon")  # the runner inherits it, as from its node
+    control = ControlServer()
+    runner = spawn_runner(control)
+    try:
+        control.receive(runner.runner_id, (RunnerStarted,))
+        model = tiny_models()["llama"]
+        control.send(
+            runner.runner_id, LoadShard("i", "tiny", str(model), 0, N_LAYERS, N_LAYERS, rank=1, size=2)
+        )
+        failed = control.receive(runner.runner_id, (RunnerFailed, RingListening))
+        assert isinstance(failed, RunnerFailed)
+        assert failed.reason == "EXO_TENSOR_PASS_TIMEOUT must be a number of seconds, got 'soon'"
+    finally:
+        stop_runners(control, [runner])
+        control.close()

@@ -239,6 +239,12 @@ class Runner:
 
         if not 0 <= command.rank < command.size:
             return self.fail(f"rank {command.rank} is outside a tensor group of {command.size}")
+        from exo.inference.ring_watchdog import pass_timeout_from_environment
+
+        try:
+            pass_timeout_from_environment()  # a bad bound fails the rank now, not once loaded
+        except ValueError as error:
+            return self.fail(str(error))
         # The ring listens on the one address peers reach this node at, never on every interface.
         host = self.options.advertise_host or self.options.activation_host
         if host in ("0.0.0.0", "::", "*", ""):
@@ -280,10 +286,7 @@ class Runner:
             ring_endpoints,
         )
 
-        try:
-            timeout = pass_timeout_from_environment()
-        except ValueError as error:
-            return self.fail(str(error))
+        timeout = pass_timeout_from_environment()  # checked in `load`
         own_port, peers = ring_endpoints(hosts, rank)
 
         def interrupted(reason: str) -> None:
@@ -293,7 +296,6 @@ class Runner:
         cut = lambda: cut_ring_connections(own_port, peers)  # noqa: E731
         self.watchdog = PassWatchdog(timeout, rank, cut, interrupted)
         self.watchdog.start()
-        return None
 
     def bind_activations(self) -> None:
         if self.activations is not None:
