@@ -7,7 +7,10 @@
    holds the command's round trip to the master), and stops when the page's MutationObserver sees
    the instance's row. p50 and p95.
 3. Single-stream decode with the dashboard open and `/metrics` scraped every second, against neither;
-   rounds interleaved (A, B, A, B, ...) on the same node, the ratio of medians.
+   rounds interleaved on the same node, in ABBA order (so a load that drifts during the run does not
+   favour one side): the ratio of medians, each round pair's ratio (median and spread), and the node
+   process's own CPU time per token (its event loop: the API, the feed, the scrape; not the runner),
+   a figure that other work on a shared machine blurs far less than tokens/s.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import psutil
@@ -74,7 +78,12 @@ def event_latencies(cluster: LoopbackCluster) -> list[float]:
     return latencies
 
 
-def decode_rate(url: str) -> float:
+class Decoded(NamedTuple):
+    tokens_per_s: float
+    node_cpu_ms_per_token: float
+
+
+def decode_rate(url: str, node: psutil.Process | None = None) -> Decoded:
     body = {
         "model": "exo-tiny",
         "messages": [{"role": "user", "content": "Tell me about the tide and the moon."}],
@@ -84,6 +93,7 @@ def decode_rate(url: str) -> float:
     }
     first = last = None
     tokens = 0
+    before = node.cpu_times() if node is not None else None
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
         for line in response.iter_lines():
             if line.startswith("data: {") and '"content"' in line:
@@ -92,20 +102,42 @@ def decode_rate(url: str) -> float:
                 last = now
                 tokens += 1
     assert first is not None and last is not None and tokens > 10, tokens
-    return (tokens - 1) / (last - first)
+    cpu_ms = 0.0
+    if node is not None and before is not None:
+        after = node.cpu_times()
+        cpu_ms = (after.user + after.system - before.user - before.system) * 1000
+    return Decoded((tokens - 1) / (last - first), cpu_ms / tokens)
 
 
-def decode_ratio(cluster: LoopbackCluster, rounds: int) -> tuple[float, float, list[float], list[float]]:
+class DecodeRounds(NamedTuple):
+    plain: list[Decoded]
+    watched: list[Decoded]
+
+    def ratio_of_medians(self) -> float:
+        return statistics.median(d.tokens_per_s for d in self.watched) / statistics.median(
+            d.tokens_per_s for d in self.plain
+        )
+
+    def pair_ratios(self) -> list[float]:
+        return [w.tokens_per_s / p.tokens_per_s for p, w in zip(self.plain, self.watched, strict=True)]
+
+
+def decode_ratio(cluster: LoopbackCluster, rounds: int) -> DecodeRounds:
     node = cluster.nodes[0]
+    assert node.process is not None
+    process = psutil.Process(node.process.pid)
     node.post("/place_instance", {"model_id": "exo-tiny", "min_nodes": 1}).raise_for_status()
     wait_until(lambda: any(i["status"] == "ready" for i in node.state()["instances"].values()), 120, "ready")
     decode_rate(node.url)  # warm-up
-    plain: list[float] = []
-    watched: list[float] = []
+    plain: list[Decoded] = []
+    watched: list[Decoded] = []
     with chromium() as driver:
-        for _ in range(rounds):
+
+        def without() -> None:
             driver.get("about:blank")
-            plain.append(decode_rate(node.url))
+            plain.append(decode_rate(node.url, process))
+
+        def with_dashboard() -> None:
             driver.get(node.url + "/")
             wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#nodes tr[data-node]"), 20, "nodes")
             stop = threading.Event()
@@ -117,11 +149,15 @@ def decode_ratio(cluster: LoopbackCluster, rounds: int) -> tuple[float, float, l
             scraper = threading.Thread(target=scrape)
             scraper.start()
             try:
-                watched.append(decode_rate(node.url))
+                watched.append(decode_rate(node.url, process))
             finally:
                 stop.set()
                 scraper.join()
-    return statistics.median(plain), statistics.median(watched), plain, watched
+
+        for round_number in range(rounds):  # ABBA: A B, B A, A B, ...
+            for run in (without, with_dashboard) if round_number % 2 == 0 else (with_dashboard, without):
+                run()
+    return DecodeRounds(plain, watched)
 
 
 def node_cpu_cost(
@@ -185,9 +221,19 @@ def main() -> None:
                 shown = [shown for _, shown in paints]
                 print(f"first contentful paint ms: median {statistics.median(fcp):.0f}, {fcp}")
                 print(f"cluster shown ms: median {statistics.median(shown):.0f}, max {max(shown):.0f}")
-            high, low, plain, watched = decode_ratio(single, args.decode_rounds)
-            print(f"decode tok/s: neither {high:.1f} {plain}; dashboard+metrics {low:.1f} {watched}")
-            print(f"decode ratio: {low / high:.3f}")
+            decoded = decode_ratio(single, args.decode_rounds)
+            for name, runs in (("neither", decoded.plain), ("dashboard+metrics", decoded.watched)):
+                rates = [round(d.tokens_per_s, 1) for d in runs]
+                cpu = [round(d.node_cpu_ms_per_token, 3) for d in runs]
+                print(f"decode tok/s {name}: median {statistics.median(rates):.1f} {rates}")
+                print(f"node CPU ms/token {name}: median {statistics.median(cpu):.3f} {cpu}")
+            pairs = sorted(decoded.pair_ratios())
+            quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3
+            print(f"decode ratio of medians: {decoded.ratio_of_medians():.3f}")
+            print(
+                f"decode ratio per round pair: median {statistics.median(pairs):.3f}, "
+                f"quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, range {pairs[0]:.3f}-{pairs[-1]:.3f}"
+            )
         if args.decode_only:
             return
         with LoopbackCluster(Path(root) / "events", 3) as cluster:
