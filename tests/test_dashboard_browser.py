@@ -140,6 +140,8 @@ def test_a_chat_streams_tokens_into_the_page(page: webdriver.Chrome, shots: Path
     assert page.find_elements(By.CSS_SELECTOR, "#trace .stages .fill.sampling")
     assert page.find_elements(By.CSS_SELECTOR, "#trace .stages .fill.hop")
     assert len(page.find_elements(By.CSS_SELECTOR, "#trace .stage-figures tr")) == 4
+    js(page, "document.getElementById('trace-section').scrollIntoView()")
+    screenshot(page, shots, "trace")
     js(page, "document.getElementById('chat-section').scrollIntoView()")
     screenshot(page, shots, "chat")
 
