@@ -232,6 +232,8 @@ def _stage_order(shard: Any) -> int:
 
 
 def _layers(shard: Any) -> str:
+    if getattr(shard, "size", 1) > 1:  # a tensor rank holds a slice of every layer
+        return f"rank {shard.rank} of {shard.size}"
     if hasattr(shard, "start_layer"):
         return f"layers {shard.start_layer}-{shard.end_layer}"
     return f"rank {getattr(shard, 'rank', '?')}"
