@@ -131,6 +131,17 @@ def test_a_chat_streams_tokens_into_the_page(page: webdriver.Chrome, shots: Path
     assert "TTFT" in stats and "tok/s" in stats, stats
     assert js(page, "return window.updates") > 3
     wait_for(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#trace .bar"), 10, "the trace's timeline")
+    # The three stages' lanes (passes, the last one's sampling) and the hops between them.
+    lanes = wait_for(
+        page, lambda d: d.find_elements(By.CSS_SELECTOR, "#trace .stages .bar"), 10, "stage lanes"
+    )
+    assert len(lanes) == 4, [lane.text for lane in lanes]  # three stages and the hops
+    assert len(page.find_elements(By.CSS_SELECTOR, "#trace .stages .fill.pass")) >= 3
+    assert page.find_elements(By.CSS_SELECTOR, "#trace .stages .fill.sampling")
+    assert page.find_elements(By.CSS_SELECTOR, "#trace .stages .fill.hop")
+    assert len(page.find_elements(By.CSS_SELECTOR, "#trace .stage-figures tr")) == 4
+    js(page, "document.getElementById('trace-section').scrollIntoView()")
+    screenshot(page, shots, "trace")
     js(page, "document.getElementById('chat-section').scrollIntoView()")
     screenshot(page, shots, "chat")
 

@@ -31,6 +31,7 @@ from exo.inference.protocol import (
     GenerationFailed,
     GenerationStarted,
     StageAlive,
+    StageTimed,
     TokenSampled,
     encode,
     pipeline_decoder,
@@ -145,11 +146,15 @@ def test_stages_wired_without_sockets_generate_and_free_everything() -> None:
         for address, (a, b) in zip(route, [(0, 3), (3, 6)], strict=True)
     }
     to_requester: list[TokenSampled] = []
+    timed: list[int] = []
     inbox: list[Outgoing] = [Outgoing("tcp://s0", (encode(start_message(route)),), "r1")]
     while inbox:
         item = inbox.pop(0)
         if item.address == "tcp://requester":
             message = pipeline_decoder.decode(item.frames[0])
+            if isinstance(message, StageTimed):  # each stage's timings, as the request ends there
+                timed.append(message.timings.stage_index)
+                continue
             assert isinstance(message, TokenSampled)
             to_requester.append(message)
             continue
@@ -158,6 +163,7 @@ def test_stages_wired_without_sockets_generate_and_free_everything() -> None:
         inbox.extend(stage.handle_frames(frames))
         inbox.extend(run_all(stage))
     assert [sampled.step for sampled in to_requester] == [0, 1, 2]
+    assert sorted(timed) == [0, 1]
     assert to_requester[-1].finish_reason == "length"
     for stage in stages.values():
         assert stage.requests == {}

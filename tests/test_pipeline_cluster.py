@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -60,6 +61,48 @@ def test_greedy_output_equals_mlx_lm_through_1_2_and_3_stages(
             assert answer["choices"][0]["message"]["content"] == expected, f"{stages} stages via {node.name}"
             assert answer["usage"]["completion_tokens"] <= MAX_TOKENS
         delete(cluster.nodes[0], instance["instance_id"])
+
+
+def stage_passes(trace: dict[str, Any], stage: int) -> dict[int, dict[str, Any]]:
+    return {
+        span["step"]: span for span in trace["spans"] if span["name"] == "pass" and span["stage"] == stage
+    }
+
+
+@pytest.mark.parametrize("stages", [2, 1])
+def test_a_generations_trace_has_each_stages_passes_hops_and_sampling(
+    cluster: LoopbackCluster, stages: int
+) -> None:
+    instance = place(cluster.nodes[0], "tiny-llama", stages)
+    holders = sorted(
+        instance["shard_assignments"], key=lambda node: instance["shard_assignments"][node]["start_layer"]
+    )
+    requester = next((node for node in cluster.nodes if node.name not in holders), cluster.nodes[0])
+    try:
+        answer = chat(requester, "tiny-llama", max_tokens=MAX_TOKENS)
+        assert answer.status_code == 200, answer.text
+        trace = requester.get(f"/v1/traces/{answer.json()['id']}", timeout=10)
+    finally:
+        delete(cluster.nodes[0], instance["instance_id"])
+    tokens = answer.json()["usage"]["completion_tokens"]
+    assert [stage["node_id"] for stage in trace["stages"]] == holders
+    assert all(stage["steps"] >= tokens and stage["pass_ms"]["mean"] > 0 for stage in trace["stages"])
+    assert trace["stages"][-1]["sampling_ms"]["mean"] > 0  # the last stage samples
+    assert stages == 1 or not trace["stages"][0]["sampling_ms"]
+    passes = [stage_passes(trace, index) for index in range(stages)]
+    traced = sorted(passes[0])
+    assert traced == list(range(min(tokens, 16))) and all(sorted(lane) == traced for lane in passes)
+    for step in traced[:-1]:  # each token passes every stage in order before the next token starts
+        starts = [lane[step]["start_ms"] for lane in passes] + [passes[0][step + 1]["start_ms"]]
+        assert starts == sorted(starts), (step, starts)
+    hops = {span["detail"] for span in trace["spans"] if span["name"] == "hop"}
+    assert f"requester → {holders[0]}" in hops and f"{holders[-1]} → requester" in hops
+    if stages == 2:
+        assert {f"{holders[0]} → {holders[1]}", f"{holders[1]} → {holders[0]}"} <= hops
+        assert trace["stages"][0]["hop_ms"] is not None
+    assert len([span for span in trace["spans"] if span["name"] == "sampling"]) == len(traced)
+    assert all(span["start_ms"] >= 0 and span["duration_ms"] >= 0 for span in trace["spans"])
+    assert len(trace["spans"]) <= 5 + stages * (2 + 3 * 16)
 
 
 def test_streaming_equals_non_streaming_and_stop_and_max_tokens(cluster: LoopbackCluster) -> None:

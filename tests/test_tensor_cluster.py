@@ -78,10 +78,16 @@ def test_two_ranks_answer_as_mlx_lm_does_through_either_node(
     n_layers = next(iter(assignments))["n_layers"]
     got = sorted((a["rank"], a["size"], a["start_layer"], a["end_layer"]) for a in assignments)
     assert got == [(0, 2, 0, n_layers), (1, 2, 0, n_layers)]
+    rank0 = next(node for node, a in instance["shard_assignments"].items() if a["rank"] == 0)
     for node in cluster.nodes:
         response = chat(node, model_id)
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["message"]["content"] == expected, node.name
+        # Its trace: rank 0 answers for the instance, with its passes and sampling.
+        trace = node.get(f"/v1/traces/{response.json()['id']}", timeout=10)
+        assert [(stage["node_id"], stage["detail"]) for stage in trace["stages"]] == [(rank0, "rank 0 of 2")]
+        assert trace["stages"][0]["pass_ms"]["mean"] > 0 and trace["stages"][0]["sampling_ms"]["mean"] > 0
+        assert {span["name"] for span in trace["spans"]} >= {"pass", "sampling", "hop"}
     delete(cluster.nodes[0], instance["instance_id"])
 
 

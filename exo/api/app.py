@@ -22,7 +22,7 @@ from litestar.params import Parameter, SkipValidation
 
 from exo.api import ollama
 from exo.api.anthropic import MessagesRequest
-from exo.api.cluster_port import InstanceNotFound, ModelNotFound, NodeServices, text_tokenizer
+from exo.api.cluster_port import InstanceNotFound, ModelNotFound, NodeServices, NodeTimings, text_tokenizer
 from exo.api.completion import CompletionSettings
 from exo.api.completion_routes import COMPLETION_ROUTES
 from exo.api.dashboard_routes import DASHBOARD_ROUTES
@@ -287,7 +287,8 @@ def create_app(
     and deleted."""
     settings = completion_settings or CompletionSettings()
     live_feed = feed if feed is not None else LiveFeed()
-    telemetry = Telemetry(services.node_status, live_feed)
+    timings = services.stage_timings if isinstance(services, NodeTimings) else None
+    telemetry = Telemetry(services.node_status, live_feed, stage_timings=timings, state=services.state)
     registry = ActiveCompletions(observer=telemetry)
     responses = Responses(response_store)
 

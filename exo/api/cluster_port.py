@@ -9,7 +9,7 @@ each to an HTTP status and an OpenAI-style error object (see exo/api/errors.py).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Collection, Sequence
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 import msgspec
 
@@ -18,6 +18,7 @@ from exo.core.models import ModelInfo
 from exo.core.placement import PlacementPreview
 from exo.core.sampling import SamplingParams
 from exo.core.state import Instance, State
+from exo.core.timings import StageTimings
 
 FinishReason = Literal["stop", "length"]
 
@@ -38,6 +39,9 @@ class GeneratedToken(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     top_logprobs: list[tuple[int, float]] | None = None
     # Prompt tokens whose prefill the prefix cache skipped (usage.prompt_tokens_details.cached_tokens).
     cached_tokens: int | None = None
+    # On the first token only: the generation's id in the pipeline, under which the node keeps
+    # its stages' timings (NodeTimings.stage_timings), for the completion's trace.
+    generation_id: str | None = None
 
 
 class TokenStream(Protocol):
@@ -217,6 +221,16 @@ class NodeServices(Protocol):
 
     async def tokenizer(self, model_id: str) -> ChatTokenizer:
         """The tokenizer of `model_id` (loaded once and cached by the node). Raises ModelNotFound."""
+        ...
+
+
+@runtime_checkable
+class NodeTimings(Protocol):
+    """Services that also keep what each pipeline stage reported of a generation (the node's do)."""
+
+    async def stage_timings(self, generation_id: str, wait: float) -> list[StageTimings]:
+        """The stages' timings of a generation (GeneratedToken.generation_id), in stage order,
+        waiting up to `wait` seconds for stages that have not reported yet; empty when unknown."""
         ...
 
 

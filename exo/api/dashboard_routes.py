@@ -174,8 +174,9 @@ async def recent_traces(telemetry: Metrics) -> TraceList:
 
 @get("/v1/traces/{request_id:str}", responses=error_responses(*QUERY, 404))
 async def get_trace(telemetry: Metrics, request_id: RequestId) -> Trace:
-    """Where one generation's time went (its completion `id`); the last 512 are kept."""
-    trace = telemetry.traces.get(request_id)
+    """Where one generation's time went (its completion `id`); the last 512 are kept. Asked for
+    as the generation ends, it may wait up to a second for its stages' reports."""
+    trace = await telemetry.trace(request_id)
     if trace is None:
         raise ApiError(
             404, f"no trace for request {request_id!r} (only the last 512 are kept)", code="not_found"

@@ -81,6 +81,8 @@ class CompletionRun:
         ]
         self._queue: asyncio.Queue[QueueItem] = asyncio.Queue(QUEUE_SLOTS_PER_CHOICE * request.n)
         self._pumps: dict[int, asyncio.Task[None]] = {}
+        # Each choice's generation id in the pipeline (its first token says it): its stages' timings.
+        self.generation_ids: list[str | None] = [None] * request.n
         self.cancelled = False
         self.started_at = time.monotonic()
         # When the request arrived (before its prompt was prepared): traces start there.
@@ -228,6 +230,8 @@ class CompletionRun:
                 async for token in tokens:
                     if self._pumps.get(index) is not asyncio.current_task():
                         return  # stopped, though the cancel did not land: closing the stream frees it
+                    if token.generation_id is not None:
+                        self.generation_ids[index] = token.generation_id
                     await self._queue.put((index, token))
         except ServiceError as error:
             await self._queue.put((index, error))

@@ -9,8 +9,9 @@ time by a custom collector, so nothing on the node's hot paths knows about Prome
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -19,7 +20,13 @@ from prometheus_client.registry import Collector
 
 from exo.api.live_feed import LiveFeed
 from exo.api.runs import CompletionRun
-from exo.api.traces import MAX_GAPS, Trace, TraceSpan, TraceStore, gap_summary
+from exo.api.trace_stages import StageLabel, with_stages
+from exo.api.traces import MAX_GAPS, MAX_TRACES, Trace, TraceSpan, TraceStore, gap_summary
+from exo.core.state import State
+from exo.core.timings import StageTimings
+
+StageTimingsOf = Callable[[str, float], Awaitable[list[StageTimings]]]
+STAGE_REPORT_WAIT_S = 1.0  # how long a trace asked for at once waits for its stages' reports
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -34,12 +41,34 @@ class _RunTimes:
         self.tokens = 0
 
 
-class Telemetry:
-    """The app's metrics registry, its trace store, and the observer of every completion run."""
+class _AwaitingStages(NamedTuple):
+    """A trace whose stages' reports are still to be merged in (when it is first read)."""
 
-    def __init__(self, node_status: Callable[[], Mapping[str, Any]], feed: LiveFeed | None = None) -> None:
+    generation_id: str
+    started_ms: float
+    labels: list[StageLabel]
+
+
+class Telemetry:
+    """The app's metrics registry, its trace store, and the observer of every completion run.
+
+    With `stage_timings` (the node's token sink keeps what each stage reported of a generation), a
+    trace gets its stages' spans when it is first read: the reports come as the request ends on
+    each stage, so nothing is merged, or awaited, while tokens stream."""
+
+    def __init__(
+        self,
+        node_status: Callable[[], Mapping[str, Any]],
+        feed: LiveFeed | None = None,
+        *,
+        stage_timings: StageTimingsOf | None = None,
+        state: Callable[[], State] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.traces = TraceStore()
+        self._stage_timings = stage_timings
+        self._state = state
+        self._awaiting: OrderedDict[str, _AwaitingStages] = OrderedDict()
         self._runs: dict[str, _RunTimes] = {}
         registry = self.registry
         self.requests = Counter(
@@ -100,7 +129,34 @@ class Telemetry:
         if cached:
             self.cache_hits.inc()
             self.cache_hit_tokens.inc(cached)
-        self.traces.add(trace_of(run, times.gaps, times.tokens))
+        trace = trace_of(run, times.gaps, times.tokens)
+        self.traces.add(trace)
+        generation_id = run.generation_ids[0] if run.generation_ids else None
+        if self._stage_timings is not None and generation_id is not None:
+            started_ms = round((run.started_at - run.received_at) * 1000, 3)
+            labels: list[StageLabel] = [
+                (node, _layers(shard)) for node, shard in _stages(run.prepared.instance)
+            ]
+            self._awaiting[trace.request_id] = _AwaitingStages(generation_id, started_ms, labels)
+            while len(self._awaiting) > MAX_TRACES:
+                self._awaiting.popitem(last=False)
+
+    async def trace(self, request_id: str) -> Trace | None:
+        """A request's trace; the first read merges in what its stages reported (waiting up to
+        STAGE_REPORT_WAIT_S for reports still on their way)."""
+        awaiting = self._awaiting.get(request_id)
+        if awaiting is not None and self._stage_timings is not None:
+            reports = await self._stage_timings(awaiting.generation_id, STAGE_REPORT_WAIT_S)
+            trace = self.traces.get(request_id)
+            if self._awaiting.pop(request_id, None) is not None and trace is not None:
+                nodes = _nodes_by_address(self._state() if self._state is not None else None)
+                self.traces.replace(
+                    with_stages(
+                        trace, reports, started_ms=awaiting.started_ms, labels=awaiting.labels,
+                        nodes_by_address=nodes,
+                    )
+                )  # fmt: skip
+        return self.traces.get(request_id)
 
 
 def trace_of(run: CompletionRun, gaps: list[float], tokens: int) -> Trace:
@@ -115,7 +171,7 @@ def trace_of(run: CompletionRun, gaps: list[float], tokens: int) -> Trace:
     instance = run.prepared.instance
     spans = [TraceSpan("prepare", 0.0, ms(run.started_at), detail="chat template, tokenize, find instance")]
     first = run.first_token_at
-    stages = sorted(instance.shard_assignments.items(), key=lambda item: _stage_order(item[1]))
+    stages = _stages(instance)
     if first is not None:
         hops = " → ".join(node for node, _ in stages)
         spans.append(
@@ -154,11 +210,30 @@ def trace_of(run: CompletionRun, gaps: list[float], tokens: int) -> Trace:
     )
 
 
+def _stages(instance: Any) -> list[tuple[str, Any]]:
+    """(node, shard) of an instance in pipeline order (ranks in order for a tensor instance)."""
+    return sorted(instance.shard_assignments.items(), key=lambda item: _stage_order(item[1]))
+
+
+def _nodes_by_address(state: State | None) -> dict[str, str]:
+    """Which node each runner's activation address belongs to."""
+    if state is None:
+        return {}
+    return {
+        runner.activation_address: node_id
+        for instance in state.instances.values()
+        for node_id, runner in instance.runners.items()
+        if runner.activation_address is not None
+    }
+
+
 def _stage_order(shard: Any) -> int:
     return int(getattr(shard, "start_layer", 0) or getattr(shard, "rank", 0) or 0)
 
 
 def _layers(shard: Any) -> str:
+    if getattr(shard, "size", 1) > 1:  # a tensor rank holds a slice of every layer
+        return f"rank {shard.rank} of {shard.size}"
     if hasattr(shard, "start_layer"):
         return f"layers {shard.start_layer}-{shard.end_layer}"
     return f"rank {getattr(shard, 'rank', '?')}"

@@ -25,6 +25,28 @@ class TraceSpan(msgspec.Struct, frozen=True):
     duration_ms: float
     node_id: str | None = None
     detail: str = ""
+    stage: int | None = None  # the pipeline stage (0 first) it happened on, or left from
+    step: int | None = None  # the token it leads to (0: the prompt's last pass)
+
+
+class StageTrace(msgspec.Struct, frozen=True, kw_only=True):
+    """One stage's share of a request, as the stage reported it (durations on its own clock).
+    Summaries hold total, mean, p50, p95 and max in ms over every sampled step."""
+
+    stage_index: int
+    node_id: str | None
+    detail: str  # layers or tensor rank
+    steps: int  # sampled steps (tokens) that ran here
+    admission_ms: float  # the first stage: waiting for a place among the active requests
+    prefill_ms: float  # prompt chunks before the last, their passes summed
+    prefill_chunks: int
+    wait_ms: dict[str, float]
+    pass_ms: dict[str, float]
+    sampling_ms: dict[str, float]  # the last stage
+    # The hop from this stage to the next (the last stage's: its token back to the first), mean per
+    # step: the first stage's round trip minus every other stage's time, split evenly over the
+    # hops (one clock cannot tell the hops of one round trip apart). None with one stage.
+    hop_ms: float | None = None
 
 
 class Trace(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,6 +62,10 @@ class Trace(msgspec.Struct, frozen=True, kw_only=True):
     inter_token_ms: dict[str, float]  # mean, p50, p95, max of the gaps between tokens
     spans: list[TraceSpan]
     finished: bool = True
+    stages: list[StageTrace] = []  # when the stages reported (a pipeline's node, this release)
+    # Requester to the first stage and the last stage's first token back, each (estimated: half of
+    # the time to the first token that no stage accounts for, so it includes the API's own delays).
+    requester_hop_ms: float | None = None
 
 
 class TraceStore:
@@ -57,6 +83,11 @@ class TraceStore:
         self._traces.move_to_end(trace.request_id)
         while len(self._traces) > self.capacity:
             self._traces.popitem(last=False)
+
+    def replace(self, trace: Trace) -> None:
+        """A kept trace completed (its stages' spans merged in): same place in the LRU."""
+        if trace.request_id in self._traces:
+            self._traces[trace.request_id] = trace
 
     def get(self, request_id: str) -> Trace | None:
         return self._traces.get(request_id)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
@@ -36,17 +37,20 @@ import zmq.asyncio
 from exo.core.decoding import DECODE_ERRORS
 from exo.core.sampling import SamplingParams
 from exo.core.security import BusSecurity, apply_curve
+from exo.core.timings import StageTimings
 from exo.inference.protocol import (
     GenerationCancelled,
     GenerationFailed,
     GenerationStarted,
     StageAlive,
+    StageTimed,
     TokenSampled,
     encode,
     pipeline_decoder,
 )
 
 GRACE_SECONDS = 0.05
+TIMED_REQUESTS = 512  # requests whose stages' timings a sink keeps (the newest)
 UNREACHABLE = "unreachable"  # GenerationError.code when a stage of the route is gone
 
 
@@ -81,6 +85,21 @@ class _RequestChannel:
     first_stage: str = ""
 
 
+class _StageReports:
+    """The stages' timings of one request, as they arrive (one per stage, after its end there)."""
+
+    __slots__ = ("by_stage", "complete")
+
+    def __init__(self) -> None:
+        self.by_stage: dict[int, StageTimings] = {}
+        self.complete = asyncio.Event()
+
+    def add(self, timings: StageTimings) -> None:
+        self.by_stage[timings.stage_index] = timings
+        if len(self.by_stage) >= timings.stages:
+            self.complete.set()
+
+
 class TokenSink:
     """The PULL socket a node's requests are answered on, demultiplexed by request id."""
 
@@ -106,6 +125,7 @@ class TokenSink:
         self.stale_frames = 0
         # stage address -> loop time of its last StageAlive (any request): which stages still run
         self.stage_last_alive: dict[str, float] = {}
+        self._timings: OrderedDict[str, _StageReports] = OrderedDict()
 
     async def start(self) -> str:
         socket = self._context.socket(zmq.PULL)
@@ -132,7 +152,23 @@ class TokenSink:
             raise ValueError(f"request id {request_id!r} is already in flight")
         channel = _RequestChannel(queue=asyncio.Queue(self._queue_size))
         self._channels[request_id] = channel
+        self._timings[request_id] = _StageReports()
+        while len(self._timings) > TIMED_REQUESTS:
+            self._timings.popitem(last=False)
         return channel
+
+    async def stage_timings(self, request_id: str, wait: float = 0.0) -> list[StageTimings]:
+        """What the stages reported of a request, in stage order, waiting up to `wait` seconds for
+        every stage's report (they come as the request ends on each stage, just after its last
+        token). Empty for a request this sink no longer remembers."""
+        reports = self._timings.get(request_id)
+        if reports is None:
+            return []
+        if wait > 0 and not reports.complete.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await reports.complete.wait()
+        return [reports.by_stage[index] for index in sorted(reports.by_stage)]
 
     def close_channel(self, request_id: str) -> None:
         self._channels.pop(request_id, None)
@@ -167,6 +203,12 @@ class TokenSink:
                 if isinstance(message, TokenSampled):
                     for address in channel.stage_seen:  # a token is news from every stage
                         channel.stage_seen[address] = now
+            case StageTimed():
+                reports = self._timings.get(message.request_id)
+                if reports is None or message.timings.stage_index >= message.timings.stages:
+                    self.stale_frames += 1
+                    return
+                reports.add(message.timings)
             case StageAlive():
                 if message.stage_address in self.stage_last_alive or len(self.stage_last_alive) < 4096:
                     self.stage_last_alive[message.stage_address] = now

@@ -20,6 +20,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 
 from exo.core.sampling import SamplingParams
+from exo.core.timings import StageTimings
 
 # --- control: worker <-> runner -------------------------------------------------------------
 
@@ -243,6 +244,14 @@ class StageAlive(_RunnerMessage, frozen=True):
     request_ids: list[str]
 
 
+class StageTimed(_RunnerMessage, frozen=True):
+    """From each stage to the requester when a request ends there (finished or cancelled): where
+    its time went on that stage, for the request's trace. One per stage per request."""
+
+    request_id: str
+    timings: StageTimings
+
+
 PipelineMessage = (
     GenerationStarted
     | ActivationsSent
@@ -252,6 +261,7 @@ PipelineMessage = (
     | StageAlive
     | PrefixCached
     | PrefixCacheConfirmed
+    | StageTimed
 )
 FINISH_REASONS: Final = ("stop", "length")
 

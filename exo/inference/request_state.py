@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exo.inference.sampling import TokenSampler
+from exo.inference.timings import RequestTimings
 
 
 @dataclass
@@ -22,6 +23,7 @@ class RequestState:
     cached_tokens: int = 0  # prompt positions taken from the prefix cache
     store_prefix: bool = False  # a PrefixCached follows the end: the last stage keeps the cache
     tokens: list[int] = field(default_factory=list)  # first stage: prompt, then each token fed
+    timings: RequestTimings = field(default_factory=RequestTimings)  # for the requester's trace
 
     @property
     def next_address(self) -> str | None:

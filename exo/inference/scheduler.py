@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
 
@@ -29,6 +30,7 @@ class Work:
     sample: bool  # False for prompt chunks before the last one
     batchable: bool = False  # a single sampled token: may run in one pass with other requests' steps
     tokens: int = 1  # positions this pass adds to the request's cache
+    queued_at: float = field(default_factory=time.perf_counter, compare=False)  # input here (traces)
 
     @property
     def groupable(self) -> bool:

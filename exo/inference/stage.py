@@ -19,6 +19,7 @@ finished request's cache is kept on every stage by a `PrefixCached` that follows
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,6 +50,7 @@ from exo.inference.protocol import (
     PrefixCacheConfirmed,
     PrefixCached,
     StageAlive,
+    StageTimed,
     TokenSampled,
     encode,
 )
@@ -57,6 +59,7 @@ from exo.inference.sampling import SampledToken, TokenSampler
 from exo.inference.scheduler import AdmissionQueue, StageScheduler, Work, micro_batch_limit
 from exo.inference.shard import ShardModel
 from exo.inference.stage_passes import LaunchedPass, launch_pass
+from exo.inference.timings import RequestTimings
 
 __all__ = ["Outgoing", "PipelineStage", "RequestState", "StageCounters", "prefill_chunks"]
 
@@ -84,6 +87,8 @@ class PipelineStage:
         self.requests: dict[str, RequestState] = {}
         self.scheduler = StageScheduler()
         self.in_flight: LaunchedPass | None = None  # launched, its result not yet taken
+        self.last_ready = 0.0  # perf_counter when the last pass's result was taken (for traces)
+        self._arrived: dict[str, float] = {}  # first stage: when each waiting request arrived
         self.counters = StageCounters()
         self.fatal_error: str | None = None  # set when this stage can serve nothing more
         # Why a tensor rank's pass was broken off (its watchdog cut the ring): said instead of MLX's
@@ -129,7 +134,7 @@ class PipelineStage:
                 if self.prefix.index is None or not self.prefix.index.confirm(message.request_id):
                     self.counters.stale_frames += 1
                 return []
-            case GenerationFailed() | StageAlive():
+            case GenerationFailed() | StageAlive() | StageTimed():
                 self.counters.dropped_frames += 1  # addressed to requesters, never to a stage
                 return []
 
@@ -163,6 +168,7 @@ class PipelineStage:
             case "admitted":
                 return self._begin(message)
             case "waiting":
+                self._arrived[request_id] = time.perf_counter()
                 return []
             case "refused":
                 return self._fail(
@@ -181,6 +187,8 @@ class PipelineStage:
 
     def _begin(self, message: GenerationStarted) -> list[Outgoing]:
         spec, request_id, index = self.shard.spec, message.request_id, message.stage_index
+        begun = time.perf_counter()
+        timings = RequestTimings(self._arrived.pop(request_id, begun), begun)
         forwarded = msgspec.structs.replace(message, stage_index=index + 1)
         cache: list[Any] | None = None
         if spec.is_first and self.prefix.index is not None:
@@ -213,6 +221,7 @@ class PipelineStage:
             cached_tokens=forwarded.cached_tokens,
             store_prefix=forwarded.store_prefix,
             tokens=list(message.prompt_tokens) if spec.is_first else [],
+            timings=timings,
         )
         self.requests[request_id] = state
         self.counters.requests_started += 1
@@ -275,6 +284,8 @@ class PipelineStage:
         if state is None:
             self.counters.stale_frames += 1
             return []
+        if self.shard.spec.is_first:
+            state.timings.returned(message.step, time.perf_counter())
         if message.finish_reason is not None:
             return self._release(state, message)
         if not self.shard.spec.is_first:
@@ -291,6 +302,7 @@ class PipelineStage:
     def _cancel(self, message: GenerationCancelled) -> list[Outgoing]:
         if message.request_id in self.admission.waiting:
             self.admission.end(message.request_id)  # no other stage has seen it
+            self._arrived.pop(message.request_id, None)
             return []
         if self.prefix.unpark(message.request_id) is not None:
             return []
@@ -313,7 +325,14 @@ class PipelineStage:
         following = state.stage_index + 1
         if following < len(state.route) and not (finished and following == len(state.route) - 1):
             outgoing.append(Outgoing(state.route[following], (encode(message),), state.request_id))
+        outgoing.append(self._timed(state))
         return outgoing
+
+    def _timed(self, state: RequestState) -> Outgoing:
+        """The request's timings on this stage, for its requester's trace (once, as it ends here)."""
+        timings = state.timings.report(state.stage_index, len(state.route), self.address)
+        report = StageTimed(request_id=state.request_id, timings=timings)
+        return Outgoing(state.reply_to, (encode(report),), state.request_id, to_requester=True)
 
     def _store_prefix(self, state: RequestState) -> PrefixCached | None:
         """First stage, a request that ended normally: its cache may become a prefix entry."""
@@ -367,6 +386,7 @@ class PipelineStage:
             outgoing.extend(self._abort(state, reason, gone=gone))
         for message in list(self.admission.waiting.values()):
             self.admission.end(message.request_id)
+            self._arrived.pop(message.request_id, None)
             outgoing.extend(self._fail(message.request_id, message.reply_to, reason, gone=gone))
         return outgoing
 
@@ -423,10 +443,12 @@ class PipelineStage:
             return None, []
         if self.pass_threads is not None:
             self.pass_threads.before_pass(len(batch), batch[0][1].tokens)
+        launching = time.perf_counter()
         try:
             launched = launch_pass(self.shard, batch, self.counters)
         except (RuntimeError, ValueError, MemoryError) as error:
             return None, self._abort_batch(batch, error)
+        launched.launched_at = launching
         if launched.drawn is not None and self.shard.spec.is_first:
             self._feed_ahead(launched)
         return launched, []
@@ -455,6 +477,7 @@ class PipelineStage:
             held = [row for row in launched.batch if self.requests.get(row[0].request_id) is row[0]]
             return self._abort_batch(held, error)
         outgoing = list(result.outgoing)
+        self._timed_pass(launched, result.accept_s)
         for (state, work), sampled_token in zip(launched.batch, result.sampled, strict=False):
             if self.requests.get(state.request_id) is state:  # not cancelled meanwhile
                 fed_ahead = state.request_id in launched.fed_ahead
@@ -462,6 +485,22 @@ class PipelineStage:
         self.counters.largest_batch = max(self.counters.largest_batch, len(launched.batch))
         self.counters.steps_done += 1
         return outgoing
+
+    def _timed_pass(self, launched: LaunchedPass, accept_s: float) -> None:
+        """Record a finished pass for each of its requests: it ran from when it was launched, or
+        from when the pass before it finished if it was launched during that one."""
+        ready = time.perf_counter()
+        started, self.last_ready = max(launched.launched_at, self.last_ready), ready
+        sample_s = launched.draw_s + accept_s
+        sends_on = self.shard.spec.is_first and not self.shard.spec.is_last  # waits for its token
+        for state, work in launched.batch:
+            if self.requests.get(state.request_id) is state:
+                state.timings.passed(
+                    work.step, work.sample, queued_at=work.queued_at, started=started, ready=ready,
+                    sample_s=sample_s,
+                )  # fmt: skip
+                if sends_on and work.sample:
+                    state.timings.sent(work.step, ready)
 
     def _abort_batch(self, batch: list[tuple[RequestState, Work]], error: Exception) -> list[Outgoing]:
         # MLX reports allocation failures and shape errors this way; the requests cannot go on.
@@ -508,6 +547,7 @@ class PipelineStage:
                 if state.store_prefix:
                     self.prefix.park(state.request_id, state.cache)
                 outgoing.append(Outgoing(state.route[0], (frame,), state.request_id))
+            outgoing.append(self._timed(state))
         elif first and not fed_ahead:
             self._feed(state, work.step + 1, token)
         elif not first:

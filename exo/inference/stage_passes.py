@@ -12,6 +12,7 @@ stage that is both first and last can queue each request's next step on them str
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -32,6 +33,7 @@ Batch = list[tuple[RequestState, Work]]
 class PassResult:
     outgoing: list[Outgoing]  # hidden states for the next stage
     sampled: list[SampledToken]  # the last stage's tokens, one per row of the batch (or none)
+    accept_s: float = 0.0  # sampling work after the tokens were computed (for the trace)
 
 
 @dataclass
@@ -43,6 +45,8 @@ class LaunchedPass:
     finish: Callable[[], PassResult]
     drawn: DrawnRows | None = None
     fed_ahead: set[str] = field(default_factory=set[str])
+    launched_at: float = 0.0  # perf_counter when building its graph began (for the trace)
+    draw_s: float = 0.0  # building the sampling graph (for the trace)
 
     def next_input(self, row: int) -> mx.array:
         """Row `row`'s sampled token as the (1, 1) input of its request's next step, uncomputed."""
@@ -83,9 +87,18 @@ def _launch_steps(shard: ShardModel, batch: Batch, counters: StageCounters) -> L
     logits = [output[row : row + 1] for row in range(len(batch))] if len(batch) > 1 else [output]
     samplers = cast("list[TokenSampler]", [state.sampler for state, _ in batch])
     assert all(sampler is not None for sampler in samplers)
+    drawing = time.perf_counter()
     drawn = draw_rows(samplers, logits)
     mx.async_eval(drawn.tokens)
-    return LaunchedPass(batch, lambda: PassResult([], accept_rows(samplers, drawn)), drawn)
+    draw_s = time.perf_counter() - drawing
+
+    def finish() -> PassResult:
+        mx.eval(drawn.tokens)  # the pass and the draw computed; what follows is sampling work
+        accepting = time.perf_counter()
+        sampled = accept_rows(samplers, drawn)
+        return PassResult([], sampled, time.perf_counter() - accepting)
+
+    return LaunchedPass(batch, finish, drawn, draw_s=draw_s)
 
 
 def _launch_chunks(shard: ShardModel, batch: Batch, counters: StageCounters) -> LaunchedPass:

@@ -28,6 +28,7 @@ from exo.core.models import ModelFootprint, ModelInfo
 from exo.core.placement import PlacementPreview
 from exo.core.sampling import SamplingParams
 from exo.core.state import Instance, State
+from exo.core.timings import StageTimings
 from exo.inference.models import InvalidModelIdError, ModelNotFoundError, get_model, list_models
 from exo.inference.weights import WeightsDtype, accelerator_backend
 from exo.node.cluster import ClusterMember
@@ -348,6 +349,10 @@ class ClusterServices:
         max_tokens: int,
     ) -> TokenStream:
         return self.generator.generate(instance, prompt_tokens, sampling, max_tokens)
+
+    async def stage_timings(self, generation_id: str, wait: float) -> list[StageTimings]:
+        """exo.api.cluster_port.NodeTimings: what the stages reported to this node's token sink."""
+        return await self.generator.client.sink.stage_timings(generation_id, wait)
 
     async def tokenizer(self, model_id: str) -> ChatTokenizer:
         hub = self.hub

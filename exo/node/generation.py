@@ -151,6 +151,7 @@ class PipelineGenerator:
         self.requests_started += 1
         # The client's generate is an async generator: closing it cancels the request on every stage.
         stream = cast(AsyncGenerator[TokenSampled, None], self.client.generate(route, request))
+        generation_id: str | None = request.request_id  # on the first token only
         async with contextlib.aclosing(stream) as tokens:
             try:
                 async for sampled in tokens:
@@ -160,7 +161,9 @@ class PipelineGenerator:
                         sampled.logprob,
                         sampled.top_logprobs,
                         sampled.cached_tokens,
+                        generation_id,
                     )
+                    generation_id = None
             except GenerationError as error:
                 if error.code == UNREACHABLE:
                     raise _RouteGone(error) from error

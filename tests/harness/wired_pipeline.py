@@ -16,6 +16,7 @@ from exo.inference.protocol import (
     GenerationFailed,
     GenerationStarted,
     PipelineMessage,
+    StageTimed,
     TokenSampled,
     encode,
     pipeline_decoder,
@@ -72,7 +73,7 @@ class WiredPipeline:
                 frames = [bytes(memoryview(frame).cast("B")) for frame in item.frames]
                 if item.address == REQUESTER:
                     message = pipeline_decoder.decode(frames[0])
-                    assert isinstance(message, TokenSampled | GenerationFailed)
+                    assert isinstance(message, TokenSampled | GenerationFailed | StageTimed)
                     self.received.setdefault(message.request_id, []).append(message)
                 else:
                     self.in_flight.extend(self.stages[item.address].handle_frames(frames))

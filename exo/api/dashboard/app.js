@@ -165,20 +165,58 @@ async function refreshModels(force = false) {
 }
 
 // --- trace timeline ----------------------------------------------------------------------
+// Request-wide spans (prepare, queue + prefill, decode) one row each over the whole request; the
+// stages' spans (queue, prefill, pass, sampling, hop: the first tokens in full) one lane per stage
+// and one for the hops, over the window they cover; then each stage's figures over every token.
+const fmt = (ms) => (ms >= 100 ? ms.toFixed(0) : ms >= 1 ? ms.toFixed(1) : ms.toFixed(2));
+
+function lane(label, title, spans, from, width) {
+  return el("div", { class: "bar" },
+    el("span", { class: "label", title }, label),
+    el("span", { class: "track" }, ...spans.map((span) => el("span", {
+      class: `fill ${span.name.replace(/[^a-z]/g, "")}`,
+      style: `left:${(100 * (span.start_ms - from)) / width}%;width:${(100 * span.duration_ms) / width}%`,
+      title: `${span.name}${span.step !== null && span.step !== undefined ? ` (token ${span.step})` : ""}: ${fmt(span.duration_ms)} ms · ${span.detail}`,
+    }))),
+    el("span", { class: "muted" }, spans.length === 1 ? `${fmt(spans[0].duration_ms)} ms` : `${spans.length} spans`));
+}
+
+function figures(summary) {
+  return summary && summary.mean !== undefined ? `${fmt(summary.mean)} / ${fmt(summary.p95)}` : "–";
+}
+
 export async function showTrace(id) {
   let trace;
   try { trace = await call("GET", `/v1/traces/${encodeURIComponent(id)}`); } catch { return; }
   const total = Math.max(trace.total_ms, 1);
   const box = $("trace");
   box.classList.remove("muted");
+  const request = trace.spans.filter((span) => span.stage === null || span.stage === undefined || span.name === "stage");
+  const staged = trace.spans.filter((span) => !request.includes(span));
+  const from = staged.length ? Math.min(...staged.map((span) => span.start_ms)) : 0;
+  const until = staged.length ? Math.max(...staged.map((span) => span.start_ms + span.duration_ms)) : 1;
+  const width = Math.max(until - from, 0.001);
+  const stages = trace.stages || [];
+  const lanes = stages.map((stage) => lane(`stage ${stage.stage_index} ${stage.node_id ?? ""}`, stage.detail,
+    staged.filter((span) => span.stage === stage.stage_index && span.name !== "hop"), from, width));
+  const hops = staged.filter((span) => span.name === "hop");
   box.replaceChildren(
     el("p", {}, `${trace.request_id} · ${trace.model} · ${trace.prompt_tokens} prompt + ${trace.completion_tokens} tokens · ${trace.total_ms.toFixed(0)} ms`
       + (trace.ttft_ms !== null ? ` · TTFT ${trace.ttft_ms.toFixed(0)} ms` : "")
       + (trace.tokens_per_second ? ` · ${trace.tokens_per_second.toFixed(1)} tok/s` : "")),
-    el("div", { class: "timeline" }, ...trace.spans.map((span) => el("div", { class: "bar" },
-      el("span", { class: "label", title: span.detail }, span.node_id ? `${span.name} ${span.node_id}` : span.name),
-      el("span", { class: "track" }, el("span", { class: "fill", style: `left:${(100 * span.start_ms) / total}%;width:${(100 * span.duration_ms) / total}%`, title: `${span.detail} ${span.duration_ms.toFixed(1)} ms` })),
-      el("span", { class: "muted" }, `${span.duration_ms.toFixed(1)} ms`)))),
+    el("div", { class: "timeline" }, ...request.map((span) =>
+      lane(span.node_id ? `${span.name} ${span.node_id}` : span.name, span.detail, [span], 0, total))),
+    stages.length ? el("h3", {}, `Stages, from ${fmt(from)} to ${fmt(until)} ms (the first tokens in full)`) : null,
+    stages.length ? el("div", { class: "timeline stages" }, ...lanes,
+      hops.length ? lane("hops", "network between the requester and the stages (estimated from one clock per stage)", hops, from, width) : null) : null,
+    stages.length ? el("p", { class: "legend muted" }, ...["queue", "prefill", "pass", "sampling", "hop"].map((name) =>
+      el("span", {}, el("span", { class: `swatch ${name}` }), name))) : null,
+    stages.length ? el("table", { class: "stage-figures" },
+      el("tr", {}, ...["stage", "node", "tokens", "pass ms mean / p95", "sampling", "wait", "hop ms"].map((h) => el("th", {}, h))),
+      ...stages.map((stage) => el("tr", {},
+        el("td", { title: stage.detail }, `${stage.stage_index} (${stage.detail})`), el("td", {}, stage.node_id ?? "?"),
+        el("td", {}, String(stage.steps)), el("td", {}, figures(stage.pass_ms)), el("td", {}, figures(stage.sampling_ms)),
+        el("td", {}, figures(stage.wait_ms)), el("td", {}, stage.hop_ms === null ? "–" : fmt(stage.hop_ms))))) : null,
     trace.inter_token_ms?.mean !== undefined ? el("p", { class: "muted" }, `inter-token ms: mean ${trace.inter_token_ms.mean} · p50 ${trace.inter_token_ms.p50} · p95 ${trace.inter_token_ms.p95} · max ${trace.inter_token_ms.max}`) : null);
 }
 
