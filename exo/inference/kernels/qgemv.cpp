@@ -15,6 +15,9 @@
 // float), and xp[j] carries the 2^-(bits*j) (exact). Per lane: y += s*(q.x) + b*sum(x); lanes
 // are summed once per output. Each block is unpacked once for up to 8 rows of x.
 #include <immintrin.h>
+#ifdef __linux__
+#include <sched.h>
+#endif
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
@@ -214,9 +217,20 @@ bool force_scalar() {
 }
 
 int kernel_threads() {
-  const char* v = std::getenv("EXO_KERNEL_THREADS");
-  const int n = v ? std::atoi(v) : 1;
-  return n < 1 ? 1 : (n > 64 ? 64 : n);
+  // EXO_KERNEL_THREADS, else the cores this process may run on (a pinned runner gets its own):
+  // decode-shaped products are split over output rows. Measured on the 2-core VM: 2 threads
+  // gave 1.8-2.8x float32 decode against 1.0-2.7x with one (docs/benchmarks.md).
+  static const int threads = [] {
+    const char* v = std::getenv("EXO_KERNEL_THREADS");
+    int n = v ? std::atoi(v) : 0;
+#ifdef __linux__
+    cpu_set_t set;
+    if (n <= 0 && sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
+#endif
+    if (n <= 0) n = int(std::thread::hardware_concurrency());
+    return n < 1 ? 1 : (n > 16 ? 16 : n);
+  }();
+  return threads;
 }
 
 void run(Problem p) {
