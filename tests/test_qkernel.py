@@ -80,6 +80,31 @@ def test_product_equals_dequantized_matmul(
         )
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[f"{bits}bit-g{group}" for bits, group in LAYOUTS])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16], ids=["f32", "bf16", "f16"])
+def test_dequantize_equals_mlx_dequantize_bit_for_bit(
+    kernel: Any, layout: tuple[int, int], dtype: mx.Dtype
+) -> None:
+    bits, group_size = layout
+    packed, scales, biases = quantized(37, 384, group_size=group_size, bits=bits, dtype=dtype)
+    got = qkernel.dequantize_f32(packed, scales, biases, group_size=group_size, bits=bits)
+    expected = mx.dequantize(packed, scales.astype(mx.float32), biases.astype(mx.float32), group_size, bits)
+    assert got.dtype == mx.float32 and mx.array_equal(got, expected).item()
+    with pytest.raises(ValueError, match="dequantize: bits must be 4 or 8"):
+        kernel.dequantize(packed, scales, biases, group_size, 2)
+
+
+def test_kernel_linear_takes_the_dequantized_route_for_prompt_chunks(kernel: Any) -> None:
+    from mlx import nn
+
+    layer = nn.QuantizedLinear(256, 48, bias=True, group_size=64, bits=4)
+    layer.update({"bias": mx.random.normal((48,))})
+    fast = qkernel.kernel_linear_class()(layer)
+    for rows in (1, qkernel.KERNEL_MAX_ROWS, qkernel.KERNEL_MAX_ROWS + 1, 200):
+        x = mx.random.normal((1, rows, 256))
+        assert relative_error(fast(x), layer(x)) < PRODUCT_TOLERANCE
+
+
 def test_leading_dimensions_and_strided_inputs(kernel: Any) -> None:
     packed, scales, biases = quantized(40, 256, group_size=64, bits=4, dtype=mx.bfloat16)
     x = mx.random.normal((2, 3, 256))

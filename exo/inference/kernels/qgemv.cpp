@@ -282,12 +282,54 @@ void run(Problem p) {
   for (auto& t : pool) t.join();
 }
 
+// The whole weight as float32 (s*q + b, as mx.dequantize with float32 scales), for prefill-sized
+// inputs: above a few dozen rows a float32 matmul (MKL) beats the kernel's per-row FMAs, and
+// mx.dequantize on the CPU is ~10x slower than this loop.
+template <int BITS>
+void dequantize_rows(const Problem& p, int o0, int o1) {
+  constexpr int V = 32 / BITS;
+  constexpr uint32_t mask = (1u << BITS) - 1;
+  const long words = p.in / V;
+  const int groups = p.in / p.group_size;
+  for (int o = o0; o < o1; o++) {
+    const uint32_t* row = p.w + long(o) * words;
+    float* dst = p.y + long(o) * p.in;
+    for (int g = 0; g < groups; g++) {
+      const float s = load_scale(p.scales, long(o) * groups + g, p.stype);
+      const float b = load_scale(p.biases, long(o) * groups + g, p.stype);
+      for (long wi = long(g) * p.group_size / V; wi < long(g + 1) * p.group_size / V; wi++) {
+        const uint32_t word = row[wi];
+        for (int j = 0; j < V; j++) dst[wi * V + j] = s * float((word >> (BITS * j)) & mask) + b;
+      }
+    }
+  }
+}
+
+void run_dequantize(const Problem& p) {
+  auto part = [&](int o0, int o1) {
+    if (p.bits == 4)
+      dequantize_rows<4>(p, o0, o1);
+    else
+      dequantize_rows<8>(p, o0, o1);
+  };
+  const int threads = std::min(kernel_threads(), std::max(1, p.out / 256));
+  std::vector<std::thread> pool;
+  const int chunk = (p.out + threads - 1) / threads;
+  for (int t = 1; t < threads; t++)
+    pool.emplace_back(part, std::min(p.out, t * chunk), std::min(p.out, (t + 1) * chunk));
+  part(0, std::min(p.out, chunk));
+  for (auto& t : pool) t.join();
+}
+
 class QuantizedGemv : public mx::UnaryPrimitive {
  public:
-  QuantizedGemv(mx::Stream stream, int group_size, int bits)
-      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits) {}
+  // dequantize: inputs are (w, scales, biases) and the output the float32 weight; else
+  // (x, w, scales, biases) and the output x @ weight.T.
+  QuantizedGemv(mx::Stream stream, int group_size, int bits, bool dequantize)
+      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits), dequantize_(dequantize) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    if (dequantize_) return eval_dequantize(inputs, out);
     const auto &x = inputs[0], &w = inputs[1], &scales = inputs[2], &biases = inputs[3];
     for (const auto& a : inputs)
       if (!a.flags().row_contiguous)
@@ -318,6 +360,34 @@ class QuantizedGemv : public mx::UnaryPrimitive {
     });
   }
 
+  void eval_dequantize(const std::vector<mx::array>& inputs, mx::array& out) {
+    const auto &w = inputs[0], &scales = inputs[1], &biases = inputs[2];
+    for (const auto& a : inputs)
+      if (!a.flags().row_contiguous)
+        throw std::runtime_error("exo dequantize: inputs must be row contiguous");
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    Problem p{};
+    p.out = int(out.shape(0));
+    p.in = int(out.shape(1));
+    p.group_size = group_size_;
+    p.bits = bits_;
+    p.stype = scales.dtype() == mx::float32   ? kFloat32
+              : scales.dtype() == mx::bfloat16 ? kBFloat16
+                                               : kFloat16;
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    encoder.dispatch([p, w = mx::array::unsafe_weak_copy(w), s = mx::array::unsafe_weak_copy(scales),
+                      b = mx::array::unsafe_weak_copy(biases),
+                      y = mx::array::unsafe_weak_copy(out)]() mutable {
+      p.w = w.data<uint32_t>();
+      p.scales = s.data<void>();
+      p.biases = b.data<void>();
+      p.y = y.data<float>();
+      run_dequantize(p);
+    });
+  }
+
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     throw std::runtime_error("exo quantized_gemv runs on the CPU stream only");
   }
@@ -326,11 +396,12 @@ class QuantizedGemv : public mx::UnaryPrimitive {
 
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const QuantizedGemv&>(other);
-    return group_size_ == o.group_size_ && bits_ == o.bits_;
+    return group_size_ == o.group_size_ && bits_ == o.bits_ && dequantize_ == o.dequantize_;
   }
 
  private:
   int group_size_, bits_;
+  bool dequantize_;
 };
 
 std::string shape_str(const mx::array& a) {
@@ -341,14 +412,12 @@ std::string shape_str(const mx::array& a) {
   return s.str();
 }
 
-mx::array quantized_gemv(const mx::array& x, const mx::array& w, const mx::array& scales,
-                         const mx::array& biases, int group_size, int bits) {
-  auto fail = [](const std::string& why) { throw std::invalid_argument("quantized_gemv: " + why); };
+void check_weight(const mx::array& w, const mx::array& scales, const mx::array& biases,
+                  int group_size, int bits, const std::string& op) {
+  auto fail = [&](const std::string& why) { throw std::invalid_argument(op + ": " + why); };
   if (bits != 4 && bits != 8) fail("bits must be 4 or 8, got " + std::to_string(bits));
   if (group_size != 32 && group_size != 64 && group_size != 128)
     fail("group_size must be 32, 64 or 128, got " + std::to_string(group_size));
-  if (x.dtype() != mx::float32) fail("x must be float32");
-  if (x.ndim() < 1) fail("x must have at least one dimension");
   if (w.dtype() != mx::uint32 || w.ndim() != 2) fail("w must be a 2-D uint32 array, got " + shape_str(w));
   const auto st = scales.dtype();
   if (st != mx::float32 && st != mx::bfloat16 && st != mx::float16)
@@ -360,20 +429,42 @@ mx::array quantized_gemv(const mx::array& x, const mx::array& w, const mx::array
     fail("scales have shape " + shape_str(scales) + ", expected (" + std::to_string(out) + ", " +
          std::to_string(in / group_size) + ")");
   if (biases.shape() != scales.shape()) fail("biases must have the scales' shape");
-  if (x.shape(-1) != in)
-    fail("x has " + std::to_string(x.shape(-1)) + " inputs, the weight " + std::to_string(in));
   if (in % (8 * (32 / bits)) != 0)
     fail("the input size must be a multiple of " + std::to_string(8 * (32 / bits)));
+}
+
+mx::Stream cpu_stream() { return mx::to_stream(std::monostate{}, mx::Device::cpu); }
+
+mx::array quantized_gemv(const mx::array& x, const mx::array& w, const mx::array& scales,
+                         const mx::array& biases, int group_size, int bits) {
+  auto fail = [](const std::string& why) { throw std::invalid_argument("quantized_gemv: " + why); };
+  if (x.dtype() != mx::float32) fail("x must be float32");
+  if (x.ndim() < 1) fail("x must have at least one dimension");
+  check_weight(w, scales, biases, group_size, bits, "quantized_gemv");
+  const long in = long(w.shape(1)) * (32 / bits), out = w.shape(0);
+  if (x.shape(-1) != in)
+    fail("x has " + std::to_string(x.shape(-1)) + " inputs, the weight " + std::to_string(in));
   if (x.size() == 0) fail("x is empty");
-  auto stream = mx::to_stream(std::monostate{}, mx::Device::cpu);
-  if (stream.device != mx::Device::cpu) fail("runs on the CPU only");
+  auto stream = cpu_stream();
   auto shape = x.shape();
   shape.back() = int(out);
   std::vector<mx::array> inputs = {mx::contiguous(x, false, stream), mx::contiguous(w, false, stream),
                                    mx::contiguous(scales, false, stream),
                                    mx::contiguous(biases, false, stream)};
-  return mx::array(shape, mx::float32, std::make_shared<QuantizedGemv>(stream, group_size, bits),
-                   inputs);
+  return mx::array(shape, mx::float32,
+                   std::make_shared<QuantizedGemv>(stream, group_size, bits, false), inputs);
+}
+
+mx::array dequantize_f32(const mx::array& w, const mx::array& scales, const mx::array& biases,
+                         int group_size, int bits) {
+  check_weight(w, scales, biases, group_size, bits, "dequantize");
+  auto stream = cpu_stream();
+  const int in = int(w.shape(1)) * (32 / bits), out = int(w.shape(0));
+  std::vector<mx::array> inputs = {mx::contiguous(w, false, stream),
+                                   mx::contiguous(scales, false, stream),
+                                   mx::contiguous(biases, false, stream)};
+  return mx::array({out, in}, mx::float32,
+                   std::make_shared<QuantizedGemv>(stream, group_size, bits, true), inputs);
 }
 
 }  // namespace
@@ -383,5 +474,8 @@ NB_MODULE(_exo_qgemv, m) {
   m.def("quantized_gemv", &quantized_gemv, nb::arg("x"), nb::arg("w"), nb::arg("scales"),
         nb::arg("biases"), nb::arg("group_size"), nb::arg("bits"),
         "y = x @ dequantize(w, scales, biases).T in float32, for few rows of x (decode).");
+  m.def("dequantize", &dequantize_f32, nb::arg("w"), nb::arg("scales"), nb::arg("biases"),
+        nb::arg("group_size"), nb::arg("bits"),
+        "The float32 weight s*q + b (prefill-sized inputs multiply it with a float32 matmul).");
   m.def("isa", []() -> std::string { return has_avx2() && !force_scalar() ? "avx2" : "scalar"; });
 }
