@@ -5,7 +5,7 @@ Numerics: the kernel computes s*(q.x) + b*sum(x) per group in float32, where the
 sums in different orders, so the product is checked within PRODUCT_TOLERANCE of the largest
 |output| (measured: 1e-6 to 6e-6). Pipelines of kernel layers give mlx-lm's greedy tokens (its
 quantized model with scales widened to float32) for every prompt of test_weights_dtype's set, 16
-tokens each, in 1 and 2 stages, logits within LOGITS_TOLERANCE of the largest logit (measured 6e-6).
+tokens each, in 1, 2 and 3 stages, logits within LOGITS_TOLERANCE of the largest logit (measured 6e-6).
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def test_bad_inputs_are_refused_with_a_reason(kernel: Any) -> None:
     assert not qkernel.kernel_supports(2, 64, "affine", 128)
 
 
-@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("stages", [1, 2, 3])
 @pytest.mark.parametrize("checkpoint", ["q4", "q8"])
 def test_kernel_pipeline_gives_mlx_lm_quantized_greedy_tokens(
     kernel: Any, checkpoint: str, stages: int
