@@ -192,3 +192,22 @@ def test_build_without_a_toolchain_says_what_is_missing(
     monkeypatch.delenv("CXX", raising=False)
     with pytest.raises(qkernel.KernelBuildError, match="needs cmake and a C\\+\\+ compiler"):
         qkernel.build(tmp_path / "out")
+
+
+def test_building_ahead_reports_the_module_or_why_not(
+    kernel: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert qkernel.main() == 0
+    assert "(avx2)" in capsys.readouterr().out
+    monkeypatch.setenv("EXO_KERNEL", "off")
+    assert qkernel.main() == 1
+    assert "not available: disabled by EXO_KERNEL=off" in capsys.readouterr().out
+
+
+def test_models_without_quantized_layers_never_ask_for_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(**_: object) -> None:
+        raise AssertionError("the kernel was asked for")
+
+    monkeypatch.setattr(qkernel, "load_kernel", refuse)
+    shards = stages_of(tiny_format_models()["bf16"], 1)
+    assert module_class(shards[0].layers[0], "mlp.up_proj") == "Linear"

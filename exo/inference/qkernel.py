@@ -10,7 +10,7 @@ compiler, or when the build fails, `load_kernel()` returns None, logs one line, 
 the pure-MLX path.
 
 `EXO_KERNEL=off` disables it; `EXO_KERNEL_CACHE` overrides the cache dir
-(default `$EXO_HOME/kernels`, `~/.exo/kernels`).
+(default `$EXO_HOME/kernels`, `~/.exo/kernels`); `python -m exo.inference.qkernel` builds it ahead.
 """
 
 from __future__ import annotations
@@ -268,3 +268,20 @@ def _define_kernel_linear() -> type:
             return y
 
     return KernelLinear
+
+
+def main() -> int:
+    """`python -m exo.inference.qkernel`: build (or find) the kernel now and say where it is."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        module = load_kernel(required=True)
+    except KernelBuildError as error:
+        print(f"exo's CPU kernel is not available: {error}")
+        return 1
+    assert module is not None
+    print(f"exo's CPU kernel: {module.__file__} ({module.isa()})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -66,7 +66,9 @@ def hold_as_float32(model: nn.Module, *, kernel: bool | None = None) -> nn.Modul
     from exo.inference import qkernel
 
     if kernel is None:
-        loaded = qkernel.load_kernel()
+        # Only a model with quantized linear layers needs the kernel (and its first-use build).
+        quantized = any(isinstance(module, nn.QuantizedLinear) for _, module in model.named_modules())
+        loaded = qkernel.load_kernel() if quantized else None
         kernel = loaded is not None and loaded.isa() != "scalar"
     replaced: list[tuple[str, nn.Module]] = []
     packed: list[tuple[str, nn.Module]] = []
