@@ -211,3 +211,19 @@ def test_models_without_quantized_layers_never_ask_for_the_kernel(monkeypatch: p
     monkeypatch.setattr(qkernel, "load_kernel", refuse)
     shards = stages_of(tiny_format_models()["bf16"], 1)
     assert module_class(shards[0].layers[0], "mlp.up_proj") == "Linear"
+
+
+def test_a_module_that_takes_no_mlx_arrays_or_computes_wrong_is_refused(kernel: Any) -> None:
+    class OtherAbi:
+        def quantized_gemv(self, *_: object) -> mx.array:
+            raise TypeError("incompatible function arguments")
+
+    class Wrong:
+        def quantized_gemv(self, x: mx.array, packed: mx.array, *_: object) -> mx.array:
+            return mx.zeros((x.shape[0], packed.shape[0]))
+
+    with pytest.raises(qkernel.KernelBuildError, match="does not take this mlx's arrays"):
+        qkernel._self_check(OtherAbi())
+    with pytest.raises(qkernel.KernelBuildError, match="self-check product is wrong"):
+        qkernel._self_check(Wrong())
+    qkernel._self_check(kernel)

@@ -145,7 +145,25 @@ def _import(path: Path) -> ModuleType:
         raise KernelBuildError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    _self_check(module)
     return module
+
+
+def _self_check(module: Any) -> None:
+    """One small product against mx.dequantize: a module built for another mlx (a nanobind ABI
+    that does not match takes no mx.array) or a wrong result keeps the pure-MLX path."""
+    import mlx.core as mx
+
+    weight = mx.arange(64 * 128, dtype=mx.float32).reshape(64, 128) % 7 - 3
+    packed, scales, biases = mx.quantize(weight, 64, 4)
+    x = mx.ones((1, 128))
+    try:
+        got = module.quantized_gemv(x, packed, scales, biases, 64, 4)
+    except TypeError as error:
+        raise KernelBuildError(f"the built module does not take this mlx's arrays: {error}") from error
+    expected = x @ mx.dequantize(packed, scales, biases, 64, 4).T
+    if not mx.allclose(got, expected, rtol=1e-5, atol=1e-4).item():
+        raise KernelBuildError("the built module's self-check product is wrong")
 
 
 def load_kernel(*, required: bool = False) -> ModuleType | None:
