@@ -272,7 +272,7 @@ def _rows(
 
 def _details(rounds: Interleaved, checkpoints: dict[str, Checkpoint], peaks: dict[str, int]) -> str:
     lines = [
-        "| checkpoint | file | held as float32 | runner peak RSS |",
+        "| checkpoint | file | held on the CPU | runner peak RSS |",
         "|---|---:|---:|---:|",
     ]
     for name, checkpoint in checkpoints.items():
