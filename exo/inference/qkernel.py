@@ -15,6 +15,7 @@ the pure-MLX path.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.machinery
 import importlib.metadata
@@ -237,6 +238,7 @@ def kernel_expected() -> bool:
     )
 
 
+@functools.cache
 def _cpu_has_avx2() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
