@@ -180,7 +180,10 @@ def test_upcast_bfloat16_pipeline_equals_mlx_lm_on_upcast_weights(stages: int) -
 
 @pytest.mark.parametrize("stages", [1, 2, 3])
 @pytest.mark.parametrize("checkpoint", ["q4", "q8"])
-def test_dequantized_pipeline_matches_mlx_lm_quantized_model(checkpoint: str, stages: int) -> None:
+def test_dequantized_pipeline_matches_mlx_lm_quantized_model(
+    checkpoint: str, stages: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EXO_KERNEL", "off")  # the dequantized path (the kernel's: tests/test_qkernel.py)
     model = tiny_format_models()[checkpoint]
     reference = upcast_reference(model)  # still quantized: only scales, biases and norms widen
     assert module_class(reference, "model.layers.0.mlp.up_proj") == "QuantizedLinear"
@@ -195,7 +198,10 @@ def test_dequantized_pipeline_matches_mlx_lm_quantized_model(checkpoint: str, st
             assert largest(got - expected) <= LOGITS_TOLERANCE * largest(expected)
 
 
-def test_dequantized_weights_are_float32_and_six_times_the_packed_bytes() -> None:
+def test_dequantized_weights_are_float32_and_six_times_the_packed_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("EXO_KERNEL", "off")
     model = tiny_format_models()["q4"]
     native = load_shard(model, ShardSpec(start_layer=1, end_layer=3, n_layers=N_LAYERS), "native")
     widened = load_shard(model, ShardSpec(start_layer=1, end_layer=3, n_layers=N_LAYERS), "float32")

@@ -21,6 +21,7 @@ import struct
 from pathlib import Path
 
 from exo.core.models import ModelInfo, WeightBytes
+from exo.inference.qkernel import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, kernel_expected
 
 # mlx-lm architectures whose model is the standard embed -> `model.layers` (one attention mask)
 # -> norm -> lm_head, which is what exo.inference.shard runs a slice of.
@@ -157,13 +158,37 @@ def _quantized_bits(module: str, config: dict[str, object]) -> int | None:
     return bits if isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 32 else None
 
 
+def _kernel_keeps_packed(module: str, config: dict[str, object]) -> bool:
+    """Whether exo's CPU kernel computes this quantized linear layer from its packed bytes
+    (exo.inference.qkernel): affine 4/8-bit, group 32/64/128, not an embedding."""
+    quantization = config.get("quantization")
+    if not isinstance(quantization, dict) or "embed_tokens" in module:
+        return False
+    own = quantization.get(module)
+    settings = own if isinstance(own, dict) else quantization
+    return (
+        settings.get("mode", "affine") == "affine"
+        and settings.get("bits") in SUPPORTED_BITS
+        and settings.get("group_size") in SUPPORTED_GROUP_SIZES
+    )
+
+
 def _float32_bytes(
-    name: str, dtype: str, size: int, tensors: dict[str, tuple[str, int]], config: dict[str, object]
+    name: str,
+    dtype: str,
+    size: int,
+    tensors: dict[str, tuple[str, int]],
+    config: dict[str, object],
+    *,
+    kernel: bool,
 ) -> int:
     """The bytes of tensor `name` once held as float32: half precision doubles; a packed quantized
-    weight becomes 32/bits times its bytes, and its scales and biases go away."""
+    weight becomes 32/bits times its bytes, and its scales and biases go away, unless exo's CPU
+    kernel (`kernel`: expected on this machine) keeps the layer packed, scales and all."""
     module, _, leaf = name.rpartition(".")
     packed = tensors.get(f"{module}.weight", ("", 0))[0] == "U32" and f"{module}.scales" in tensors
+    if packed and kernel and _kernel_keeps_packed(module, config):
+        return size
     if packed and leaf in ("scales", "biases"):
         return 0
     if packed and leaf == "weight":
@@ -240,9 +265,10 @@ def describe_model(model_id: str, path: str, config: object, sizes: TensorSizes)
         float32 = _Tally(n_layers)
         dtype_bytes: dict[str, int] = {}
         tensors = {name: (dtype, size) for name, dtype, size in sizes}
+        kernel = kernel_expected()
         for name, (dtype, size) in tensors.items():
             dtype_bytes[dtype] = dtype_bytes.get(dtype, 0) + size
-            wide = _float32_bytes(name, dtype, size, tensors, config)
+            wide = _float32_bytes(name, dtype, size, tensors, config, kernel=kernel)
             index = layer_index(name)
             if index is not None:
                 if index >= n_layers:

@@ -47,10 +47,14 @@ def wanted_representation(
     return representation_for(weights_dtype, placed=placed, accelerator=on_accelerator)
 
 
-def hold_as_float32(model: nn.Module) -> nn.Module:
+def hold_as_float32(model: nn.Module, *, kernel: bool | None = None) -> nn.Module:
     """Dequantize mlx-lm's quantized layers to float32 `nn.Linear` / `nn.Embedding` and cast every
     other floating parameter to float32, lazily: only the arrays a stage evaluates are computed, so
     the layers of other stages cost nothing.
+
+    With exo's CPU kernel (`kernel`: None uses it where it builds and has its AVX2 path), quantized
+    linear layers it supports stay packed and compute in float32 through it (exo.inference.qkernel):
+    decode reads ~1/7 of float32's bytes. Embeddings are still dequantized.
 
     The same replacement as mlx_lm.utils.dequantize_model, but computed in float32: that one keeps
     the scales' dtype (bfloat16 in Hub conversions) and rounds every weight to it.
@@ -59,9 +63,28 @@ def hold_as_float32(model: nn.Module) -> nn.Module:
     from mlx import nn
     from mlx.utils import tree_unflatten
 
+    from exo.inference import qkernel
+
+    if kernel is None:
+        # Only a model with quantized linear layers needs the kernel (and its first-use build).
+        quantized = any(isinstance(module, nn.QuantizedLinear) for _, module in model.named_modules())
+        loaded = qkernel.load_kernel() if quantized else None
+        kernel = loaded is not None and loaded.isa() != "scalar"
     replaced: list[tuple[str, nn.Module]] = []
+    packed: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding):
+            continue
+        if (
+            kernel
+            and isinstance(module, nn.QuantizedLinear)
+            and module.get("biases") is not None
+            and qkernel.kernel_supports(
+                module.bits, module.group_size, module.mode, module.weight.shape[1] * 32 // module.bits
+            )
+        ):
+            # Built before set_dtype below, so its scales keep the checkpoint's dtype (fewer bytes).
+            packed.append((name, qkernel.kernel_linear_class()(module)))
             continue
         # Widen scales and biases first: mx.dequantize computes in their dtype, so bfloat16 ones
         # (as Hub conversions have) would round every weight to bfloat16.
@@ -85,4 +108,6 @@ def hold_as_float32(model: nn.Module) -> nn.Module:
     if replaced:
         model.update_modules(tree_unflatten(replaced))
     model.set_dtype(mx.float32, predicate=lambda dtype: mx.issubdtype(dtype, mx.floating))
+    if packed:
+        model.update_modules(tree_unflatten(packed))
     return model
