@@ -27,17 +27,20 @@ from exo.core.events import (
     ModelRemovalRequested,
 )
 from exo.core.models import ModelFootprint, ModelInfo
-from exo.core.placement import Placement
 from exo.core.state import State
 from exo.inference.fetcher import ModelFetcher
 from exo.inference.hub import HubError, HubNotFound
-from exo.inference.manifest import HubFile, HubModel, read_manifest
+from exo.inference.manifest import HubFile, HubModel, is_complete, read_manifest
 from exo.inference.models import model_folder, split_hub_id
 from exo.inference.peer_files import FileRange, NotServed, ProgressCallback, fetch_from_peers, read_chunk
 from exo.node.cluster import ClusterMember
-from exo.roles.commands import reserved_bytes
-from exo.roles.downloads import FetchModel, RemoveModel, instances_using, plan_model_actions
-from exo.roles.placement import place
+from exo.roles.downloads import (
+    FetchModel,
+    RemoveModel,
+    default_download_nodes,
+    instances_using,
+    plan_model_actions,
+)
 
 PROGRESS_INTERVAL_SECONDS = 0.25
 REMOVE_WAIT_SECONDS = 30.0
@@ -70,10 +73,14 @@ class HubModels:
         *,
         local_models: Callable[[], list[ModelInfo]],
         auto_download: bool = False,
+        footprint_of_model: Callable[[ModelInfo], ModelFootprint] = ModelFootprint.of_model,
     ) -> None:
         self.member = member
         self.fetcher = fetcher
         self._local_models = local_models
+        # This node's footprint of a model (at its `--weights-dtype`): what place_instance asks
+        # placement for, so a download's default nodes are the ones the instance will use.
+        self.footprint_of_model = footprint_of_model
         self.auto_download = auto_download
         self.remote: dict[tuple[str, str], m.DownloadProgressed] = {}
         self._running: set[str] = set()
@@ -196,11 +203,12 @@ class HubModels:
         state = self.member.state
         alive = {node.node_id: node for node in state.nodes.values() if node.status == "alive"}
         if node_ids is None:
-            footprint = ModelFootprint.of_model(model)
-            placement = place(footprint, alive.values(), 1, reserved_bytes(state, {model_id: footprint}))
-            if not isinstance(placement, Placement):
-                raise NoCapacity(model_id, placement.reasons)
-            node_ids = placement.node_ids
+            chosen = default_download_nodes(
+                state, model_id, self.footprint_of_model(model), self._nodes_with_model(model_id)
+            )
+            if isinstance(chosen, m.Refused):
+                raise NoCapacity(model_id, [chosen.detail or "placement refused"])
+            node_ids = chosen
         unknown = [node_id for node_id in node_ids if node_id not in alive]
         if unknown:
             raise ModelUnavailable(f"no alive node {', '.join(map(repr, unknown))} in the cluster", 404)
@@ -209,6 +217,17 @@ class HubModels:
             raise ModelUnavailable("download a revision by placing it; /models/download takes org/name", 400)
         self.member.submit([ModelDownloadRequested(node_id, repo_id) for node_id in node_ids])
         return list(node_ids)
+
+    def _nodes_with_model(self, model_id: str) -> dict[str, set[str]]:
+        """Nodes that hold the whole model (as their heartbeats say, and this one), as the master
+        sees them when it places an instance."""
+        holding = {node_id for node_id, beat in self.member.heartbeats.items() if model_id in beat.models}
+        if any(model.model_id == model_id for model in self._local_models()) and self._holds_whole(model_id):
+            holding.add(self.node_id)
+        return {model_id: holding}
+
+    def _holds_whole(self, model_id: str) -> bool:
+        return is_complete(model_folder(self.fetcher.models_dir, model_id))
 
     async def delete_model(self, model_id: str) -> list[str]:
         state = self.member.state

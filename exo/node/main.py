@@ -286,6 +286,7 @@ async def run_node(
             ModelFetcher(node_id, config.models_dir, member.submit),
             local_models=catalog.all,
             auto_download=config.auto_download,
+            footprint_of_model=catalog.footprint_of_model,
         )
         bus.on_topic(TOPIC_DOWNLOADS, hub.on_progress)  # before start: the SUB subscribes then
         await bus.start()

@@ -8,9 +8,14 @@ a restart: it is resumed (the files already fetched and the part files are kept)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from exo.core.events import InstanceCreated
+from exo.core.messages import Placed, PlaceInstance, Refused
+from exo.core.models import ModelFootprint
 from exo.core.state import State
+from exo.roles.commands import decide
 
 
 @dataclass(frozen=True)
@@ -59,3 +64,21 @@ def holders(state: State, model_id: str) -> list[str]:
         for node_id, models in state.downloads.items()
         if repo_id in models and models[repo_id].status != "removed"
     )
+
+
+def default_download_nodes(
+    state: State, model_id: str, footprint: ModelFootprint, nodes_with_model: Mapping[str, set[str]]
+) -> list[str] | Refused:
+    """The nodes `POST /models/download` fetches to when none are named: those `place_instance`
+    of the model would choose (the master's own decision on the same footprint, holders first,
+    memory promised to loading instances kept), so a download lands where the model will run.
+    `footprint` is the asking node's, at the representation its runners hold (`--weights-dtype`)."""
+    outcome = decide(PlaceInstance(model_id, footprint, download=True), state, nodes_with_model, "download")
+    match outcome.answer:
+        case Placed():
+            [created] = [event for event in outcome.events if isinstance(event, InstanceCreated)]
+            return list(created.shard_assignments)
+        case Refused() as refused:
+            return refused
+        case other:
+            raise AssertionError(f"unexpected answer to a placement: {type(other).__name__}")
