@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from exo.roles.downloads import (
     FetchModel,
     RemoveModel,
     default_download_nodes,
+    hub_fetcher,
     instances_using,
     plan_model_actions,
 )
@@ -47,6 +49,11 @@ REMOVE_WAIT_SECONDS = 30.0
 MODEL_ACTION_POLL_SECONDS = 1.0
 PEER_CHUNK_SECONDS = 10.0
 PEER_MODEL_SECONDS = 1.0
+# A node waiting for the node that fetches a shared file from the Hub polls it this often, and
+# fetches the file itself when that node's figures have not moved for PEER_STALL_SECONDS.
+PEER_WAIT_POLL_SECONDS = 0.25
+PEER_STALL_SECONDS = 20.0
+OWN_START_WAIT_SECONDS = 5.0
 
 
 def fetch_hint(model_id: str) -> str:
@@ -83,6 +90,10 @@ class HubModels:
         self.footprint_of_model = footprint_of_model
         self.auto_download = auto_download
         self.remote: dict[tuple[str, str], m.DownloadProgressed] = {}
+        # When each peer's download figures last moved (a peer we wait for that stops moving
+        # is given up on: the file comes from the Hub).
+        self._moved_at: dict[tuple[str, str], float] = {}
+        self.peer_stall_seconds = PEER_STALL_SECONDS
         self._running: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
@@ -320,13 +331,44 @@ class HubModels:
     def peer_source(
         self, model: HubModel, hub_file: HubFile, destination: Path, progress: ProgressCallback
     ) -> bool:
-        """The fetcher's FileSource (runs in its download thread): the file from peers, if any has it."""
-        peers = self.peers_holding(model.repo_id)
-        if not peers:
-            return False
-        return fetch_from_peers(
-            peers, self._ask_chunk, model, hub_file, destination=destination, progress=progress
-        )
+        """The fetcher's FileSource (runs in its download thread): the file from peers that hold
+        it; else, when another node's download started first and lacks it too, from that node
+        once it has fetched it from the Hub (one Hub download per file for the cluster). False:
+        this node fetches it from the Hub (it is first, or the one it waited for died or stalled)."""
+        repo_id, path = model.repo_id, hub_file.path
+
+        def fetch(peers: list[str]) -> bool:
+            return bool(peers) and fetch_from_peers(
+                peers, self._ask_chunk, model, hub_file, destination=destination, progress=progress
+            )
+
+        if fetch(self.peers_holding(repo_id)):
+            return True
+        self._wait_for_own_start(repo_id, path)
+        waiting_since = time.monotonic()
+        while True:
+            first = hub_fetcher(self.member.state, repo_id, path)
+            ahead = [first] if first is not None and first != self.node_id else []
+            if fetch(ahead + [peer for peer in self.peers_holding(repo_id) if peer not in ahead]):
+                return True
+            if not ahead or self._stalled(ahead[0], repo_id, waiting_since):
+                return False
+            time.sleep(PEER_WAIT_POLL_SECONDS)
+
+    def _wait_for_own_start(self, repo_id: str, path: str) -> None:
+        """Until this node's ModelDownloadStarted listing the file is applied (a bounded wait):
+        then every download that started before it is known, and who fetches the file is settled."""
+        deadline = time.monotonic() + OWN_START_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            download = self.member.state.downloads.get(self.node_id, {}).get(repo_id)
+            if download is not None and download.status == "downloading" and path in download.files:
+                return
+            time.sleep(PEER_WAIT_POLL_SECONDS)
+
+    def _stalled(self, peer: str, repo_id: str, waiting_since: float) -> bool:
+        """The node fetching for us sent no progress that moved for PEER_STALL_SECONDS."""
+        moved = self._moved_at.get((peer, repo_id), 0.0)
+        return time.monotonic() - max(moved, waiting_since) > self.peer_stall_seconds
 
     def _ask_chunk(self, peer: str, wanted: FileRange) -> tuple[bytes, int] | None:
         offset = wanted.offset
@@ -348,7 +390,11 @@ class HubModels:
 
     def on_progress(self, message: m.DownloadProgressed) -> None:
         if message.node_id != self.node_id:
-            self.remote[(message.node_id, message.model_id)] = message
+            key = (message.node_id, message.model_id)
+            previous = self.remote.get(key)
+            if previous is None or previous.bytes_done != message.bytes_done:
+                self._moved_at[key] = time.monotonic()
+            self.remote[key] = message
 
     async def publish_progress(self) -> None:
         """Send this node's live figures a few times a second, only when they moved."""

@@ -82,3 +82,22 @@ def default_download_nodes(
             return refused
         case other:
             raise AssertionError(f"unexpected answer to a placement: {type(other).__name__}")
+
+
+def hub_fetcher(state: State, repo_id: str, path: str) -> str | None:
+    """The node that fetches `path` of the model from the Hub for the whole cluster: of the alive
+    nodes whose download in progress lacks it, the one whose download started first in the log.
+    The others copy it from that node once it holds it. Every node decides the same from the
+    log, and a node only ever waits for one that started earlier, so no two wait for each other.
+    None: no download in progress lists the file."""
+    first: tuple[int, str] | None = None
+    for node_id, models in state.downloads.items():
+        download = models.get(repo_id)
+        node = state.nodes.get(node_id)
+        if download is None or download.status != "downloading" or path not in download.files:
+            continue
+        if node is None or node.status != "alive":
+            continue
+        if first is None or (download.since, node_id) < first:
+            first = (download.since, node_id)
+    return first[1] if first is not None else None
