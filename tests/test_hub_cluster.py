@@ -336,3 +336,50 @@ def test_the_node_fetching_for_the_cluster_dies_and_the_others_fetch_from_the_hu
             name: count for name, count in hub.stats.whole_files.items() if name.endswith(".safetensors")
         }
         assert all(count <= 2 for count in weights.values()), weights
+
+
+def test_an_instance_whose_node_is_killed_mid_download_recovers(tmp_path: Path, hub: LocalHub) -> None:
+    """A 2-stage instance of a Hub model; its second node is SIGKILLed while fetching its stage.
+    Nothing half-written is left where the model is expected; once the node is back the
+    instance is re-placed, the node resumes from the bytes it had, and the model answers."""
+    with _cluster(tmp_path, hub, 2) as cluster:
+        cluster.start_all()
+        first, second = cluster.nodes
+        wait_until(lambda: all(len(node.state()["nodes"]) == 2 for node in cluster.nodes), 90, "two nodes")
+        _read_metadata(first, hub)
+        hub.throttle_bytes_per_second = 30_000
+        placed = first.post("/place_instance", {"model_id": REPO, "min_nodes": 2}, timeout=60)
+        assert placed.status_code == 200, placed.text
+        stage = placed.json()["shard_assignments"]["node1"]
+        # One layer per weight file here: node1's stage is these files (huggingface_hub writes a
+        # file's bytes in 10 MB chunks, so a small file is on disk whole or not at all).
+        stage_files = [
+            f"model-0000{layer + 1}-of-00004.safetensors"
+            for layer in range(stage["start_layer"], stage["end_layer"])
+        ]
+        assert len(stage_files) >= 2, stage
+
+        def mid_download() -> bool:
+            return 0 < len(_weights(second) & set(stage_files)) < len(stage_files)
+
+        wait_until(mid_download, 60, "node1 holding part of its stage")
+        second.kill()
+        assert not (second.data_dir / "models" / REPO / "config.json").exists()
+        _only_verified_files_in_place(second, hub)
+        hub.throttle_bytes_per_second = None
+        second.start()
+
+        def ready_instance() -> str | None:
+            instances = first.state()["instances"].values()
+            ready = [each for each in instances if each["model_id"] == REPO and each["status"] == "ready"]
+            return ready[0]["instance_id"] if ready else None
+
+        instance_id = wait_until(ready_instance, 180, "a ready instance of the model")
+        assert set(first.get(f"/instance/{instance_id}")["shard_assignments"]) == {"node0", "node1"}
+        answer = second.post("/v1/chat/completions", {"model": REPO, **CHAT}, timeout=120)
+        assert answer.status_code == 200, answer.text
+        _only_verified_files_in_place(second, hub)
+        # What node1 had verified before the kill was not fetched again; what was in flight was.
+        fetched = {name.rsplit("/", 1)[1]: count for name, count in hub.stats.whole_files.items()}
+        assert all(fetched[name] <= 2 for name in stage_files), fetched
+        assert sorted(fetched[name] for name in stage_files)[0] == 1, fetched

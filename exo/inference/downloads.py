@@ -156,9 +156,11 @@ def download_files(
         if hub_file.path != "config.json":
             installer.install(hub_file)  # peers waiting for it can copy it now
 
-    # A few files at once, as snapshot_download does: one HTTP stream rarely fills a link.
+    # A few files at once, as snapshot_download does: one HTTP stream rarely fills a link. The
+    # small files first: other nodes that lack them too may be waiting for this node's copies.
+    order = sorted(missing, key=lambda hub_file: hub_file.size)
     with ThreadPoolExecutor(max_workers=PARALLEL_FILES, thread_name_prefix="exo-download") as pool:
-        for future in [pool.submit(fetch, hub_file) for hub_file in missing]:
+        for future in [pool.submit(fetch, hub_file) for hub_file in order]:
             future.result()  # the first failure is raised (the others finish or fail on their own)
     installer.finish(missing)
     return target

@@ -28,7 +28,7 @@ from exo.core.state import State
 from exo.inference.fetcher import ModelFetcher
 from exo.inference.hub import HubError, HubNotFound
 from exo.inference.manifest import is_complete, read_manifest
-from exo.inference.models import model_folder, split_hub_id
+from exo.inference.models import describe_model, model_folder, split_hub_id
 from exo.node.cluster import ClusterMember
 from exo.node.peer_sharing import PeerFiles
 from exo.roles.downloads import (
@@ -119,6 +119,19 @@ class HubModels:
             return await self.fetcher.describe(model_id)
         except HubError as error:
             raise hub_failure(model_id, error) from None
+
+    def known_footprint(self, model_id: str) -> ModelFootprint | None:
+        """The footprint of a Hub model this node knows the description of (its manifest, or a
+        recent read of the Hub's metadata), without the network: what re-placing an instance of
+        it needs on a master that does not hold it."""
+        if not self.is_hub_id(model_id):
+            return None
+        model = self.fetcher.known(model_id)
+        if model is None:
+            return None
+        folder = str(model_folder(self.fetcher.models_dir, model_id))
+        info = describe_model(model_id, folder, model.config, model.tensors)
+        return self.footprint_of_model(info) if info.supported else None
 
     async def ensure_support_files(self, model_id: str, *, allow_download: bool) -> Path:
         """Config and tokenizer files here (for the chat template), fetched when allowed."""

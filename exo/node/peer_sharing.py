@@ -27,7 +27,7 @@ PEER_CHUNK_SECONDS = 10.0
 PEER_MODEL_SECONDS = 1.0
 # A node waiting for the node that fetches a shared file from the Hub polls it this often, and
 # fetches the file itself when that node's figures have not moved for PEER_STALL_SECONDS.
-PEER_WAIT_POLL_SECONDS = 0.25
+PEER_WAIT_POLL_SECONDS = 0.1
 PEER_STALL_SECONDS = 20.0
 OWN_START_WAIT_SECONDS = 5.0
 # A download installs config.json last (a folder is a model once it is there), so a peer could
