@@ -318,7 +318,11 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             with path.open("rb") as file:
                 file.seek(start)
                 while sent < length:
-                    size = min(CHUNK // 4, length - sent)
+                    # Throttled, a tenth of a second's bytes at a time: a small file arrives
+                    # over time too, instead of in one write followed by a pause.
+                    rate = hub.throttle_bytes_per_second
+                    step = CHUNK // 4 if not rate else min(CHUNK // 4, max(4096, int(rate) // 10))
+                    size = min(step, length - sent)
                     with hub.lock:
                         if hub.cut_after_bytes is not None:
                             size = min(size, hub.cut_after_bytes)
