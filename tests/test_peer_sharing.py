@@ -42,9 +42,11 @@ class FakeBus:
 
     holds: bool = False
     asked: list[tuple[str, int]] = field(default_factory=list[tuple[str, int]])
+    any_ask: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def request(self, peer: str, request: m.FileChunkRequested, timeout: float) -> m.Reply:
         self.asked.append((peer, request.offset))
+        self.any_ask.set()
         if not self.holds:
             return m.RequestFailed("not held here")
         chunk = DATA[request.offset : request.offset + request.length]
@@ -115,3 +117,15 @@ async def test_the_first_node_fetches_from_the_hub_without_waiting(tmp_path: Pat
     )
     assert first is False and member.bus.asked == []
     assert state.downloads["b"][REPO].since < state.downloads["a"][REPO].since
+
+
+async def test_a_stopping_node_stops_waiting(tmp_path: Path) -> None:
+    member = FakeMember(two_downloads(), FakeBus())
+    peers = PeerFiles(member, FakeFetcher(tmp_path))  # type: ignore[arg-type]
+    peers.peer_stall_seconds = 3600.0
+    waiting = asyncio.create_task(
+        asyncio.to_thread(peers.peer_source, MODEL, HUB_FILE, tmp_path / "part", progress)
+    )
+    await asyncio.wait_for(member.bus.any_ask.wait(), 10)  # it is waiting for "b"
+    peers.closing.set()
+    assert await asyncio.wait_for(waiting, 10) is False

@@ -342,6 +342,7 @@ class HubModels:
         return progress is not None and progress.status == "failed"
 
     async def close(self) -> None:
+        self.peers.closing.set()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -10,6 +10,7 @@ falling back to the Hub itself when that node dies, fails or stalls.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +51,9 @@ class PeerFiles:
         self._loop = asyncio.get_running_loop()
         self.bytes_served = 0
         self.bytes_fetched = 0
+        # Set when the node stops: a download thread waiting for a peer stops waiting (the loop
+        # it would ask through is going away).
+        self.closing = threading.Event()
         fetcher.source = self.peer_source
         fetcher.ask_peers = self.hub_model_from_peers
 
@@ -146,19 +150,19 @@ class PeerFiles:
             ahead = [first] if first is not None and first != self.member.node_id else []
             if fetch(ahead + [peer for peer in self.peers_holding(repo_id) if peer not in ahead]):
                 return True
-            if not ahead or self._stalled(ahead[0], repo_id, waiting_since):
+            if not ahead or self._stalled(ahead[0], repo_id, waiting_since) or self.closing.is_set():
                 return False
-            time.sleep(PEER_WAIT_POLL_SECONDS)
+            self.closing.wait(PEER_WAIT_POLL_SECONDS)
 
     def _wait_for_own_start(self, repo_id: str, path: str) -> None:
         """Until this node's ModelDownloadStarted listing the file is applied (a bounded wait):
         then every download that started before it is known, and who fetches the file is settled."""
         deadline = time.monotonic() + OWN_START_WAIT_SECONDS
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.closing.is_set():
             download = self.member.state.downloads.get(self.member.node_id, {}).get(repo_id)
             if download is not None and download.status == "downloading" and path in download.files:
                 return
-            time.sleep(PEER_WAIT_POLL_SECONDS)
+            self.closing.wait(PEER_WAIT_POLL_SECONDS)
 
     def _stalled(self, peer: str, repo_id: str, waiting_since: float) -> bool:
         """The node fetching for us sent no progress that moved for PEER_STALL_SECONDS."""
