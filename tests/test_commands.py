@@ -130,6 +130,28 @@ def test_instance_that_lost_a_node_is_replaced_on_the_survivors() -> None:
     assert "b" not in created.shard_assignments
 
 
+def test_a_hub_model_no_node_holds_whole_is_replaced_and_fetched_again() -> None:
+    """A stage's node died mid-download: no node holds the Hub model whole, so the instance is
+    re-placed as place_instance places a download (the new stages fetch what they lack); a
+    folder model nobody holds stays failed, as before."""
+    assignments = {"a": ShardAssignment(0, 6, 12), "b": ShardAssignment(6, 12, 12)}
+    for model_id, replaced in (("org/m", True), ("m", False)):
+        state = state_of(
+            NodeJoined("a", "a:1", 16 * GIB, 8 * GIB),
+            NodeJoined("b", "b:1", 16 * GIB, 8 * GIB),
+            NodeJoined("c", "c:1", 16 * GIB, 8 * GIB),
+            InstanceCreated("i-1", model_id, "Pipeline", assignments, min_nodes=2),
+            NodeTimedOut("b"),
+        )
+        events = replacement_events(state, {}, lambda model_id: FOOTPRINT, lambda: "i-2")
+        if not replaced:
+            assert events == []
+            continue
+        assert events[0] == InstanceDeleted("i-1")
+        created = events[1]
+        assert isinstance(created, InstanceCreated) and sorted(created.shard_assignments) == ["a", "c"]
+
+
 @pytest.mark.parametrize(
     ("placed_on", "min_nodes", "alive_after", "stages_after"),
     [

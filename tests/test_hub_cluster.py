@@ -189,3 +189,199 @@ def test_with_a_cluster_secret_a_node_fetches_from_its_peer_not_the_hub(
         }
         assert len(weights) == 4 and all(count == 1 for count in weights.values()), weights
         assert second.get("/node_status")["peer_bytes_fetched"] >= hub.model_size(REPO) // 2
+
+
+def _weight_bytes_downloaded(hub: LocalHub) -> int:
+    """Weight bytes the Hub served as downloads (the metadata's header reads left out)."""
+    served = sum(count for name, count in hub.stats.bytes_by_file.items() if name.endswith(".safetensors"))
+    return served - hub.stats.header_bytes
+
+
+def _weights_size(hub: LocalHub) -> int:
+    return sum(each.size for path, each in hub.files(REPO).items() if path.endswith(".safetensors"))
+
+
+def _only_verified_files_in_place(node: NodeProcess, hub: LocalHub) -> None:
+    """Where the model is expected there is nothing half-written: every file is the Hub's."""
+    folder = node.data_dir / "models" / REPO
+    source = hub.repo_dir(REPO)
+    assert source is not None
+    for path in folder.rglob("*") if folder.is_dir() else []:
+        if path.is_file() and not path.name.startswith(".exo-hub.json"):  # the manifest (and its tmp)
+            assert path.read_bytes() == (source / path.relative_to(folder)).read_bytes(), path
+
+
+def _read_metadata(node: NodeProcess, hub: LocalHub) -> None:
+    """Have `node` read the model's Hub metadata (through the previews, which fetch no weights:
+    only the safetensors headers, by range)."""
+    previews = node.get(f"/instance/previews?model_id={REPO}", timeout=30)["previews"]
+    assert previews[0]["placement"] is not None
+    assert not [name for name in hub.stats.whole_files if name.endswith(".safetensors")]
+
+
+def test_nodes_fetching_the_same_model_at_once_take_each_file_from_the_hub_once(
+    tmp_path: Path, hub: LocalHub
+) -> None:
+    """One download per cluster: three nodes asked for the model at the same moment (none holds
+    it) fetch each file from the Hub once; the node that started first fetches, the others copy."""
+    with _cluster(tmp_path, hub, 3) as cluster:
+        cluster.start_all()
+        first = cluster.nodes[0]
+        wait_until(lambda: all(len(node.state()["nodes"]) == 3 for node in cluster.nodes), 90, "three nodes")
+        _read_metadata(first, hub)
+        hub.throttle_bytes_per_second = 150_000  # the downloads overlap: each file takes a second or two
+        names = [node.name for node in cluster.nodes]
+        accepted = first.post("/models/download", {"model_id": REPO, "node_ids": names})
+        assert accepted.status_code == 202, accepted.text
+        wait_until(
+            lambda: all((_node_state(first, REPO, name) or {}).get("status") == "ready" for name in names),
+            120,
+            "every node ready",
+        )
+        for node in cluster.nodes:
+            assert len(_weights(node)) == 4
+            _only_verified_files_in_place(node, hub)
+        weights = {
+            name: count for name, count in hub.stats.whole_files.items() if name.endswith(".safetensors")
+        }
+        assert len(weights) == 4 and all(count == 1 for count in weights.values()), weights
+        # The hub counts a body once its (throttled) send loop ends, a moment after the client has it.
+        wait_until(lambda: _weight_bytes_downloaded(hub) >= _weights_size(hub), 10, "the hub's counts")
+        assert _weight_bytes_downloaded(hub) == _weights_size(hub)
+        copied = sum(node.get("/node_status")["peer_bytes_fetched"] for node in cluster.nodes)
+        assert copied >= 2 * _weights_size(hub)
+
+
+def test_a_node_killed_mid_download_resumes_from_its_bytes_after_a_restart(
+    tmp_path: Path, hub: LocalHub
+) -> None:
+    with _cluster(tmp_path, hub, 2) as cluster:
+        cluster.start_all()
+        first, second = cluster.nodes
+        wait_until(lambda: all(len(node.state()["nodes"]) == 2 for node in cluster.nodes), 90, "two nodes")
+        _read_metadata(first, hub)
+        hub.throttle_bytes_per_second = 40_000
+        accepted = first.post("/models/download", {"model_id": REPO, "node_ids": [second.name]})
+        assert accepted.status_code == 202, accepted.text
+        staging = second.data_dir / "models" / ".downloads" / REPO
+        folder = second.data_dir / "models" / REPO
+
+        def complete_on_disk() -> set[str]:
+            """Weight files node1 has whole: verified in place, or staged (huggingface_hub
+            writes a file in 10 MB chunks, so these small files' part files stay empty)."""
+            staged = {path.name for path in staging.glob("*.safetensors") if path.is_file()}
+            return staged | _weights(second)
+
+        wait_until(lambda: len(complete_on_disk()) >= 1, 60, "node1 part way through")
+        second.kill()  # SIGKILL, mid-download
+        assert not (folder / "config.json").exists()
+        _only_verified_files_in_place(second, hub)
+        kept = complete_on_disk()
+        assert 1 <= len(kept) < 4, kept
+        hub.throttle_bytes_per_second = None
+        second.start()
+        wait_until(
+            lambda: (_node_state(first, REPO, second.name) or {}).get("status") == "ready", 90, "node1 ready"
+        )
+        _only_verified_files_in_place(second, hub)
+        assert len(_weights(second)) == 4
+        assert not list(folder.glob(".exo-hub.json.tmp-*"))  # nor a manifest write the kill cut short
+        # The restart fetched only what it did not have: the files it had were not fetched again.
+        fetched = {name.rsplit("/", 1)[1]: count for name, count in hub.stats.whole_files.items()}
+        assert all(fetched[name] == 1 for name in kept), (kept, fetched)
+        assert not staging.exists()
+        # And the node serves its share of an instance.
+        placed = first.post("/place_instance", {"model_id": REPO, "min_nodes": 2}, timeout=60)
+        assert placed.status_code == 200, placed.text
+        instance_id = placed.json()["instance_id"]
+        wait_until(lambda: first.get(f"/instance/{instance_id}")["status"] == "ready", 120, "instance ready")
+        answer = first.post("/v1/chat/completions", {"model": REPO, **CHAT}, timeout=120)
+        assert answer.status_code == 200, answer.text
+
+
+def test_the_node_fetching_for_the_cluster_dies_and_the_others_fetch_from_the_hub(
+    tmp_path: Path, hub: LocalHub
+) -> None:
+    """A real peer dies mid-download: the node that was copying from it fetches the rest (and
+    resumes any part it had) from the Hub, and holds only verified files."""
+    with _cluster(tmp_path, hub, 3) as cluster:
+        cluster.start_all()
+        entry = cluster.nodes[0]
+        wait_until(lambda: all(len(node.state()["nodes"]) == 3 for node in cluster.nodes), 90, "three nodes")
+        _read_metadata(entry, hub)
+        hub.throttle_bytes_per_second = 30_000
+        asked = [node.name for node in cluster.nodes[1:]]
+        assert entry.post("/models/download", {"model_id": REPO, "node_ids": asked}).status_code == 202
+
+        def started() -> list[str]:
+            downloads = entry.state()["downloads"]
+            records = [(downloads.get(name, {}).get(REPO, {}), name) for name in asked]
+            if not all(record.get("status") == "downloading" for record, _name in records):
+                return []
+            return [name for _record, name in sorted(records, key=lambda pair: pair[0]["since"])]
+
+        fetching, copying = wait_until(started, 60, "both downloads started")
+        dying = next(node for node in cluster.nodes if node.name == fetching)
+        survivor = next(node for node in cluster.nodes if node.name == copying)
+        wait_until(
+            lambda: survivor.get("/node_status")["peer_bytes_fetched"] > 0, 60, "copying from the peer"
+        )
+        dying.kill()
+        wait_until(
+            lambda: (_node_state(entry, REPO, copying) or {}).get("status") == "ready", 120, "survivor ready"
+        )
+        _only_verified_files_in_place(survivor, hub)
+        assert len(_weights(survivor)) == 4
+        # What the dead node had fetched for the cluster is fetched again by the survivor, once.
+        assert _weight_bytes_downloaded(hub) <= 2 * _weights_size(hub)
+        weights = {
+            name: count for name, count in hub.stats.whole_files.items() if name.endswith(".safetensors")
+        }
+        assert all(count <= 2 for count in weights.values()), weights
+
+
+def test_an_instance_whose_node_is_killed_mid_download_recovers(tmp_path: Path, hub: LocalHub) -> None:
+    """A 2-stage instance of a Hub model; its second node is SIGKILLed while fetching its stage.
+    Nothing half-written is left where the model is expected; once the node is back the
+    instance is re-placed, the node resumes from the bytes it had, and the model answers."""
+    with _cluster(tmp_path, hub, 2) as cluster:
+        cluster.start_all()
+        first, second = cluster.nodes
+        wait_until(lambda: all(len(node.state()["nodes"]) == 2 for node in cluster.nodes), 90, "two nodes")
+        _read_metadata(first, hub)
+        hub.throttle_bytes_per_second = 30_000
+        placed = first.post("/place_instance", {"model_id": REPO, "min_nodes": 2}, timeout=60)
+        assert placed.status_code == 200, placed.text
+        stage = placed.json()["shard_assignments"]["node1"]
+        # One layer per weight file here: node1's stage is these files (huggingface_hub writes a
+        # file's bytes in 10 MB chunks, so a small file is on disk whole or not at all).
+        stage_files = [
+            f"model-0000{layer + 1}-of-00004.safetensors"
+            for layer in range(stage["start_layer"], stage["end_layer"])
+        ]
+        assert len(stage_files) >= 2, stage
+
+        def mid_download() -> bool:
+            return 0 < len(_weights(second) & set(stage_files)) < len(stage_files)
+
+        wait_until(mid_download, 60, "node1 holding part of its stage")
+        second.kill()
+        assert not (second.data_dir / "models" / REPO / "config.json").exists()
+        _only_verified_files_in_place(second, hub)
+        hub.throttle_bytes_per_second = None
+        second.start()
+
+        def ready_instance() -> str | None:
+            instances = first.state()["instances"].values()
+            ready = [each for each in instances if each["model_id"] == REPO and each["status"] == "ready"]
+            return ready[0]["instance_id"] if ready else None
+
+        instance_id = wait_until(ready_instance, 180, "a ready instance of the model")
+        assert set(first.get(f"/instance/{instance_id}")["shard_assignments"]) == {"node0", "node1"}
+        answer = second.post("/v1/chat/completions", {"model": REPO, **CHAT}, timeout=120)
+        assert answer.status_code == 200, answer.text
+        _only_verified_files_in_place(second, hub)
+        # What node1 had verified before the kill was not fetched again; what was in flight was.
+        fetched = {name.rsplit("/", 1)[1]: count for name, count in hub.stats.whole_files.items()}
+        assert all(fetched[name] <= 2 for name in stage_files), fetched
+        assert sorted(fetched[name] for name in stage_files)[0] == 1, fetched

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from exo.core.events import (
     Event,
     IndexedEvent,
@@ -13,6 +15,7 @@ from exo.core.events import (
     ModelRemovalRequested,
     ModelRemoved,
     NodeJoined,
+    NodeTimedOut,
     RunnerStatusUpdated,
     ShardAssignment,
     decode_event,
@@ -22,7 +25,14 @@ from exo.core.messages import Placed, PlaceInstance, Refused
 from exo.core.models import ModelFootprint
 from exo.core.state import ModelDownload, State, apply, decode_state, encode_state
 from exo.roles.commands import decide
-from exo.roles.downloads import FetchModel, RemoveModel, holders, instances_using, plan_model_actions
+from exo.roles.downloads import (
+    FetchModel,
+    RemoveModel,
+    holders,
+    hub_fetcher,
+    instances_using,
+    plan_model_actions,
+)
 
 GIB = 1024**3
 REPO = "org/model"
@@ -47,6 +57,9 @@ def test_download_events_fold_into_each_nodes_record_and_survive_a_snapshot() ->
         "a": {REPO: ModelDownload("failed", reason="disk full")},
         "b": {REPO: ModelDownload("ready", 40, whole=False)},
     }
+    assert fold(ModelDownloadStarted("a", REPO, 9, files=["x"])).downloads["a"][REPO] == ModelDownload(
+        "downloading", 9, files=["x"], since=1
+    )
     assert decode_state(encode_state(state)) == state
     assert holders(state, REPO) == ["a", "b"]
     removed = fold(
@@ -59,7 +72,11 @@ def test_download_events_fold_into_each_nodes_record_and_survive_a_snapshot() ->
 def test_old_events_decode_unchanged_and_new_ones_round_trip() -> None:
     old = RunnerStatusUpdated("i", "a", "ready", activation_address="tcp://x:1")
     assert decode_event(encode_event(old)) == old
-    for event in (ModelDownloadStarted("a", REPO, 1), ModelRemoved("a", REPO, had_files=False)):
+    # A start written before `files` existed decodes with none.
+    written_before = {"type": "ModelDownloadStarted", "node_id": "a", "model_id": REPO, "bytes_total": 1}
+    assert decode_event(msgspec.msgpack.encode(written_before)) == ModelDownloadStarted("a", REPO, 1)
+    started = ModelDownloadStarted("a", REPO, 1, files=["model.safetensors"])
+    for event in (started, ModelRemoved("a", REPO, had_files=False)):
         assert decode_event(encode_event(event)) == event
 
 
@@ -110,3 +127,33 @@ def test_placing_a_download_prefers_the_nodes_that_hold_the_model() -> None:
     # Without `download` a model no node holds is refused, as before.
     refused = decide(PlaceInstance(REPO, footprint), state, {}, "i-3").answer
     assert isinstance(refused, Refused) and refused.reason == "model_not_held"
+
+
+def test_the_node_whose_download_started_first_fetches_a_shared_file_from_the_hub() -> None:
+    """One Hub download per file: of the alive nodes whose download lacks a file, the one that
+    started first in the log fetches it; a restart keeps its place; a dead node loses it."""
+    joined = fold(*(NodeJoined(node_id, f"{node_id}:1", GIB, GIB) for node_id in "abc"))
+    state = fold(
+        ModelDownloadStarted("c", REPO, 30, files=["w1", "w2", "config.json"]),
+        ModelDownloadStarted("a", REPO, 30, files=["w1", "w2", "w3", "config.json"]),
+        ModelDownloadStarted("b", REPO, 30, whole=False, files=["w3"]),
+        state=joined,
+    )
+    # "c" started first: it fetches what it lacks; "a" is first among those lacking w3.
+    assert [hub_fetcher(state, REPO, path) for path in ("w1", "w2", "w3", "config.json")] == [
+        "c",
+        "c",
+        "a",
+        "c",
+    ]
+    assert hub_fetcher(state, REPO, "tokenizer.json") is None
+    assert hub_fetcher(state, "org/other", "w1") is None
+    # "c" restarted and starts again (with fewer files left): it keeps its place in line.
+    again = fold(ModelDownloadStarted("c", REPO, 30, files=["w2", "config.json"]), state=state)
+    assert again.downloads["c"][REPO].since == state.downloads["c"][REPO].since
+    assert [hub_fetcher(again, REPO, path) for path in ("w1", "w2")] == ["a", "c"]
+    # "c" is gone (or failed, or finished): the next in line fetches from the Hub.
+    gone = fold(NodeTimedOut("c"), state=state)
+    assert hub_fetcher(gone, REPO, "w1") == "a"
+    finished = fold(ModelDownloadFinished("c", REPO, 30), state=state)
+    assert hub_fetcher(finished, REPO, "w1") == "a"

@@ -156,9 +156,9 @@ async def place_instance(services: Services, request: Request[Any, Any, Any]) ->
     return await services.place_instance(data.model_id, data.sharding, data.min_nodes)
 
 
-@get("/instance/previews", responses=error_responses(*QUERY, 404))
+@get("/instance/previews", responses=error_responses(*QUERY, 403, 404, 503))
 async def instance_previews(services: Services, model_id: ModelId) -> PlacementPreviews:
-    return PlacementPreviews(model_id, services.previews(model_id))
+    return PlacementPreviews(model_id, await services.previews(model_id))
 
 
 @get("/instance/{instance_id:str}", responses=error_responses(*QUERY, 404))

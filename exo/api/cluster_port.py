@@ -171,10 +171,12 @@ class NodeServices(Protocol):
         """
         ...
 
-    def previews(self, model_id: str) -> list[PlacementPreview]:
+    async def previews(self, model_id: str) -> list[PlacementPreview]:
         """Placements of `model_id` over 1..n alive nodes, feasible or with the reasons why not.
 
-        Raises ModelNotFound.
+        A Hub model no node holds is sized from the Hub's metadata (nothing is fetched), as
+        `place_instance` sizes it. Raises ModelNotFound, ModelUnavailable (the Hub refused or is
+        unreachable).
         """
         ...
 

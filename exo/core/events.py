@@ -123,12 +123,15 @@ class ModelRemovalRequested(_Event, frozen=True):
 
 class ModelDownloadStarted(_Event, frozen=True):
     """A node began fetching files of a model (bytes in flight are live figures, not events).
-    `whole`: all of it (a request to fetch the model), else what one of its stages needs."""
+    `whole`: all of it (a request to fetch the model), else what one of its stages needs.
+    `files`: the paths it lacks and fetches (empty in logs written before it was added); the node
+    that started first fetches a file the others also lack from the Hub, they copy it from it."""
 
     node_id: str
     model_id: str
     bytes_total: int
     whole: bool = True
+    files: list[str] = []
 
 
 class ModelDownloadFinished(_Event, frozen=True):

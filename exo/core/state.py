@@ -107,6 +107,10 @@ class ModelDownload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reason: str | None = None
     whole: bool = True  # the whole model (else a stage's files)
     request_id: str = ""  # of the removal asked ("removing") or done ("removed")
+    # While "downloading": the files it fetches, and the log index of the start of this download
+    # (kept when a restarted node starts it again), which orders who fetches a shared file.
+    files: list[str] = []
+    since: int = 0
 
 
 class State(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -184,8 +188,8 @@ class StateBuilder:
                 self.set_download(node_id, model_id, ModelDownload("requested"))
             case ModelRemovalRequested(node_id=node_id, model_id=model_id, request_id=request_id):
                 self.set_download(node_id, model_id, ModelDownload("removing", request_id=request_id))
-            case ModelDownloadStarted(node_id=node_id, model_id=model_id, bytes_total=total, whole=whole):
-                self.set_download(node_id, model_id, ModelDownload("downloading", total, whole=whole))
+            case ModelDownloadStarted(node_id=node_id, model_id=model_id) as event:
+                self.set_download(node_id, model_id, self._download_started(event, indexed.index))
             case ModelDownloadFinished(node_id=node_id, model_id=model_id, bytes_total=total, whole=whole):
                 self.set_download(node_id, model_id, ModelDownload("ready", total, whole=whole))
             case ModelDownloadFailed(node_id=node_id, model_id=model_id, reason=reason):
@@ -215,6 +219,13 @@ class StateBuilder:
 
     def delete_instance(self, instance_id: str) -> None:
         del self._writable_instances()[instance_id]
+
+    def _download_started(self, event: ModelDownloadStarted, index: int) -> ModelDownload:
+        previous = self.downloads.get(event.node_id, {}).get(event.model_id)
+        since = previous.since if previous is not None and previous.status == "downloading" else index
+        return ModelDownload(
+            "downloading", event.bytes_total, whole=event.whole, files=list(event.files), since=since or index
+        )
 
     def set_download(self, node_id: str, model_id: str, download: ModelDownload) -> None:
         """Downloads change rarely (a few events per model): copied whole, not copy-on-write."""

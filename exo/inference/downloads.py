@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from exo.inference.hub import HubError, HubSettings, configure_huggingface_hub, hub_errors
-from exo.inference.manifest import HubFile, HubModel, Manifest, held_files, read_manifest, write_manifest
+from exo.inference.manifest import (
+    MANIFEST_NAME,
+    HubFile,
+    HubModel,
+    Manifest,
+    held_files,
+    read_manifest,
+    write_manifest,
+)
 from exo.inference.models import model_folder
 
 STAGING_DIR = ".downloads"
@@ -139,16 +147,22 @@ def download_files(
             f"{models_dir}, {format_size(free)} ({free} bytes) free"
         )
 
+    installer = _Installer(target, staging, model)
+
     def fetch(hub_file: HubFile) -> None:
         if cancelled is not None and cancelled.is_set():
             raise DownloadCancelled(f"download of {model.repo_id} was cancelled")
         _fetch_verified(staging, model, hub_file=hub_file, settings=settings, report=report, source=source)
+        if hub_file.path != "config.json":
+            installer.install(hub_file)  # peers waiting for it can copy it now
 
-    # A few files at once, as snapshot_download does: one HTTP stream rarely fills a link.
+    # A few files at once, as snapshot_download does: one HTTP stream rarely fills a link. The
+    # small files first: other nodes that lack them too may be waiting for this node's copies.
+    order = sorted(missing, key=lambda hub_file: hub_file.size)
     with ThreadPoolExecutor(max_workers=PARALLEL_FILES, thread_name_prefix="exo-download") as pool:
-        for future in [pool.submit(fetch, hub_file) for hub_file in missing]:
+        for future in [pool.submit(fetch, hub_file) for hub_file in order]:
             future.result()  # the first failure is raised (the others finish or fail on their own)
-    _move_into_place(target, staging, model, missing)
+    installer.finish(missing)
     return target
 
 
@@ -300,27 +314,44 @@ class _HashingFile:
         return getattr(self._file, name)
 
 
-def _move_into_place(target: Path, staging: Path, model: HubModel, moved: list[HubFile]) -> None:
-    """Verified files go into the model folder, config.json last; the manifest then lists them."""
-    target.mkdir(parents=True, exist_ok=True)
-    try:
-        previous = read_manifest(target)
-    except ValueError:
-        previous = None
-    held = set(held_files(target, previous)) if previous is not None else set()
-    if previous is not None and previous.model.commit != model.commit:
-        held = {path for path in held if _same_file(previous.model, model, path)}
-    order = sorted(moved, key=lambda hub_file: hub_file.path == "config.json")
-    for hub_file in order:
-        destination = target / hub_file.path
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging / hub_file.path, destination)
-        held.add(hub_file.path)
-        if hub_file.path == "config.json":
-            break
-        write_manifest(target, Manifest(model, sorted(held)))
-    write_manifest(target, Manifest(model, sorted(held)))
-    shutil.rmtree(staging, ignore_errors=True)
+class _Installer:
+    """Moves verified files into the model folder one by one, as each is verified (so a peer can
+    copy a file while the rest still downloads), the manifest listing each once it is there, and
+    config.json last: a folder is a model only once every file it was fetching is in place."""
+
+    def __init__(self, target: Path, staging: Path, model: HubModel) -> None:
+        self.target = target
+        self.staging = staging
+        self.model = model
+        self._lock = threading.Lock()
+        target.mkdir(parents=True, exist_ok=True)
+        for stale in target.glob(f"{MANIFEST_NAME}.tmp-*"):
+            stale.unlink(missing_ok=True)  # a manifest write cut short by a kill
+        try:
+            previous = read_manifest(target)
+        except ValueError:
+            previous = None
+        held = set(held_files(target, previous)) if previous is not None else set()
+        if previous is not None and previous.model.commit != model.commit:
+            held = {path for path in held if _same_file(previous.model, model, path)}
+        self.held = held
+        self.installed: set[str] = set()
+
+    def install(self, hub_file: HubFile) -> None:
+        with self._lock:
+            destination = self.target / hub_file.path
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.staging / hub_file.path, destination)
+            self.held.add(hub_file.path)
+            self.installed.add(hub_file.path)
+            write_manifest(self.target, Manifest(self.model, sorted(self.held)))
+
+    def finish(self, files: list[HubFile]) -> None:
+        for hub_file in sorted(files, key=lambda each: each.path == "config.json"):
+            if hub_file.path not in self.installed:
+                self.install(hub_file)
+        write_manifest(self.target, Manifest(self.model, sorted(self.held)))
+        shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def _same_file(old: HubModel, new: HubModel, path: str) -> bool:

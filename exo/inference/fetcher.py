@@ -171,7 +171,8 @@ class ModelFetcher:
         total = sum(hub_file.size for hub_file in files)
         self._start_progress(repo_id, files)
         whole = layers is None and not support_only
-        self._report([ModelDownloadStarted(self.node_id, repo_id, total, whole=whole)])
+        fetching = [hub_file.path for hub_file in missing]
+        self._report([ModelDownloadStarted(self.node_id, repo_id, total, whole=whole, files=fetching)])
         try:
             folder = await asyncio.to_thread(
                 download_files,

@@ -265,8 +265,13 @@ class ClusterServices:
         await self._wait_applied(lambda state: instance_id in state.instances)
         return self.state().instances[instance_id]
 
-    def previews(self, model_id: str) -> list[PlacementPreview]:
-        model = self.catalog.get(model_id)
+    async def previews(self, model_id: str) -> list[PlacementPreview]:
+        """A Hub id is described from the Hub's metadata as `_place` does (nothing is fetched)."""
+        hub = self.hub
+        if hub is not None and hub.is_hub_id(model_id):
+            model = await hub.describe(model_id, allow_download=True)
+        else:
+            model = self.catalog.get(model_id)
         footprint = self.catalog.footprint_of_model(model)
         state = self.state()
         alive = [node for node in state.nodes.values() if node.status == "alive"]

@@ -14,11 +14,8 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
-import msgspec
-
 from exo.api.cluster_port import ClusterUnavailable, ModelNotFound, ModelUnavailable, NoCapacity
 from exo.api.model_routes import NodeModelState
-from exo.bus.transport import RequestTimedOut
 from exo.core import messages as m
 from exo.core.events import (
     ModelDownloadFailed,
@@ -27,23 +24,24 @@ from exo.core.events import (
     ModelRemovalRequested,
 )
 from exo.core.models import ModelFootprint, ModelInfo
-from exo.core.placement import Placement
 from exo.core.state import State
 from exo.inference.fetcher import ModelFetcher
 from exo.inference.hub import HubError, HubNotFound
-from exo.inference.manifest import HubFile, HubModel, read_manifest
-from exo.inference.models import model_folder, split_hub_id
-from exo.inference.peer_files import FileRange, NotServed, ProgressCallback, fetch_from_peers, read_chunk
+from exo.inference.manifest import is_complete, read_manifest
+from exo.inference.models import describe_model, model_folder, split_hub_id
 from exo.node.cluster import ClusterMember
-from exo.roles.commands import reserved_bytes
-from exo.roles.downloads import FetchModel, RemoveModel, instances_using, plan_model_actions
-from exo.roles.placement import place
+from exo.node.peer_sharing import PeerFiles
+from exo.roles.downloads import (
+    FetchModel,
+    RemoveModel,
+    default_download_nodes,
+    instances_using,
+    plan_model_actions,
+)
 
 PROGRESS_INTERVAL_SECONDS = 0.25
 REMOVE_WAIT_SECONDS = 30.0
 MODEL_ACTION_POLL_SECONDS = 1.0
-PEER_CHUNK_SECONDS = 10.0
-PEER_MODEL_SECONDS = 1.0
 
 
 def fetch_hint(model_id: str) -> str:
@@ -70,20 +68,19 @@ class HubModels:
         *,
         local_models: Callable[[], list[ModelInfo]],
         auto_download: bool = False,
+        footprint_of_model: Callable[[ModelInfo], ModelFootprint] = ModelFootprint.of_model,
     ) -> None:
         self.member = member
         self.fetcher = fetcher
         self._local_models = local_models
+        # This node's footprint of a model (at its `--weights-dtype`): what place_instance asks
+        # placement for, so a download's default nodes are the ones the instance will use.
+        self.footprint_of_model = footprint_of_model
         self.auto_download = auto_download
-        self.remote: dict[tuple[str, str], m.DownloadProgressed] = {}
         self._running: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._loop = asyncio.get_running_loop()
-        self.peer_bytes_served = 0
-        self.peer_bytes_fetched = 0
-        # One download per cluster: files come from peers that hold them before the Hub.
-        fetcher.source = self.peer_source
-        fetcher.ask_peers = self.hub_model_from_peers
+        # One download per cluster: files come from peers before the Hub.
+        self.peers = PeerFiles(member, fetcher)
 
     @property
     def node_id(self) -> str:
@@ -122,6 +119,19 @@ class HubModels:
             return await self.fetcher.describe(model_id)
         except HubError as error:
             raise hub_failure(model_id, error) from None
+
+    def known_footprint(self, model_id: str) -> ModelFootprint | None:
+        """The footprint of a Hub model this node knows the description of (its manifest, or a
+        recent read of the Hub's metadata), without the network: what re-placing an instance of
+        it needs on a master that does not hold it."""
+        if not self.is_hub_id(model_id):
+            return None
+        model = self.fetcher.known(model_id)
+        if model is None:
+            return None
+        folder = str(model_folder(self.fetcher.models_dir, model_id))
+        info = describe_model(model_id, folder, model.config, model.tensors)
+        return self.footprint_of_model(info) if info.supported else None
 
     async def ensure_support_files(self, model_id: str, *, allow_download: bool) -> Path:
         """Config and tokenizer files here (for the chat template), fetched when allowed."""
@@ -196,11 +206,12 @@ class HubModels:
         state = self.member.state
         alive = {node.node_id: node for node in state.nodes.values() if node.status == "alive"}
         if node_ids is None:
-            footprint = ModelFootprint.of_model(model)
-            placement = place(footprint, alive.values(), 1, reserved_bytes(state, {model_id: footprint}))
-            if not isinstance(placement, Placement):
-                raise NoCapacity(model_id, placement.reasons)
-            node_ids = placement.node_ids
+            chosen = default_download_nodes(
+                state, model_id, self.footprint_of_model(model), self._nodes_with_model(model_id)
+            )
+            if isinstance(chosen, m.Refused):
+                raise NoCapacity(model_id, [chosen.detail or "placement refused"])
+            node_ids = chosen
         unknown = [node_id for node_id in node_ids if node_id not in alive]
         if unknown:
             raise ModelUnavailable(f"no alive node {', '.join(map(repr, unknown))} in the cluster", 404)
@@ -209,6 +220,17 @@ class HubModels:
             raise ModelUnavailable("download a revision by placing it; /models/download takes org/name", 400)
         self.member.submit([ModelDownloadRequested(node_id, repo_id) for node_id in node_ids])
         return list(node_ids)
+
+    def _nodes_with_model(self, model_id: str) -> dict[str, set[str]]:
+        """Nodes that hold the whole model (as their heartbeats say, and this one), as the master
+        sees them when it places an instance."""
+        holding = {node_id for node_id, beat in self.member.heartbeats.items() if model_id in beat.models}
+        if any(model.model_id == model_id for model in self._local_models()) and self._holds_whole(model_id):
+            holding.add(self.node_id)
+        return {model_id: holding}
+
+    def _holds_whole(self, model_id: str) -> bool:
+        return is_complete(model_folder(self.fetcher.models_dir, model_id))
 
     async def delete_model(self, model_id: str) -> list[str]:
         state = self.member.state
@@ -236,100 +258,28 @@ class HubModels:
             raise ClusterUnavailable(f"not every node removed {model_id} within {REMOVE_WAIT_SECONDS:g} s")
         return targets
 
-    # --- files between peers ------------------------------------------------------------------------
-
-    async def serve_file_chunk(self, request: m.FileChunkRequested) -> m.Reply:
-        try:
-            wanted = FileRange(request.repo_id, request.commit, request.path, request.offset, request.length)
-            data, size = await asyncio.to_thread(read_chunk, self.fetcher.models_dir, wanted)
-        except (NotServed, OSError, ValueError) as error:
-            return m.RequestFailed(str(error))
-        self.peer_bytes_served += len(data)
-        return m.FileChunkAnswered(request.offset, size, data)
-
-    async def serve_hub_model(self, request: m.HubModelRequested) -> m.Reply:
-        known = self.fetcher.known(request.model_id)
-        if known is None:
-            return m.RequestFailed(f"{request.model_id} is not known here")
-        return m.HubModelAnswered(msgspec.json.encode(known))
-
-    async def hub_model_from_peers(self, model_id: str) -> HubModel | None:
-        """A Hub model's description from any alive peer that has it (all asked at once): the
-        node that placed it read the Hub's metadata, the stages need not read it again."""
-        state = self.member.state
-        peers = [
-            node_id
-            for node_id, node in state.nodes.items()
-            if node.status == "alive" and node_id != self.node_id
-        ]
-        if not peers:
-            return None
-
-        async def ask(peer: str) -> HubModel | None:
-            try:
-                reply = await self.member.bus.request(
-                    peer, m.HubModelRequested(model_id), timeout=PEER_MODEL_SECONDS
-                )
-            except RequestTimedOut:
-                return None
-            if not isinstance(reply, m.HubModelAnswered):
-                return None
-            try:
-                return msgspec.json.decode(reply.model, type=HubModel)
-            except msgspec.DecodeError:
-                return None
-
-        for answer in asyncio.as_completed([ask(peer) for peer in peers]):
-            model = await answer
-            if model is not None:
-                return model
-        return None
-
-    def peers_holding(self, repo_id: str) -> list[str]:
-        """Alive peers the log says hold files of the model, those with all of it first."""
-        state = self.member.state
-        found: list[tuple[bool, str]] = []
-        for node_id, models in state.downloads.items():
-            download = models.get(repo_id)
-            node = state.nodes.get(node_id)
-            if node_id == self.node_id or download is None or download.status != "ready":
-                continue
-            if node is not None and node.status == "alive":
-                found.append((not download.whole, node_id))
-        return [node_id for _partial, node_id in sorted(found)]
-
-    def peer_source(
-        self, model: HubModel, hub_file: HubFile, destination: Path, progress: ProgressCallback
-    ) -> bool:
-        """The fetcher's FileSource (runs in its download thread): the file from peers, if any has it."""
-        peers = self.peers_holding(model.repo_id)
-        if not peers:
-            return False
-        return fetch_from_peers(
-            peers, self._ask_chunk, model, hub_file, destination=destination, progress=progress
-        )
-
-    def _ask_chunk(self, peer: str, wanted: FileRange) -> tuple[bytes, int] | None:
-        offset = wanted.offset
-        request = m.FileChunkRequested(wanted.repo_id, wanted.commit, wanted.path, offset, wanted.length)
-        future = asyncio.run_coroutine_threadsafe(
-            self.member.bus.request(peer, request, timeout=PEER_CHUNK_SECONDS), self._loop
-        )
-        try:
-            reply = future.result(timeout=PEER_CHUNK_SECONDS + 5)
-        except (RequestTimedOut, TimeoutError, RuntimeError):
-            future.cancel()
-            return None
-        if not isinstance(reply, m.FileChunkAnswered) or reply.offset != offset:
-            return None
-        self.peer_bytes_fetched += len(reply.data)
-        return reply.data, reply.size
-
     # --- the node's loops ----------------------------------------------------------------------------
 
     def on_progress(self, message: m.DownloadProgressed) -> None:
-        if message.node_id != self.node_id:
-            self.remote[(message.node_id, message.model_id)] = message
+        self.peers.on_progress(message)
+
+    @property
+    def remote(self) -> dict[tuple[str, str], m.DownloadProgressed]:
+        return self.peers.remote
+
+    async def serve_file_chunk(self, request: m.FileChunkRequested) -> m.Reply:
+        return await self.peers.serve_file_chunk(request)
+
+    async def serve_hub_model(self, request: m.HubModelRequested) -> m.Reply:
+        return await self.peers.serve_hub_model(request)
+
+    @property
+    def peer_bytes_served(self) -> int:
+        return self.peers.bytes_served
+
+    @property
+    def peer_bytes_fetched(self) -> int:
+        return self.peers.bytes_fetched
 
     async def publish_progress(self) -> None:
         """Send this node's live figures a few times a second, only when they moved."""
@@ -392,6 +342,7 @@ class HubModels:
         return progress is not None and progress.status == "failed"
 
     async def close(self) -> None:
+        self.peers.closing.set()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

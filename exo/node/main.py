@@ -275,7 +275,8 @@ async def run_node(
             config.data_dir / "term",
             force_master=config.force_master,
             local_models=catalog.supported_ids,
-            footprint_of=catalog.footprint,
+            # A Hub model this node holds only a stage of (or none) is sized from its description.
+            footprint_of=lambda model_id: catalog.footprint(model_id) or hub.known_footprint(model_id),
             # Peers ask for the files and Hub descriptions this node holds. The Hub models below
             # answer, and they need the member: `hub` is looked up when a request comes.
             serve_file_chunk=lambda request: hub.serve_file_chunk(request),  # noqa: PLW0108
@@ -286,6 +287,7 @@ async def run_node(
             ModelFetcher(node_id, config.models_dir, member.submit),
             local_models=catalog.all,
             auto_download=config.auto_download,
+            footprint_of_model=catalog.footprint_of_model,
         )
         bus.on_topic(TOPIC_DOWNLOADS, hub.on_progress)  # before start: the SUB subscribes then
         await bus.start()

@@ -166,7 +166,14 @@ def replacement_events(
         footprint = footprint_of(instance.model_id)
         if footprint is None:
             continue
-        command = PlaceInstance(instance.model_id, footprint, instance.sharding, instance.min_nodes)
+        # A Hugging Face model (`org/name`; a folder name has no slash) no node holds whole is
+        # placed as place_instance places it: the chosen nodes fetch what they lack (resuming
+        # the bytes a node that died mid-download had), else a stage's node dying mid-download
+        # would leave its instance failed for good.
+        download = "/" in instance.model_id
+        command = PlaceInstance(
+            instance.model_id, footprint, instance.sharding, instance.min_nodes, download=download
+        )
         outcome = _place(command, state, nodes_with_model, new_instance_id(), at_most_available=True)
         if isinstance(outcome.answer, Placed):
             events.extend([InstanceDeleted(instance_id), *outcome.events])

@@ -8,9 +8,14 @@ a restart: it is resumed (the files already fetched and the part files are kept)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from exo.core.events import InstanceCreated
+from exo.core.messages import Placed, PlaceInstance, Refused
+from exo.core.models import ModelFootprint
 from exo.core.state import State
+from exo.roles.commands import decide
 
 
 @dataclass(frozen=True)
@@ -59,3 +64,40 @@ def holders(state: State, model_id: str) -> list[str]:
         for node_id, models in state.downloads.items()
         if repo_id in models and models[repo_id].status != "removed"
     )
+
+
+def default_download_nodes(
+    state: State, model_id: str, footprint: ModelFootprint, nodes_with_model: Mapping[str, set[str]]
+) -> list[str] | Refused:
+    """The nodes `POST /models/download` fetches to when none are named: those `place_instance`
+    of the model would choose (the master's own decision on the same footprint, holders first,
+    memory promised to loading instances kept), so a download lands where the model will run.
+    `footprint` is the asking node's, at the representation its runners hold (`--weights-dtype`)."""
+    outcome = decide(PlaceInstance(model_id, footprint, download=True), state, nodes_with_model, "download")
+    match outcome.answer:
+        case Placed():
+            [created] = [event for event in outcome.events if isinstance(event, InstanceCreated)]
+            return list(created.shard_assignments)
+        case Refused() as refused:
+            return refused
+        case other:
+            raise AssertionError(f"unexpected answer to a placement: {type(other).__name__}")
+
+
+def hub_fetcher(state: State, repo_id: str, path: str) -> str | None:
+    """The node that fetches `path` of the model from the Hub for the whole cluster: of the alive
+    nodes whose download in progress lacks it, the one whose download started first in the log.
+    The others copy it from that node once it holds it. Every node decides the same from the
+    log, and a node only ever waits for one that started earlier, so no two wait for each other.
+    None: no download in progress lists the file."""
+    first: tuple[int, str] | None = None
+    for node_id, models in state.downloads.items():
+        download = models.get(repo_id)
+        node = state.nodes.get(node_id)
+        if download is None or download.status != "downloading" or path not in download.files:
+            continue
+        if node is None or node.status != "alive":
+            continue
+        if first is None or (download.since, node_id) < first:
+            first = (download.since, node_id)
+    return first[1] if first is not None else None

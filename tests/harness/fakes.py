@@ -208,7 +208,7 @@ class FakeNodeServices:
         self._put_instance(instance)
         return instance
 
-    def previews(self, model_id: str) -> list[PlacementPreview]:
+    async def previews(self, model_id: str) -> list[PlacementPreview]:
         self._check_model(model_id)
         footprint = ModelFootprint.of_model(self._model(model_id))
         return previews(footprint, self.current_state.nodes.values())

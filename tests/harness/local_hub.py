@@ -43,6 +43,10 @@ class HubFile:
 class HubStats:
     bytes_served: int = 0
     bytes_by_file: dict[str, int] = field(default_factory=dict[str, int])
+    # Of those, bytes sent for ranges from offset 0 shorter than the file: huggingface_hub reading
+    # safetensors headers (metadata), not a download (which asks the whole file, or resumes
+    # from an offset past 0). Counted when the body ends, which may be after the client closed.
+    header_bytes: int = 0
     # Bodies of a whole file (not a range): how many times each file was fetched in full.
     whole_files: dict[str, int] = field(default_factory=dict[str, int])
     requests: list[str] = field(default_factory=list[str])
@@ -139,8 +143,10 @@ class LocalHub:
     def model_size(self, repo_id: str) -> int:
         return sum(hub_file.size for hub_file in self.files(repo_id).values())
 
-    def count(self, path: str, sent: int) -> None:
+    def count(self, path: str, sent: int, *, header: bool = False) -> None:
         with self.lock:
+            if header:
+                self.stats.header_bytes += sent
             self.stats.bytes_served += sent
             self.stats.bytes_by_file[path] = self.stats.bytes_by_file.get(path, 0) + sent
 
@@ -298,9 +304,10 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             if start == 0 and length == hub_file.size:
                 with hub.lock:
                     hub.stats.whole_files[name] = hub.stats.whole_files.get(name, 0) + 1
-            self._send_body(folder / hub_file.path, name, start, length)
+            header = partial and start == 0 and length < hub_file.size
+            self._send_body(folder / hub_file.path, name, start, length, header=header)
 
-        def _send_body(self, path: Path, name: str, start: int, length: int) -> None:
+        def _send_body(self, path: Path, name: str, start: int, length: int, *, header: bool) -> None:
             import time  # the throttle's pacing only; never used to synchronise a test
 
             with hub.lock:
@@ -311,14 +318,18 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             with path.open("rb") as file:
                 file.seek(start)
                 while sent < length:
-                    size = min(CHUNK // 4, length - sent)
+                    # Throttled, a tenth of a second's bytes at a time: a small file arrives
+                    # over time too, instead of in one write followed by a pause.
+                    rate = hub.throttle_bytes_per_second
+                    step = CHUNK // 4 if not rate else min(CHUNK // 4, max(4096, int(rate) // 10))
+                    size = min(step, length - sent)
                     with hub.lock:
                         if hub.cut_after_bytes is not None:
                             size = min(size, hub.cut_after_bytes)
                             hub.cut_after_bytes -= size
                     if size <= 0:
                         self.close_connection = True
-                        hub.count(name, sent)
+                        hub.count(name, sent, header=header)
                         return  # the client sees the body end early
                     chunk = file.read(size)
                     if corrupt and chunk:
@@ -327,7 +338,7 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                     try:
                         self.wfile.write(chunk)
                     except (BrokenPipeError, ConnectionResetError):
-                        hub.count(name, sent)
+                        hub.count(name, sent, header=header)
                         return
                     sent += len(chunk)
                     rate = hub.throttle_bytes_per_second
@@ -335,7 +346,7 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                         ahead = sent / rate - (time.monotonic() - began)
                         if ahead > 0:
                             time.sleep(ahead)
-            hub.count(name, sent)
+            hub.count(name, sent, header=header)
 
     return Handler
 
