@@ -24,11 +24,13 @@ from exo.core import messages as m
 from exo.core.events import Event, IndexedEvent, NodeJoined
 from exo.core.models import ModelFootprint
 from exo.core.raft_messages import EntriesAcknowledged, EntriesSent, VoteAnswered, VoteRequested
-from exo.core.state import State, encode_state
+from exo.core.state import State
+from exo.node.cluster_requests import answer_request
 from exo.node.disk_faults import DiskFaults
 from exo.node.master import Master, NotLeading
 from exo.node.raft_member import RaftMember
 from exo.node.replica import Replica
+from exo.roles.bootstrap import should_bootstrap, should_take_over
 from exo.roles.commands import decide, replacement_events
 from exo.roles.liveness import HEARTBEAT_INTERVAL, Liveness
 from exo.roles.membership import membership_events
@@ -38,7 +40,6 @@ from exo.roles.sequencer import Sequencer
 
 logger = logging.getLogger(__name__)
 
-FETCH_LIMIT = 10_000
 # A node is marked gone (its instances fail and are re-placed) after this many liveness windows of
 # silence.
 NODE_GONE_WINDOWS = 2
@@ -107,7 +108,7 @@ class ClusterMember:
         bus.on_topic(m.TOPIC_ELECTION, self._on_raft_message)
         bus.on_topic(m.TOPIC_LOCAL_EVENTS, self._on_local_events)
         bus.on_topic(m.TOPIC_COMMANDS, self._on_command)
-        bus.on_request(self._on_request)
+        bus.on_request(lambda request, peer_host: answer_request(self, request, peer_host))
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -209,9 +210,7 @@ class ClusterMember:
         )
 
     def _maybe_bootstrap(self, now: float) -> None:
-        """A node with an empty log forms a cluster only when no heard peer has one: after a
-        liveness window, the first of the empty-log peers heard (forced nodes first, then by id)
-        bootstraps; every other node waits for the master to add it."""
+        """An empty-log node forms a cluster only when none is heard (exo/roles/bootstrap.py)."""
         core = self.raft.core
         if core.bootstrap is not None or core.voters or core.last_index > 0:
             return
@@ -219,38 +218,26 @@ class ClusterMember:
             return
         alive = self.liveness.alive(now)
         peers = [heartbeat for node_id, heartbeat in self.heartbeats.items() if node_id in alive]
-        if any(heartbeat.rank.last_index > 0 or heartbeat.master_node_id for heartbeat in peers):
-            return  # a cluster exists: its master adds this node
-        first = min(
-            [(not hb.rank.force_master, hb.node_id) for hb in peers] + [(not self.force_master, self.node_id)]
-        )
-        if first[1] != self.node_id:
+        if not should_bootstrap(self.node_id, self.force_master, peers):
             return
         own = self._heartbeat(self.node_id)
         logger.info("no cluster heard: %s starts one", self.node_id)
-        core.bootstrap = NodeJoined(
-            self.node_id,
-            self._address_of(self.node_id) or "",
-            own.memory_total_bytes,
-            own.memory_available_bytes,
-            self.hostname,
-        )
+        address = self._address_of(self.node_id) or ""
+        memory = (own.memory_total_bytes, own.memory_available_bytes)
+        core.bootstrap = NodeJoined(self.node_id, address, *memory, hostname=self.hostname)
         self.raft.handle(core.campaign_now())
 
     def _maybe_take_over(self, now: float) -> None:
-        """`--force-master`: once this voter's log holds everything the master has, it runs an
-        election at once (a leadership transfer); it wins only with a majority's votes."""
+        """`--force-master`: a forced voter up to date with its master runs an election at once."""
         core = self.raft.core
-        if not self.force_master or core.role == "leader" or core.leader_id is None:
+        if not self.force_master or core.role == "leader" or core.leader_id is None or self.raft.stalled:
             return
-        if now - self._forced_campaign_at < 2 * core.timings.election_timeout or self.raft.stalled:
+        if now - self._forced_campaign_at < 2 * core.timings.election_timeout:
             return
-        leader = self.heartbeats.get(core.leader_id)
-        if leader is None or core.durable_index < max(leader.rank.last_index, self.raft.leader_commit):
-            return
-        self._forced_campaign_at = now
-        self.counters.forced_campaigns += 1
-        self.raft.handle(core.campaign_now())
+        if should_take_over(core.durable_index, self.heartbeats.get(core.leader_id), self.raft.leader_commit):
+            self._forced_campaign_at = now
+            self.counters.forced_campaigns += 1
+            self.raft.handle(core.campaign_now())
 
     def _reconnect_silent_peers(self, alive: set[str]) -> None:
         for address, peer in list(self.bus.peers.items()):
@@ -417,40 +404,6 @@ class ClusterMember:
                 for model_id in heartbeat.models:
                     holders.setdefault(model_id, set()).add(node_id)
         return holders
-
-    async def _on_request(self, request: m.Request, peer_host: str) -> m.Reply:
-        match request:
-            case m.HelloRequested():
-                if request.node_id != self.node_id:
-                    self.bus.add_peer(f"{request.bus_host or peer_host}:{request.bus_port}")
-                return m.HelloAnswered(
-                    node_id=self.node_id,
-                    pub_port=self.bus.pub_port,
-                    term=self.term,
-                    master_node_id=self.leader_id,
-                )
-            case m.EventsRequested():
-                first = await self.replica.store.first_index()
-                limit = max(1, min(request.limit, FETCH_LIMIT))
-                events = await self.replica.read(request.since + 1, limit=limit)
-                return m.EventsAnswered(events, self.replica.last_index, first)
-            case m.SnapshotRequested():
-                state = self.replica.state
-                return m.SnapshotAnswered(state.last_event_index, encode_state(state))
-            case m.CommandRequested():
-                if self.master is None:
-                    return m.RequestFailed(f"not the master; ask {self.leader_id}")
-                return await self.execute(request.command)
-            case m.FileChunkRequested():
-                if self.serve_file_chunk is None:
-                    return m.RequestFailed("this node serves no model files")
-                return await self.serve_file_chunk(request)
-            case m.HubModelRequested():
-                if self.serve_hub_model is None:
-                    return m.RequestFailed("this node knows no Hub models")
-                return await self.serve_hub_model(request)
-            case m.LinkProbed():
-                return m.LinkProbeAnswered(len(request.payload))
 
 
 def _ignore_outcome(future: asyncio.Future[int]) -> None:
