@@ -301,6 +301,7 @@ class ClusterMember:
         elif self.master is not None:
             logger.info("stepping down in term %d (master: %s)", change.term, change.leader_id)
             master, self.master = self.master, None
+            master.cancel()  # before its task runs again: only a leader proposes
             self._spawn(master.stop())
         if change.leader_id is not None:
             self._send_local(self.outbox.everything(time.monotonic()))

@@ -63,12 +63,18 @@ class Master:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="master-sequencer")
 
-    async def stop(self) -> None:
+    def cancel(self) -> None:
+        """Stop proposing now (this node no longer leads): the task cannot propose again, and every
+        waiter is refused."""
         if self._task is not None:
             self._task.cancel()
+        self._fail_all()
+
+    async def stop(self) -> None:
+        self.cancel()
+        if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._fail_all()
 
     def _fail_all(self) -> None:
         for _, future in self._waiting:
