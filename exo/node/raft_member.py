@@ -39,7 +39,7 @@ ELECTION_TIMEOUT = float(os.environ.get("EXO_ELECTION_TIMEOUT", "1.0"))
 RAFT_HEARTBEAT = float(os.environ.get("EXO_RAFT_HEARTBEAT", "0.1"))
 # Queued log writes and applies; past this the node takes no more messages until the disk catches up.
 MAX_DISK_BACKLOG = 10_000
-COMMIT_RECORD_SECONDS = 1.0
+COMMIT_RECORD_SECONDS = float(os.environ.get("EXO_COMMIT_RECORD_SECONDS", "1.0"))
 CLOSE_DRAIN_SECONDS = 5.0
 
 
@@ -104,6 +104,7 @@ class RaftMember:
         self._has_room = asyncio.Event()  # the disk queue is below half its bound
         self._has_room.set()
         self.stalled = False  # the store refuses writes: take no messages, do not tick
+        self.stored_index = self.core.last_index  # the store holds the core's log up to here
         self.leader_commit = 0  # the master's commit index, as its last message said
         self._recorded_commit = replica.last_index
         self._recorded_at = 0.0
@@ -177,9 +178,10 @@ class RaftMember:
 
     async def _disk_loop(self) -> None:
         while True:
-            batch = [await self._disk.get()]
-            while not self._disk.empty() and len(batch) < 256:
-                batch.append(self._disk.get_nowait())
+            taken = [await self._disk.get()]
+            while not self._disk.empty() and len(taken) < 256:
+                taken.append(self._disk.get_nowait())
+            batch = self._applies_first(taken)
             position = 0
             while position < len(batch):
                 action = batch[position]
@@ -195,10 +197,28 @@ class RaftMember:
                     entries.extend(following.entries)  # continues the previous write: one commit
                     position += 1
                 await self._write(action.truncate_after, entries)
-            for _ in batch:
+            for _ in taken:
                 self._disk.task_done()
             if self._disk.qsize() < MAX_DISK_BACKLOG // 2:
                 self._has_room.set()
+
+    def _applies_first(self, batch: list[WriteLog | Apply]) -> list[WriteLog | Apply]:
+        """Applies whose entries the store already holds go before the writes queued ahead of them
+        (a follower hears a commit with the next entries, and need not wait for their fsync), in
+        their own order, and never past a write that truncates below them."""
+        floor = self.stored_index
+        early: list[WriteLog | Apply] = []
+        rest: list[WriteLog | Apply] = []
+        for action in batch:
+            if isinstance(action, WriteLog):
+                if action.truncate_after is not None:
+                    floor = min(floor, action.truncate_after)
+                rest.append(action)
+            elif not any(isinstance(kept, Apply) for kept in rest) and action.entries[-1].index <= floor:
+                early.append(action)
+            else:
+                rest.append(action)
+        return early + rest
 
     async def _write(self, truncate_after: int | None, entries: list[IndexedEvent]) -> None:
         store = self.replica.store
@@ -218,6 +238,7 @@ class RaftMember:
             logger.info("the event store takes writes again")
             self.stalled = False
         last = entries[-1]
+        self.stored_index = last.index
         self.handle(self.core.persisted(last.index, last.term))
 
     async def _apply(self, entries: list[IndexedEvent]) -> None:

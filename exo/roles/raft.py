@@ -515,7 +515,11 @@ class Raft:
             return []
         candidate = matches[needed]
         if candidate > self.commit_index and self.term_at(candidate) == self.term:
-            return self._commit_to(candidate)
+            actions = self._commit_to(candidate)
+            # Tell the followers now rather than at the next heartbeat: they apply on hearing it.
+            for peer in self._peers:
+                actions += self._send_append(peer, heartbeat=True)
+            return actions
         return []
 
     def _commit_to(self, index: int) -> list[Action]:
