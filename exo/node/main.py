@@ -293,6 +293,7 @@ async def run_node(
         await bus.start()
         stack.push_async_callback(bus.close)
         stack.push_async_callback(member.close)
+        await member.prepare()  # a lone node commits its log before the worker and the API read it
         host = advertise_host(config)
         bind_host = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
         worker = Worker(
@@ -348,7 +349,7 @@ async def run_node(
                 "peer_bytes_served": hub.peer_bytes_served,
                 "peer_bytes_fetched": hub.peer_bytes_fetched,
                 "links": prober.status(),
-                "durable_event_index": replica.durable_index,
+                "durable_event_index": member.raft.core.durable_index,
                 "token_sink": {
                     "address": sink.address,
                     "dropped_frames": sink.dropped_frames,
