@@ -29,12 +29,12 @@ pytestmark = pytest.mark.netns
 
 SERVING_SECONDS = 45.0  # interpreter start-up of three nodes on two busy cores
 FORM_SECONDS = 15.0
-CONVERGE_SECONDS = 20.0  # after the heal, until every node serves the same log
+CONVERGE_SECONDS = 15.0  # after the heal, until every node serves the same log
 BEFORE_FAULT_SECONDS = 1.0  # writes on the healthy cluster first
 FAULT_SECONDS = 8.0  # how long a partition, a pause or a dead master lasts
-AFTER_HEAL_SECONDS = 3.0  # writes go on after the heal: two masters meeting would show here
+AFTER_HEAL_SECONDS = 2.5  # writes go on after the heal: two masters meeting would show here
 FLAP_PERIOD_SECONDS = 0.8
-WRITE_PAUSE_SECONDS = 0.3  # per writer, between its writes: runners start for every placement
+WRITE_PAUSE_SECONDS = 0.5  # per writer, between its writes: runners start for every placement
 OBSERVE_SECONDS = 0.1
 SEED = 18
 
