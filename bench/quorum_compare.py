@@ -2,7 +2,8 @@
 3 nodes, p99 at a steady 1,000 events/s) and the failover bench (kill -9 of the master until a new
 master is named and until a command is acknowledged, median of N).
 
-Each git ref is exported (`git archive`) to a temporary folder and every bench runs there, as
+Each git ref is exported (`git archive`) to a temporary folder (a folder given instead of a ref is
+used as it is: an unpacked tree with uncommitted changes) and every bench runs there, as
 `python -m bench.<name>` with that folder as its working directory and PYTHONPATH, so its nodes run
 that tree's `exo` (the benches themselves come from the same tree: compare refs that both hold
 these benches). Rounds alternate which tree goes first; each figure is the median of its rounds.
@@ -33,7 +34,9 @@ TIMEOUT_SECONDS = 900
 
 
 def export(ref: str, into: Path) -> Path:
-    """The tree at `ref`, as files under `into`."""
+    """The tree at `ref`, as files under `into`; a `ref` that is a folder is used as it is."""
+    if Path(ref).is_dir():
+        return Path(ref).resolve()
     into.mkdir(parents=True)
     archive = into.with_suffix(".tar")
     with archive.open("wb") as out:
@@ -96,8 +99,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--baseline", required=True, help="git ref of the baseline tree")
-    parser.add_argument("--candidate", required=True, help="git ref of the tree measured against it")
+    parser.add_argument("--baseline", required=True, help="git ref (or folder) of the baseline tree")
+    parser.add_argument("--candidate", required=True, help="git ref (or folder) measured against it")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--failover-runs", type=int, default=10)
