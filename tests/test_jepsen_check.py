@@ -48,6 +48,8 @@ def test_an_acknowledged_write_missing_from_one_log_is_lost_there() -> None:
     history = history_of(("place", "i-1", "ok"), ("place", "i-2", "ok"))
     verdict = check(history, [], {"n0": LOG, "n1": LOG})
     assert verdict.lost == {"n0": ["place i-2"], "n1": ["place i-2"]}
+    assert verdict.lost_writes() == {"place i-2"}
+    assert "lost: 1 (missing from 2 node logs)" in verdict.summary()
     assert any("n0's log lacks 1 acknowledged writes: place i-2" in problem for problem in verdict.problems)
 
 

@@ -160,7 +160,7 @@ def run_schedule(cluster: NetnsExoCluster, name: str, nemesis: Nemesis) -> Verdi
 
 def lost_ops(history: History, verdict: Verdict) -> list[Op]:
     """The acknowledgements behind the lost writes: who answered 200, and when."""
-    lost = {write for writes in verdict.lost.values() for write in writes}
+    lost = verdict.lost_writes()
     return [op for op in history.ops if op.outcome == "ok" and f"{op.kind} {op.instance_id}" in lost]
 
 

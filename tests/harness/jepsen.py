@@ -247,10 +247,16 @@ class Verdict:
     masters_by_term: dict[int, list[str]]
     problems: list[str]
 
+    def lost_writes(self) -> set[str]:
+        """Every acknowledged write missing from at least one node's log."""
+        return {write for writes in self.lost.values() for write in writes}
+
     def summary(self) -> str:
-        lost = sum(len(writes) for writes in self.lost.values())
         acknowledged = ", ".join(f"{kind} {count}" for kind, count in self.acknowledged.items())
-        return f"acknowledged: {acknowledged}; lost: {lost}; problems: {len(self.problems)}"
+        return (
+            f"acknowledged: {acknowledged}; lost: {len(self.lost_writes())} "
+            f"(missing from {len(self.lost)} node logs); problems: {len(self.problems)}"
+        )
 
 
 def check(
