@@ -136,15 +136,20 @@ def _run(arguments: argparse.Namespace, out: Output) -> int:
                 return 1
             out.line(f"ok: {checked} events")
             return 0
+        # Only committed events: a node's uncommitted tail may still be replaced by the master's.
+        until = arguments.until
+        committed = reader.commit_index()
+        if committed is not None:
+            until = committed if until is None else min(until, committed)
         if arguments.list:
-            for indexed in reader.events(0, arguments.until):
+            for indexed in reader.events(0, until):
                 out.line(list_line(indexed))
             return 0
-        state = rebuild(reader, arguments.until)
+        state = rebuild(reader, until)
         if arguments.json:
             out.raw(state_document(state))  # exactly the bytes GET /state serves, no newline added
         else:
-            out.line(summary(state, reader, arguments.until))
+            out.line(summary(state, reader, until))
         return 0
 
 

@@ -24,6 +24,7 @@ from exo.core import messages as m
 from exo.core.decoding import DECODE_ERRORS
 from exo.core.events import IndexedEvent, NodeLabelled
 from exo.core.messages import TOPIC_TYPES, Rank
+from exo.core.raft_messages import EntriesAcknowledged, EntriesSent, VoteAnswered, VoteRequested
 from exo.inference.frames import MalformedFrameError, decode_frames
 from exo.inference.protocol import ActivationsSent, GenerationCancelled, TokenSampled, encode
 from tests.harness.cluster_harness import LoopbackCluster, NodeProcess, wait_until
@@ -35,8 +36,17 @@ FUZZ_SECONDS = float(os.environ.get("EXO_FUZZ_SECONDS", "60"))
 # Valid frames of every kind, to mutate: the fuzzer starts from what the node expects.
 SEEDS: list[tuple[bytes, bytes]] = [
     (m.TOPIC_CONNECTION, msgspec.msgpack.encode(m.Heartbeat("x", 9, "x", Rank(True, 10**9, "x"), 1))),
-    (m.TOPIC_ELECTION, msgspec.msgpack.encode(m.CampaignStarted(99, Rank(True, 10**9, "x")))),
-    (m.TOPIC_ELECTION, msgspec.msgpack.encode(m.VictoryDeclared(99, Rank(True, 10**9, "x")))),
+    (m.TOPIC_ELECTION, msgspec.msgpack.encode(VoteRequested(99, "x", "node0", 10**9, 99))),
+    (m.TOPIC_ELECTION, msgspec.msgpack.encode(VoteAnswered(99, "x", "node0", True))),
+    (
+        m.TOPIC_ELECTION,
+        msgspec.msgpack.encode(
+            EntriesSent(
+                99, "x", "node0", 0, 0, [IndexedEvent(1, 99, "x", 1, NodeLabelled("node0", "k", "v"))], 1
+            )
+        ),
+    ),
+    (m.TOPIC_ELECTION, msgspec.msgpack.encode(EntriesAcknowledged(99, "x", "node0", True, 10**9))),
     (
         m.TOPIC_GLOBAL_EVENTS,
         msgspec.msgpack.encode(

@@ -290,3 +290,32 @@ def test_force_remove_lets_the_survivor_of_two_commit_alone() -> None:
     assert last.event == NodeRemoved("b")
     raft.persisted(last.index, 2)
     assert raft.commit_index == last.index
+
+
+# --- the node shell's overrides ------------------------------------------------------------------
+
+
+def test_a_transfer_vote_is_answered_within_the_lease_and_keeps_the_log_rule() -> None:
+    """A `--force-master` node's election (campaign_now) skips pre-vote; voters answer it even while
+    they hear a master, but only for a log at least as up to date as theirs."""
+    forced = make("c", log_of(1), term=1)
+    actions = forced.campaign_now()
+    assert forced.role == "candidate" and forced.term == 2
+    assert VoteRequested(2, "c", "a", 1, 1, transfer=True) in sent(actions)
+    follower = make("b", log_of(1), term=1)
+    follower.receive(EntriesSent(1, "a", "b", 1, 1, [], 1), 5.0)  # the master was heard just now
+    granted = sent(follower.receive(VoteRequested(2, "c", "b", 1, 1, transfer=True), 5.1))
+    assert granted == [VoteAnswered(2, "b", "c", True)]
+    behind = make("b", log_of(1, 1), term=1)
+    behind.receive(EntriesSent(1, "a", "b", 2, 1, [], 2), 5.0)
+    refused = sent(behind.receive(VoteRequested(2, "c", "b", 1, 1, transfer=True), 5.1))
+    assert refused == [VoteAnswered(2, "b", "c", False)]
+
+
+def test_step_down_leaves_the_lead_in_the_same_term() -> None:
+    leader = make("a")
+    elect(leader)
+    term = leader.term
+    assert leader.step_down() == [RoleChanged("follower", term, None)]
+    assert leader.role == "follower" and leader.term == term
+    assert leader.step_down() == []

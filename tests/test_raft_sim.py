@@ -70,6 +70,8 @@ def test_the_simulation_injects_faults_and_elections() -> None:
     assert sum(s.faults.partitions for s in simulations) > 0
     assert sum(s.faults.pauses for s in simulations) > 0
     assert sum(s.faults.full_disks for s in simulations) > 0
+    assert sum(s.faults.transfers for s in simulations) > 0
+    assert sum(s.faults.step_downs for s in simulations) > 0
     assert sum(s.faults.dropped for s in simulations) > 0
     assert any(len(s.leaders) > 1 for s in simulations)
     assert all(s.acknowledged for s in simulations)

@@ -1,8 +1,6 @@
-"""Sequencer, origin de-duplication, in-order release and gap requests (sans-IO)."""
+"""Sequencer and origin de-duplication (sans-IO); in-order release is Raft's (tests/test_raft.py)."""
 
 from __future__ import annotations
-
-import pytest
 
 from exo.core.events import (
     IndexedEvent,
@@ -14,14 +12,7 @@ from exo.core.events import (
 )
 from exo.core.messages import LocalEvent
 from exo.roles.liveness import Liveness
-from exo.roles.sequencer import (
-    GAP_RETRY_INITIAL,
-    GAP_RETRY_MAX,
-    EventOrderer,
-    GapRequest,
-    OriginHighWater,
-    Sequencer,
-)
+from exo.roles.sequencer import OriginHighWater, Sequencer
 
 
 def label(n: int) -> NodeLabelled:
@@ -65,50 +56,6 @@ def test_high_water_rebuilt_from_the_log_drops_what_the_old_master_sequenced() -
     assert [(e.index, e.origin_sequence) for e in out] == [(3, 102)]
 
 
-def test_orderer_releases_in_order_and_counts_duplicates() -> None:
-    orderer = EventOrderer(last_applied=0)
-    assert orderer.receive([indexed(2), indexed(3)]) == []
-    assert orderer.has_gap
-    assert [e.index for e in orderer.receive([indexed(1)])] == [1, 2, 3]
-    assert orderer.receive([indexed(2), indexed(3)]) == []
-    assert orderer.duplicates == 2
-    assert not orderer.has_gap
-
-
-def test_gap_request_names_the_missing_range_with_capped_backoff() -> None:
-    orderer = EventOrderer(last_applied=4)
-    orderer.receive([indexed(9)])
-    assert orderer.gap(0.0) == GapRequest(4, 8)
-    assert orderer.gap(0.0) is None  # backing off
-    now, delays = 0.0, []
-    for _ in range(8):
-        previous = now
-        while (request := orderer.gap(now)) is None:
-            now = round(now + 0.01, 2)
-        assert request == GapRequest(4, 8)
-        delays.append(round(now - previous, 2))
-    assert delays[0] == pytest.approx(GAP_RETRY_INITIAL, abs=0.011)
-    assert max(delays) == pytest.approx(GAP_RETRY_MAX, abs=0.011)
-    # Progress resets the backoff.
-    orderer.receive([indexed(i) for i in range(5, 9)])
-    assert orderer.last_applied == 9 and orderer.gap(now) is None
-
-
-def test_gap_from_the_masters_announced_last_index() -> None:
-    orderer = EventOrderer(last_applied=10)
-    assert orderer.gap(0.0, known_last_index=10) is None
-    assert orderer.gap(0.0, known_last_index=15) == GapRequest(10, 15)
-
-
-def test_reset_after_snapshot_keeps_only_newer_pending_events() -> None:
-    orderer = EventOrderer(0)
-    orderer.receive([indexed(5), indexed(60)])
-    orderer.reset(50)
-    assert orderer.receive([]) == []
-    assert [e.index for e in orderer.receive([indexed(51)])] == [51]
-    assert orderer.has_gap  # 60 still pending
-
-
 def test_liveness_marks_silent_peers_once_and_revives_them() -> None:
     liveness = Liveness(interval=0.1, liveness=3)
     assert liveness.heard("a", 0.0) is True
@@ -119,24 +66,6 @@ def test_liveness_marks_silent_peers_once_and_revives_them() -> None:
     assert not liveness.is_alive("a", 0.5)
     assert liveness.heard("a", 0.6) is True
     assert liveness.alive(0.6) == {"a"}
-
-
-@pytest.mark.parametrize(
-    ("batch", "released", "buffered"),
-    [
-        pytest.param([4, 5, 6], [4, 5, 6], 0, id="continues-exactly"),
-        pytest.param([5, 6], [], 2, id="starts-after-a-gap"),
-        pytest.param([4, 6, 5], [4, 5, 6], 0, id="out-of-order-inside"),
-        pytest.param([4, 4, 5], [4, 5], 0, id="duplicate-inside"),
-        pytest.param([2, 3, 4], [4], 0, id="overlaps-what-was-applied"),
-        pytest.param([4, 5, 7], [4, 5], 1, id="hole-inside"),
-    ],
-)
-def test_orderer_batches_that_continue_or_not(batch: list[int], released: list[int], buffered: int) -> None:
-    orderer = EventOrderer(last_applied=3)
-    assert [e.index for e in orderer.receive([indexed(i) for i in batch])] == released
-    assert orderer.last_applied == (released[-1] if released else 3)
-    assert orderer.buffered == buffered
 
 
 def test_a_runner_status_for_a_deleted_or_unknown_instance_is_not_sequenced() -> None:

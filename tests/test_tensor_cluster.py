@@ -169,6 +169,13 @@ def test_killing_a_rank_mid_stream_fails_the_request_fast_and_re_places(cluster:
     clear(api_node)
     instance = place_tensor(api_node, "tiny-llama", 2)
     kill_mid_stream(api_node, victim, "tiny-llama")
+    # Two nodes less one is no majority: nothing is committed (no re-placement) until the operator
+    # removes the dead member (`exo cluster remove`, refused while it still answers).
+    wait_until(
+        lambda: httpx.delete(f"{api_node.url}/node/{victim.name}", timeout=10).status_code == 200,
+        30,
+        f"{victim.name} removed once silent",
+    )
     # The survivor's rank left its runner (no hang in a collective) and the model is re-placed there.
     replaced = re_placed_without(api_node, victim)
     assert instance["instance_id"] not in api_node.state()["instances"]

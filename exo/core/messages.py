@@ -12,6 +12,7 @@ import msgspec
 
 from exo.core.events import Event, IndexedEvent, Sharding
 from exo.core.models import ModelFootprint
+from exo.core.raft_messages import RaftMessage
 
 
 class _BusMessage(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
@@ -50,24 +51,15 @@ LocalEventsMessage = LocalEventsSent
 
 
 class Rank(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True, order=True):
-    """Who should win: forced masters first, then the most up-to-date log, then the node id."""
+    """A node's standing, as heartbeats report it: `--force-master`, the last index of its log."""
 
     force_master: bool
     last_index: int
     node_id: str
 
 
-class CampaignStarted(_BusMessage, frozen=True):
-    term: int
-    rank: Rank
-
-
-class VictoryDeclared(_BusMessage, frozen=True):
-    term: int
-    rank: Rank
-
-
-ElectionMessage = CampaignStarted | VictoryDeclared
+# Raft's messages (exo/core/raft_messages.py); each names its addressee.
+ElectionMessage = RaftMessage
 
 
 # --- topic `connection` -----------------------------------------------------------------------

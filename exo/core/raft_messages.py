@@ -18,7 +18,9 @@ class _RaftMessage(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=
 
 class VoteRequested(_RaftMessage, frozen=True):
     """RequestVote. `pre_vote`: a trial run for `term` that changes no one's term (Raft thesis 9.6),
-    so a node back from a partition cannot depose a healthy master by bumping terms."""
+    so a node back from a partition cannot depose a healthy master by bumping terms. `transfer`: a
+    leadership transfer (thesis 3.10, a `--force-master` node taking over): voters answer it even
+    while they hear a master; the vote itself keeps every rule (up-to-date log, one vote a term)."""
 
     term: int
     candidate_id: str
@@ -26,6 +28,7 @@ class VoteRequested(_RaftMessage, frozen=True):
     last_log_index: int
     last_log_term: int
     pre_vote: bool = False
+    transfer: bool = False
 
 
 class VoteAnswered(_RaftMessage, frozen=True):

@@ -151,8 +151,9 @@ class ClusterServices:
             # Whether this node reaches a majority of the members (cluster changes need one).
             # Not in /state: that is derived from the log alone.
             "quorum": member.has_quorum(),
-            "election_phase": member.election.phase,
-            "term": member.election.term,
+            "election_phase": member.role,
+            "term": member.term,
+            "leader_id": member.leader_id,
             "last_event_index": member.replica.last_index,
             "bus_port": bus.bus_port,
             "pub_port": bus.pub_port,
@@ -165,12 +166,9 @@ class ClusterServices:
             "frames_received": bus.frames_received,
             "queue_depths": member.queue_depths(),
             "counters": {
-                "stale_term_messages": member.counters.stale_term_messages,
                 "local_events_resent": member.outbox.resent,
-                "apply_queue_full": member.counters.apply_queue_full,
-                "fetches": member.counters.fetches,
-                "snapshots_installed": member.counters.snapshots_installed,
-                "duplicate_events": member.replica.orderer.duplicates,
+                "raft_messages_dropped": member.raft.dropped_messages,
+                "forced_campaigns": member.counters.forced_campaigns,
             },
         }
         status.update(self._node_status_extra())
@@ -185,6 +183,8 @@ class ClusterServices:
         member = self.member
         if not isinstance(command, m.RemoveNode):  # the way back to a majority needs none
             await self._wait_for_quorum()
+        elif not member.has_quorum():
+            return await member.execute(command)  # the operator's override (ClusterMember.execute)
         if member.is_master:
             return await member.execute(command)
         master_id = await self._master_id()
@@ -216,7 +216,7 @@ class ClusterServices:
     async def _master_id(self) -> str:
         """The master, waiting a few seconds for an election in progress (a node just started)."""
         deadline = time.monotonic() + MASTER_WAIT_SECONDS
-        while (master_id := self.member.election.master_node_id) is None:
+        while (master_id := self.member.leader_id) is None:
             if time.monotonic() >= deadline:
                 raise ClusterUnavailable(f"no master elected after {MASTER_WAIT_SECONDS:g} s")
             await asyncio.sleep(0.05)

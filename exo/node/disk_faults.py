@@ -33,13 +33,14 @@ ABSTAIN_SECONDS = 5.0
 RETRY_SECONDS = 0.5
 
 
-def write_term(path: Path, term: int) -> None:
-    """Replace `path` with `term`, durably; OSError (nothing left behind) when the disk refuses."""
+def write_term(path: Path, term: int, voted_for: str | None = None) -> None:
+    """Replace `path` with `term` (and the vote cast in it), durably; OSError (nothing left behind)
+    when the disk refuses."""
     temporary = path.with_suffix(".tmp")
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            data = f"{term}\n".encode()
+            data = (f"{term} {voted_for}\n" if voted_for else f"{term}\n").encode()
             if os.write(descriptor, data) != len(data):
                 raise OSError(f"short write to {temporary}")
             os.fsync(descriptor)
@@ -85,20 +86,22 @@ class DiskFaults:
             return False
         return True
 
-    def persist_term(self, path: Path, term: int) -> None:
-        """`write_term`, logging a failure once until a write succeeds again."""
+    def persist_term(self, path: Path, term: int, voted_for: str | None = None) -> bool:
+        """`write_term`, logging a failure once until a write succeeds again. False when it failed
+        (the caller must not send the vote it recorded)."""
         try:
-            write_term(path, term)
+            write_term(path, term, voted_for)
         except OSError as error:
             if not self.term_write_failed:
                 logger.error(
                     "cannot record term %d in %s (continuing with it in memory): %s", term, path, error
                 )
             self.term_write_failed = True
-            return
+            return False
         if self.term_write_failed:
             logger.info("term %d recorded in %s again", term, path)
         self.term_write_failed = False
+        return True
 
     async def retried(self, step: Callable[[], Awaitable[None]]) -> bool:
         """Run `step`; False (after logging once per episode and waiting RETRY_SECONDS) when the

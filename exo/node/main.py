@@ -346,7 +346,7 @@ async def run_node(
                 "peer_bytes_served": hub.peer_bytes_served,
                 "peer_bytes_fetched": hub.peer_bytes_fetched,
                 "links": prober.status(),
-                "durable_event_index": replica.durable_index,
+                "durable_event_index": member.raft.core.durable_index,
                 "token_sink": {
                     "address": sink.address,
                     "dropped_frames": sink.dropped_frames,

@@ -1,7 +1,9 @@
-"""The master: the only sequencer. Next index -> durable in the store -> applied -> published.
+"""The master's sequencing, on top of Raft: origin de-duplication, then the Raft core appends.
 
-`exo.roles.membership` decides which node events liveness implies; `Master` is the shell that
-batches local events into group commits.
+`Sequencer` (exo/roles/sequencer.py) drops what an origin resent and runner statuses of deleted
+instances; what is left is proposed to the core (exo/node/raft_member.py), which assigns the
+indices. A waiter (a command) is answered once Raft applied its last index here, i.e. once a
+majority holds it durably; when this node stops leading, every waiter is refused.
 """
 
 from __future__ import annotations
@@ -9,19 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from exo.core.events import Event, IndexedEvent
 from exo.core.messages import LocalEvent
-from exo.node.replica import Replica
+from exo.roles.raft import MembershipChangePending
 from exo.roles.sequencer import Sequencer
-from exo.store.base import StoreError
 
 logger = logging.getLogger(__name__)
 
 MAX_BATCH_EVENTS = 1024
 INCOMING_QUEUE_BATCHES = 10_000
+
+Propose = Callable[[Sequence[tuple[str, int, Event]]], list[IndexedEvent]]
+
+
+class NotLeading(Exception):
+    """This node stopped leading before the events were committed (they may or may not be)."""
 
 
 @dataclass(frozen=True)
@@ -34,20 +41,16 @@ _Incoming = tuple[str, list[LocalEvent]] | _OwnEvents
 
 
 class Master:
-    def __init__(
-        self,
-        sequencer: Sequencer,
-        replica: Replica,
-        publish: Callable[[Sequence[IndexedEvent]], None],
-        on_store_failure: Callable[[StoreError], None] | None = None,
-    ) -> None:
+    def __init__(self, sequencer: Sequencer, propose: Propose, room: Callable[[], Awaitable[None]]) -> None:
+        """`room`: waits while the node's disk is behind (no more proposals until it catches up)."""
         self.sequencer = sequencer
-        self.replica = replica
-        self._publish = publish
-        self.on_store_failure = on_store_failure
+        self._propose = propose
+        self._room = room
         self._incoming: asyncio.Queue[_Incoming] = asyncio.Queue(INCOMING_QUEUE_BATCHES)
+        self._waiting: list[tuple[int, asyncio.Future[int]]] = []
         self._task: asyncio.Task[None] | None = None
         self.dropped_batches = 0
+        self.last_proposed = 0
 
     @property
     def queue_depth(self) -> int:
@@ -60,23 +63,48 @@ class Master:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="master-sequencer")
 
-    async def stop(self) -> None:
+    def cancel(self) -> None:
+        """Stop proposing now (this node no longer leads): the task cannot propose again, and every
+        waiter is refused."""
         if self._task is not None:
             self._task.cancel()
+        self._fail_all()
+
+    async def stop(self) -> None:
+        self.cancel()
+        if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    def _fail_all(self) -> None:
+        for _, future in self._waiting:
+            if not future.done():
+                future.set_exception(NotLeading("this node stopped leading"))
+        self._waiting.clear()
+        while not self._incoming.empty():
+            item = self._incoming.get_nowait()
+            if isinstance(item, _OwnEvents) and not item.committed.done():
+                item.committed.set_exception(NotLeading("this node stopped leading"))
 
     def submit_local(self, origin: str, events: list[LocalEvent]) -> None:
         self._offer((origin, events))
 
     def submit_own(self, events: list[Event]) -> asyncio.Future[int]:
-        """Sequence the master's own events; the future gives the last index once they are applied."""
+        """Propose the master's own events; the future gives the last index once it is committed
+        and applied here (NotLeading, MembershipChangePending or OverflowError otherwise)."""
         committed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         if not events:
-            committed.set_result(self.replica.last_index)
+            committed.set_result(self.last_proposed)
         elif not self._offer(_OwnEvents(events, committed)):
             committed.set_exception(OverflowError("the master's queue is full"))
         return committed
+
+    def applied(self, index: int) -> None:
+        """Raft applied up to `index` here: answer the waiters it covers."""
+        while self._waiting and self._waiting[0][0] <= index:
+            _, future = self._waiting.pop(0)
+            if not future.done():
+                future.set_result(index)
 
     def _offer(self, item: _Incoming) -> bool:
         try:
@@ -89,35 +117,47 @@ class Master:
 
     async def _run(self) -> None:
         while True:
-            waiting: list[asyncio.Future[int]] = []
-            batch = self._sequence(await self._incoming.get(), waiting)
-            while len(batch) < MAX_BATCH_EVENTS and not self._incoming.empty():
-                batch.extend(self._sequence(self._incoming.get_nowait(), waiting))
-            if not batch:
-                continue
-            try:
-                await self.replica.commit(batch)
-            except Exception as error:
-                # Not durable: roll the sequencer back so the indices are reused, and let origins resend.
-                if isinstance(error, StoreError) and self.on_store_failure is not None:
-                    self.on_store_failure(error)  # the disk refused it: the member steps down
+            items = [await self._incoming.get()]
+            await self._room()
+            count = 0
+            while count < MAX_BATCH_EVENTS and not self._incoming.empty():
+                items.append(self._incoming.get_nowait())
+                count += 1
+            local: list[tuple[str, int, Event]] = []
+            for item in items:
+                if isinstance(item, _OwnEvents):
+                    self._propose_local(local)
+                    local = []
+                    self._propose_own(item)
                 else:
-                    logger.exception("could not store %d events; they will be resent", len(batch))
-                self.sequencer.rewind(
-                    self.replica.last_index, self.replica.high_water.copy(), self.replica.state.instances
-                )
-                for future in waiting:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            self._publish(batch)
-            for future in waiting:
-                if not future.done():
-                    future.set_result(self.replica.last_index)
+                    origin, events = item
+                    local += [
+                        (e.origin_node_id, e.origin_sequence, e.event)
+                        for e in self.sequencer.sequence(origin, events)
+                    ]
+            self._propose_local(local)
 
-    def _sequence(self, item: _Incoming, waiting: list[asyncio.Future[int]]) -> list[IndexedEvent]:
-        if isinstance(item, _OwnEvents):
-            waiting.append(item.committed)
-            return self.sequencer.sequence_own(item.events)
-        origin, local_events = item
-        return self.sequencer.sequence(origin, local_events)
+    def _propose_own(self, item: _OwnEvents) -> None:
+        sequenced = self.sequencer.sequence_own(item.events)
+        try:
+            entries = self._propose([(self.sequencer.node_id, -1, e.event) for e in sequenced])
+        except MembershipChangePending as error:
+            item.committed.set_exception(error)
+            return
+        self.last_proposed = entries[-1].index
+        self._waiting.append((entries[-1].index, item.committed))
+
+    def _propose_local(self, items: list[tuple[str, int, Event]]) -> None:
+        if not items:
+            return
+        try:
+            entries = self._propose(items)
+        except MembershipChangePending:
+            entries = []
+            for one in items:  # a node's own events may not change the voters twice at once
+                try:
+                    entries += self._propose([one])
+                except MembershipChangePending:
+                    logger.warning("dropped %s from %s: a membership change is in progress", one[2], one[0])
+        if entries:
+            self.last_proposed = entries[-1].index

@@ -159,7 +159,6 @@ class Raft:
         if self.base_index < index <= self.last_index:
             return self.log[index - self.base_index - 1].term
         return None
-        return None
 
     def entries(self, start: int, limit: int) -> list[IndexedEvent]:
         first = max(start, self.base_index + 1) - self.base_index - 1
@@ -260,6 +259,21 @@ class Raft:
         ]
         return entries, self._append_as_leader(entries)
 
+    def step_down(self) -> list[Action]:
+        """Stop leading (or campaigning) without a new term: the shell's store refuses writes. The
+        node stays a voter; the shell stops ticking it while it abstains, so it does not campaign."""
+        if self.role == "follower" and self.leader_id is None:
+            return []
+        return self._become_follower(self.term, None)
+
+    def campaign_now(self) -> list[Action]:
+        """Run a real election at once, past the pre-vote and the voters' lease (a leadership
+        transfer to a `--force-master` node). It wins only with a majority of votes for a log at
+        least as up to date as theirs, like any election."""
+        if self.role == "leader" or self.node_id not in self.voters:
+            return []
+        return self._start_election(transfer=True)
+
     def force_remove(self, node_id: str) -> list[Action]:
         """The operator's override for a cluster that lost its majority for good (a two-node
         cluster whose other node died): take a new term without votes and append the removal.
@@ -309,7 +323,7 @@ class Raft:
             for peer in sorted(self.voters - {self.node_id})
         ]
 
-    def _start_election(self) -> list[Action]:
+    def _start_election(self, transfer: bool = False) -> list[Action]:
         self.role = "candidate"
         self.term += 1
         self.voted_for = self.node_id
@@ -322,13 +336,17 @@ class Raft:
         if self._majority(self._votes):
             return actions + self._become_leader()
         actions += [
-            Send(VoteRequested(self.term, self.node_id, peer, self.last_index, self.last_term))
+            Send(
+                VoteRequested(
+                    self.term, self.node_id, peer, self.last_index, self.last_term, transfer=transfer
+                )
+            )
             for peer in sorted(self.voters - {self.node_id})
         ]
         return actions
 
     def _on_vote_requested(self, request: VoteRequested) -> list[Action]:
-        if self._in_lease() and request.candidate_id != self.leader_id:
+        if self._in_lease() and request.candidate_id != self.leader_id and not request.transfer:
             return []  # a master is alive: the candidate is the one cut off
         up_to_date = self._log_up_to_date(request.last_log_term, request.last_log_index)
         if request.pre_vote:
@@ -497,7 +515,11 @@ class Raft:
             return []
         candidate = matches[needed]
         if candidate > self.commit_index and self.term_at(candidate) == self.term:
-            return self._commit_to(candidate)
+            actions = self._commit_to(candidate)
+            # Tell the followers now rather than at the next heartbeat: they apply on hearing it.
+            for peer in self._peers:
+                actions += self._send_append(peer, heartbeat=True)
+            return actions
         return []
 
     def _commit_to(self, index: int) -> list[Action]:

@@ -55,6 +55,14 @@ class EventStore(Protocol):
 
     async def save_snapshot(self, snapshot: Snapshot) -> None: ...
 
+    async def save_commit_index(self, index: int) -> None:
+        """Record that the log is committed up to `index` (durably; a lower value than the truth is safe)."""
+        ...
+
+    async def load_commit_index(self) -> int | None:
+        """The recorded commit index; None when none was recorded (every stored event is committed)."""
+        ...
+
     async def load_snapshot(self, at_or_before: int | None = None) -> Snapshot | None:
         """The newest snapshot with index <= `at_or_before` (any when None)."""
         ...

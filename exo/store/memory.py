@@ -16,6 +16,7 @@ class InMemoryEventStore:
         self._events: list[IndexedEvent] = []
         self._first_event_index = 1
         self._snapshots: dict[int, Snapshot] = {}
+        self._commit_index: int | None = None
 
     async def open(self) -> None:
         self._is_open = True
@@ -75,6 +76,14 @@ class InMemoryEventStore:
         self._check_open()
         candidates = [at for at in self._snapshots if at_or_before is None or at <= at_or_before]
         return self._snapshots[max(candidates)] if candidates else None
+
+    async def save_commit_index(self, index: int) -> None:
+        self._check_open()
+        self._commit_index = index
+
+    async def load_commit_index(self) -> int | None:
+        self._check_open()
+        return self._commit_index
 
     def _last_index(self) -> int:
         last_event_index = self._events[-1].index if self._events else 0

@@ -23,7 +23,7 @@ from exo.store.base import Snapshot, StoreError
 from exo.store.checksum import checksum_problem, payload_checksum
 from exo.store.location import parse_store_url
 from exo.store.migrate import head_revision
-from exo.store.schema import events_table, snapshots_table
+from exo.store.schema import events_table, hard_state_table, snapshots_table
 from exo.store.sqlite_file import inspect_sqlite_file
 
 READ_BATCH_ROWS = 8192
@@ -93,6 +93,13 @@ class LogReader:
         with self._connect() as connection:
             last_event_index, newest_snapshot_index = connection.execute(query).one()
         return max(last_event_index or 0, newest_snapshot_index or 0)
+
+    def commit_index(self) -> int | None:
+        """The node's recorded commit index; None for a log written before quorum commits (all of it
+        counts as committed)."""
+        query = select(hard_state_table.c.commit_index).where(hard_state_table.c.id == 1)
+        with self._connect() as connection:
+            return connection.execute(query).scalar()
 
     def next_event_index(self, after: int) -> int | None:
         query = select(func.min(events_table.c.event_index)).where(events_table.c.event_index > after)

@@ -35,3 +35,13 @@ snapshots_table = Table(
     Column("event_index", INDEX_TYPE, primary_key=True, autoincrement=False),
     Column("state", LargeBinary, nullable=False),
 )
+
+# Raft's hard state (at most one row, `id` = 1): the highest index known committed, written lazily
+# (a lower value is safe: the master commits the rest again). No row: every stored event counts as
+# committed (a log written before quorum commits).
+hard_state_table = Table(
+    "hard_state",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("commit_index", BigInteger, nullable=False),
+)

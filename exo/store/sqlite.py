@@ -33,7 +33,7 @@ from exo.store.base import Snapshot, StoreError
 from exo.store.checksum import checksum_problem, payload_checksum
 from exo.store.location import Synchronous, parse_store_url
 from exo.store.migrate import upgrade_to_head
-from exo.store.schema import events_table, snapshots_table
+from exo.store.schema import events_table, hard_state_table, snapshots_table
 from exo.store.sqlite_file import inspect_sqlite_file
 from exo.store.sqlite_writer import EventRow, SqliteEventWriter, apply_log_pragmas
 from exo.store.wal_checkpoint import WalCheckpointer
@@ -206,6 +206,17 @@ class SqliteEventStore:
                 delete(snapshots_table).where(snapshots_table.c.event_index == snapshot.index)
             )
             await connection.execute(insert(snapshots_table), {"event_index": snapshot.index, "state": state})
+
+    async def save_commit_index(self, index: int) -> None:
+        writer = self._require_writer()
+        async with self._write_lock, self._sqlalchemy_write(writer) as connection:
+            await connection.execute(delete(hard_state_table))
+            await connection.execute(insert(hard_state_table), {"id": 1, "commit_index": index})
+
+    async def load_commit_index(self) -> int | None:
+        query = select(hard_state_table.c.commit_index).where(hard_state_table.c.id == 1)
+        async with self._require_engine().connect() as connection:
+            return (await connection.execute(query)).scalar()
 
     async def load_snapshot(self, at_or_before: int | None = None) -> Snapshot | None:
         query = select(snapshots_table.c.event_index, snapshots_table.c.state)

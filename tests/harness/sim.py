@@ -2,7 +2,9 @@
 
 Every node's sans-IO core (`exo.roles.raft.Raft`) runs in one process on a simulated clock; one
 seed fixes everything: the cluster size, the network's delays, drops, duplicates and reordering,
-partitions that flap, pauses, crashes that lose writes not yet fsynced, and full disks. Clients
+partitions that flap, pauses, crashes that lose writes not yet fsynced, full disks (a master whose
+disk is full steps down, as the node's shell does), and leadership transfers (a node campaigning at
+once past pre-vote and lease, as a `--force-master` node does). Clients
 propose `NodeLabelled` events to whichever node they believe leads and record every acknowledgement.
 
 Invariants are checked after every step (`Violation` names the seed, time and rule):
@@ -78,6 +80,8 @@ class FaultCounts:
     pauses: int = 0
     crashes: int = 0
     full_disks: int = 0
+    transfers: int = 0
+    step_downs: int = 0
     dropped: int = 0
     duplicated: int = 0
 
@@ -118,7 +122,7 @@ class Simulation:
         # crashing one after another), or mostly partitions.
         self.fault_kinds = rng.choice(
             [
-                ["partition", "flap", "pause", "crash", "disk", "none"],
+                ["partition", "flap", "pause", "crash", "disk", "transfer", "none"],
                 ["crash", "crash", "crash", "partition", "pause"],
                 ["partition", "partition", "flap", "pause"],
             ]
@@ -282,6 +286,9 @@ class Simulation:
         disk.fsync_scheduled = False
         if node.incarnation != incarnation or not node.up:
             return
+        if disk.full_until > self.now and node.raft.role == "leader":
+            self.faults.step_downs += 1  # the node's shell: a master whose store refuses steps down
+            self._act(node, node.raft.step_down())
         if disk.full_until > self.now or node.paused_until > self.now:
             self.at(max(disk.full_until, node.paused_until), lambda: self._fsync(node, incarnation))
             disk.fsync_scheduled = True
@@ -329,6 +336,10 @@ class Simulation:
             self.faults.crashes += 1
             self._crash(victim)
             self.at(self.now + duration, lambda: self._restart(victim))
+        elif kind == "transfer" and self.nodes[victim].up:
+            self.faults.transfers += 1  # a --force-master node campaigning at once, past the lease
+            node = self.nodes[victim]
+            self._act(node, node.raft.campaign_now())
         elif kind == "disk":
             self.faults.full_disks += 1
             disk = self.nodes[victim].disk

@@ -1,0 +1,259 @@
+"""The Raft shell: runs one node's sans-IO core (exo/roles/raft.py) on the bus and the store.
+
+- `Send` goes out at once on the `election` topic (every message names its addressee).
+- `PersistTerm` writes (term, voted_for) to DATA_DIR/term, fsynced, before any later `Send` of the
+  same step (a vote); when the disk refuses, those sends are dropped (a vote never sent is safe).
+- `WriteLog` and `Apply` go, in order, through one disk task: consecutive appends are grouped into
+  one store commit, the core hears `persisted` once it is durable, and an entry is applied (folded
+  into the replica, answered to whoever waits) only after every earlier write landed. So what a
+  node applies is always in its own store, and the commit index it records (lazily, at most once
+  a second and at close) never runs ahead of it.
+- A store that refuses a write (full disk) is retried every RETRY_SECONDS; while it fails the node
+  takes no messages and does not tick (as if paused), and a master steps down first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from exo.bus.transport import Bus
+from exo.core import messages as m
+from exo.core.events import Event, IndexedEvent
+from exo.core.raft_messages import EntriesSent, RaftMessage
+from exo.node.disk_faults import RETRY_SECONDS, DiskFaults
+from exo.node.replica import Replica, StoredLog
+from exo.roles.raft import Action, Apply, PersistTerm, Raft, RaftTimings, RoleChanged, Send, WriteLog
+from exo.store.base import StoreError
+
+logger = logging.getLogger(__name__)
+
+# etcd's defaults; tests may shorten them.
+ELECTION_TIMEOUT = float(os.environ.get("EXO_ELECTION_TIMEOUT", "1.0"))
+RAFT_HEARTBEAT = float(os.environ.get("EXO_RAFT_HEARTBEAT", "0.1"))
+# Queued log writes and applies; past this the node takes no more messages until the disk catches up.
+MAX_DISK_BACKLOG = 10_000
+COMMIT_RECORD_SECONDS = float(os.environ.get("EXO_COMMIT_RECORD_SECONDS", "1.0"))
+CLOSE_DRAIN_SECONDS = 5.0
+
+
+def read_hard_state(path: Path) -> tuple[int, str | None]:
+    """(term, voted_for) from DATA_DIR/term: "TERM" (the format before Raft) or "TERM VOTED_FOR"."""
+    try:
+        words = path.read_text().split()
+    except FileNotFoundError:
+        return 0, None
+    try:
+        term = int(words[0]) if words else 0
+    except ValueError as error:
+        raise SystemExit(f"exo: {path} does not hold a term number; remove it to start at 0") from error
+    return term, (words[1] if len(words) > 1 else None)
+
+
+def default_timings() -> RaftTimings:
+    return RaftTimings(election_timeout=ELECTION_TIMEOUT, heartbeat_interval=RAFT_HEARTBEAT)
+
+
+class RaftMember:
+    def __init__(
+        self,
+        node_id: str,
+        bus: Bus,
+        replica: Replica,
+        term_path: Path,
+        disk_faults: DiskFaults,
+        *,
+        on_applied: Callable[[Sequence[IndexedEvent]], None],
+        on_role: Callable[[RoleChanged], None],
+        timings: RaftTimings | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.bus = bus
+        self.replica = replica
+        self.term_path = term_path
+        self.disk_faults = disk_faults
+        self.on_applied = on_applied
+        self.on_role = on_role
+        term, voted_for = read_hard_state(term_path)
+        log = replica.log
+        replica.log = StoredLog([])  # the core holds it from here
+        last_term = log.entries[-1].term if log.entries else log.base_term
+        if term < max(last_term, replica.state.term):
+            term, voted_for = max(last_term, replica.state.term), None
+        self.core = Raft(
+            node_id,
+            random.Random(),
+            time.monotonic(),
+            term=term,
+            voted_for=voted_for,
+            log=list(log.entries),
+            applied=replica.last_index,
+            base_index=log.base_index,
+            base_term=log.base_term,
+            base_voters=log.base_voters,
+            timings=timings or default_timings(),
+        )
+        self._disk: asyncio.Queue[WriteLog | Apply] = asyncio.Queue()
+        self._disk_task: asyncio.Task[None] | None = None
+        self._has_room = asyncio.Event()  # the disk queue is below half its bound
+        self._has_room.set()
+        self.stalled = False  # the store refuses writes: take no messages, do not tick
+        self.stored_index = self.core.last_index  # the store holds the core's log up to here
+        self.leader_commit = 0  # the master's commit index, as its last message said
+        self._recorded_commit = replica.last_index
+        self._recorded_at = 0.0
+        self.dropped_messages = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.core.now = time.monotonic()
+        self._disk_task = asyncio.create_task(self._disk_loop(), name="raft-disk")
+
+    async def close(self) -> None:
+        """Finish queued writes (briefly), record the commit index, stop."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_DRAIN_SECONDS):
+                await self._disk.join()
+        if self._disk_task is not None:
+            self._disk_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._disk_task
+        await self._record_commit(force=True)
+
+    async def room(self) -> None:
+        """Wait while the disk queue is over half full (the master proposes no more meanwhile)."""
+        await self._has_room.wait()
+
+    @property
+    def disk_backlog(self) -> int:
+        return self._disk.qsize()
+
+    # --- inputs --------------------------------------------------------------------------------
+
+    def tick(self, now: float, abstaining: bool) -> None:
+        if self.stalled or (abstaining and self.core.role != "leader"):
+            return
+        self.handle(self.core.tick(now))
+
+    def receive(self, message: RaftMessage) -> None:
+        if message.to != self.node_id:
+            return
+        if self.stalled or self._disk.qsize() >= MAX_DISK_BACKLOG:
+            self.dropped_messages += 1  # Raft tolerates a lost message: the master resends
+            return
+        if isinstance(message, EntriesSent):
+            self.leader_commit = message.leader_commit
+        self.handle(self.core.receive(message, time.monotonic()))
+
+    def propose(self, items: Sequence[tuple[str, int, Event]]) -> list[IndexedEvent]:
+        """Leader only: append; MembershipChangePending when it would be a second voter change."""
+        entries, actions = self.core.propose(items)
+        self.handle(actions)
+        return entries
+
+    def handle(self, actions: list[Action]) -> None:
+        term_failed = False
+        for action in actions:
+            match action:
+                case Send(message):
+                    if not term_failed:
+                        self.bus.publish(m.TOPIC_ELECTION, message)
+                case PersistTerm(term, voted_for):
+                    term_failed = not self.disk_faults.persist_term(self.term_path, term, voted_for)
+                case WriteLog() | Apply():
+                    self._disk.put_nowait(action)
+                    if self._disk.qsize() >= MAX_DISK_BACKLOG // 2:
+                        self._has_room.clear()
+                case RoleChanged():
+                    self.on_role(action)
+
+    # --- the disk ------------------------------------------------------------------------------
+
+    async def _disk_loop(self) -> None:
+        while True:
+            taken = [await self._disk.get()]
+            while not self._disk.empty() and len(taken) < 256:
+                taken.append(self._disk.get_nowait())
+            batch = self._applies_first(taken)
+            position = 0
+            while position < len(batch):
+                action = batch[position]
+                position += 1
+                if isinstance(action, Apply):
+                    await self._apply(action.entries)
+                    continue
+                entries = list(action.entries)
+                while position < len(batch):
+                    following = batch[position]
+                    if not isinstance(following, WriteLog) or following.truncate_after is not None:
+                        break
+                    entries.extend(following.entries)  # continues the previous write: one commit
+                    position += 1
+                await self._write(action.truncate_after, entries)
+            for _ in taken:
+                self._disk.task_done()
+            if self._disk.qsize() < MAX_DISK_BACKLOG // 2:
+                self._has_room.set()
+
+    def _applies_first(self, batch: list[WriteLog | Apply]) -> list[WriteLog | Apply]:
+        """Applies whose entries the store already holds go before the writes queued ahead of them
+        (a follower hears a commit with the next entries, and need not wait for their fsync), in
+        their own order, and never past a write that truncates below them."""
+        floor = self.stored_index
+        early: list[WriteLog | Apply] = []
+        rest: list[WriteLog | Apply] = []
+        for action in batch:
+            if isinstance(action, WriteLog):
+                if action.truncate_after is not None:
+                    floor = min(floor, action.truncate_after)
+                rest.append(action)
+            elif not any(isinstance(kept, Apply) for kept in rest) and action.entries[-1].index <= floor:
+                early.append(action)
+            else:
+                rest.append(action)
+        return early + rest
+
+    async def _write(self, truncate_after: int | None, entries: list[IndexedEvent]) -> None:
+        store = self.replica.store
+        while True:
+            try:
+                if truncate_after is not None:
+                    await store.truncate_after(truncate_after)
+                await store.append(entries)
+                break
+            except StoreError as error:
+                if not self.stalled:
+                    self.stalled = True
+                    self.disk_faults.store_failed(error)
+                    self.handle(self.core.step_down())  # a master that cannot write lets another lead
+                await asyncio.sleep(RETRY_SECONDS)
+        if self.stalled:
+            logger.info("the event store takes writes again")
+            self.stalled = False
+        last = entries[-1]
+        self.stored_index = last.index
+        self.handle(self.core.persisted(last.index, last.term))
+
+    async def _apply(self, entries: list[IndexedEvent]) -> None:
+        await self.replica.apply(entries)
+        self.on_applied(entries)
+        await self._record_commit()
+
+    async def _record_commit(self, force: bool = False) -> None:
+        index = self.replica.last_index
+        now = time.monotonic()
+        if index <= self._recorded_commit or (not force and now - self._recorded_at < COMMIT_RECORD_SECONDS):
+            return
+        try:
+            await self.replica.store.save_commit_index(index)
+        except StoreError as error:
+            logger.debug("commit index %d not recorded: %s", index, error)
+            return
+        self._recorded_commit, self._recorded_at = index, now
