@@ -87,3 +87,17 @@ def test_a_runner_status_for_a_deleted_or_unknown_instance_is_not_sequenced() ->
     assert sequencer.stale_statuses_dropped == 2  # the resend is not even looked at again
     sequencer.rewind(10, OriginHighWater(), ["i-old"])
     assert [e.index for e in sequencer.sequence("a", statuses[:1])] == [11]
+
+
+def test_a_new_master_counts_its_uncommitted_tail() -> None:
+    """A master elected with entries not yet committed (a lone node after kill -9): the instance the
+    tail creates exists for its runners' statuses, and what the tail holds from an origin is no
+    longer new (the statuses used to be dropped as stale and the instance never served again)."""
+    assignments = {"a": ShardAssignment(0, 4, 4)}
+    sequencer = Sequencer("m", 2, 10, OriginHighWater())
+    created = InstanceCreated("i-tail", "exo-tiny", "Pipeline", assignments)
+    sequencer.observe_log([IndexedEvent(9, 1, "m", -1, created), IndexedEvent(10, 1, "a", 5, label(5))])
+    out = sequencer.sequence(
+        "a", [LocalEvent(5, label(5)), LocalEvent(6, RunnerStatusUpdated("i-tail", "a", "ready"))]
+    )
+    assert [(e.index, e.origin_sequence) for e in out] == [(11, 6)]

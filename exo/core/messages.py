@@ -23,6 +23,9 @@ class _BusMessage(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=T
 
 
 class EventsPublished(_BusMessage, frozen=True):
+    """No longer sent, and no node subscribes to the topic: Raft's `EntriesSent` (topic `election`)
+    carries the log now. Kept so the topic table stays closed over every topic name."""
+
     term: int
     master_node_id: str
     events: list[IndexedEvent]

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 # silence.
 NODE_GONE_WINDOWS = 2
 COMMAND_COMMIT_SECONDS = 5.0
+START_COMMIT_SECONDS = 5.0
 
 
 @dataclass
@@ -94,6 +95,7 @@ class ClusterMember:
             timings=timings,
         )
         self._started_at = time.monotonic()
+        self._prepared = False
         self._master_since = 0.0
         self._membership_pending: asyncio.Future[int] | None = None  # until applied or refused
         self._forced_campaign_at = 0.0
@@ -112,9 +114,23 @@ class ClusterMember:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        self._started_at = time.monotonic()
+    async def prepare(self) -> None:
+        """Start Raft's disk task. A node that is its own majority leads at once (no election
+        timeout) and commits what a kill -9 left uncommitted on disk, so the node's worker and API
+        start from the state it had."""
+        if self._prepared:
+            return
+        self._prepared = True
         self.raft.start()
+        core = self.raft.core
+        if core.voters == {self.node_id}:
+            self.raft.handle(core.campaign_now())
+            target = core.last_index
+            await self.replica.wait_for(lambda state: state.last_event_index >= target, START_COMMIT_SECONDS)
+
+    async def start(self) -> None:
+        await self.prepare()
+        self._started_at = time.monotonic()  # the bootstrap window counts from here
         self._tasks.append(asyncio.create_task(self._tick_loop(), name="cluster-tick"))
 
     async def close(self) -> None:
@@ -307,12 +323,13 @@ class ClusterMember:
             self._send_local(self.outbox.everything(time.monotonic()))
 
     def _start_master(self, term: int) -> None:
-        # Origins' high water over the whole log, uncommitted tail included: it will be committed.
-        high_water = self.replica.high_water.copy()
         core = self.raft.core
-        for entry in core.entries(self.replica.last_index + 1, core.last_index):
-            high_water.observe(entry)
-        sequencer = Sequencer(self.node_id, term, core.last_index, high_water, self.replica.state.instances)
+        state = self.replica.state
+        sequencer = Sequencer(
+            self.node_id, term, core.last_index, self.replica.high_water.copy(), state.instances
+        )
+        # The uncommitted tail will be committed: its origins' events and instances count already.
+        sequencer.observe_log(core.entries(self.replica.last_index + 1, core.last_index))
         self.master = Master(sequencer, self.raft.propose, self.raft.room)
         self.master.last_proposed = core.last_index
         self._master_since = time.monotonic()

@@ -5,27 +5,23 @@
   the caller carries on with the term in memory (the next successful write records the then
   current term). A failed term write must not stop the node's loops: that is how a follower that
   hit ENOSPC during an election used to stop applying events for good.
-- A master whose store refuses a commit cannot sequence anything for anyone: it steps down and
-  *abstains* for `ABSTAIN_SECONDS` (it ranks below every healthy node and does not take over as a
-  forced master), so another node is elected and sequences. After that it competes normally
-  again; if its disk is still full it fails its first commit and steps down again.
-- A follower comparing its log with a new master's first writes what it applied; a full disk
-  used to fail that once and leave the node never appending the master's events. `retried`
-  runs such a step again every RETRY_SECONDS until the store takes the writes.
+- A master whose store refuses a write cannot commit anything for anyone: it steps down and
+  *abstains* for `ABSTAIN_SECONDS` (it does not campaign, forced or not), so another node is
+  elected and commits. After that it competes normally again; if its disk is still full it fails
+  its first write and steps down again.
+- Any node's refused log write is retried every RETRY_SECONDS until the store takes it
+  (exo/node/raft_member.py); a full disk used to fail a follower's step once and leave the node
+  never appending the master's events.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from exo.store.base import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +57,6 @@ class DiskFaults:
     abstaining_since: float | None = None
     term_write_failed: bool = False
     store_failures: int = 0
-    store_retrying: bool = False
 
     def store_failed(self, error: Exception, now: float | None = None) -> bool:
         """The master's store refused a commit. True when this starts an abstention (step down now)."""
@@ -101,22 +96,4 @@ class DiskFaults:
         if self.term_write_failed:
             logger.info("term %d recorded in %s again", term, path)
         self.term_write_failed = False
-        return True
-
-    async def retried(self, step: Callable[[], Awaitable[None]]) -> bool:
-        """Run `step`; False (after logging once per episode and waiting RETRY_SECONDS) when the
-        store refused a write, so the caller can check whether to go on and try again."""
-        try:
-            await step()
-        except StoreError as error:
-            if not self.store_retrying:
-                logger.error(
-                    "the event store refused a write (%s): retrying every %.1f s", error, RETRY_SECONDS
-                )
-            self.store_retrying = True
-            await asyncio.sleep(RETRY_SECONDS)
-            return False
-        if self.store_retrying:
-            logger.info("the event store takes writes again")
-        self.store_retrying = False
         return True

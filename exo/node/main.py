@@ -291,6 +291,7 @@ async def run_node(
         await bus.start()
         stack.push_async_callback(bus.close)
         stack.push_async_callback(member.close)
+        await member.prepare()  # a lone node commits its log before the worker and the API read it
         host = advertise_host(config)
         bind_host = "127.0.0.1" if host == "127.0.0.1" else "0.0.0.0"
         worker = Worker(

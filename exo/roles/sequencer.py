@@ -74,6 +74,13 @@ class Sequencer:
         self.instances = set(instances)
         self.stale_statuses_dropped = 0
 
+    def observe_log(self, entries: Iterable[IndexedEvent]) -> None:
+        """Entries already in the log but not applied yet (a new master's uncommitted tail): their
+        origins' sequences are not new, and their instances exist."""
+        for entry in entries:
+            self.high_water.observe(entry)
+            self._track(entry.event)
+
     def rewind(self, last_index: int, high_water: OriginHighWater, instances: Iterable[str]) -> None:
         """Back to the durable log's end after a failed commit: its indices are handed out again."""
         self.next_index = last_index + 1
