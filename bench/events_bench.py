@@ -2,7 +2,13 @@
 
 Three nodes on loopback: the master (`--force-master`) and a follower run as subprocesses; the
 origin node runs in this process so it can submit events directly and timestamp each one when it
-comes back applied (after the master's commit, the publish, and the origin's own commit).
+comes back applied.
+
+What "applied back at the origin" proves depends on the commit rule of the tree measured: with
+quorum commits (Raft, issue 18) a node applies only committed events, so every timestamp is taken
+after the event was durable on a majority (2 of 3: the master and at least one follower); with the
+bully election a follower applies what the master alone made durable. `bench/quorum_compare.py`
+runs this bench on two trees, rounds interleaved, to compare them.
 
     python -m bench.events_bench [--events 100000] [--rate 1000] [--seconds 5]
 
