@@ -318,3 +318,25 @@ def test_a_tensor_instance_whose_ranks_cut_a_frozen_peer_is_replaced_on_the_same
         replacement_events(only_lost, {"m": {"a", "b"}}, lambda model_id: TENSOR_FOOTPRINT, lambda: "i-2")
         == []
     )
+
+
+def test_membership_never_adds_a_node_that_keeps_another_clusters_log() -> None:
+    """Two empty nodes that did not hear each other each bootstrap a cluster of one; when they meet,
+    neither adds the other (Raft cannot merge two committed histories), but a new empty node and a
+    node the log already knows are added as usual."""
+    from exo.core.messages import Heartbeat, Rank
+    from exo.roles.membership import foreign_nodes, membership_events
+
+    state = cluster("a")
+
+    def heartbeat(node_id: str, last_index: int) -> Heartbeat:
+        return Heartbeat(node_id, 1, node_id, Rank(False, last_index, node_id), 1, 16 * GIB, 8 * GIB)
+
+    heartbeats = {"a": heartbeat("a", 7), "b": heartbeat("b", 3), "c": heartbeat("c", 0)}
+    alive = {"a", "b", "c"}
+    voters = frozenset({"a"})
+    assert foreign_nodes(state, heartbeats, alive, voters) == {"b"}
+    events = membership_events(state, heartbeats, alive, False, {}, voters=voters)
+    assert [e.node_id for e in events if isinstance(e, NodeJoined)] == ["c"]
+    # b already a voter (its NodeJoined proposed, not yet committed): it is ours, not foreign.
+    assert foreign_nodes(state, heartbeats, alive, frozenset({"a", "b"})) == set()

@@ -33,7 +33,7 @@ from exo.node.replica import Replica
 from exo.roles.bootstrap import should_bootstrap, should_take_over
 from exo.roles.commands import decide, replacement_events
 from exo.roles.liveness import HEARTBEAT_INTERVAL, Liveness
-from exo.roles.membership import membership_events
+from exo.roles.membership import foreign_nodes, membership_events
 from exo.roles.outbox import Outbox
 from exo.roles.raft import MembershipChangePending, RaftTimings, RoleChanged, voters_after
 from exo.roles.sequencer import Sequencer
@@ -98,6 +98,7 @@ class ClusterMember:
         self._prepared = False
         self._master_since = 0.0
         self._membership_pending: asyncio.Future[int] | None = None  # until applied or refused
+        self._foreign_warned: set[str] = set()  # nodes of another cluster, warned about once
         self._forced_campaign_at = 0.0
         self._tasks: list[asyncio.Task[Any]] = []
         self.counters = ClusterCounters()
@@ -275,7 +276,9 @@ class ClusterMember:
             now - self._master_since > self.liveness.timeout,
             addresses,
             recently_heard=recently_heard | {self.node_id},
+            voters=self.raft.core.voters,
         )
+        self._warn_foreign(foreign_nodes(self.state, heartbeats, alive, self.raft.core.voters))
         events = self._one_voter_change(events)
         if not events:
             events = replacement_events(
@@ -284,6 +287,15 @@ class ClusterMember:
         if events:
             self._membership_pending = self.master.submit_own(events)
             self._membership_pending.add_done_callback(_ignore_outcome)
+
+    def _warn_foreign(self, foreign: set[str]) -> None:
+        for node_id in sorted(foreign - self._foreign_warned):
+            logger.warning(
+                "node %s keeps another cluster's event log; it is not added to this one. To join it, "
+                "stop it, remove its events.db and term file (its data dir), and start it again",
+                node_id,
+            )
+        self._foreign_warned |= foreign
 
     def _one_voter_change(self, events: list[Event]) -> list[Event]:
         """Raft changes the voters one at a time: keep the first change, and only when none is pending."""

@@ -18,17 +18,20 @@ def membership_events(
     node_addresses: dict[str, str],
     *,
     recently_heard: set[str] | None = None,
+    voters: frozenset[str] = frozenset(),
 ) -> list[Event]:
     """Node events that the master's view of liveness implies for the current state.
 
     `may_time_out` is False for the first liveness window after taking office, so the new master
     has heard everyone before declaring anyone gone. `recently_heard` (default: `alive`) are nodes
     heard within the longer window that being marked gone needs: a gone node's instances fail and
-    are re-placed, which is costly to do for a node that was only slow for a moment.
+    are re-placed, which is costly to do for a node that was only slow for a moment. A node that
+    keeps another cluster's log (`foreign_nodes`) is never added: its history cannot be merged.
     """
     recently_heard = alive if recently_heard is None else recently_heard
     events: list[Event] = []
-    for node_id in sorted(alive):
+    foreign = foreign_nodes(state, heartbeats, alive, voters)
+    for node_id in sorted(alive - foreign):
         heartbeat = heartbeats.get(node_id)
         if heartbeat is None:
             continue
@@ -56,3 +59,20 @@ def membership_events(
             if node.status == "alive" and node_id not in alive and node_id not in recently_heard:
                 events.append(NodeTimedOut(node_id))
     return events
+
+
+def foreign_nodes(
+    state: State, heartbeats: dict[str, Heartbeat], alive: set[str], voters: frozenset[str]
+) -> set[str]:
+    """Nodes heard that hold a log of their own but were never members here: each bootstrapped
+    another cluster (two empty nodes that did not hear each other at start). Raft cannot merge two
+    committed histories, so such a node stays out until its log is removed (as etcd refuses a member
+    of another cluster)."""
+    return {
+        node_id
+        for node_id in alive
+        if (heartbeat := heartbeats.get(node_id)) is not None
+        and heartbeat.rank.last_index > 0
+        and node_id not in state.nodes
+        and node_id not in voters
+    }
