@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class Cluster:
     ports: list[int]
     members: list[ClusterMember] = field(default_factory=list[ClusterMember])
     cut: set[str] = field(default_factory=set[str])
+    timings: RaftTimings = TIMINGS
 
     async def add(self, number: int) -> ClusterMember:
         node_id = f"n{number}"
@@ -48,7 +49,7 @@ class Cluster:
             bind_host="127.0.0.1",
         )
         member = ClusterMember(
-            node_id, bus, await restore(store), data_dir / "term", interval=INTERVAL, timings=TIMINGS
+            node_id, bus, await restore(store), data_dir / "term", interval=INTERVAL, timings=self.timings
         )
         self._wire_cut(member)
         await bus.start()
@@ -209,3 +210,52 @@ async def test_a_committed_event_survives_kill_9_of_the_master_and_it_rejoins(cl
     await until(lambda: back.leader_id == new.node_id, "the restarted node following the new master")
     await until(lambda: back.state.nodes[leader.node_id].labels.get("durable") == "yes", "applied again")
     await logs_agree(cluster.members)
+
+
+async def test_a_voter_silent_past_remove_after_is_removed_by_the_majority(tmp_path: Path) -> None:
+    """Membership is committed: a voter the master has not heard from for `remove_after` seconds is
+    removed by a committed NodeRemoved, so the two left are the whole cluster (both needed, as
+    before) and a third node can join in its place."""
+    cluster = Cluster(tmp_path, [free_port() for _ in range(3)], timings=replace(TIMINGS, remove_after=1.0))
+    try:
+        for number in range(3):
+            await cluster.add(number)
+        leader = await formed(cluster)
+        silent = next(member for member in cluster.members if member is not leader)
+        cluster.cut.add(silent.node_id)
+        others = [member for member in cluster.members if member is not silent]
+        await until(
+            lambda: all(silent.node_id not in member.state.nodes for member in others),
+            "the silent voter removed on the majority",
+        )
+        master = await until(lambda: cluster.leader(others), "a master among the two")
+        assert master.raft.core.voters == frozenset(member.node_id for member in others)
+        answer = await master.execute(m.LabelNode(master.node_id, "after", "removal"))
+        assert isinstance(answer.answer, m.Labelled), answer
+    finally:
+        for member in cluster.members:
+            with contextlib.suppress(Exception):
+                await member.close()
+            with contextlib.suppress(Exception):
+                await member.bus.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("", 86_400.0), ("off", None), ("Never", None), ("90", 90.0), ("0.5", 0.5)]
+)
+def test_remove_after_reads_the_environment(
+    monkeypatch: pytest.MonkeyPatch, raw: str, expected: float | None
+) -> None:
+    from exo.node.raft_member import remove_after_from_env
+
+    monkeypatch.setenv("EXO_REMOVE_AFTER", raw)
+    assert remove_after_from_env() == expected
+
+
+@pytest.mark.parametrize("raw", ["soon", "-5", "0"])
+def test_a_bad_remove_after_stops_the_node_with_its_reason(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    from exo.node.raft_member import remove_after_from_env
+
+    monkeypatch.setenv("EXO_REMOVE_AFTER", raw)
+    with pytest.raises(SystemExit, match="EXO_REMOVE_AFTER"):
+        remove_after_from_env()

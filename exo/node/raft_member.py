@@ -41,6 +41,24 @@ RAFT_HEARTBEAT = float(os.environ.get("EXO_RAFT_HEARTBEAT", "0.1"))
 MAX_DISK_BACKLOG = 10_000
 COMMIT_RECORD_SECONDS = float(os.environ.get("EXO_COMMIT_RECORD_SECONDS", "1.0"))
 CLOSE_DRAIN_SECONDS = 5.0
+# A voter the master has not heard from for this long is removed (a committed NodeRemoved); "off"
+# keeps every voter until `exo cluster remove`. A day: a laptop closed overnight stays a member.
+REMOVE_AFTER_DEFAULT = 86_400.0
+
+
+def remove_after_from_env() -> float | None:
+    raw = os.environ.get("EXO_REMOVE_AFTER", "").strip().lower()
+    if raw in ("off", "none", "never"):
+        return None
+    if not raw:
+        return REMOVE_AFTER_DEFAULT
+    try:
+        seconds = float(raw)
+    except ValueError as error:
+        raise SystemExit(f"exo: EXO_REMOVE_AFTER={raw!r} is not a number of seconds or 'off'") from error
+    if seconds <= 0:
+        raise SystemExit(f"exo: EXO_REMOVE_AFTER={raw!r} must be positive (or 'off')")
+    return seconds
 
 
 def read_hard_state(path: Path) -> tuple[int, str | None]:
@@ -57,7 +75,11 @@ def read_hard_state(path: Path) -> tuple[int, str | None]:
 
 
 def default_timings() -> RaftTimings:
-    return RaftTimings(election_timeout=ELECTION_TIMEOUT, heartbeat_interval=RAFT_HEARTBEAT)
+    return RaftTimings(
+        election_timeout=ELECTION_TIMEOUT,
+        heartbeat_interval=RAFT_HEARTBEAT,
+        remove_after=remove_after_from_env(),
+    )
 
 
 class RaftMember:
