@@ -104,13 +104,17 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     try:
         yield cluster
     finally:
-        for member in cluster.members:
-            with contextlib.suppress(Exception):
-                await member.close()
-            with contextlib.suppress(Exception):
-                await member.bus.close()
-            with contextlib.suppress(Exception):
-                await member.replica.store.close()
+        await close_all(cluster)
+
+
+async def close_all(cluster: Cluster) -> None:
+    for member in cluster.members:
+        with contextlib.suppress(Exception):
+            await member.close()
+        with contextlib.suppress(Exception):
+            await member.bus.close()
+        with contextlib.suppress(Exception):
+            await member.replica.store.close()
 
 
 async def until(predicate: Callable[[], object], what: str, seconds: float = SETTLE_SECONDS) -> Any:
@@ -233,11 +237,7 @@ async def test_a_voter_silent_past_remove_after_is_removed_by_the_majority(tmp_p
         answer = await master.execute(m.LabelNode(master.node_id, "after", "removal"))
         assert isinstance(answer.answer, m.Labelled), answer
     finally:
-        for member in cluster.members:
-            with contextlib.suppress(Exception):
-                await member.close()
-            with contextlib.suppress(Exception):
-                await member.bus.close()
+        await close_all(cluster)
 
 
 @pytest.mark.parametrize(
