@@ -65,7 +65,7 @@ def test_a_seed_replays_exactly_in_another_process() -> None:
 
 def test_the_simulation_injects_faults_and_elections() -> None:
     """Not vacuous: seeds crash, pause and partition nodes, elect several leaders, acknowledge writes."""
-    simulations = [run_seed(seed) for seed in range(30)]
+    simulations = [run_seed(seed) for seed in range(40)]
     assert sum(s.faults.crashes for s in simulations) > 0
     assert sum(s.faults.partitions for s in simulations) > 0
     assert sum(s.faults.pauses for s in simulations) > 0
@@ -73,6 +73,8 @@ def test_the_simulation_injects_faults_and_elections() -> None:
     assert sum(s.faults.transfers for s in simulations) > 0
     assert sum(s.faults.step_downs for s in simulations) > 0
     assert sum(s.faults.dropped for s in simulations) > 0
+    assert sum(s.faults.compactions for s in simulations) > 0
+    assert sum(s.faults.snapshots_installed for s in simulations) > 0  # far-behind nodes caught up
     assert any(len(s.leaders) > 1 for s in simulations)
     assert all(s.acknowledged for s in simulations)
 
