@@ -92,6 +92,16 @@ class _AcksWhatItReceived(Raft):
         return super()._ack(leader_id, success)
 
 
+class _CompactsUncommitted(Raft):
+    """A master that snapshots its whole log, committed or not, and offers that to followers."""
+
+    def compact(self, index: int) -> None:
+        if self.role == "leader":
+            self.applied = max(self.applied, self.last_index)
+            index = self.last_index
+        super().compact(index)
+
+
 def _first_violation(raft_class: type[Raft], seeds: range) -> str | None:
     for seed in seeds:
         try:
@@ -108,6 +118,11 @@ def test_the_checker_catches_a_node_that_votes_for_a_stale_log() -> None:
 
 def test_the_checker_catches_acknowledging_what_is_not_durable() -> None:
     violation = _first_violation(_AcksWhatItReceived, range(200))
+    assert violation is not None
+
+
+def test_the_checker_catches_a_snapshot_of_uncommitted_entries() -> None:
+    violation = _first_violation(_CompactsUncommitted, range(200))
     assert violation is not None
 
 
