@@ -7,10 +7,17 @@ import random
 import pytest
 
 from exo.core.events import IndexedEvent, MasterElected, NodeJoined, NodeLabelled, NodeRemoved
-from exo.core.raft_messages import EntriesAcknowledged, EntriesSent, VoteAnswered, VoteRequested
+from exo.core.raft_messages import (
+    EntriesAcknowledged,
+    EntriesSent,
+    SnapshotOffered,
+    VoteAnswered,
+    VoteRequested,
+)
 from exo.roles.raft import (
     Action,
     Apply,
+    FetchSnapshot,
     MembershipChangePending,
     PersistTerm,
     Raft,
@@ -319,3 +326,83 @@ def test_step_down_leaves_the_lead_in_the_same_term() -> None:
     assert leader.step_down() == [RoleChanged("follower", term, None)]
     assert leader.role == "follower" and leader.term == term
     assert leader.step_down() == []
+
+
+# --- compaction and snapshots ------------------------------------------------------------------
+
+
+def joined(index: int, term: int, node_id: str) -> IndexedEvent:
+    return IndexedEvent(index, term, "x", index, NodeJoined(node_id, f"{node_id}:1"))
+
+
+def test_compact_moves_the_base_with_its_term_and_voters() -> None:
+    log = [entry(1, 1), joined(2, 1, "d"), entry(3, 2), entry(4, 2)]
+    raft = make("a", list(log), term=2, applied=3)
+    raft.compact(2)
+    assert (raft.base_index, raft.base_term, raft.base_voters) == (2, 1, VOTERS | {"d"})
+    assert raft.log == log[2:] and raft.last_index == 4 and raft.voters == VOTERS | {"d"}
+    assert raft.entries(1, 10) == log[2:] and raft.term_at(1) is None and raft.term_at(2) == 1
+    raft.compact(1)  # behind the base: nothing to do
+    assert raft.base_index == 2
+    with pytest.raises(ValueError, match="applied"):
+        raft.compact(4)  # not applied yet
+
+
+def test_a_master_offers_a_snapshot_to_a_follower_behind_its_base() -> None:
+    raft = make("a", log_of(1, 1, 1), term=1, applied=3)
+    raft.compact(3)
+    elect(raft)
+    offers = [m for m in sent(raft.tick(5.2)) if isinstance(m, SnapshotOffered)]
+    assert SnapshotOffered(2, "a", "b", 3, 1, ["a", "b", "c"]) not in offers  # b is probed from the end
+    # b answers it holds nothing: the entries it needs are compacted away.
+    answer = sent(raft.receive(EntriesAcknowledged(2, "b", "a", False, hint_index=0), 5.3))
+    assert answer == [SnapshotOffered(2, "a", "b", 3, 1, ["a", "b", "c"])]
+    # Once installed, b's acknowledgement moves it past the base: entries follow.
+    answer = sent(raft.receive(EntriesAcknowledged(2, "b", "a", True, match_index=3), 5.4))
+    assert [type(m) for m in answer] == [EntriesSent] and answer[0] == EntriesSent(
+        2, "a", "b", 3, 1, raft.log, raft.commit_index
+    )
+
+
+def test_a_follower_behind_the_offer_fetches_then_installs_and_acknowledges() -> None:
+    follower = make("b", log_of(1), term=1)
+    actions = follower.receive(SnapshotOffered(2, "a", "b", 5, 2, ["a", "b", "c", "d"]), 1.0)
+    assert FetchSnapshot("a", 5, 2, VOTERS | {"d"}) in actions and follower.term == 2
+    assert not follower.keeps_log(5, 2)
+    answer = sent(follower.install_snapshot(5, 2, VOTERS | {"d"}))
+    assert answer == [EntriesAcknowledged(2, "b", "a", True, match_index=5)]
+    assert (follower.base_index, follower.log, follower.commit_index, follower.applied) == (5, [], 5, 5)
+    assert follower.voters == VOTERS | {"d"} and follower.last_term == 2
+    assert follower.install_snapshot(5, 2, VOTERS) == []  # a duplicate changes nothing
+    # Entries continue after the snapshot.
+    follower.receive(EntriesSent(2, "a", "b", 5, 2, [entry(6, 2)], 6), 1.1)
+    assert follower.last_index == 6 and follower.commit_index == 6
+
+
+def test_install_keeps_the_entries_after_a_matching_snapshot_index() -> None:
+    """Figure 13, rule 6: the log holds the snapshot's last entry, so what follows it stays."""
+    follower = make("b", [entry(1, 1), entry(2, 1), joined(3, 1, "d"), entry(4, 2)], term=2)
+    follower.persisted(4, 2)
+    assert follower.keeps_log(2, 1)
+    follower.install_snapshot(2, 1, VOTERS)
+    assert follower.log == [joined(3, 1, "d"), entry(4, 2)] and follower.last_index == 4
+    assert follower.voters == VOTERS | {"d"} and follower.durable_index == 4
+    assert follower.commit_index == 2
+
+
+def test_install_drops_a_conflicting_log() -> None:
+    follower = make("b", log_of(1, 1, 1, 1), term=1)  # uncommitted entries 2..4 of a lost term
+    assert not follower.keeps_log(3, 2)
+    follower.install_snapshot(3, 2, VOTERS)
+    assert follower.log == [] and follower.last_index == 3 and follower.last_term == 2
+
+
+def test_an_offer_below_the_commit_index_is_acknowledged_not_fetched() -> None:
+    follower = make("b", log_of(1, 1, 1), term=1, applied=3)
+    actions = follower.receive(SnapshotOffered(1, "a", "b", 2, 1, ["a", "b", "c"]), 1.0)
+    assert not [a for a in actions if isinstance(a, FetchSnapshot)]
+    assert sent(actions) == [EntriesAcknowledged(1, "b", "a", True, match_index=2)]
+    # A stale master's offer is refused with the newer term.
+    stale = follower.receive(SnapshotOffered(0, "c", "b", 9, 1, ["a"]), 1.1)
+    assert sent(stale) == [EntriesAcknowledged(1, "b", "c", False)]
+    assert follower.log == log_of(1, 1, 1)

@@ -65,7 +65,7 @@ def test_a_seed_replays_exactly_in_another_process() -> None:
 
 def test_the_simulation_injects_faults_and_elections() -> None:
     """Not vacuous: seeds crash, pause and partition nodes, elect several leaders, acknowledge writes."""
-    simulations = [run_seed(seed) for seed in range(30)]
+    simulations = [run_seed(seed) for seed in range(40)]
     assert sum(s.faults.crashes for s in simulations) > 0
     assert sum(s.faults.partitions for s in simulations) > 0
     assert sum(s.faults.pauses for s in simulations) > 0
@@ -73,6 +73,8 @@ def test_the_simulation_injects_faults_and_elections() -> None:
     assert sum(s.faults.transfers for s in simulations) > 0
     assert sum(s.faults.step_downs for s in simulations) > 0
     assert sum(s.faults.dropped for s in simulations) > 0
+    assert sum(s.faults.compactions for s in simulations) > 0
+    assert sum(s.faults.snapshots_installed for s in simulations) > 0  # far-behind nodes caught up
     assert any(len(s.leaders) > 1 for s in simulations)
     assert all(s.acknowledged for s in simulations)
 
@@ -88,6 +90,16 @@ class _AcksWhatItReceived(Raft):
     def _ack(self, leader_id: str, success: bool) -> Send:
         self.durable_index = self.last_index
         return super()._ack(leader_id, success)
+
+
+class _CompactsUncommitted(Raft):
+    """A master that snapshots its whole log, committed or not, and offers that to followers."""
+
+    def compact(self, index: int) -> None:
+        if self.role == "leader":
+            self.applied = max(self.applied, self.last_index)
+            index = self.last_index
+        super().compact(index)
 
 
 def _first_violation(raft_class: type[Raft], seeds: range) -> str | None:
@@ -106,6 +118,11 @@ def test_the_checker_catches_a_node_that_votes_for_a_stale_log() -> None:
 
 def test_the_checker_catches_acknowledging_what_is_not_durable() -> None:
     violation = _first_violation(_AcksWhatItReceived, range(200))
+    assert violation is not None
+
+
+def test_the_checker_catches_a_snapshot_of_uncommitted_entries() -> None:
+    violation = _first_violation(_CompactsUncommitted, range(200))
     assert violation is not None
 
 

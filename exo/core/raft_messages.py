@@ -64,4 +64,18 @@ class EntriesAcknowledged(_RaftMessage, frozen=True):
     hint_index: int = 0
 
 
-RaftMessage = VoteRequested | VoteAnswered | EntriesSent | EntriesAcknowledged
+class SnapshotOffered(_RaftMessage, frozen=True):
+    """InstallSnapshot (the paper's figure 13), as an offer: the follower needs entries the master
+    has compacted away, so it must take the state up to `index` (whose entry has `term_at_index`
+    and after which the voters are `voters`). The state itself is large and stays off this topic:
+    the follower's shell fetches it and acknowledges with `EntriesAcknowledged` once installed."""
+
+    term: int
+    leader_id: str
+    to: str
+    index: int
+    term_at_index: int
+    voters: list[str]
+
+
+RaftMessage = VoteRequested | VoteAnswered | EntriesSent | EntriesAcknowledged | SnapshotOffered

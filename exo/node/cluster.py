@@ -23,7 +23,13 @@ from exo.bus.transport import Bus
 from exo.core import messages as m
 from exo.core.events import Event, IndexedEvent, NodeJoined
 from exo.core.models import ModelFootprint
-from exo.core.raft_messages import EntriesAcknowledged, EntriesSent, VoteAnswered, VoteRequested
+from exo.core.raft_messages import (
+    EntriesAcknowledged,
+    EntriesSent,
+    SnapshotOffered,
+    VoteAnswered,
+    VoteRequested,
+)
 from exo.core.state import State
 from exo.node.cluster_requests import answer_request
 from exo.node.disk_faults import DiskFaults
@@ -364,6 +370,8 @@ class ClusterMember:
             case VoteRequested(candidate_id=sender) | VoteAnswered(voter_id=sender):
                 pass
             case EntriesSent(leader_id=sender) | EntriesAcknowledged(node_id=sender):
+                pass
+            case SnapshotOffered(leader_id=sender):
                 pass
         if sender != self.node_id:
             self.liveness.heard(sender, time.monotonic())

@@ -29,7 +29,17 @@ from exo.core.events import Event, IndexedEvent
 from exo.core.raft_messages import EntriesSent, RaftMessage
 from exo.node.disk_faults import RETRY_SECONDS, DiskFaults
 from exo.node.replica import Replica, StoredLog
-from exo.roles.raft import Action, Apply, PersistTerm, Raft, RaftTimings, RoleChanged, Send, WriteLog
+from exo.roles.raft import (
+    Action,
+    Apply,
+    FetchSnapshot,
+    PersistTerm,
+    Raft,
+    RaftTimings,
+    RoleChanged,
+    Send,
+    WriteLog,
+)
 from exo.store.base import StoreError
 
 logger = logging.getLogger(__name__)
@@ -131,6 +141,7 @@ class RaftMember:
         self._recorded_commit = replica.last_index
         self._recorded_at = 0.0
         self.dropped_messages = 0
+        self._snapshot_warned = False
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -195,6 +206,17 @@ class RaftMember:
                         self._has_room.clear()
                 case RoleChanged():
                     self.on_role(action)
+                case FetchSnapshot(leader_id=leader, index=index):
+                    # The node never compacts the core's log, but a master restarted from a store
+                    # snapshot has its base there: a follower behind it cannot catch up until the
+                    # shell installs snapshots (not wired yet). Said once, then the core keeps asking.
+                    if not self._snapshot_warned:
+                        self._snapshot_warned = True
+                        logger.warning(
+                            "master %s offers a snapshot at %d; installing one is not supported yet",
+                            leader,
+                            index,
+                        )
 
     # --- the disk ------------------------------------------------------------------------------
 

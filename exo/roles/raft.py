@@ -19,6 +19,11 @@ Rules beyond figure 2, each with a reason:
   is proposed only while no other is uncommitted. A master removes a voter it has not heard from
   for `remove_after` seconds. A lone voter is its own majority.
 - A committed entry is never removed: a master that asks for it is a bug, raised as AssertionError.
+- Compaction (`compact`) drops applied entries from memory, moving the base forward. A follower that
+  needs entries before the master's base is offered a snapshot (`SnapshotOffered`); its shell fetches
+  the state and calls `install_snapshot`, which keeps the log after the snapshot when it matches
+  (the paper's figure 13) and drops it otherwise. A snapshot is committed state, so installing one
+  never removes a committed entry.
 """
 
 from __future__ import annotations
@@ -29,7 +34,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from exo.core.events import Event, IndexedEvent, MasterElected, NodeJoined, NodeRemoved
-from exo.core.raft_messages import EntriesAcknowledged, EntriesSent, RaftMessage, VoteAnswered, VoteRequested
+from exo.core.raft_messages import (
+    EntriesAcknowledged,
+    EntriesSent,
+    RaftMessage,
+    SnapshotOffered,
+    VoteAnswered,
+    VoteRequested,
+)
 
 Role = Literal["follower", "pre_candidate", "candidate", "leader"]
 
@@ -70,7 +82,19 @@ class RoleChanged:
     leader_id: str | None
 
 
-Action = Send | PersistTerm | WriteLog | Apply | RoleChanged
+@dataclass(frozen=True)
+class FetchSnapshot:
+    """The master offered a snapshot this node's log is behind: fetch the state up to `index`,
+    store it durably (dropping the stored entries after `index` unless `keeps_log(index, term)`),
+    then call `Raft.install_snapshot(index, term, voters)`."""
+
+    leader_id: str
+    index: int
+    term: int
+    voters: frozenset[str]
+
+
+Action = Send | PersistTerm | WriteLog | Apply | RoleChanged | FetchSnapshot
 
 
 @dataclass(frozen=True)
@@ -227,6 +251,8 @@ class Raft:
                 return self._on_entries(message)
             case EntriesAcknowledged():
                 return self._on_ack(message)
+            case SnapshotOffered():
+                return self._on_snapshot_offered(message)
 
     def persisted(self, index: int, term: int) -> list[Action]:
         """The shell's store now durably holds the log up to `index` (whose entry has `term`)."""
@@ -236,6 +262,48 @@ class Raft:
         if self.role == "leader":
             return self._advance_commit()
         if self.leader_id is not None:
+            return [self._ack(self.leader_id, True)]
+        return []
+
+    def compact(self, index: int) -> None:
+        """Drop applied entries up to `index` from memory: the base moves to `index` (its term and
+        the voters after it). A follower that needs them is then offered a snapshot."""
+        if index <= self.base_index:
+            return
+        if index > self.applied:
+            raise ValueError(f"cannot compact past the applied index ({index} > {self.applied})")
+        term = self.term_at(index)
+        assert term is not None
+        voters = self.base_voters
+        while self._changes and self._changes[0][0] <= index:
+            voters = self._changes.pop(0)[1]
+        del self.log[: index - self.base_index]
+        self.base_index, self.base_term, self.base_voters = index, term, voters
+
+    def keeps_log(self, index: int, term: int) -> bool:
+        """Whether the entries after a snapshot at (`index`, `term`) stay: the log holds that very
+        entry, so by log matching everything before it equals the snapshot (figure 13, rule 6)."""
+        return index <= self.last_index and self.term_at(index) == term
+
+    def install_snapshot(self, index: int, term: int, voters: frozenset[str]) -> list[Action]:
+        """The shell durably holds the state up to `index` (and dropped its stored entries after it
+        unless `keeps_log`): the log restarts from there, and the master hears it."""
+        if index <= self.commit_index:
+            return []  # already committed here (a duplicate or stale offer)
+        if self.keeps_log(index, term):
+            del self.log[: index - self.base_index]
+            self.durable_index = max(self.durable_index, index)
+        else:
+            self.log = []
+            self.durable_index = index
+        self.base_index, self.base_term, self.base_voters = index, term, voters
+        self._changes = []
+        current = voters
+        for entry in self.log:
+            current = self._note_change(current, entry)
+        self.commit_index = self.applied = index
+        self._matched_limit = max(self._matched_limit, index)  # a committed prefix matches any master
+        if self.role == "follower" and self.leader_id is not None:
             return [self._ack(self.leader_id, True)]
         return []
 
@@ -443,8 +511,10 @@ class Raft:
             return []
         prev = min(state.next_index - 1, self.last_index)
         prev_term = self.term_at(prev)
-        if prev_term is None:
-            prev, prev_term = self.base_index, self.base_term  # behind the base: needs a snapshot
+        if prev_term is None:  # behind the base: the entries it needs are compacted away
+            voters = sorted(self.base_voters)
+            offer = SnapshotOffered(self.term, self.node_id, peer, self.base_index, self.base_term, voters)
+            return [Send(offer)]
         entries = self.entries(prev + 1, self.timings.max_entries_per_message)
         state.next_index = prev + 1 + len(entries)  # optimistic: a failure answer rewinds it
         message = EntriesSent(self.term, self.node_id, peer, prev, prev_term, entries, self.commit_index)
@@ -486,6 +556,22 @@ class Raft:
         actions += self._commit_to(commit)
         actions.append(self._ack(message.leader_id, True))
         return actions
+
+    def _on_snapshot_offered(self, message: SnapshotOffered) -> list[Action]:
+        if message.term < self.term:
+            return [Send(EntriesAcknowledged(self.term, self.node_id, message.leader_id, False))]
+        actions: list[Action] = []
+        if message.term > self.term or self.role != "follower" or self.leader_id != message.leader_id:
+            actions += self._become_follower(message.term, message.leader_id)
+        self._leader_contact = self.now
+        self._reset_election_timer()
+        if message.index <= self.commit_index:
+            self._matched_limit = max(self._matched_limit, message.index)
+            return [*actions, self._ack(message.leader_id, True)]
+        fetch = FetchSnapshot(
+            message.leader_id, message.index, message.term_at_index, frozenset(message.voters)
+        )
+        return [*actions, fetch]
 
     def _ack(self, leader_id: str, success: bool) -> Send:
         match = min(self.durable_index, self._matched_limit)

@@ -3,8 +3,10 @@
 Every node's sans-IO core (`exo.roles.raft.Raft`) runs in one process on a simulated clock; one
 seed fixes everything: the cluster size, the network's delays, drops, duplicates and reordering,
 partitions that flap, pauses, crashes that lose writes not yet fsynced, full disks (a master whose
-disk is full steps down, as the node's shell does), and leadership transfers (a node campaigning at
-once past pre-vote and lease, as a `--force-master` node does). Clients
+disk is full steps down, as the node's shell does), leadership transfers (a node campaigning at
+once past pre-vote and lease, as a `--force-master` node does), and log compaction at random points
+on every node (a durable snapshot of the applied prefix), so far-behind nodes catch up by installing
+a snapshot. Clients
 propose `NodeLabelled` events to whichever node they believe leads and record every acknowledgement.
 
 Invariants are checked after every step (`Violation` names the seed, time and rule):
@@ -12,8 +14,10 @@ Invariants are checked after every step (`Violation` names the seed, time and ru
 - log matching: an (index, term) names one entry everywhere, preceded by the same term;
 - every committed entry is in the log of every leader of a later term;
 - no two nodes apply different entries at one index;
+- a snapshot is a committed prefix (offered and installed only at committed indices, with the
+  committed entry's term);
 and, once the faults stop and the network heals: every acknowledged write is in every node's log
-and all logs (and commit indices) are equal.
+(or snapshot) and all logs (and commit indices) are equal.
 
 `python -m tests.harness.sim SEED` replays one seed (add `-v` for the trace).
 """
@@ -31,6 +35,7 @@ from exo.core.raft_messages import RaftMessage
 from exo.roles.raft import (
     Action,
     Apply,
+    FetchSnapshot,
     MembershipChangePending,
     PersistTerm,
     Raft,
@@ -52,9 +57,13 @@ class Violation(AssertionError):
 
 @dataclass
 class Disk:
-    """What survives a crash: the fsynced log and (term, vote); `pending` writes are lost."""
+    """What survives a crash: the snapshot (`base_*`), the fsynced log after it and (term, vote);
+    `pending` writes are lost."""
 
     log: list[IndexedEvent] = field(default_factory=list[IndexedEvent])
+    base_index: int = 0
+    base_term: int = 0
+    base_voters: frozenset[str] | None = None
     term: int = 0
     voted_for: str | None = None
     pending: list[WriteLog] = field(default_factory=list[WriteLog])
@@ -82,6 +91,8 @@ class FaultCounts:
     full_disks: int = 0
     transfers: int = 0
     step_downs: int = 0
+    compactions: int = 0
+    snapshots_installed: int = 0
     dropped: int = 0
     duplicated: int = 0
 
@@ -114,6 +125,8 @@ class Simulation:
             TIMINGS.max_entries_per_message,
             self.remove_after,
         )
+        # Most seeds compact; the chance per node tick of compacting to a random applied index.
+        self.compact_rate = rng.choice([0.0, 0.02, 0.1, 0.3])
         self.drop_rate = rng.choice([0.0, 0.02, 0.1, 0.3])
         self.dup_rate = rng.choice([0.0, 0.02, 0.1])
         self.max_delay = rng.choice([0.002, 0.01, 0.05, 0.2])
@@ -154,6 +167,8 @@ class Simulation:
 
     def _new_raft(self, node_id: str, disk: Disk) -> Raft:
         base_voters = frozenset() if self.bootstrap else frozenset(self.ids)
+        if disk.base_voters is not None:
+            base_voters = disk.base_voters
         return self.raft_class(
             node_id,
             random.Random(self.rng.random()),
@@ -161,6 +176,9 @@ class Simulation:
             term=disk.term,
             voted_for=disk.voted_for,
             log=list(disk.log),
+            applied=disk.base_index,  # the shell restored the snapshot's state
+            base_index=disk.base_index,
+            base_term=disk.base_term,
             base_voters=base_voters,
             bootstrap=NodeJoined(node_id, f"{node_id}:1") if self.bootstrap and node_id == "n0" else None,
             timings=self.timings,
@@ -200,6 +218,8 @@ class Simulation:
                     self._act(node, node.raft.receive(message, self.now))
             self._act(node, node.raft.tick(self.now))
             self._add_members(node)
+            if self.rng.random() < self.compact_rate:
+                self._compact(node)
         self.at(self.now + TICK, lambda: self._tick(node_id))
 
     def _add_members(self, node: SimNode) -> None:
@@ -210,6 +230,44 @@ class Simulation:
         missing = [n for n in self.ids if n not in raft.voters and self.nodes[n].up]
         if missing:
             self._propose(node, [(node.node_id, -1, NodeJoined(missing[0], f"{missing[0]}:1"))])
+
+    def _compact(self, node: SimNode) -> None:
+        """The shell snapshots the applied state durably and compacts the core's log to it."""
+        raft = node.raft
+        if raft.applied <= raft.base_index:
+            return
+        index = self.rng.randint(raft.base_index + 1, raft.applied)
+        raft.compact(index)
+        self.faults.compactions += 1
+        self._save_snapshot(node.disk, index, raft.base_term, raft.base_voters, keep=True)
+
+    def _save_snapshot(
+        self, disk: Disk, index: int, term: int, voters: frozenset[str], *, keep: bool
+    ) -> None:
+        """Durable at once (its own file): entries up to `index` leave the disk; the rest too unless
+        `keep`, and then so do the writes not yet fsynced (they continue the discarded log)."""
+        disk.base_index, disk.base_term, disk.base_voters = index, term, voters
+        if keep:
+            disk.log = [entry for entry in disk.log if entry.index > index]
+        else:
+            disk.log = []
+            disk.pending = []
+
+    def _install(self, node: SimNode, fetch: FetchSnapshot) -> None:
+        """The follower's shell fetches the state (the committed prefix) and installs it."""
+        for index in range(1, fetch.index + 1):
+            if index not in self.committed:
+                self.fail(f"{node.node_id} was offered a snapshot at {fetch.index}, {index} uncommitted")
+        if self.committed[fetch.index].term != fetch.term:
+            self.fail(f"snapshot at {fetch.index} has term {fetch.term}, not the committed entry's")
+        raft = node.raft
+        if fetch.index <= raft.commit_index:
+            return
+        keep = raft.keeps_log(fetch.index, fetch.term)
+        self._save_snapshot(node.disk, fetch.index, fetch.term, fetch.voters, keep=keep)
+        self.faults.snapshots_installed += 1
+        self._log(f"{node.node_id} installs a snapshot at {fetch.index} (keeps its log: {keep})")
+        self._act(node, raft.install_snapshot(fetch.index, fetch.term, fetch.voters))
 
     def _propose(self, node: SimNode, items: list[tuple[str, int, Event]]) -> list[IndexedEvent]:
         try:
@@ -252,6 +310,8 @@ class Simulation:
                     self._log(f"{node.node_id} {role} term {term}")
                     if role == "leader":
                         self._check_leader(node, term)
+                case FetchSnapshot():
+                    self._install(node, action)
 
     def _send(self, source: str, message: RaftMessage) -> None:
         target = message.to
@@ -296,12 +356,15 @@ class Simulation:
         writes, disk.pending = disk.pending, []
         for write in writes:
             if write.truncate_after is not None:
-                del disk.log[write.truncate_after :]
-            assert not write.entries or write.entries[0].index == len(disk.log) + 1, "disk log has a gap"
-            disk.log.extend(write.entries)
+                del disk.log[max(0, write.truncate_after - disk.base_index) :]
+            entries = [entry for entry in write.entries if entry.index > disk.base_index]
+            assert not entries or entries[0].index == disk.base_index + len(disk.log) + 1, "disk log gap"
+            disk.log.extend(entries)
         if disk.log:
             last = disk.log[-1]
             self._act(node, node.raft.persisted(last.index, last.term))
+        elif disk.base_index:
+            self._act(node, node.raft.persisted(disk.base_index, disk.base_term))
 
     # --- faults --------------------------------------------------------------------------------
 
@@ -418,18 +481,28 @@ class Simulation:
                     self.acknowledged[write] = entry.index
 
     def check_converged(self) -> None:
-        logs = {node_id: node.raft.log for node_id, node in self.nodes.items()}
-        reference = logs["n0"]
-        for node_id, log in logs.items():
-            if log != reference:
-                self.fail(f"logs differ after the heal: n0 has {len(reference)}, {node_id} {len(log)}")
-            raft = self.nodes[node_id].raft
-            if raft.commit_index != len(reference):
-                self.fail(f"{node_id} committed {raft.commit_index} of {len(reference)} after the heal")
-            if self.nodes[node_id].disk.log != reference:
+        """Every node's snapshot is a committed prefix and its log the same continuation of it."""
+        full: dict[int, IndexedEvent] = {}
+        last = self.nodes["n0"].raft.last_index
+        for node_id, node in self.nodes.items():
+            raft = node.raft
+            if raft.last_index != last:
+                self.fail(f"logs differ after the heal: n0 ends at {last}, {node_id} at {raft.last_index}")
+            if raft.commit_index != last:
+                self.fail(f"{node_id} committed {raft.commit_index} of {last} after the heal")
+            if raft.base_index and self.committed.get(raft.base_index, None) is None:
+                self.fail(f"{node_id}'s snapshot at {raft.base_index} is not committed")
+            for entry in raft.log:
+                if full.setdefault(entry.index, entry) != entry:
+                    self.fail(f"logs differ after the heal at {entry.index} ({node_id})")
+            disk = node.disk
+            if disk.base_index != raft.base_index or disk.log != raft.log:
                 self.fail(f"{node_id}'s disk differs from its log after the heal")
+        for index, entry in self.committed.items():
+            if full.setdefault(index, entry) != entry:
+                self.fail(f"the log differs from the committed entry at {index}")
         for write, index in self.acknowledged.items():
-            entry = reference[index - 1] if index <= len(reference) else None
+            entry = full.get(index)
             if entry is None or entry.origin_sequence != write or entry.origin_node_id != "client":
                 self.fail(f"acknowledged write {write} at index {index} is lost")
 
@@ -445,10 +518,12 @@ def main(argv: list[str]) -> int:
     seeds = [int(arg) for arg in argv if arg != "-v"]
     for seed in seeds:
         simulation = run_seed(seed, trace=trace)
-        entries = len(simulation.nodes["n0"].raft.log)
+        entries = simulation.nodes["n0"].raft.last_index
+        faults = simulation.faults
         print(
-            f"seed {seed}: {simulation.size} nodes, {simulation.faults.total} faults, "
-            f"{len(simulation.acknowledged)} writes acknowledged, {entries} entries"
+            f"seed {seed}: {simulation.size} nodes, {faults.total} faults, "
+            f"{len(simulation.acknowledged)} writes acknowledged, {entries} entries, "
+            f"{faults.compactions} compactions, {faults.snapshots_installed} snapshots installed"
         )
     return 0
 
