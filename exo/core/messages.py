@@ -23,8 +23,9 @@ class _BusMessage(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=T
 
 
 class EventsPublished(_BusMessage, frozen=True):
-    """No longer sent, and no node subscribes to the topic: Raft's `EntriesSent` (topic `election`)
-    carries the log now. Kept so the topic table stays closed over every topic name."""
+    """Committed events, published by the master as they are applied: final, never replaced. Raft's
+    `EntriesSent` (topic `election`) replicates the log; this topic is for observers (no node
+    needs it to keep its own log)."""
 
     term: int
     master_node_id: str

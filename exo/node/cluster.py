@@ -275,6 +275,8 @@ class ClusterMember:
         heartbeats = {**self.heartbeats, self.node_id: self._heartbeat(self.node_id)}
         addresses = {node_id: address for node_id in heartbeats if (address := self._address_of(node_id))}
         recently_heard = self.liveness.heard_within(now, self.liveness.timeout * NODE_GONE_WINDOWS)
+        foreign = foreign_nodes(self.state, heartbeats, alive, self.raft.core.voters)
+        self._warn_foreign(foreign)
         events = membership_events(
             self.state,
             heartbeats,
@@ -283,8 +285,8 @@ class ClusterMember:
             addresses,
             recently_heard=recently_heard | {self.node_id},
             voters=self.raft.core.voters,
+            foreign=foreign,
         )
-        self._warn_foreign(foreign_nodes(self.state, heartbeats, alive, self.raft.core.voters))
         events = self._one_voter_change(events)
         if not events:
             events = replacement_events(
@@ -327,6 +329,8 @@ class ClusterMember:
         self.outbox.applied(entries, time.monotonic(), self.replica.state.instances)
         if self.master is not None:
             self.master.applied(self.replica.last_index)
+            # Committed, so final: observers on `global_events` never see an event later replaced.
+            self.bus.publish(m.TOPIC_GLOBAL_EVENTS, m.EventsPublished(self.term, self.node_id, list(entries)))
 
     def _on_role(self, change: RoleChanged) -> None:
         if change.role == "leader":

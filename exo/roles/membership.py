@@ -19,6 +19,7 @@ def membership_events(
     *,
     recently_heard: set[str] | None = None,
     voters: frozenset[str] = frozenset(),
+    foreign: set[str] | None = None,
 ) -> list[Event]:
     """Node events that the master's view of liveness implies for the current state.
 
@@ -30,7 +31,8 @@ def membership_events(
     """
     recently_heard = alive if recently_heard is None else recently_heard
     events: list[Event] = []
-    foreign = foreign_nodes(state, heartbeats, alive, voters)
+    if foreign is None:  # the caller may have computed it already (to warn about it)
+        foreign = foreign_nodes(state, heartbeats, alive, voters)
     for node_id in sorted(alive - foreign):
         heartbeat = heartbeats.get(node_id)
         if heartbeat is None:
