@@ -4,6 +4,7 @@ master's snapshot, and a snapshot that cannot be installed is refused without lo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def same_state(one: ClusterMember, other: ClusterMember) -> bool:
 
 
 async def test_a_follower_behind_the_masters_compaction_installs_its_snapshot(
-    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Cut off, the follower misses more than two compactions, so the entries it needs are gone
     from the master's core. A corrupt answer is refused and changes nothing; the real snapshot is
@@ -75,7 +76,13 @@ async def test_a_follower_behind_the_masters_compaction_installs_its_snapshot(
     before_state, before_log = encode_state(follower.state), await follower.replica.store.read(1)
     monkeypatch.setattr(cluster_requests, "answer_snapshot", truncated)
     cluster.cut.clear()
-    await until(lambda: follower.raft.snapshots_rejected >= 1, "the corrupt snapshot refused")
+    await until(lambda: follower.raft.snapshots_rejected >= 2, "the corrupt snapshot refused, twice")
+    refusals = [
+        record
+        for record in caplog.records
+        if "not installed" in record.getMessage() and record.levelno >= logging.WARNING
+    ]
+    assert len(refusals) == 1 and "does not decode" in refusals[0].getMessage()  # warned once
     assert follower.raft.snapshots_installed == 0
     assert encode_state(follower.state) == before_state
     assert await follower.replica.store.read(1) == before_log

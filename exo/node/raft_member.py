@@ -33,6 +33,7 @@ from exo.core.raft_messages import EntriesSent, RaftMessage
 from exo.node.disk_faults import RETRY_SECONDS, DiskFaults
 from exo.node.raft_snapshots import (
     SNAPSHOT_FETCH_SECONDS,
+    SNAPSHOT_RETRY_SECONDS,
     SnapshotRejected,
     compact_every_from_env,
     state_from_answer,
@@ -157,6 +158,8 @@ class RaftMember:
         self.snapshots_rejected = 0
         self._installing = False  # a master's snapshot goes in: take no messages, do not tick
         self._fetch_task: asyncio.Task[None] | None = None
+        self._fetch_after = 0.0  # after a refused snapshot, the next try waits (and logs less)
+        self._rejected_index: int | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -224,7 +227,8 @@ class RaftMember:
                     self.on_role(action)
                 case FetchSnapshot():
                     # The master repeats its offer every heartbeat: one fetch at a time.
-                    if self._fetch_task is None or self._fetch_task.done():
+                    idle = self._fetch_task is None or self._fetch_task.done()
+                    if idle and time.monotonic() >= self._fetch_after:
                         self._fetch_task = asyncio.create_task(self._install(action), name="raft-snapshot")
 
     # --- the disk ------------------------------------------------------------------------------
@@ -327,7 +331,10 @@ class RaftMember:
             state = state_from_answer(reply, fetch.index)
         except (RequestTimedOut, SnapshotRejected) as error:
             self.snapshots_rejected += 1
-            logger.warning("snapshot at %d from %s not installed: %s", fetch.index, fetch.leader_id, error)
+            self._fetch_after = time.monotonic() + SNAPSHOT_RETRY_SECONDS
+            level = logging.DEBUG if self._rejected_index == fetch.index else logging.WARNING
+            self._rejected_index = fetch.index
+            logger.log(level, "snapshot at %d from %s not installed: %s", fetch.index, fetch.leader_id, error)
             return
         self._installing = True
         try:

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 COMPACT_EVERY_DEFAULT = 10_000
 SNAPSHOT_FETCH_SECONDS = 10.0
+# After a refused snapshot the next offer is taken this much later; the same index is warned about once.
+SNAPSHOT_RETRY_SECONDS = 1.0
 
 
 class SnapshotRejected(Exception):
