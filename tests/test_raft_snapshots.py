@@ -23,7 +23,7 @@ from exo.node.raft_snapshots import (
     state_from_answer,
 )
 from exo.node.replica import restore
-from exo.store.base import Snapshot
+from exo.store.base import Snapshot, StoreError
 from exo.store.memory import InMemoryEventStore
 from tests.harness.cluster_harness import free_port
 from tests.test_raft_member import Cluster, close_all, crash, formed, until
@@ -87,8 +87,21 @@ async def test_a_follower_behind_the_masters_compaction_installs_its_snapshot(
     assert encode_state(follower.state) == before_state
     assert await follower.replica.store.read(1) == before_log
 
+    # Then the follower's disk refuses the first write of the install: it is retried, not dropped.
+    store = follower.replica.store
+    save_snapshot = store.save_snapshot
+    refused: list[int] = []
+
+    async def full_once(snapshot: Snapshot) -> None:
+        if not refused:
+            refused.append(snapshot.index)
+            raise StoreError("database or disk is full")
+        await save_snapshot(snapshot)
+
+    monkeypatch.setattr(store, "save_snapshot", full_once)
     monkeypatch.setattr(cluster_requests, "answer_snapshot", answer_snapshot)
     await until(lambda: follower.raft.snapshots_installed >= 1, "the snapshot installed")
+    assert refused == [follower.raft.snapshot_index] and not follower.raft.stalled
     await until(lambda: same_state(follower, leader), "the follower's state equal to the master's")
     assert follower.raft.core.base_index >= follower.raft.snapshot_index > 0
 

@@ -343,11 +343,20 @@ class RaftMember:
             if fetch.index <= core.commit_index or core.role != "follower":
                 return  # committed meanwhile, or this node leads now: nothing to install
             keep = core.keeps_log(fetch.index, fetch.term)
-            try:
-                await store_snapshot(self.replica.store, state, keep, self.stored_index)
-            except StoreError as error:
-                logger.warning("snapshot at %d not stored: %s", fetch.index, error)
-                return
+            # Retried like a log write (both steps repeat safely): a half-done install would leave
+            # the store shorter than the core's log, and the next append would not continue it.
+            while True:
+                try:
+                    await store_snapshot(self.replica.store, state, keep, self.stored_index)
+                    break
+                except StoreError as error:
+                    if not self.stalled:
+                        self.stalled = True
+                        self.disk_faults.store_failed(error)
+                    await asyncio.sleep(RETRY_SECONDS)
+            if self.stalled:
+                logger.info("the event store takes writes again")
+                self.stalled = False
             await self.replica.install(state)
             if not keep:
                 self.stored_index = fetch.index
