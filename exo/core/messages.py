@@ -177,7 +177,10 @@ class EventsAnswered(_BusMessage, frozen=True):
 
 
 class SnapshotRequested(_BusMessage, frozen=True):
-    pass
+    """`index`: the snapshot a master offered (`SnapshotOffered`), answered exactly or refused;
+    None: the node's current state."""
+
+    index: int | None = None
 
 
 class SnapshotAnswered(_BusMessage, frozen=True):

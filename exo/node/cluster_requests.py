@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from exo.core import messages as m
 from exo.core.state import encode_state
+from exo.node.raft_snapshots import answer_snapshot
 
 if TYPE_CHECKING:
     from exo.node.cluster import ClusterMember
@@ -30,6 +31,8 @@ async def answer_request(member: ClusterMember, request: m.Request, peer_host: s
             limit = max(1, min(request.limit, FETCH_LIMIT))
             events = await member.replica.read(request.since + 1, limit=limit)
             return m.EventsAnswered(events, member.replica.last_index, first)
+        case m.SnapshotRequested(index=index) if index is not None:
+            return await answer_snapshot(member.replica.store, index)
         case m.SnapshotRequested():
             state = member.replica.state
             return m.SnapshotAnswered(state.last_event_index, encode_state(state))

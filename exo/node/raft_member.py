@@ -10,6 +10,9 @@
   a second and at close) never runs ahead of it.
 - A store that refuses a write (full disk) is retried every RETRY_SECONDS; while it fails the node
   takes no messages and does not tick (as if paused), and a master steps down first.
+- Compaction and `FetchSnapshot` (exo/node/raft_snapshots.py): a snapshot every `compact_every`
+  applied entries, taken on the disk task; a master's snapshot is fetched, checked, then installed
+  once the disk queue drained, with the node paused meanwhile (as above).
 """
 
 from __future__ import annotations
@@ -23,11 +26,19 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from exo.bus.transport import Bus
+from exo.bus.transport import Bus, RequestTimedOut
 from exo.core import messages as m
 from exo.core.events import Event, IndexedEvent
 from exo.core.raft_messages import EntriesSent, RaftMessage
 from exo.node.disk_faults import RETRY_SECONDS, DiskFaults
+from exo.node.raft_snapshots import (
+    SNAPSHOT_FETCH_SECONDS,
+    SNAPSHOT_RETRY_SECONDS,
+    SnapshotRejected,
+    compact_every_from_env,
+    state_from_answer,
+    store_snapshot,
+)
 from exo.node.replica import Replica, StoredLog
 from exo.roles.raft import (
     Action,
@@ -40,7 +51,7 @@ from exo.roles.raft import (
     Send,
     WriteLog,
 )
-from exo.store.base import StoreError
+from exo.store.base import Snapshot, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +152,14 @@ class RaftMember:
         self._recorded_commit = replica.last_index
         self._recorded_at = 0.0
         self.dropped_messages = 0
-        self._snapshot_warned = False
+        self.compact_every = compact_every_from_env()
+        self.snapshot_index = self.core.base_index  # the store holds a snapshot here (0: none needed)
+        self.snapshots_installed = 0
+        self.snapshots_rejected = 0
+        self._installing = False  # a master's snapshot goes in: take no messages, do not tick
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._fetch_after = 0.0  # after a refused snapshot, the next try waits (and logs less)
+        self._rejected_index: int | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -154,10 +172,11 @@ class RaftMember:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_DRAIN_SECONDS):
                 await self._disk.join()
-        if self._disk_task is not None:
-            self._disk_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._disk_task
+        for task in (self._fetch_task, self._disk_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._record_commit(force=True)
 
     async def room(self) -> None:
@@ -171,14 +190,14 @@ class RaftMember:
     # --- inputs --------------------------------------------------------------------------------
 
     def tick(self, now: float, abstaining: bool) -> None:
-        if self.stalled or (abstaining and self.core.role != "leader"):
+        if self.stalled or self._installing or (abstaining and self.core.role != "leader"):
             return
         self.handle(self.core.tick(now))
 
     def receive(self, message: RaftMessage) -> None:
         if message.to != self.node_id:
             return
-        if self.stalled or self._disk.qsize() >= MAX_DISK_BACKLOG:
+        if self.stalled or self._installing or self._disk.qsize() >= MAX_DISK_BACKLOG:
             self.dropped_messages += 1  # Raft tolerates a lost message: the master resends
             return
         if isinstance(message, EntriesSent):
@@ -206,17 +225,11 @@ class RaftMember:
                         self._has_room.clear()
                 case RoleChanged():
                     self.on_role(action)
-                case FetchSnapshot(leader_id=leader, index=index):
-                    # The node never compacts the core's log, but a master restarted from a store
-                    # snapshot has its base there: a follower behind it cannot catch up until the
-                    # shell installs snapshots (not wired yet). Said once, then the core keeps asking.
-                    if not self._snapshot_warned:
-                        self._snapshot_warned = True
-                        logger.warning(
-                            "master %s offers a snapshot at %d; installing one is not supported yet",
-                            leader,
-                            index,
-                        )
+                case FetchSnapshot():
+                    # The master repeats its offer every heartbeat: one fetch at a time.
+                    idle = self._fetch_task is None or self._fetch_task.done()
+                    if idle and time.monotonic() >= self._fetch_after:
+                        self._fetch_task = asyncio.create_task(self._install(action), name="raft-snapshot")
 
     # --- the disk ------------------------------------------------------------------------------
 
@@ -289,6 +302,71 @@ class RaftMember:
         await self.replica.apply(entries)
         self.on_applied(entries)
         await self._record_commit()
+        await self._compact()
+
+    # --- compaction and snapshots (exo/node/raft_snapshots.py) ---------------------------------
+
+    async def _compact(self) -> None:
+        """On the disk task, right after an apply (the state is at the applied index): every
+        `compact_every` entries a store snapshot, and the core forgets up to the previous one."""
+        applied = self.replica.last_index
+        if applied - self.snapshot_index < self.compact_every:
+            return
+        try:
+            await self.replica.store.save_snapshot(Snapshot(applied, self.replica.state))
+        except StoreError as error:
+            logger.debug("no snapshot at %d yet: %s", applied, error)
+            return
+        previous, self.snapshot_index = self.snapshot_index, applied
+        self.core.compact(previous)
+
+    async def _install(self, fetch: FetchSnapshot) -> None:
+        """Fetch the offered snapshot, check it, and only then pause, drain the disk queue (so the
+        store holds exactly the core's log), store it durably and hand it to the core. A refused
+        or unusable answer changes nothing; the master offers again at its next heartbeat."""
+        try:
+            reply = await self.bus.request(
+                fetch.leader_id, m.SnapshotRequested(fetch.index), timeout=SNAPSHOT_FETCH_SECONDS
+            )
+            state = state_from_answer(reply, fetch.index)
+        except (RequestTimedOut, SnapshotRejected) as error:
+            self.snapshots_rejected += 1
+            self._fetch_after = time.monotonic() + SNAPSHOT_RETRY_SECONDS
+            level = logging.DEBUG if self._rejected_index == fetch.index else logging.WARNING
+            self._rejected_index = fetch.index
+            logger.log(level, "snapshot at %d from %s not installed: %s", fetch.index, fetch.leader_id, error)
+            return
+        self._installing = True
+        try:
+            await self._disk.join()
+            core = self.core
+            if fetch.index <= core.commit_index or core.role != "follower":
+                return  # committed meanwhile, or this node leads now: nothing to install
+            keep = core.keeps_log(fetch.index, fetch.term)
+            # Retried like a log write (both steps repeat safely): a half-done install would leave
+            # the store shorter than the core's log, and the next append would not continue it.
+            while True:
+                try:
+                    await store_snapshot(self.replica.store, state, keep, self.stored_index)
+                    break
+                except StoreError as error:
+                    if not self.stalled:
+                        self.stalled = True
+                        self.disk_faults.store_failed(error)
+                    await asyncio.sleep(RETRY_SECONDS)
+            if self.stalled:
+                logger.info("the event store takes writes again")
+                self.stalled = False
+            await self.replica.install(state)
+            if not keep:
+                self.stored_index = fetch.index
+            self.snapshot_index = fetch.index
+            self.snapshots_installed += 1
+            logger.info("installed %s's snapshot at %d", fetch.leader_id, fetch.index)
+            self.handle(core.install_snapshot(fetch.index, fetch.term, fetch.voters))
+            await self._record_commit(force=True)
+        finally:
+            self._installing = False
 
     async def _record_commit(self, force: bool = False) -> None:
         index = self.replica.last_index

@@ -68,6 +68,15 @@ class Replica:
         async with self._changed:
             self._changed.notify_all()
 
+    async def install(self, state: State) -> None:
+        """A master's snapshot, already durable in the store, replaces the state it is ahead of
+        (Raft's snapshot install): the entries it covers are never applied one by one here."""
+        if state.last_event_index <= self.last_index:
+            return
+        self.state = state
+        async with self._changed:
+            self._changed.notify_all()
+
     async def read(self, start: int, end: int | None = None, limit: int | None = None) -> list[IndexedEvent]:
         """The committed log, like `EventStore.read` but never past what this node applied."""
         stop = self.last_index + 1 if end is None else min(end, self.last_index + 1)
@@ -93,7 +102,11 @@ async def restore(store: EventStore) -> Replica:
     water from the same pass, and every stored entry after the snapshot for Raft. LogGapError
     when the log has a hole."""
     committed = await store.load_commit_index()
-    snapshot = await store.load_snapshot(committed)
+    # Every snapshot is committed state (a compaction's or a master's), even one newer than the
+    # recorded commit index (a crash between saving it and recording the index).
+    snapshot = await store.load_snapshot()
+    if snapshot is not None and committed is not None:
+        committed = max(committed, snapshot.index)
     base = snapshot.index if snapshot is not None else 0
     base_state = snapshot.state if snapshot is not None else State()
     fold = LogFold(base_state)

@@ -29,11 +29,10 @@ Rules beyond figure 2, each with a reason:
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
-from exo.core.events import Event, IndexedEvent, MasterElected, NodeJoined, NodeRemoved
+from exo.core.events import Event, IndexedEvent, NodeJoined, NodeRemoved
 from exo.core.raft_messages import (
     EntriesAcknowledged,
     EntriesSent,
@@ -42,94 +41,40 @@ from exo.core.raft_messages import (
     VoteAnswered,
     VoteRequested,
 )
+from exo.roles.raft_election import RaftElection
+from exo.roles.raft_types import (
+    Action,
+    Apply,
+    FetchSnapshot,
+    MembershipChangePending,
+    PersistTerm,
+    RaftTimings,
+    Role,
+    RoleChanged,
+    Send,
+    WriteLog,
+    _Peer,
+    voters_after,
+)
 
-Role = Literal["follower", "pre_candidate", "candidate", "leader"]
-
-
-@dataclass(frozen=True)
-class Send:
-    message: RaftMessage
-
-
-@dataclass(frozen=True)
-class PersistTerm:
-    """Make (term, voted_for) durable before the next action (a vote is sent after it)."""
-
-    term: int
-    voted_for: str | None
-
-
-@dataclass(frozen=True)
-class WriteLog:
-    """Drop stored entries after `truncate_after` (when not None), then append `entries`; report
-    the write with `Raft.persisted` once it is durable."""
-
-    truncate_after: int | None
-    entries: list[IndexedEvent]
-
-
-@dataclass(frozen=True)
-class Apply:
-    """Committed entries, in index order, never given twice."""
-
-    entries: list[IndexedEvent]
-
-
-@dataclass(frozen=True)
-class RoleChanged:
-    role: Role
-    term: int
-    leader_id: str | None
-
-
-@dataclass(frozen=True)
-class FetchSnapshot:
-    """The master offered a snapshot this node's log is behind: fetch the state up to `index`,
-    store it durably (dropping the stored entries after `index` unless `keeps_log(index, term)`),
-    then call `Raft.install_snapshot(index, term, voters)`."""
-
-    leader_id: str
-    index: int
-    term: int
-    voters: frozenset[str]
-
-
-Action = Send | PersistTerm | WriteLog | Apply | RoleChanged | FetchSnapshot
-
-
-@dataclass(frozen=True)
-class RaftTimings:
-    """`election_timeout`: the minimum; each wait is drawn from [t, 2t). etcd's default is 1 s."""
-
-    election_timeout: float = 1.0
-    heartbeat_interval: float = 0.1
-    max_entries_per_message: int = 1024
-    remove_after: float | None = None  # seconds a silent voter stays a member; None: never removed
-
-
-class MembershipChangePending(Exception):
-    """A proposal would change the voters while another change is not committed yet."""
-
-
-def voters_after(voters: frozenset[str], event: Event) -> frozenset[str]:
-    match event:
-        case NodeJoined(node_id=node_id) if node_id not in voters:
-            return voters | {node_id}
-        case NodeRemoved(node_id=node_id) if node_id in voters:
-            return voters - {node_id}
-        case _:
-            return voters
+__all__ = [
+    "Action",
+    "Apply",
+    "FetchSnapshot",
+    "MembershipChangePending",
+    "PersistTerm",
+    "Raft",
+    "RaftTimings",
+    "Role",
+    "RoleChanged",
+    "Send",
+    "WriteLog",
+    "voters_after",
+]
 
 
 @dataclass
-class _Peer:
-    next_index: int
-    match_index: int = 0
-    last_ack: float | None = None
-
-
-@dataclass
-class Raft:
+class Raft(RaftElection):
     """One node's Raft state. `log` is the durable log the node restarted with (entries after
     `base_index`, whose term is `base_term` and whose voters are `base_voters`); `applied` is what
     the shell already applied (committed by definition)."""
@@ -164,50 +109,6 @@ class Raft:
         self._leader_since = 0.0
         self._next_heartbeat = 0.0
         self._reset_election_timer()
-
-    # --- the log -------------------------------------------------------------------------------
-
-    @property
-    def last_index(self) -> int:
-        return self.base_index + len(self.log)
-
-    @property
-    def last_term(self) -> int:
-        term = self.term_at(self.last_index)
-        assert term is not None
-        return term
-
-    def term_at(self, index: int) -> int | None:
-        if index == self.base_index:
-            return self.base_term
-        if self.base_index < index <= self.last_index:
-            return self.log[index - self.base_index - 1].term
-        return None
-
-    def entries(self, start: int, limit: int) -> list[IndexedEvent]:
-        first = max(start, self.base_index + 1) - self.base_index - 1
-        return self.log[first : first + limit]
-
-    @property
-    def voters(self) -> frozenset[str]:
-        voters = self._changes[-1][1] if self._changes else self.base_voters
-        if not voters and self.bootstrap is not None:
-            return frozenset({self.node_id})
-        return voters
-
-    def _note_change(self, voters: frozenset[str], entry: IndexedEvent) -> frozenset[str]:
-        after = voters_after(voters, entry.event)
-        if after != voters:
-            self._changes.append((entry.index, after))
-        return after
-
-    @property
-    def membership_change_allowed(self) -> bool:
-        return not self._changes or self._changes[-1][0] <= self.commit_index
-
-    def _majority(self, nodes: Iterable[str]) -> bool:
-        voters = self.voters
-        return len(voters & set(nodes)) * 2 > len(voters)
 
     # --- inputs --------------------------------------------------------------------------------
 
@@ -355,128 +256,6 @@ class Raft:
             removal = IndexedEvent(index, self.term, self.node_id, -1, NodeRemoved(node_id))
             actions += self._append_as_leader([removal])
         return actions
-
-    # --- election --------------------------------------------------------------------------------
-
-    def _reset_election_timer(self) -> None:
-        timeout = self.timings.election_timeout
-        self._election_deadline = self.now + timeout + self.rng.random() * timeout
-
-    def _log_up_to_date(self, last_term: int, last_index: int) -> bool:
-        return (last_term, last_index) >= (self.last_term, self.last_index)
-
-    def _in_lease(self) -> bool:
-        if self.role == "leader":
-            return self.has_quorum(self.now)
-        contact = self._leader_contact
-        return (
-            self.leader_id is not None
-            and contact is not None
-            and self.now - contact < self.timings.election_timeout
-        )
-
-    def _start_pre_vote(self) -> list[Action]:
-        self.role = "pre_candidate"
-        self.leader_id = None
-        self._votes = {self.node_id}
-        self._reset_election_timer()
-        if self._majority(self._votes):
-            return self._start_election()
-        return [
-            Send(
-                VoteRequested(
-                    self.term + 1, self.node_id, peer, self.last_index, self.last_term, pre_vote=True
-                )
-            )
-            for peer in sorted(self.voters - {self.node_id})
-        ]
-
-    def _start_election(self, transfer: bool = False) -> list[Action]:
-        self.role = "candidate"
-        self.term += 1
-        self.voted_for = self.node_id
-        self._votes = {self.node_id}
-        self._reset_election_timer()
-        actions: list[Action] = [
-            PersistTerm(self.term, self.node_id),
-            RoleChanged("candidate", self.term, None),
-        ]
-        if self._majority(self._votes):
-            return actions + self._become_leader()
-        actions += [
-            Send(
-                VoteRequested(
-                    self.term, self.node_id, peer, self.last_index, self.last_term, transfer=transfer
-                )
-            )
-            for peer in sorted(self.voters - {self.node_id})
-        ]
-        return actions
-
-    def _on_vote_requested(self, request: VoteRequested) -> list[Action]:
-        if self._in_lease() and request.candidate_id != self.leader_id and not request.transfer:
-            return []  # a master is alive: the candidate is the one cut off
-        up_to_date = self._log_up_to_date(request.last_log_term, request.last_log_index)
-        if request.pre_vote:
-            granted = request.term > self.term and up_to_date
-            term = request.term if granted else self.term
-            return [Send(VoteAnswered(term, self.node_id, request.candidate_id, granted, pre_vote=True))]
-        actions: list[Action] = []
-        if request.term > self.term:
-            actions += self._become_follower(request.term, None)
-        granted = request.term == self.term and self.voted_for in (None, request.candidate_id) and up_to_date
-        if granted:
-            self.voted_for = request.candidate_id
-            self._reset_election_timer()
-            actions.append(PersistTerm(self.term, self.voted_for))
-        actions.append(Send(VoteAnswered(self.term, self.node_id, request.candidate_id, granted)))
-        return actions
-
-    def _on_vote_answered(self, answer: VoteAnswered) -> list[Action]:
-        if answer.term > self.term and not (answer.pre_vote and answer.granted):
-            return self._become_follower(answer.term, None)
-        if not answer.granted or answer.voter_id not in self.voters:
-            return []
-        if answer.pre_vote and self.role == "pre_candidate" and answer.term == self.term + 1:
-            self._votes.add(answer.voter_id)
-            return self._start_election() if self._majority(self._votes) else []
-        if not answer.pre_vote and self.role == "candidate" and answer.term == self.term:
-            self._votes.add(answer.voter_id)
-            return self._become_leader() if self._majority(self._votes) else []
-        return []
-
-    def _become_follower(self, term: int, leader_id: str | None) -> list[Action]:
-        actions: list[Action] = []
-        if term > self.term:
-            self.term = term
-            self.voted_for = None
-            actions.append(PersistTerm(term, None))
-        changed = self.role != "follower" or self.leader_id != leader_id
-        if changed or actions:
-            self._matched_limit = 0  # what matched another leader says nothing about this one
-        self.role = "follower"
-        self.leader_id = leader_id
-        self._peers = {}
-        if changed:
-            actions.append(RoleChanged("follower", self.term, leader_id))
-        return actions
-
-    def _become_leader(self) -> list[Action]:
-        self.role = "leader"
-        self.leader_id = self.node_id
-        self._leader_since = self.now
-        self._next_heartbeat = self.now
-        self._peers = {peer: _Peer(self.last_index + 1) for peer in sorted(self.voters - {self.node_id})}
-        actions: list[Action] = [RoleChanged("leader", self.term, self.node_id)]
-        # An entry of its own term lets the master commit what earlier terms left uncommitted.
-        events: list[Event] = [MasterElected(self.term, self.node_id)]
-        if self.bootstrap is not None and not (self._changes[-1][1] if self._changes else self.base_voters):
-            events.append(self.bootstrap)  # the log says who the first voter is, for every node
-        first = [
-            IndexedEvent(self.last_index + 1 + offset, self.term, self.node_id, -1, event)
-            for offset, event in enumerate(events)
-        ]
-        return actions + self._append_as_leader(first)
 
     # --- replication ---------------------------------------------------------------------------
 
