@@ -27,6 +27,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 from exo.inference.models import layer_index, unsupported_reason, weight_files
+from exo.inference.vocab_shard import VocabShard
 from exo.inference.weights import Representation, hold_as_float32
 
 
@@ -160,6 +161,17 @@ class ShardModel:
         return self.head(self.norm(hidden))
 
 
+def shard_vocabulary(model: Any, *, tied: bool, group: Any) -> None:
+    """Replace the output head with this rank's rows of the vocabulary (exo.inference.vocab_shard).
+    Tied embeddings: the slice serves the lookup too, so the rank holds 1/N of the matrix; untied:
+    the lookup keeps the whole embedding, the head is a slice."""
+    vocab = int(model.args.vocab_size)
+    if tied:
+        model.model.embed_tokens = VocabShard(model.model.embed_tokens, vocab, group)
+    else:
+        model.lm_head = VocabShard(model.lm_head, vocab, group)
+
+
 def load_shard(
     model_path: Path, spec: ShardSpec, representation: Representation = "native", *, group: Any = None
 ) -> ShardModel:
@@ -221,6 +233,8 @@ def load_shard(
         if not callable(getattr(model, "shard", None)):
             raise ShardLoadError(f"mlx-lm's {config['model_type']} model has no tensor-parallel shard")
         model.shard(group)
+        if spec.is_first and spec.is_last:  # a tensor rank runs every layer
+            shard_vocabulary(model, tied=tied, group=group)
     if representation == "float32":
         hold_as_float32(model)
 
@@ -230,7 +244,8 @@ def load_shard(
     norm = inner.norm if spec.is_last else None
     head: Callable[[mx.array], mx.array] | None = None
     if spec.is_last:
-        head = inner.embed_tokens.as_linear if tied else model.lm_head
+        source = inner.embed_tokens if tied else model.lm_head
+        head = source.as_linear if tied or isinstance(source, VocabShard) else source
     kept: list[nn.Module] = [*layers]
     for module in (embed_tokens, norm, None if tied else (model.lm_head if spec.is_last else None)):
         if module is not None:
