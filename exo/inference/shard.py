@@ -4,7 +4,9 @@ mlx-lm builds the whole module tree (its arrays are lazy, so nothing is allocate
 stage's tensors are ever read: `mx.load` on a safetensors file gives lazy arrays, the stage keeps
 the names that belong to it, loads those into the tree and evaluates only its own modules. The rest
 of the tree is dropped unevaluated. The first stage also holds the embeddings; the last the final
-norm and lm_head (or the embeddings again when they are tied).
+norm and lm_head (or the embeddings again when they are tied). A tensor rank (an mx.distributed
+group) holds 1/N of every layer (mlx-lm's `shard`) and its rows of the vocabulary's head
+(exo.inference.vocab_shard).
 
 `forward(inputs, cache)` takes token ids (1, L) on the first stage and hidden states (1, L, H)
 otherwise, and returns hidden states, or logits on the last stage. Running `model.model.layers` in
@@ -116,7 +118,7 @@ class ShardModel:
         *,
         spec: ShardSpec,
         config: dict[str, Any],
-        embed_tokens: nn.Embedding | None,
+        embed_tokens: nn.Module | None,  # nn.Embedding, or a tensor rank's VocabShard
         layers: Sequence[nn.Module],
         norm: nn.Module | None,
         head: Callable[[mx.array], mx.array] | None,
