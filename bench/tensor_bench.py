@@ -11,8 +11,12 @@ One run of this script, rounds interleaved (every other round reversed):
   the same run: what a second core adds to work that shares nothing;
 - the same unpinned (2 ranks vs 1 runner, one stream);
 - the cost of the ring: one all_sum of a hidden-size float32 vector between two pinned processes
-  (mx.distributed ring, loopback), times the two all-reduces per layer a token needs, and the
-  bytes per token per link.
+  (mx.distributed ring, loopback), times the two all-reduces per layer a token needs, plus the
+  all_gather of each rank's half of the vocabulary's logits (exo.inference.vocab_shard), and the
+  bytes per token per link;
+- the output head alone (`--head-only` runs just this): one token's logits on each of two pinned
+  ranks, the whole vocab x hidden head replicated (mlx-lm's `shard` leaves it so) against this
+  rank's half and the all_gather (exo.inference.vocab_shard), rounds interleaved in one process pair.
 Results are ratios against baselines measured in the same run. Nothing here is asserted.
 """
 
@@ -56,10 +60,11 @@ load_optimized_blas(threads=1)
 import mlx.core as mx
 group = mx.distributed.init(strict=True, backend="ring")
 vector = mx.ones((int(sys.argv[1]),)); mx.eval(vector)
-for _ in range(50): mx.eval(mx.distributed.all_sum(vector, group=group))
+collective = getattr(mx.distributed, sys.argv[3])
+for _ in range(50): mx.eval(collective(vector, group=group))
 count, started = 0, time.perf_counter()
 while count < int(sys.argv[2]):
-    mx.eval(mx.distributed.all_sum(vector, group=group)); count += 1
+    mx.eval(collective(vector, group=group)); count += 1
 if group.rank() == 0: print((time.perf_counter() - started) / count)
 """
 
@@ -136,14 +141,84 @@ async def measure(routes: dict[str, list[str]], rounds: int, tokens: int) -> dic
     return results
 
 
-def ring_seconds(hidden: int, iterations: int = 2000) -> float:
-    """Seconds per all_sum of `hidden` float32 over a 2-process ring pinned to cores 0 and 1."""
+HEAD_LOOP = """
+import json, sys, time
+from exo.inference.blas import load_optimized_blas
+load_optimized_blas(threads=1)
+import mlx.core as mx
+from mlx import nn
+from exo.inference.vocab_shard import VocabShard
+group = mx.distributed.init(strict=True, backend="ring")
+hidden, vocab, iterations = (int(a) for a in sys.argv[1:4])
+mx.random.seed(0)
+head = nn.Linear(hidden, vocab, bias=False); mx.eval(head.parameters())
+sharded = VocabShard(head, vocab, group); mx.eval(sharded.parameters())
+x = mx.random.normal((1, 1, hidden)); mx.eval(x)
+ways = {"replicated": head, "sharded": sharded.as_linear}
+seconds = {name: [] for name in ways}
+for round_ in range(6):
+    for name in (list(ways) if round_ % 2 == 0 else list(ways)[::-1]):
+        for _ in range(5): mx.eval(ways[name](x))
+        mx.eval(mx.distributed.all_sum(mx.ones(1), group=group))  # start together
+        started = time.perf_counter()
+        for _ in range(iterations): mx.eval(ways[name](x))
+        seconds[name].append((time.perf_counter() - started) / iterations)
+if group.rank() == 0: print(json.dumps(seconds))
+"""
+
+
+def head_seconds(hidden: int, vocab: int, iterations: int = 40) -> dict[str, list[float]]:
+    """Seconds per token's logits on a 2-process ring pinned to cores 0 and 1: the head whole on
+    each rank against each rank's half and the gather, six interleaved rounds each."""
+    with tempfile.TemporaryDirectory() as folder:
+        hostfile = Path(folder) / "hosts.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(2)]))
+        command = [sys.executable, "-c", HEAD_LOOP, str(hidden), str(vocab), str(iterations)]
+        processes = [
+            subprocess.Popen(
+                ["taskset", "-c", str(rank), *command],
+                env={**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)},
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for rank in range(2)
+        ]
+        outputs = [process.communicate(timeout=600)[0] for process in processes]
+    return json.loads(outputs[0])
+
+
+def print_head(hidden: int, vocab: int) -> dict[str, list[float]]:
+    seconds = head_seconds(hidden, vocab)
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    rounds = {name: ", ".join(f"{v * 1e3:.2f}" for v in values) for name, values in seconds.items()}
+    print(
+        f"- output head ({vocab} x {hidden} float32), ms per token on each of 2 pinned ranks: replicated "
+        f"{median['replicated'] * 1e3:.2f} ({rounds['replicated']}), vocab-sharded + all_gather "
+        f"{median['sharded'] * 1e3:.2f} ({rounds['sharded']}); saves "
+        f"{(median['replicated'] - median['sharded']) * 1e3:.2f} ms per token"
+    )
+    return seconds
+
+
+def ring_seconds(hidden: int, iterations: int = 2000, collective: str = "all_sum") -> float:
+    """Seconds per `collective` of `hidden` float32 (per rank) over a 2-process ring pinned to
+    cores 0 and 1."""
     with tempfile.TemporaryDirectory() as folder:
         hostfile = Path(folder) / "hosts.json"
         hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(2)]))
         processes = [
             subprocess.Popen(
-                ["taskset", "-c", str(rank), sys.executable, "-c", RING_LOOP, str(hidden), str(iterations)],
+                [
+                    "taskset",
+                    "-c",
+                    str(rank),
+                    sys.executable,
+                    "-c",
+                    RING_LOOP,
+                    str(hidden),
+                    str(iterations),
+                    collective,
+                ],
                 env={**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)},
                 stdout=subprocess.PIPE,
                 text=True,
@@ -173,7 +248,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--no-unpinned", action="store_true")
+    parser.add_argument("--head-only", action="store_true", help="only the output head's comparison")
     arguments = parser.parse_args()
+    if arguments.head_only:
+        print(f"# tensor bench, head only: {machine()}, load {os.getloadavg()[0]:.1f}")
+        print_head(arguments.hidden, arguments.vocab)
+        return
     intermediate = arguments.intermediate or (arguments.hidden * 8 // 3 + 127) // 128 * 128
     spec = SyntheticModelSpec(
         layers=arguments.layers, hidden=arguments.hidden, intermediate=intermediate,
@@ -201,9 +281,18 @@ def main() -> None:
         control.close()
     ceilings = [ceiling() for _ in range(2)]
     per_all_reduce = ring_seconds(spec.hidden)
+    half_vocab = -(-spec.vocab // 2)  # each rank's logits, gathered once per pass
+    per_gather = ring_seconds(half_vocab, 500, "all_gather")
+    head = print_head(spec.hidden, spec.vocab)
     OUT.mkdir(parents=True, exist_ok=True)
     summary = {"model": {"layers": spec.layers, "hidden": spec.hidden, "parameters": parameters}}
-    summary |= {"runs": results, "ceilings": ceilings, "all_sum_seconds": per_all_reduce}
+    summary |= {
+        "runs": results,
+        "ceilings": ceilings,
+        "all_sum_seconds": per_all_reduce,
+        "all_gather_seconds": per_gather,
+        "head_seconds": head,
+    }
     TENSOR_JSON.write_text(json.dumps(summary, indent=1))
     median = {name: statistics.median(values) for name, values in results.items()}
     two_core = statistics.median(ceilings)
@@ -223,12 +312,14 @@ def main() -> None:
     if "1 unpinned 1 stream" in median:
         ratio = median["2 ranks unpinned 1 stream"] / median["1 unpinned 1 stream"]
         print(f"- unpinned, 1 stream: 2 ranks / 1 runner = {ratio:.2f}x")
-    per_token = 2 * spec.layers * per_all_reduce
-    link_bytes = 2 * spec.layers * spec.hidden * 4  # a 2-rank ring all-reduce sends H*4 bytes each way
+    per_token = 2 * spec.layers * per_all_reduce + per_gather
+    # A 2-rank ring all-reduce sends H*4 bytes each way; the gather sends each rank's half of the logits.
+    link_bytes = 2 * spec.layers * spec.hidden * 4 + half_vocab * 4
     share = per_token * median["2 ranks pinned 1 stream"] * 100
     print(
         f"- ring: {per_all_reduce * 1e6:.0f} us per all_sum of {spec.hidden} float32 (pinned, loopback); "
-        f"{2 * spec.layers} per token = {per_token * 1e3:.2f} ms per token ({share:.0f}% of a 2-rank token "
+        f"{2 * spec.layers} per token, plus {per_gather * 1e6:.0f} us for the all_gather of {half_vocab} "
+        f"logits = {per_token * 1e3:.2f} ms per token ({share:.0f}% of a 2-rank token "
         f"at 1 stream); {link_bytes / 1024:.0f} KiB per token each way per link, plus rank 0's step "
         f"(~30 bytes)"
     )

@@ -15,6 +15,8 @@ from exo.core.events import (
     NodeTimedOut,
     RunnerStatusUpdated,
     ShardAssignment,
+    decode_event,
+    encode_event,
 )
 from exo.core.messages import (
     CommandAnswered,
@@ -29,7 +31,6 @@ from exo.core.messages import (
     RemoveNode,
 )
 from exo.core.models import ModelFootprint, ModelInfo
-from exo.core.placement import TENSOR_STALL_MARK
 from exo.core.state import State, apply
 from exo.node.worker import LocalRunner, Worker
 from exo.roles.commands import decide, replacement_events, reserved_bytes
@@ -304,7 +305,11 @@ def test_a_tensor_instance_whose_ranks_cut_a_frozen_peer_is_replaced_on_the_same
         "i-1", "b", "failed", "tensor pass failed: [ring] connection to a peer was lost"
     )
     stalled = RunnerStatusUpdated(
-        "i-1", "a", "failed", f"{TENSOR_STALL_MARK}: rank 0's forward pass did not finish within 5 s"
+        "i-1",
+        "a",
+        "failed",
+        "tensor rank stalled: rank 0's forward pass did not finish within 5 s",
+        failure="tensor_stall",
     )
     state = state_of(*joined, created, lost, stalled)
     assert state.instances["i-1"].failure_reason == lost.reason  # the first failure names the instance
@@ -318,6 +323,19 @@ def test_a_tensor_instance_whose_ranks_cut_a_frozen_peer_is_replaced_on_the_same
         replacement_events(only_lost, {"m": {"a", "b"}}, lambda model_id: TENSOR_FOOTPRINT, lambda: "i-2")
         == []
     )
+    # The kind is typed: the same words without it (any other failure's text) re-place nothing.
+    said_only = state_of(*joined, created, lost, msgspec.structs.replace(stalled, failure=None))
+    assert (
+        replacement_events(said_only, {"m": {"a", "b"}}, lambda model_id: TENSOR_FOOTPRINT, lambda: "i-2")
+        == []
+    )
+    assert decode_event(encode_event(stalled)) == stalled
+    old = {"type": "RunnerStatusUpdated", "instance_id": "i-1", "node_id": "b", "status": "failed"}
+    assert decode_event(msgspec.msgpack.encode(old)) == RunnerStatusUpdated(
+        "i-1", "b", "failed"
+    )  # older logs
+    with pytest.raises(msgspec.ValidationError):
+        decode_event(msgspec.msgpack.encode({**old, "failure": "stalled"}))
 
 
 def test_membership_never_adds_a_node_that_keeps_another_clusters_log() -> None:

@@ -29,14 +29,23 @@ def footprint(heads: int = 8, kv_heads: int = 4, tensor_parallel: bool = True) -
     )
 
 
-def test_two_ranks_each_hold_half_of_every_layer_and_the_whole_embedding_and_head() -> None:
+def test_two_ranks_each_hold_half_of_every_layer_and_of_the_head_and_the_whole_embedding() -> None:
     result = place_tensor(footprint(), [node("a", 400 * MIB), node("b", 300 * MIB)], min_nodes=2)
     assert isinstance(result, Placement), result
     assert result.shard_assignments == {
         "a": ShardAssignment(0, 4, 4, rank=0, size=2),
         "b": ShardAssignment(0, 4, 4, rank=1, size=2),
     }
-    assert result.bytes_by_node == {"a": 280 * MIB, "b": 280 * MIB}
+    assert result.bytes_by_node == {"a": 265 * MIB, "b": 265 * MIB}  # 400/2 + 50 + 30/2
+
+
+def test_tied_embeddings_are_the_head_so_each_rank_holds_a_share_of_them() -> None:
+    # tied: 50 MiB of embeddings serve as the head; the 6 MiB "head" is the final norm and the rest
+    tied = ModelFootprint([100 * MIB] * 4, 50 * MIB, 6 * MIB, True, 8, 4, tensor_parallel=True)
+    result = place_tensor(tied, [node("a", GIB), node("b", GIB)], min_nodes=2)
+    assert isinstance(result, Placement), result
+    assert result.bytes_by_node == {"a": 231 * MIB, "b": 231 * MIB}  # 400/2 + 50/2 + 6
+    assert tied.tensor_rank_bytes(3) == -(-400 * MIB // 3) + -(-50 * MIB // 3) + 6 * MIB
 
 
 def test_fewest_nodes_that_fit_and_rank_zero_has_the_most_memory() -> None:
@@ -63,8 +72,8 @@ def test_heads_that_do_not_divide_are_refused_with_the_reason(
 def test_a_node_short_of_memory_is_named_with_its_shortfall() -> None:
     result = place_tensor(footprint(), [node("a", GIB), node("b", 200 * MIB)], min_nodes=2)
     assert isinstance(result, PlacementRefusal)
-    assert any(reason.startswith("on 2 node(s): b: needs 280.00 MiB") for reason in result.reasons)
-    assert [verdict.shortfall_bytes for verdict in result.nodes if verdict.node_id == "b"] == [80 * MIB]
+    assert any(reason.startswith("on 2 node(s): b: needs 265.00 MiB") for reason in result.reasons)
+    assert [verdict.shortfall_bytes for verdict in result.nodes if verdict.node_id == "b"] == [65 * MIB]
 
 
 def test_a_family_without_shard_and_unknown_heads_are_refused() -> None:
@@ -131,5 +140,5 @@ def test_auto_weights_fall_back_to_the_checkpoint_representation_when_float32_do
     assert isinstance(roomy, Placement) and roomy.weights == "float32"
     tight = place_tensor(wide, [node("a", 400 * MIB), node("b", 400 * MIB)], min_nodes=2)
     assert isinstance(tight, Placement) and tight.weights == "native"
-    assert tight.bytes_by_node == {"a": 280 * MIB, "b": 280 * MIB}
+    assert tight.bytes_by_node == {"a": 265 * MIB, "b": 265 * MIB}
     assert "kept the checkpoint's representation" in tight.weights_note

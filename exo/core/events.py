@@ -13,6 +13,11 @@ import msgspec
 Sharding = Literal["Pipeline", "Tensor"]
 # "downloading": the stage's node is fetching the model files it lacks (then "loading").
 RunnerStatus = Literal["downloading", "loading", "ready", "failed", "stopped"]
+# What kind of failure a "failed" runner reports, where a rule acts on it: "tensor_stall" is a
+# tensor rank whose pass outlived its bound (a peer rank froze in a collective) and that cut its
+# ring; the master re-places such an instance, as one whose node went away, since its nodes are
+# alive and the frozen runner is killed when the old instance is deleted.
+RunnerFailure = Literal["tensor_stall"]
 
 
 class _Event(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
@@ -103,6 +108,7 @@ class RunnerStatusUpdated(_Event, frozen=True):
     reason: str | None = None
     activation_address: str | None = None
     ring_address: str | None = None
+    failure: RunnerFailure | None = None  # with "failed": a kind a rule acts on (None: any other)
 
 
 class ModelDownloadRequested(_Event, frozen=True):

@@ -158,9 +158,14 @@ class ModelFootprint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return sum(self.layer_bytes[start_layer:end_layer]) + fixed
 
     def tensor_rank_bytes(self, size: int) -> int:
-        """What one of `size` tensor ranks needs: 1/size of every layer (rounded up), and the
-        embedding and head whole (mlx-lm's `shard` splits the layers' projections only)."""
-        return -(-sum(self.layer_bytes) // size) + self.fixed_bytes(first=True, last=True)
+        """What one of `size` tensor ranks needs: 1/size of every layer (mlx-lm's `shard`) and of
+        the output head (its rows of the vocabulary), rounded up; tied embeddings are that head,
+        so 1/size of them, else the embedding stays whole (the lookup reads it on every rank).
+        The final norm, counted with the head, is split too: off by its few KB and one row."""
+        share = -(-sum(self.layer_bytes) // size)
+        if self.tied_embeddings:
+            return share + -(-self.embedding_bytes // size) + self.head_bytes
+        return share + self.embedding_bytes + -(-self.head_bytes // size)
 
     def fixed_bytes(self, *, first: bool, last: bool) -> int:
         """What a stage holds besides its layers."""

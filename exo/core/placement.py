@@ -7,11 +7,6 @@ import msgspec
 from exo.core.events import ShardAssignment, Sharding
 from exo.core.models import Representation
 
-# A tensor rank's failure reason starts with this when its pass outlived the bound (a peer rank
-# froze without closing its connections): the master re-places such an instance, as one whose node
-# went away, since its nodes are alive and the frozen runner is killed when the old one is deleted.
-TENSOR_STALL_MARK = "tensor rank stalled"
-
 
 class Placement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A feasible placement. Both dicts are in pipeline order (first stage first)."""

@@ -27,6 +27,7 @@ from exo.core.events import (
     NodeMemoryMeasured,
     NodeRemoved,
     NodeTimedOut,
+    RunnerFailure,
     RunnerStatus,
     RunnerStatusUpdated,
     ShardAssignment,
@@ -53,6 +54,7 @@ class RunnerInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reason: str | None = None
     activation_address: str | None = None
     ring_address: str | None = None  # a tensor rank's ring listener, HOST:PORT
+    failure: RunnerFailure | None = None  # the kind of a "failed" runner's failure, where typed
 
 
 class Instance(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -335,7 +337,7 @@ def _apply_runner_status_updated(builder: StateBuilder, event: RunnerStatusUpdat
 
 
 def _runner_info(event: RunnerStatusUpdated) -> RunnerInfo:
-    return RunnerInfo(event.status, event.reason, event.activation_address, event.ring_address)
+    return RunnerInfo(event.status, event.reason, event.activation_address, event.ring_address, event.failure)
 
 
 def _with_runners(instance: Instance, runners: dict[str, RunnerInfo]) -> Instance:

@@ -19,6 +19,7 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
+from exo.core.events import RunnerFailure
 from exo.core.sampling import SamplingParams
 from exo.core.timings import StageTimings
 
@@ -100,6 +101,7 @@ class RunnerFailed(_RunnerMessage, frozen=True):
 
     reason: str
     instance_id: str | None = None
+    failure: RunnerFailure | None = None  # the kind, where a rule acts on it (exo.core.events)
 
 
 class RunnerStats(_RunnerMessage, frozen=True):

@@ -21,8 +21,6 @@ from collections.abc import Callable, Iterable
 
 import psutil
 
-from exo.core.placement import TENSOR_STALL_MARK
-
 logger = logging.getLogger("exo.inference.ring_watchdog")
 
 DEFAULT_PASS_TIMEOUT = 60.0  # seconds; a pass of a big model's prefill chunk on a CPU takes a few
@@ -46,7 +44,7 @@ def pass_timeout_from_environment(environment: dict[str, str] | None = None) -> 
 
 def stall_reason(rank: int, timeout: float) -> str:
     return (
-        f"{TENSOR_STALL_MARK}: rank {rank}'s forward pass did not finish within {timeout:g} s "
+        f"tensor rank stalled: rank {rank}'s forward pass did not finish within {timeout:g} s "
         "(another rank stopped answering in a collective); the ring was cut"
     )
 

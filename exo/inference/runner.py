@@ -30,6 +30,7 @@ import psutil
 import zmq
 
 from exo.core.decoding import DECODE_ERRORS
+from exo.core.events import RunnerFailure
 from exo.core.security import BusSecurity, apply_curve
 from exo.inference.blas import BlasInfo, load_optimized_blas
 from exo.inference.curve import security_from_environment, start_thread_authenticator
@@ -379,10 +380,10 @@ class Runner:
         host = self.options.advertise_host or self.options.activation_host
         return f"tcp://{host}:{port}"
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, failure: RunnerFailure | None = None) -> None:
         logger.error("runner failed: %s", reason)
         self.transition("failed")
-        self.send_control(RunnerFailed(reason=reason, instance_id=self.instance_id))
+        self.send_control(RunnerFailed(reason=reason, instance_id=self.instance_id, failure=failure))
         self.exit_code = 1
         self.transition("stopping")
 
@@ -481,7 +482,9 @@ class Runner:
 
     def check_fatal(self) -> None:
         if self.stage is not None and self.stage.fatal_error is not None and self.lifecycle == "ready":
-            self.fail(self.stage.fatal_error)
+            # The watchdog's reason is set only when it cut the ring on a pass past its bound.
+            stalled = self.stage.interrupted_because is not None
+            self.fail(self.stage.fatal_error, "tensor_stall" if stalled else None)
 
     def stats(self) -> RunnerStats:
         assert self.stage is not None and self.instance_id is not None

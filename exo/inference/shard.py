@@ -4,7 +4,9 @@ mlx-lm builds the whole module tree (its arrays are lazy, so nothing is allocate
 stage's tensors are ever read: `mx.load` on a safetensors file gives lazy arrays, the stage keeps
 the names that belong to it, loads those into the tree and evaluates only its own modules. The rest
 of the tree is dropped unevaluated. The first stage also holds the embeddings; the last the final
-norm and lm_head (or the embeddings again when they are tied).
+norm and lm_head (or the embeddings again when they are tied). A tensor rank (an mx.distributed
+group) holds 1/N of every layer (mlx-lm's `shard`) and its rows of the vocabulary's head
+(exo.inference.vocab_shard).
 
 `forward(inputs, cache)` takes token ids (1, L) on the first stage and hidden states (1, L, H)
 otherwise, and returns hidden states, or logits on the last stage. Running `model.model.layers` in
@@ -27,6 +29,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 from exo.inference.models import layer_index, unsupported_reason, weight_files
+from exo.inference.vocab_shard import VocabShard
 from exo.inference.weights import Representation, hold_as_float32
 
 
@@ -115,7 +118,7 @@ class ShardModel:
         *,
         spec: ShardSpec,
         config: dict[str, Any],
-        embed_tokens: nn.Embedding | None,
+        embed_tokens: nn.Module | None,  # nn.Embedding, or a tensor rank's VocabShard
         layers: Sequence[nn.Module],
         norm: nn.Module | None,
         head: Callable[[mx.array], mx.array] | None,
@@ -158,6 +161,17 @@ class ShardModel:
             return hidden
         assert self.norm is not None and self.head is not None
         return self.head(self.norm(hidden))
+
+
+def shard_vocabulary(model: Any, *, tied: bool, group: Any) -> None:
+    """Replace the output head with this rank's rows of the vocabulary (exo.inference.vocab_shard).
+    Tied embeddings: the slice serves the lookup too, so the rank holds 1/N of the matrix; untied:
+    the lookup keeps the whole embedding, the head is a slice."""
+    vocab = int(model.args.vocab_size)
+    if tied:
+        model.model.embed_tokens = VocabShard(model.model.embed_tokens, vocab, group)
+    else:
+        model.lm_head = VocabShard(model.lm_head, vocab, group)
 
 
 def load_shard(
@@ -221,6 +235,8 @@ def load_shard(
         if not callable(getattr(model, "shard", None)):
             raise ShardLoadError(f"mlx-lm's {config['model_type']} model has no tensor-parallel shard")
         model.shard(group)
+        if spec.is_first and spec.is_last:  # a tensor rank runs every layer
+            shard_vocabulary(model, tied=tied, group=group)
     if representation == "float32":
         hold_as_float32(model)
 
@@ -230,7 +246,8 @@ def load_shard(
     norm = inner.norm if spec.is_last else None
     head: Callable[[mx.array], mx.array] | None = None
     if spec.is_last:
-        head = inner.embed_tokens.as_linear if tied else model.lm_head
+        source = inner.embed_tokens if tied else model.lm_head
+        head = source.as_linear if tied or isinstance(source, VocabShard) else source
     kept: list[nn.Module] = [*layers]
     for module in (embed_tokens, norm, None if tied else (model.lm_head if spec.is_last else None)):
         if module is not None:

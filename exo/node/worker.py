@@ -394,11 +394,17 @@ class Worker:
                             )
                         ]
                     )
-            case RunnerFailed(reason=reason):
+            case RunnerFailed(reason=reason, failure=failure):
                 if runner.move("failed"):
                     runner.failure = reason
                     runner.reported_at = time.monotonic()
-                    self._report([RunnerStatusUpdated(runner.instance_id, self.node_id, "failed", reason)])
+                    self._report(
+                        [
+                            RunnerStatusUpdated(
+                                runner.instance_id, self.node_id, "failed", reason, failure=failure
+                            )
+                        ]
+                    )
             case RunnerStats():
                 runner.stats = message
 

@@ -21,7 +21,7 @@ from exo.core.messages import (
     RemoveNode,
 )
 from exo.core.models import ModelFootprint
-from exo.core.placement import TENSOR_STALL_MARK, Placement, PlacementRefusal
+from exo.core.placement import Placement, PlacementRefusal
 from exo.core.state import Instance, State
 from exo.roles.placement import place
 from exo.roles.tensor_placement import place_tensor
@@ -138,7 +138,7 @@ def _tensor_rank_stalled(instance: Instance) -> bool:
     nodes are alive, and a fresh instance (the frozen runner is killed when this one is deleted)
     can serve again."""
     return instance.sharding == "Tensor" and any(
-        (runner.reason or "").startswith(TENSOR_STALL_MARK) for runner in instance.runners.values()
+        runner.failure == "tensor_stall" for runner in instance.runners.values()
     )
 
 

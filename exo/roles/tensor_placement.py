@@ -1,9 +1,11 @@
 """Where a tensor instance's ranks go: pure functions, no I/O, no clock.
 
 Every rank holds all layers, 1/N of each (mlx-lm's `shard`: attention heads, KV heads and MLP
-columns split N ways), plus the whole embedding and head. `place_tensor` picks the fewest alive
-nodes (at least `min_nodes`) for which the heads split evenly and every node holds its share, most
-available memory first, ties by node id; rank order is pick order (rank 0 takes the requests).
+columns split N ways), 1/N of the output head (its rows of the vocabulary, exo.inference's
+vocab_shard) and the embedding whole, or 1/N of it when it is tied to the head. `place_tensor`
+picks the fewest alive nodes (at least `min_nodes`) for which the heads split evenly and every node
+holds its share, most available memory first, ties by node id; rank order is pick order (rank 0
+takes the requests).
 """
 
 from __future__ import annotations
