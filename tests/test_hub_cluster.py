@@ -188,6 +188,8 @@ def test_with_a_cluster_secret_a_node_fetches_from_its_peer_not_the_hub(
             name: count for name, count in hub.stats.whole_files.items() if name.endswith(".safetensors")
         }
         assert len(weights) == 4 and all(count == 1 for count in weights.values()), weights
+        # config.json too: read once for the metadata, then written from that description.
+        assert hub.stats.whole_files[f"{REPO}/config.json"] == 1, hub.stats.whole_files
         assert second.get("/node_status")["peer_bytes_fetched"] >= hub.model_size(REPO) // 2
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from exo.inference.downloads import CorruptDownload, DiskFull, download_files, missing_files, remove_model
@@ -194,6 +195,24 @@ def test_an_interrupted_download_resumes_from_the_bytes_it_has(
     after = hub.stats.bytes_by_file[f"{REPO}/{name}"] - before
     assert after <= size - size // 2 + 16 * 1024  # at most one unwritten chunk is fetched twice
     assert (tmp_path / "models" / REPO / name).read_bytes() == (hub.root / REPO / name).read_bytes()
+
+
+def test_config_json_is_written_from_the_description_not_fetched_again(hub: LocalHub, tmp_path: Path) -> None:
+    """The node that read the metadata got config.json from the Hub; a node fetching the model
+    with that description writes it from there (one Hub fetch of it per cluster), byte-identical.
+    A description whose copy does not match the Hub's size fetches it from the Hub instead."""
+    settings = settings_for(hub.endpoint)
+    model = fetch_hub_model(REPO, None, settings, tmp_path / "scratch")
+    config_key = f"{REPO}/config.json"
+    assert hub.stats.whole_files[config_key] == 1  # the metadata read
+    published = (hub.root / REPO / "config.json").read_bytes()
+    folder = download_files(tmp_path / "models", model, needed_files(model), settings)
+    assert (folder / "config.json").read_bytes() == published
+    assert hub.stats.whole_files[config_key] == 1
+    wrong = msgspec.structs.replace(model, config_text=model.config_text + " ")
+    folder = download_files(tmp_path / "other", wrong, needed_files(wrong), settings)
+    assert (folder / "config.json").read_bytes() == published
+    assert hub.stats.whole_files[config_key] == 2
 
 
 def test_remove_model_deletes_the_folder_and_its_staging(hub: LocalHub, tmp_path: Path) -> None:

@@ -189,6 +189,9 @@ def _fetch_verified(
             report(hub_file.path, hub_file.size, hub_file.size)
             return
         staged.unlink()
+    if hub_file.path == "config.json" and _write_described_config(staged, model, hub_file):
+        report(hub_file.path, hub_file.size, hub_file.size)
+        return
     if source is not None:
         # Peers append to the same part file the Hub download resumes from: bytes a dying peer
         # sent are not fetched again.
@@ -211,6 +214,20 @@ def _fetch_verified(
         f"{model.repo_id}/{hub_file.path}: the downloaded file does not match the Hub's sha256 "
         f"({hub_file.sha256}) after a second try; nothing was installed"
     )
+
+
+def _write_described_config(staged: Path, model: HubModel, hub_file: HubFile) -> bool:
+    """config.json from the model's description (the bytes the describing node read from the Hub
+    at this commit), when it has them at the Hub's size: the Hub is asked for it once per cluster
+    (peers could copy it only at the end of a download, which installs it last)."""
+    data = model.config_text.encode("utf-8")
+    if not data or len(data) != hub_file.size:
+        return False
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    written = staged.with_name(f"{staged.name}.described")
+    written.write_bytes(data)
+    os.replace(written, staged)
+    return True
 
 
 def part_path(staging: Path, hub_file: HubFile) -> Path:

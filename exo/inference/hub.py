@@ -148,9 +148,10 @@ def fetch_hub_model(repo_id: str, revision: str | None, settings: HubSettings, s
                 repo_id, name, revision=commit, local_dir=scratch, endpoint=settings.endpoint,
                 token=settings.token,
             )  # fmt: skip
-            return Path(path).read_text()
+            return Path(path).read_bytes().decode("utf-8")  # as served (no newline translation)
 
-        config = json.loads(small("config.json"))
+        config_text = small("config.json")
+        config = json.loads(config_text)
         if not isinstance(config, dict):
             raise HubError(f"{repo_id}: config.json is not an object")
         weight_map = weight_map_of(small(INDEX_NAME)) if INDEX_NAME in names else {}
@@ -169,4 +170,5 @@ def fetch_hub_model(repo_id: str, revision: str | None, settings: HubSettings, s
         tensors=tensors,
         weight_map=weight_map,
         config=config,
+        config_text=config_text,
     )

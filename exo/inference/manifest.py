@@ -55,6 +55,10 @@ class HubModel(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tensors: list[tuple[str, str, int]]  # (name, dtype, bytes)
     weight_map: dict[str, str]  # tensor name -> weight file
     config: dict[str, object]
+    # config.json as the Hub served it to the node that read this description (for the
+    # placement): a node fetching the model writes it from here, so the cluster asks the Hub for
+    # it once. Empty in descriptions written before it was kept (then it is fetched).
+    config_text: str = ""
 
     @property
     def total_bytes(self) -> int:

@@ -3,7 +3,8 @@
 `python -m exo.inference.runner --control tcp://127.0.0.1:PORT [--runner-id ID]`
 
 The worker binds a ROUTER at the control address; the runner connects a DEALER whose routing id is
-its runner id, says `RunnerStarted`, waits for `LoadShard`, loads, binds its activation PULL and
+its runner id, imports what loading needs (mlx, mlx-lm's model code), says `RunnerStarted`, waits
+for `LoadShard` (a Hub model's files may still be downloading), loads, binds its activation PULL and
 answers `ShardLoaded` (or `RunnerFailed`, then exits 1). From then on it serves pipeline frames
 until `Shutdown` (exit 0) or until its parent dies. Plain zmq with a poller: MLX compute blocks
 this process only, never the node's event loop. A heartbeat thread tells requesters which of their
@@ -611,10 +612,21 @@ def import_model_code_only() -> None:
     sys.modules["mlx_lm"] = package
 
 
+def import_loading_code() -> None:
+    """Import what `load_shard` needs (mlx, the stage, mlx-lm's model modules exo supports)
+    before saying RunnerStarted: a runner started while its stage's files download pays these
+    imports (a second or more on a busy machine) while it waits, not after the files arrive."""
+    from exo.inference.shard import supported_model_modules
+
+    for module in ["mlx.core", "exo.inference.stage", "exo.inference.weights", *supported_model_modules()]:
+        importlib.import_module(module)
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parse_arguments(argv)
     blas = load_optimized_blas(options.threads)  # before anything imports mlx
     import_model_code_only()
+    import_loading_code()
     return Runner(options, blas).run()
 
 

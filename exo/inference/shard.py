@@ -73,6 +73,11 @@ def tensor_in_shard(name: str, spec: ShardSpec, tied_embeddings: bool) -> bool:
 _MODEL_MODULES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
+def supported_model_modules() -> list[str]:
+    """The mlx-lm modules `model_classes` may import (a runner imports them before its LoadShard)."""
+    return [f"mlx_lm.models.{name}" for name in sorted(set(_MODEL_MODULES.values()))]
+
+
 def model_classes(config: dict[str, Any]) -> tuple[Any, Any]:
     """mlx-lm's Model and ModelArgs for the config, as mlx_lm.utils picks them (without importing
     mlx_lm.utils, whose tokenizer stack costs a runner seconds at start)."""

@@ -32,7 +32,9 @@ PEER_WAIT_POLL_SECONDS = 0.1
 PEER_STALL_SECONDS = 20.0
 OWN_START_WAIT_SECONDS = 5.0
 # A download installs config.json last (a folder is a model once it is there), so a peer could
-# copy it only after that whole download: each node fetches this small file from the Hub itself.
+# copy it only after that whole download: a node writes it from the model's description (read
+# from the placing node, exo.inference.downloads), or, for a description without it, fetches it
+# from the Hub itself.
 HELD_BACK = "config.json"
 
 

@@ -77,7 +77,6 @@ class LocalRunner:
     ring_address: str | None = None  # a tensor rank's, once its runner listens
     ring_sent: bool = False  # RingFormed went to the runner
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
-    started: bool = False  # the runner said RunnerStarted (it may wait for its files)
     preparing: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def move(self, status: LocalStatus) -> bool:
@@ -215,8 +214,10 @@ class Worker:
         if self._prepare is None:
             await self._launch(decision)
             return
-        # The runner starts at once: its interpreter and mlx import (seconds) overlap the fetch of
-        # the files its stage lacks; it gets its LoadShard when they are here.
+        # The runner starts at once: its interpreter, mlx and model-code imports (seconds) overlap
+        # the fetch of the files its stage lacks; it waits ("waiting") and gets its LoadShard when
+        # they are here and verified. A failed fetch stops it (Shutdown, also if it says
+        # RunnerStarted only later).
         runner_id = f"{decision.instance_id}@{self.node_id}"
         runner = LocalRunner(decision.instance_id, runner_id, None)
         self.runners[decision.instance_id] = runner
@@ -253,10 +254,10 @@ class Worker:
                 self._send(runner.runner_id, Shutdown())
             return
         runner.load = load_order(decision, model.path)
-        if runner.status != "starting":
+        if runner.status not in ("starting", "waiting"):
             return
         self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "loading")])
-        if runner.started and runner.move("loading"):
+        if runner.status == "waiting" and runner.move("loading"):
             self._send(runner.runner_id, runner.load)
 
     async def _launch(self, decision: StartRunner) -> None:
@@ -365,9 +366,12 @@ class Worker:
     ) -> None:
         match message:
             case RunnerStarted():
-                runner.started = True
-                if runner.load is not None and runner.move("loading"):
+                if runner.status == "failed":  # its files failed before it could hear Shutdown
+                    self._send(runner.runner_id, Shutdown())
+                elif runner.load is not None and runner.move("loading"):
                     self._send(runner.runner_id, runner.load)
+                else:
+                    runner.move("waiting")
             case RingListening(ring_address=ring, activation_address=address):
                 if runner.status == "loading" and runner.ring_address is None:
                     runner.ring_address = ring

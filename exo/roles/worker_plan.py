@@ -12,9 +12,12 @@ from typing import Literal
 from exo.core.events import ShardAssignment
 from exo.core.state import State
 
-LocalStatus = Literal["starting", "loading", "ready", "failed", "stopping"]
+# "starting": the runner process is spawned and imports mlx; "waiting": it said RunnerStarted and
+# waits for its stage's files (a Hub model still downloading) before it is sent its LoadShard.
+LocalStatus = Literal["starting", "waiting", "loading", "ready", "failed", "stopping"]
 LOCAL_TRANSITIONS: dict[LocalStatus, frozenset[LocalStatus]] = {
-    "starting": frozenset({"loading", "failed", "stopping"}),
+    "starting": frozenset({"waiting", "loading", "failed", "stopping"}),
+    "waiting": frozenset({"loading", "failed", "stopping"}),
     "loading": frozenset({"ready", "failed", "stopping"}),
     "ready": frozenset({"failed", "stopping"}),
     "failed": frozenset({"stopping"}),
