@@ -30,7 +30,7 @@ from pathlib import Path
 from exo.bus.transport import Bus
 from exo.core import messages as m
 from exo.core.events import Event, IndexedEvent
-from exo.core.raft_messages import EntriesAcknowledged, EntriesSent, RaftMessage
+from exo.core.raft_messages import EntriesSent, RaftMessage
 from exo.node.disk_faults import RETRY_SECONDS, DiskFaults
 from exo.node.replica import Replica, StoredLog
 from exo.roles.raft import (
@@ -153,9 +153,6 @@ class RaftMember:
         self._recorded_commit = replica.last_index
         self._recorded_at = 0.0
         self.dropped_messages = 0
-        self._last_ack: EntriesAcknowledged | None = None
-        self._last_ack_at = 0.0
-        self.repeated_acks = 0  # acks not sent: equal to the last one, sent moments ago
         self._snapshot_warned = False
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -216,7 +213,7 @@ class RaftMember:
         for action in actions:
             match action:
                 case Send(message):
-                    if not term_failed and not self._repeats_last_ack(message):
+                    if not term_failed:
                         self.bus.publish(m.TOPIC_ELECTION, message)
                 case PersistTerm(term, voted_for):
                     term_failed = not self.disk_faults.persist_term(self.term_path, term, voted_for)
@@ -241,22 +238,6 @@ class RaftMember:
                             leader,
                             index,
                         )
-
-    def _repeats_last_ack(self, message: RaftMessage) -> bool:
-        """A success ack equal to the last one sent less than half a heartbeat ago tells the master
-        nothing new: a follower answers every message, so at a steady rate it would send three acks
-        per entry (the entries, its fsync, the commit that follows) where one carries news, and every
-        message costs each node a decode. Skipping it is a lost message to Raft; a master still
-        hears an ack at least every half heartbeat from a follower it reaches (check-quorum)."""
-        if not isinstance(message, EntriesAcknowledged) or not message.success:
-            return False
-        now = time.monotonic()
-        window = self.core.timings.heartbeat_interval / 2
-        if message == self._last_ack and now - self._last_ack_at < window:
-            self.repeated_acks += 1
-            return True
-        self._last_ack, self._last_ack_at = message, now
-        return False
 
     # --- the disk ------------------------------------------------------------------------------
 
