@@ -3,21 +3,25 @@
 - `Send` goes out at once on the `election` topic (every message names its addressee).
 - `PersistTerm` writes (term, voted_for) to DATA_DIR/term, fsynced, before any later `Send` of the
   same step (a vote); when the disk refuses, those sends are dropped (a vote never sent is safe).
-- `WriteLog` and `Apply` go, in order, through one disk task: consecutive appends are grouped into
-  one store commit, the core hears `persisted` once it is durable, and an entry is applied (folded
-  into the replica, answered to whoever waits) only after every earlier write landed. So what a
-  node applies is always in its own store, and the commit index it records (lazily, at most once
-  a second and at close) never runs ahead of it.
+- `WriteLog` goes through one disk task: consecutive appends are grouped into one store commit and
+  the core hears `persisted` once it is durable. `Apply` goes, in order, through an apply task that
+  folds committed entries into the replica (answering whoever waits) as soon as the store holds
+  them, without waiting for the writes of later entries queued meanwhile: at a steady rate a
+  follower hears a commit while the next entry's fsync runs, and waiting for it was most of the
+  tail latency (docs/benchmarks.md, quorum path). What a node applies is always in its own store,
+  and the commit index it records (lazily, at most once a second and at close, off both paths)
+  never runs ahead of it.
 - A store that refuses a write (full disk) is retried every RETRY_SECONDS; while it fails the node
   takes no messages and does not tick (as if paused), and a master steps down first.
 - Compaction and `FetchSnapshot` (exo/node/raft_snapshots.py): a snapshot every `compact_every`
-  applied entries, taken on the disk task; a master's snapshot is fetched, checked, then installed
-  once the disk queue drained, with the node paused meanwhile (as above).
+  applied entries, taken on the apply task; a master's snapshot is fetched, checked, then installed
+  once the write and apply queues drained, with the node paused meanwhile (as above).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -142,8 +146,16 @@ class RaftMember:
             base_voters=log.base_voters,
             timings=timings or default_timings(),
         )
-        self._disk: asyncio.Queue[WriteLog | Apply] = asyncio.Queue()
+        self._disk: asyncio.Queue[WriteLog] = asyncio.Queue()
+        # Each apply waits for the write ticket it needs (see _ticket_for); tickets count WriteLogs.
+        self._applies: asyncio.Queue[tuple[int, Apply]] = asyncio.Queue()
+        self._unwritten: collections.deque[tuple[int, int]] = collections.deque()  # (ticket, first index)
+        self._queued_writes = 0
+        self._landed_writes = 0
         self._disk_task: asyncio.Task[None] | None = None
+        self._apply_task: asyncio.Task[None] | None = None
+        self._record_task: asyncio.Task[None] | None = None
+        self._wrote = asyncio.Event()  # set after each write lands: an apply may be waiting for it
         self._has_room = asyncio.Event()  # the disk queue is below half its bound
         self._has_room.set()
         self.stalled = False  # the store refuses writes: take no messages, do not tick
@@ -166,17 +178,21 @@ class RaftMember:
     def start(self) -> None:
         self.core.now = time.monotonic()
         self._disk_task = asyncio.create_task(self._disk_loop(), name="raft-disk")
+        self._apply_task = asyncio.create_task(self._apply_loop(), name="raft-apply")
 
     async def close(self) -> None:
         """Finish queued writes (briefly), record the commit index, stop."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_DRAIN_SECONDS):
                 await self._disk.join()
-        for task in (self._fetch_task, self._disk_task):
+                await self._applies.join()
+        for task in (self._fetch_task, self._disk_task, self._apply_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._record_task is not None:
+            await self._record_task  # a store write: let it finish rather than cut it
         await self._record_commit(force=True)
 
     async def room(self) -> None:
@@ -185,7 +201,7 @@ class RaftMember:
 
     @property
     def disk_backlog(self) -> int:
-        return self._disk.qsize()
+        return self._disk.qsize() + self._applies.qsize()
 
     # --- inputs --------------------------------------------------------------------------------
 
@@ -197,7 +213,7 @@ class RaftMember:
     def receive(self, message: RaftMessage) -> None:
         if message.to != self.node_id:
             return
-        if self.stalled or self._installing or self._disk.qsize() >= MAX_DISK_BACKLOG:
+        if self.stalled or self._installing or self.disk_backlog >= MAX_DISK_BACKLOG:
             self.dropped_messages += 1  # Raft tolerates a lost message: the master resends
             return
         if isinstance(message, EntriesSent):
@@ -219,10 +235,14 @@ class RaftMember:
                         self.bus.publish(m.TOPIC_ELECTION, message)
                 case PersistTerm(term, voted_for):
                     term_failed = not self.disk_faults.persist_term(self.term_path, term, voted_for)
-                case WriteLog() | Apply():
+                case WriteLog():
+                    self._queued_writes += 1
+                    self._unwritten.append((self._queued_writes, action.entries[0].index))
                     self._disk.put_nowait(action)
-                    if self._disk.qsize() >= MAX_DISK_BACKLOG // 2:
-                        self._has_room.clear()
+                    self._note_backlog()
+                case Apply():
+                    self._applies.put_nowait((self._ticket_for(action.entries[-1].index), action))
+                    self._note_backlog()
                 case RoleChanged():
                     self.on_role(action)
                 case FetchSnapshot():
@@ -233,49 +253,58 @@ class RaftMember:
 
     # --- the disk ------------------------------------------------------------------------------
 
+    def _note_backlog(self) -> None:
+        if self.disk_backlog >= MAX_DISK_BACKLOG // 2:
+            self._has_room.clear()
+        else:
+            self._has_room.set()
+
     async def _disk_loop(self) -> None:
         while True:
             taken = [await self._disk.get()]
             while not self._disk.empty() and len(taken) < 256:
                 taken.append(self._disk.get_nowait())
-            batch = self._applies_first(taken)
             position = 0
-            while position < len(batch):
-                action = batch[position]
+            while position < len(taken):
+                action = taken[position]
+                start = position
                 position += 1
-                if isinstance(action, Apply):
-                    await self._apply(action.entries)
-                    continue
                 entries = list(action.entries)
-                while position < len(batch):
-                    following = batch[position]
-                    if not isinstance(following, WriteLog) or following.truncate_after is not None:
-                        break
-                    entries.extend(following.entries)  # continues the previous write: one commit
+                while position < len(taken) and taken[position].truncate_after is None:
+                    entries.extend(taken[position].entries)  # continues the previous write: one commit
                     position += 1
                 await self._write(action.truncate_after, entries)
+                self._landed_writes += position - start
+                for _ in range(position - start):
+                    self._unwritten.popleft()
+                self._wrote.set()
             for _ in taken:
                 self._disk.task_done()
-            if self._disk.qsize() < MAX_DISK_BACKLOG // 2:
-                self._has_room.set()
+            self._note_backlog()
 
-    def _applies_first(self, batch: list[WriteLog | Apply]) -> list[WriteLog | Apply]:
-        """Applies whose entries the store already holds go before the writes queued ahead of them
-        (a follower hears a commit with the next entries, and need not wait for their fsync), in
-        their own order, and never past a write that truncates below them."""
-        floor = self.stored_index
-        early: list[WriteLog | Apply] = []
-        rest: list[WriteLog | Apply] = []
-        for action in batch:
-            if isinstance(action, WriteLog):
-                if action.truncate_after is not None:
-                    floor = min(floor, action.truncate_after)
-                rest.append(action)
-            elif not any(isinstance(kept, Apply) for kept in rest) and action.entries[-1].index <= floor:
-                early.append(action)
-            else:
-                rest.append(action)
-        return early + rest
+    def _ticket_for(self, index: int) -> int:
+        """The last queued write holding an entry at or before `index`: an apply up to `index` waits
+        for it and for nothing queued after it. A write queued later never starts at or before a
+        committed index (that would truncate a committed entry), so the answer holds once given."""
+        for ticket, first in reversed(self._unwritten):
+            if first <= index:
+                return ticket
+        return self._landed_writes
+
+    async def _apply_loop(self) -> None:
+        """Applies in order, each once the store holds its entries (its write ticket landed)."""
+        while True:
+            taken = [await self._applies.get()]
+            while not self._applies.empty() and len(taken) < 256:
+                taken.append(self._applies.get_nowait())
+            needed = max(ticket for ticket, _ in taken)
+            while self._landed_writes < needed:
+                self._wrote.clear()
+                await self._wrote.wait()
+            await self._apply([entry for _, action in taken for entry in action.entries])
+            for _ in taken:
+                self._applies.task_done()
+            self._note_backlog()
 
     async def _write(self, truncate_after: int | None, entries: list[IndexedEvent]) -> None:
         store = self.replica.store
@@ -301,13 +330,16 @@ class RaftMember:
     async def _apply(self, entries: list[IndexedEvent]) -> None:
         await self.replica.apply(entries)
         self.on_applied(entries)
-        await self._record_commit()
+        due = time.monotonic() - self._recorded_at >= COMMIT_RECORD_SECONDS
+        if due and (self._record_task is None or self._record_task.done()):
+            # Its own task: the record is a store write (an fsync) that neither path should wait for.
+            self._record_task = asyncio.create_task(self._record_commit(), name="raft-record-commit")
         await self._compact()
 
     # --- compaction and snapshots (exo/node/raft_snapshots.py) ---------------------------------
 
     async def _compact(self) -> None:
-        """On the disk task, right after an apply (the state is at the applied index): every
+        """On the apply task, right after an apply (the state is at the applied index): every
         `compact_every` entries a store snapshot, and the core forgets up to the previous one."""
         applied = self.replica.last_index
         if applied - self.snapshot_index < self.compact_every:
@@ -338,7 +370,10 @@ class RaftMember:
             return
         self._installing = True
         try:
+            # Writes first (applies wait for them), then applies: none may fold an entry into the
+            # state after the snapshot replaced it.
             await self._disk.join()
+            await self._applies.join()
             core = self.core
             if fetch.index <= core.commit_index or core.role != "follower":
                 return  # committed meanwhile, or this node leads now: nothing to install
