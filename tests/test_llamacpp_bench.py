@@ -1,0 +1,41 @@
+"""bench/llamacpp_bench.py's numpy-only GGUF conversion: names, RoPE row order, bytes read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.llamacpp_bench import _permute, decode_bytes_safetensors, gguf_name
+from exo.inference.synthetic import SyntheticModelSpec, write_synthetic_model
+
+
+def test_hugging_face_llama_names_map_to_gguf_names() -> None:
+    assert gguf_name("model.embed_tokens.weight") == "token_embd.weight"
+    assert gguf_name("lm_head.weight") == "output.weight"
+    assert gguf_name("model.norm.weight") == "output_norm.weight"
+    assert gguf_name("model.layers.7.self_attn.o_proj.weight") == "blk.7.attn_output.weight"
+    assert gguf_name("model.layers.0.post_attention_layernorm.weight") == "blk.0.ffn_norm.weight"
+    assert gguf_name("model.layers.12.mlp.down_proj.weight") == "blk.12.ffn_down.weight"
+
+
+@pytest.mark.parametrize(
+    "name", ["model.layers.0.self_attn.q_proj.bias", "model.layers.x.mlp.up_proj.weight", ""]
+)
+def test_an_unknown_tensor_is_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="unexpected tensor"):
+        gguf_name(name)
+
+
+def test_rope_rows_are_interleaved_per_head() -> None:
+    # 2 heads of 4 rows: HF's halves [0 1 | 2 3] become llama.cpp's pairs [0 2 1 3].
+    weights = np.arange(8, dtype=np.float32)[:, None] * np.ones((1, 3), dtype=np.float32)
+    assert _permute(weights, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_bytes_read_per_token_leave_out_the_embedding_table(tmp_path: Path) -> None:
+    spec = SyntheticModelSpec(layers=1, hidden=64, intermediate=128, heads=2, kv_heads=1, vocab=512)
+    model = write_synthetic_model(tmp_path / "m", spec)
+    per_layer = 4 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64)
+    assert decode_bytes_safetensors(model) == per_layer + 4 * (64 + 512 * 64)  # norm + lm_head
