@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bench.llamacpp_bench import _permute, decode_bytes_safetensors, gguf_name
+from bench.llamacpp_bench import (
+    _permute,  # pyright: ignore[reportPrivateUsage]
+    build_from_sdist,
+    decode_bytes_safetensors,
+    find_llamacpp,
+    gguf_name,
+)
 from exo.inference.synthetic import SyntheticModelSpec, write_synthetic_model
 
 
@@ -39,3 +46,30 @@ def test_bytes_read_per_token_leave_out_the_embedding_table(tmp_path: Path) -> N
     model = write_synthetic_model(tmp_path / "m", spec)
     per_layer = 4 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64)
     assert decode_bytes_safetensors(model) == per_layer + 4 * (64 + 512 * 64)  # norm + lm_head
+
+
+def test_an_sdist_without_llama_cpp_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "pkg-1.0").mkdir()
+    (tmp_path / "pkg-1.0" / "setup.py").write_text("")
+    sdist = tmp_path / "pkg-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as archive:
+        archive.add(tmp_path / "pkg-1.0", arcname="pkg-1.0")
+    with pytest.raises(SystemExit, match=r"does not vendor llama\.cpp"):
+        build_from_sdist(sdist, tmp_path / "work")
+
+
+def test_a_folder_without_a_build_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no built llama-bench and llama-quantize"):
+        find_llamacpp(tmp_path)
+
+
+def test_a_build_is_found_with_its_gguf_py(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "build" / "bin"
+    bin_dir.mkdir(parents=True)
+    for tool in ("llama-bench", "llama-quantize"):
+        (bin_dir / tool).touch()
+    with pytest.raises(SystemExit, match="no gguf-py"):
+        find_llamacpp(tmp_path)
+    (tmp_path / "gguf-py" / "gguf").mkdir(parents=True)
+    assert find_llamacpp(tmp_path) == (bin_dir, tmp_path / "gguf-py")
+    assert find_llamacpp(tmp_path / "build") == (bin_dir, tmp_path / "gguf-py")
