@@ -227,3 +227,44 @@ def test_a_module_that_takes_no_mlx_arrays_or_computes_wrong_is_refused(kernel: 
     with pytest.raises(qkernel.KernelBuildError, match="self-check product is wrong"):
         qkernel._self_check(Wrong())
     qkernel._self_check(kernel)
+
+
+@pytest.fixture
+def fresh_expectation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """kernel_expected() on an AVX2 x86_64 host with an empty cache dir, its memo cleared."""
+    monkeypatch.delenv("EXO_KERNEL", raising=False)
+    monkeypatch.setenv("EXO_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.setattr(qkernel.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(qkernel, "_cpu_has_avx2", lambda: True)
+    qkernel._toolchain_or_build.cache_clear()  # pyright: ignore[reportPrivateUsage]
+    yield tmp_path / "kernels"
+    qkernel._toolchain_or_build.cache_clear()  # pyright: ignore[reportPrivateUsage]
+
+
+def test_kernel_expectation_looks_up_the_toolchain_once(
+    fresh_expectation: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lookups: list[str] = []
+
+    def which(name: str) -> str | None:
+        lookups.append(name)
+        return f"/usr/bin/{name}"
+
+    monkeypatch.setattr(qkernel.shutil, "which", which)
+    assert all(qkernel.kernel_expected() for _ in range(5))
+    assert lookups == ["cmake", "c++"]  # placement asks per footprint; PATH is searched once
+
+
+def test_kernel_expectation_without_a_toolchain_needs_a_cached_build(
+    fresh_expectation: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(qkernel.shutil, "which", lambda _name: None)
+    assert not qkernel.kernel_expected()
+    built = fresh_expectation / "key" / f"{qkernel.MODULE_NAME}.so"
+    built.parent.mkdir(parents=True)
+    built.touch()
+    assert not qkernel.kernel_expected()  # the memo holds within a process
+    qkernel._toolchain_or_build.cache_clear()  # pyright: ignore[reportPrivateUsage]
+    assert qkernel.kernel_expected()
+    monkeypatch.setenv("EXO_KERNEL", "off")
+    assert not qkernel.kernel_expected()  # the switch is still read on every call

@@ -233,8 +233,16 @@ def kernel_expected() -> bool:
         return False
     if platform.machine() not in ("x86_64", "AMD64") or not _cpu_has_avx2():
         return False
+    return _toolchain_or_build(cache_dir())
+
+
+@functools.cache
+def _toolchain_or_build(folder: Path) -> bool:
+    """A compiler on PATH or a module already built under `folder`: asked once per process (and
+    cache dir), since placement sizes every model's footprint with it and PATH lookups plus a
+    glob per call add up."""
     return bool(shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++"))) or any(
-        cache_dir().glob(f"*/{MODULE_NAME}*")
+        folder.glob(f"*/{MODULE_NAME}*")
     )
 
 

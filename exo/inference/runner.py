@@ -35,6 +35,7 @@ from exo.core.events import RunnerFailure
 from exo.core.security import BusSecurity, apply_curve
 from exo.inference.blas import BlasInfo, load_optimized_blas
 from exo.inference.curve import security_from_environment, start_thread_authenticator
+from exo.inference.heap import release_freed_buffers
 from exo.inference.pass_threads import PassThreads, mkl_thread_setter
 from exo.inference.protocol import (
     LoadShard,
@@ -625,6 +626,7 @@ def import_loading_code() -> None:
 def main(argv: list[str] | None = None) -> int:
     options = parse_arguments(argv)
     blas = load_optimized_blas(options.threads)  # before anything imports mlx
+    release_freed_buffers()
     import_model_code_only()
     import_loading_code()
     return Runner(options, blas).run()
