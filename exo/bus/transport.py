@@ -21,6 +21,7 @@ import zmq.asyncio
 from exo.bus.codec import DropCounter, decode_reply, decode_request, decode_topic, encode
 from exo.bus.sockets import SocketFactory, bind_ephemeral
 from exo.core.messages import (
+    TOPIC_ELECTION,
     HelloAnswered,
     HelloRequested,
     Reply,
@@ -37,6 +38,17 @@ RequestHandler = Callable[[Request, str], Awaitable[Reply]]
 PeerHandler = Callable[[str, str], None]
 
 HELLO_RETRY_SECONDS = 0.5
+# Topics whose every message names one addressee (`to`): they go out as TOPIC/ADDRESSEE/ and each
+# node subscribes to its own suffix only, so ZeroMQ drops the others' messages before Python sees
+# them (Raft's messages are point to point; PUB/SUB would hand each to every node to decode).
+ADDRESSED_TOPICS: frozenset[bytes] = frozenset({TOPIC_ELECTION})
+ADDRESS_SEPARATOR = b"/"
+
+
+def addressed_topic(topic: bytes, node_id: str) -> bytes:
+    return topic + ADDRESS_SEPARATOR + node_id.encode() + ADDRESS_SEPARATOR
+
+
 MAX_PENDING_REQUESTS = 1_000
 
 
@@ -116,7 +128,8 @@ class Bus:
         self.pub_port = bind_ephemeral(self._publisher, self.bind_host)
         self._subscriber = self.factory.make(zmq.SUB, server=False)
         for topic in self._topic_handlers:
-            self._subscriber.setsockopt(zmq.SUBSCRIBE, topic)
+            wanted = addressed_topic(topic, self.node_id) if topic in ADDRESSED_TOPICS else topic
+            self._subscriber.setsockopt(zmq.SUBSCRIBE, wanted)
         self._tasks.append(asyncio.create_task(self._serve_requests(), name="bus-router"))
         self._tasks.append(asyncio.create_task(self._read_subscriptions(), name="bus-sub"))
 
@@ -139,6 +152,8 @@ class Bus:
 
     def publish(self, topic: bytes, message: msgspec.Struct) -> None:
         assert self._publisher is not None
+        if topic in ADDRESSED_TOPICS:
+            topic = addressed_topic(topic, getattr(message, "to", ""))
         try:
             self._publisher.send_multipart([topic, encode(message)], flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -301,9 +316,14 @@ class Bus:
                 self.drops.drop("sub", f"{len(frames)} frames")
                 continue
             topic, payload = frames
-            message = decode_topic(topic, payload, self.drops, "sub")
+            base = topic.split(ADDRESS_SEPARATOR, 1)[0]
+            addressed = base in ADDRESSED_TOPICS
+            if (base != topic or addressed) and topic != addressed_topic(base, self.node_id):
+                self.drops.drop("sub", "addressed to another node")
+                continue
+            message = decode_topic(base, payload, self.drops, "sub")
             if message is None:
                 continue
-            handler = self._topic_handlers.get(topic)
+            handler = self._topic_handlers.get(base)
             if handler is not None:
                 handler(message)
