@@ -18,8 +18,7 @@ import pytest
 
 from exo.inference import qkernel
 from exo.inference.shard import ShardSpec, load_shard
-from tests.harness.inference_helpers import N_LAYERS, tiny_format_models
-from tests.test_weights_dtype import (
+from tests.harness.greedy_checks import (
     PROMPTS,
     largest,
     module_class,
@@ -28,6 +27,7 @@ from tests.test_weights_dtype import (
     stages_of,
     upcast_reference,
 )
+from tests.harness.inference_helpers import N_LAYERS, tiny_format_models
 
 PRODUCT_TOLERANCE = 2e-5
 LOGITS_TOLERANCE = 1e-4

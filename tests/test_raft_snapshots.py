@@ -26,7 +26,7 @@ from exo.node.replica import restore
 from exo.store.base import Snapshot, StoreError
 from exo.store.memory import InMemoryEventStore
 from tests.harness.cluster_harness import free_port
-from tests.test_raft_member import Cluster, close_all, crash, formed, until
+from tests.harness.raft_cluster import Cluster, close_all, crash, formed, until
 
 COMPACT_EVERY = 20
 APPLY_BATCH_SLACK = 8

@@ -12,23 +12,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
-import mlx_lm
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
 
 from exo.inference.models import get_model
 from exo.inference.protocol import RunnerFailed, ShardLoaded
 from exo.inference.runner_options import parse_arguments as parse_runner_arguments
 from exo.inference.runner_options import runner_command
-from exo.inference.shard import ShardModel, ShardSpec, load_shard
+from exo.inference.shard import ShardSpec, load_shard
 from exo.inference.synthetic import SyntheticModelSpec, parse_arguments, write_synthetic_model
 from exo.inference.weights import wanted_representation
+from tests.harness.greedy_checks import (
+    LOGITS_TOLERANCE,
+    PROMPTS,
+    largest,
+    module_class,
+    pipeline_greedy,
+    reference_greedy,
+    stages_of,
+    upcast_reference,
+)
 from tests.harness.inference_helpers import (
     N_LAYERS,
-    SPLITS,
     ControlServer,
     control_server,  # noqa: F401 (a fixture)
     load,
@@ -36,72 +42,6 @@ from tests.harness.inference_helpers import (
     stop_runners,
     tiny_format_models,
 )
-
-PROMPTS = [[3, 50, 70, 90, 11], [200, 17], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]]
-GREEDY_TOKENS = 16
-LOGITS_TOLERANCE = 1e-3  # of the largest |logit| at that step
-
-
-def argmax(logits: mx.array) -> int:
-    value = mx.argmax(logits).item()
-    assert isinstance(value, int)
-    return value
-
-
-def largest(values: mx.array) -> float:
-    value = mx.abs(values).max().item()
-    assert isinstance(value, float)
-    return value
-
-
-def module_class(root: Any, path: str) -> str:
-    for part in path.split("."):
-        root = root[int(part)] if part.isdigit() else getattr(root, part)
-    return type(root).__name__
-
-
-def stages_of(model: Path, stages: int, representation: Any = "float32") -> list[ShardModel]:
-    return [
-        load_shard(model, ShardSpec(start_layer=start, end_layer=end, n_layers=N_LAYERS), representation)
-        for start, end in SPLITS[stages]
-    ]
-
-
-def pipeline_greedy(shards: list[ShardModel], prompt: list[int]) -> tuple[list[int], list[mx.array]]:
-    caches = [shard.make_cache() for shard in shards]
-    inputs = mx.array([prompt])
-    tokens: list[int] = []
-    logits: list[mx.array] = []
-    for _ in range(GREEDY_TOKENS):
-        hidden = inputs
-        for shard, cache in zip(shards, caches, strict=True):
-            hidden = shard.forward(hidden, cache)
-        last = hidden[0, -1]
-        logits.append(last)
-        tokens.append(argmax(last))
-        inputs = mx.array([[tokens[-1]]])
-    return tokens, logits
-
-
-def reference_greedy(model: Any, prompt: list[int]) -> tuple[list[int], list[mx.array]]:
-    cache = make_prompt_cache(model)
-    inputs = mx.array([prompt])
-    tokens: list[int] = []
-    logits: list[mx.array] = []
-    for _ in range(GREEDY_TOKENS):
-        last = model(inputs, cache=cache)[0, -1]
-        logits.append(last)
-        tokens.append(argmax(last))
-        inputs = mx.array([[tokens[-1]]])
-    return tokens, logits
-
-
-def upcast_reference(model: Path) -> Any:
-    """mlx-lm's own model of the checkpoint, with every floating array widened to float32."""
-    loaded: Any = mlx_lm.load(str(model))[0]
-    loaded.set_dtype(mx.float32)
-    return loaded
-
 
 # --- synthetic models in every format -----------------------------------------------------------
 
