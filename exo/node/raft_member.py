@@ -35,6 +35,7 @@ from exo.core import messages as m
 from exo.core.events import Event, IndexedEvent
 from exo.core.raft_messages import EntriesSent, RaftMessage
 from exo.node.disk_faults import RETRY_SECONDS, DiskFaults
+from exo.node.env_settings import positive_setting
 from exo.node.raft_snapshots import (
     SNAPSHOT_FETCH_SECONDS,
     SNAPSHOT_RETRY_SECONDS,
@@ -75,15 +76,7 @@ def remove_after_from_env() -> float | None:
     raw = os.environ.get("EXO_REMOVE_AFTER", "").strip().lower()
     if raw in ("off", "none", "never"):
         return None
-    if not raw:
-        return REMOVE_AFTER_DEFAULT
-    try:
-        seconds = float(raw)
-    except ValueError as error:
-        raise SystemExit(f"exo: EXO_REMOVE_AFTER={raw!r} is not a number of seconds or 'off'") from error
-    if seconds <= 0:
-        raise SystemExit(f"exo: EXO_REMOVE_AFTER={raw!r} must be positive (or 'off')")
-    return seconds
+    return positive_setting("EXO_REMOVE_AFTER", float, REMOVE_AFTER_DEFAULT, "a number of seconds or 'off'")
 
 
 def read_hard_state(path: Path) -> tuple[int, str | None]:

@@ -18,11 +18,11 @@ node joining a long-running cluster) could never catch up.
 from __future__ import annotations
 
 import logging
-import os
 
 from exo.core import messages as m
 from exo.core.decoding import DECODE_ERRORS
 from exo.core.state import State, decode_state, encode_state
+from exo.node.env_settings import positive_setting
 from exo.store.base import EventStore, Snapshot
 
 logger = logging.getLogger(__name__)
@@ -39,16 +39,7 @@ class SnapshotRejected(Exception):
 
 def compact_every_from_env() -> int:
     """EXO_RAFT_COMPACT_EVERY: applied entries between two snapshots (the core keeps one to two of these)."""
-    raw = os.environ.get("EXO_RAFT_COMPACT_EVERY", "").strip()
-    if not raw:
-        return COMPACT_EVERY_DEFAULT
-    try:
-        every = int(raw)
-    except ValueError as error:
-        raise SystemExit(f"exo: EXO_RAFT_COMPACT_EVERY={raw!r} is not a whole number of entries") from error
-    if every <= 0:
-        raise SystemExit(f"exo: EXO_RAFT_COMPACT_EVERY={raw!r} must be positive")
-    return every
+    return positive_setting("EXO_RAFT_COMPACT_EVERY", int, COMPACT_EVERY_DEFAULT, "a whole number of entries")
 
 
 def state_from_answer(reply: m.Reply, index: int) -> State:
