@@ -2,25 +2,63 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+LOWEST_TEST_PORT = 15_000
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999  # Linux's default
+
+
+def _test_ports() -> Iterator[int]:
+    """Ports below the kernel's ephemeral range, from a random start, each handed out once per
+    run: a port taken with bind(0) could be handed by the kernel to another socket's ephemeral bind
+    (a node's PUB) or outgoing connection before the node that was given it binds it."""
+    low = ephemeral_port_range()[0]
+    if low - LOWEST_TEST_PORT < 1_000:
+        while True:  # no room below the range: the kernel's choice, as before
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                yield int(probe.getsockname()[1])
+    span = low - LOWEST_TEST_PORT
+    start = random.randrange(span)
+    for offset in itertools.count():
+        yield LOWEST_TEST_PORT + (start + offset) % span
+
+
+_PORTS = _test_ports()
+
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A loopback TCP port nothing listens on now, never handed out before in this run."""
+    for _ in range(1_000):
+        port = next(_PORTS)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or lingering): the next one
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
