@@ -27,7 +27,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from exo.bus.transport import Bus, RequestTimedOut
@@ -301,24 +301,34 @@ class RaftMember:
 
     async def _write(self, truncate_after: int | None, entries: list[IndexedEvent]) -> None:
         store = self.replica.store
+
+        async def write() -> None:
+            if truncate_after is not None:
+                await store.truncate_after(truncate_after)
+            await store.append(entries)
+
+        await self._until_stored(write, step_down=True)  # a master that cannot write lets another lead
+        last = entries[-1]
+        self.stored_index = last.index
+        self.handle(self.core.persisted(last.index, last.term))
+
+    async def _until_stored(self, write: Callable[[], Awaitable[None]], *, step_down: bool) -> None:
+        """Run `write` until the store takes it, every RETRY_SECONDS; while it refuses, the node is
+        stalled (takes no messages, does not tick) and, with `step_down`, stops leading first."""
         while True:
             try:
-                if truncate_after is not None:
-                    await store.truncate_after(truncate_after)
-                await store.append(entries)
+                await write()
                 break
             except StoreError as error:
                 if not self.stalled:
                     self.stalled = True
                     self.disk_faults.store_failed(error)
-                    self.handle(self.core.step_down())  # a master that cannot write lets another lead
+                    if step_down:
+                        self.handle(self.core.step_down())
                 await asyncio.sleep(RETRY_SECONDS)
         if self.stalled:
             logger.info("the event store takes writes again")
             self.stalled = False
-        last = entries[-1]
-        self.stored_index = last.index
-        self.handle(self.core.persisted(last.index, last.term))
 
     async def _apply(self, entries: list[IndexedEvent]) -> None:
         await self.replica.apply(entries)
@@ -373,18 +383,9 @@ class RaftMember:
             keep = core.keeps_log(fetch.index, fetch.term)
             # Retried like a log write (both steps repeat safely): a half-done install would leave
             # the store shorter than the core's log, and the next append would not continue it.
-            while True:
-                try:
-                    await store_snapshot(self.replica.store, state, keep, self.stored_index)
-                    break
-                except StoreError as error:
-                    if not self.stalled:
-                        self.stalled = True
-                        self.disk_faults.store_failed(error)
-                    await asyncio.sleep(RETRY_SECONDS)
-            if self.stalled:
-                logger.info("the event store takes writes again")
-                self.stalled = False
+            await self._until_stored(
+                lambda: store_snapshot(self.replica.store, state, keep, self.stored_index), step_down=False
+            )
             await self.replica.install(state)
             if not keep:
                 self.stored_index = fetch.index
