@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,14 @@ def _quantize_like_checkpoint(model: nn.Module, config: dict[str, Any], weights:
     )
 
 
+def builds_beside_compute() -> bool:
+    """Whether Python can build a pass's graph on another core than the one MLX computes it on:
+    not in a process pinned to one core (`taskset -c N`), where both share the core."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    return cores > 1
+
+
 class ShardModel:
     """The modules of one stage, and the names of the tensors it read."""
 
@@ -145,6 +154,8 @@ class ShardModel:
         self.tensor_group: Any = None  # the mx.distributed group of a tensor rank
         self.model_path: Path | None = None  # the folder it was loaded from (its tokenizer, for grammars)
         self.representation: Representation = representation
+        # Start each layer as soon as it is built (see `forward`) only where that can overlap.
+        self.layer_async_eval = builds_beside_compute()
 
     def make_cache(self) -> list[KVCache]:
         """A fresh per-layer KV cache for one request."""
@@ -161,7 +172,10 @@ class ShardModel:
             # async_eval per pass computes after its whole graph is built: a pipeline stage, which
             # cannot build ahead of its input, would add its build time to every token
             # (docs/benchmarks-inference.md). Same ops in the same order: the outputs are bit-identical.
-            mx.async_eval(hidden)
+            # On one core there is nothing to overlap, and each call costs ~0.2 ms of that core's
+            # time (docs/benchmarks.md, Tensor parallelism): a pinned process skips it.
+            if self.layer_async_eval:
+                mx.async_eval(hidden)
         if not self.spec.is_last:
             return hidden
         assert self.norm is not None and self.head is not None
