@@ -1,18 +1,16 @@
 """The node's event loop choice (exo/node/event_loop.py): uvloop when asked or available, asyncio's
-own when asked, a clear error for anything else, and zmq.asyncio sockets working on it."""
+own when asked, a clear error for anything else, and zmq.asyncio sockets working on it (uvloop is a
+dependency wherever the project runs its tests)."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 
 import pytest
 import zmq
 import zmq.asyncio
 
 from exo.node import event_loop
-
-HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
 
 
 async def _loop_module() -> str:
@@ -50,7 +48,6 @@ def test_auto_without_uvloop_falls_back_to_asyncio(monkeypatch: pytest.MonkeyPat
         event_loop.loop_factory("uvloop")
 
 
-@pytest.mark.skipif(not HAS_UVLOOP, reason="uvloop is an optional speed-up; the fallback is tested above")
 def test_auto_runs_uvloop_and_zmq_asyncio_works_on_it() -> None:
     async def round_trip() -> tuple[str, bytes]:
         context = zmq.asyncio.Context()
