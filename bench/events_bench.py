@@ -33,7 +33,6 @@ from pathlib import Path
 import httpx
 
 from exo.core.events import IndexedEvent, NodeLabelled
-from exo.node import event_loop
 from exo.node.cluster import ClusterMember
 from exo.node.main import NodeConfig, run_node
 from exo.roles.outbox import RESEND_AFTER_SECONDS
@@ -263,8 +262,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--synchronous", choices=["full", "normal"], default="full")
     arguments = parser.parse_args()
-    # The origin runs in this process: on the loop a node runs on (exo/node/event_loop.py).
-    event_loop.run(main_async(arguments.events, arguments.rate, arguments.seconds, arguments.synchronous))
+    asyncio.run(main_async(arguments.events, arguments.rate, arguments.seconds, arguments.synchronous))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ from exo.inference.fetcher import ModelFetcher
 from exo.inference.runner_options import serving_limit_problems
 from exo.inference.synthetic import ensure_builtin_model
 from exo.inference.weights import WEIGHTS_DTYPES
-from exo.node import event_loop
 from exo.node.api_adapter import ClusterServices, ModelCatalog
 from exo.node.cluster import ClusterMember
 from exo.node.generation import PipelineGenerator
@@ -545,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
         await run_node(config, stop)
 
     try:
-        event_loop.run(_main())
+        asyncio.run(_main())
     except StoreError as error:
         print(f"exo: {error}", file=sys.stderr)
         raise SystemExit(2) from None
