@@ -50,6 +50,7 @@ def addressed_topic(topic: bytes, node_id: str) -> bytes:
 
 
 MAX_PENDING_REQUESTS = 1_000
+_POLLIN = int(zmq.POLLIN)
 # Subscription messages handled per wake of the SUB socket's reader before other callbacks run.
 DRAIN_BATCH = 256
 
@@ -323,8 +324,8 @@ class Bus:
 
     def _drain_subscriptions(self) -> None:
         """The subscriber's reader callback: every frame queued, DRAIN_BATCH at a time (another
-        batch is scheduled after other callbacks), each decoded and handed to its topic's handler.
-        Reading until ZeroMQ says Again is what re-arms its edge-triggered descriptor."""
+        batch is scheduled after other callbacks), each decoded and handed to its topic's handler,
+        until ZeroMQ has nothing more and its descriptor is quiet again."""
         subscriber = self._subscriber
         if subscriber is None or subscriber.closed:
             return
@@ -332,6 +333,11 @@ class Bus:
             try:
                 frames = subscriber.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
+                # A receive handles ZeroMQ's queued commands only now and then, and until they are
+                # handled the descriptor stays readable: the loop would call this again and again
+                # while idle. Reading EVENTS handles them all (and says whether a frame came in).
+                if int(subscriber.getsockopt(zmq.EVENTS)) & _POLLIN:
+                    continue
                 return
             except zmq.ZMQError:
                 return  # closed under us (close() runs)
