@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 import zmq
 import zmq.asyncio
 
 from exo.core.security import BusSecurity, apply_curve
+
+_AnySocket = TypeVar("_AnySocket", bound="zmq.Socket[Any]")
 
 # Bounded queues: a slow or dead peer costs at most this many frames of memory per socket.
 SEND_HIGH_WATER_MARK = 10_000
@@ -18,9 +22,19 @@ class SocketFactory:
     def __init__(self, context: zmq.asyncio.Context, security: BusSecurity | None = None) -> None:
         self.context = context
         self.security = security or BusSecurity()
+        # The same ZeroMQ context seen through pyzmq's blocking API (it does not own the context).
+        self._plain_context = zmq.Context.shadow(context.underlying)
 
     def make(self, socket_type: int, *, server: bool) -> zmq.asyncio.Socket:
-        socket = self.context.socket(socket_type)
+        return self._configure(self.context.socket(socket_type), socket_type, server=server)
+
+    def make_plain(self, socket_type: int, *, server: bool) -> zmq.Socket[bytes]:
+        """A socket without pyzmq's asyncio layer (a Future and poll-state checks per call), for the
+        bus's hot paths that never wait on it: PUB sends that never block, and a SUB read from the
+        event loop's own reader callback (exo/bus/transport.py)."""
+        return self._configure(self._plain_context.socket(socket_type), socket_type, server=server)
+
+    def _configure(self, socket: _AnySocket, socket_type: int, *, server: bool) -> _AnySocket:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, SEND_HIGH_WATER_MARK)
         socket.setsockopt(zmq.RCVHWM, RECEIVE_HIGH_WATER_MARK)
@@ -32,6 +46,6 @@ class SocketFactory:
         return socket
 
 
-def bind_ephemeral(socket: zmq.asyncio.Socket, host: str) -> int:
+def bind_ephemeral(socket: zmq.Socket[bytes], host: str) -> int:
     """Bind to a free port on `host` and return it."""
     return socket.bind_to_random_port(f"tcp://{host}")

@@ -50,6 +50,9 @@ def addressed_topic(topic: bytes, node_id: str) -> bytes:
 
 
 MAX_PENDING_REQUESTS = 1_000
+_POLLIN = int(zmq.POLLIN)
+# Subscription messages handled per wake of the SUB socket's reader before other callbacks run.
+DRAIN_BATCH = 256
 
 
 class RequestTimedOut(Exception):
@@ -99,8 +102,10 @@ class Bus:
         self._request_ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self._router: zmq.asyncio.Socket | None = None
-        self._publisher: zmq.asyncio.Socket | None = None
-        self._subscriber: zmq.asyncio.Socket | None = None
+        # Plain sockets (SocketFactory.make_plain): a publish never waits, and the subscriber is read
+        # from the loop's reader callback, not through a Future per message (_drain_subscriptions).
+        self._publisher: zmq.Socket[bytes] | None = None
+        self._subscriber: zmq.Socket[bytes] | None = None
         self._subscribed_to: dict[str, str] = {}  # node id -> pub address connected
         self.frames_received = 0
         self._answering: set[asyncio.Task[None]] = set()
@@ -124,14 +129,16 @@ class Bus:
     async def start(self) -> None:
         self._router = self.factory.make(zmq.ROUTER, server=True)
         self._router.bind(f"tcp://{self.bind_host}:{self.bus_port}")
-        self._publisher = self.factory.make(zmq.PUB, server=True)
+        self._publisher = self.factory.make_plain(zmq.PUB, server=True)
         self.pub_port = bind_ephemeral(self._publisher, self.bind_host)
-        self._subscriber = self.factory.make(zmq.SUB, server=False)
+        self._subscriber = self.factory.make_plain(zmq.SUB, server=False)
         for topic in self._topic_handlers:
             wanted = addressed_topic(topic, self.node_id) if topic in ADDRESSED_TOPICS else topic
             self._subscriber.setsockopt(zmq.SUBSCRIBE, wanted)
         self._tasks.append(asyncio.create_task(self._serve_requests(), name="bus-router"))
-        self._tasks.append(asyncio.create_task(self._read_subscriptions(), name="bus-sub"))
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self._subscriber.fileno(), self._drain_subscriptions)
+        self._poke_subscriptions()
 
     async def close(self) -> None:
         for peer in self.peers.values():
@@ -144,6 +151,8 @@ class Bus:
         await asyncio.gather(*self._tasks, *tasks, return_exceptions=True)
         for peer in self.peers.values():
             peer.dealer.close(linger=0)
+        if self._subscriber is not None and not self._subscriber.closed:
+            asyncio.get_running_loop().remove_reader(self._subscriber.fileno())
         for socket in (self._router, self._publisher, self._subscriber):
             if socket is not None:
                 socket.close(linger=0)
@@ -217,6 +226,7 @@ class Bus:
                     self._subscriber.disconnect(previous)
             self._subscriber.connect(pub_address)
             self._subscribed_to[reply.node_id] = pub_address
+            self._poke_subscriptions()
         for handler in self._peer_handlers:
             handler(reply.node_id, peer.address)
 
@@ -306,24 +316,55 @@ class Bus:
 
     # --- subscriptions -------------------------------------------------------------------------
 
-    async def _read_subscriptions(self) -> None:
-        assert self._subscriber is not None
+    def _poke_subscriptions(self) -> None:
+        """Read the subscriber soon even if its descriptor stays quiet: ZeroMQ's descriptor signals
+        an edge, and any call on the socket (connect, a subscription) may consume one that frames
+        arrived with."""
+        asyncio.get_running_loop().call_soon(self._drain_subscriptions)
+
+    def _drain_subscriptions(self) -> None:
+        """The subscriber's reader callback: every frame queued, DRAIN_BATCH at a time (another
+        batch is scheduled after other callbacks), each decoded and handed to its topic's handler,
+        until ZeroMQ has nothing more and its descriptor is quiet again."""
         subscriber = self._subscriber
-        while True:
-            frames = await subscriber.recv_multipart()
-            self.frames_received += 1
-            if len(frames) != 2:
-                self.drops.drop("sub", f"{len(frames)} frames")
-                continue
-            topic, payload = frames
-            base = topic.split(ADDRESS_SEPARATOR, 1)[0]
-            addressed = base in ADDRESSED_TOPICS
-            if (base != topic or addressed) and topic != addressed_topic(base, self.node_id):
-                self.drops.drop("sub", "addressed to another node")
-                continue
-            message = decode_topic(base, payload, self.drops, "sub")
-            if message is None:
-                continue
-            handler = self._topic_handlers.get(base)
-            if handler is not None:
-                handler(message)
+        if subscriber is None or subscriber.closed:
+            return
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = subscriber.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                # A receive handles ZeroMQ's queued commands only now and then, and until they are
+                # handled the descriptor stays readable: the loop would call this again and again
+                # while idle. Reading EVENTS handles them all (and says whether a frame came in).
+                if int(subscriber.getsockopt(zmq.EVENTS)) & _POLLIN:
+                    continue
+                return
+            except zmq.ZMQError:
+                return  # closed under us (close() runs)
+            self._on_subscription(frames)
+        self._poke_subscriptions()
+
+    def _on_subscription(self, frames: list[bytes]) -> None:
+        self.frames_received += 1
+        if len(frames) != 2:
+            self.drops.drop("sub", f"{len(frames)} frames")
+            return
+        topic, payload = frames
+        base = topic.split(ADDRESS_SEPARATOR, 1)[0]
+        addressed = base in ADDRESSED_TOPICS
+        if (base != topic or addressed) and topic != addressed_topic(base, self.node_id):
+            self.drops.drop("sub", "addressed to another node")
+            return
+        message = decode_topic(base, payload, self.drops, "sub")
+        if message is None:
+            return
+        handler = self._topic_handlers.get(base)
+        if handler is None:
+            return
+        try:
+            handler(message)
+        except Exception:
+            # One handler's bug must not stop the bus: the frames after it are still read.
+            logger.exception(
+                "handler for %s failed on %s", base.decode(errors="replace"), type(message).__name__
+            )
