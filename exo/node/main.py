@@ -54,6 +54,7 @@ from exo.node.generation import PipelineGenerator
 from exo.node.hub_services import HubModels
 from exo.node.link_probe import LinkProber
 from exo.node.replica import restore
+from exo.node.spare_runner import spare_enabled
 from exo.node.worker import RunnerLimits, Worker
 from exo.store import open_store
 from exo.store.base import StoreError
@@ -307,6 +308,7 @@ async def run_node(
             prepare=lambda model_id, shard, started: hub.prepare_stage(
                 model_id, shard.start_layer, shard.end_layer, started
             ),
+            spare_runner=spare_enabled(),
         )
         await worker.start()
         stack.push_async_callback(worker.close)
