@@ -172,6 +172,10 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
         host, _, port = peer.rpartition(":")
         if not host or not port.isdigit():
             parser.error(f"--peers: {peer!r} is not HOST:PORT")
+    try:
+        spare_enabled()  # the worker reads it later: a bad value stops the node here
+    except ValueError as error:
+        parser.error(str(error))
     return NodeConfig(
         node_id=args.node_id,
         data_dir=data_dir,

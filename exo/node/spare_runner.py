@@ -8,8 +8,8 @@ while the node is idle. The replacement for a spare taken starts only once no ru
 has been starting, waiting for files or loading for a few seconds, so it does not compete with a
 placement in progress (here or, on a machine shared by several nodes, on the other stages' nodes).
 
-Cost: one idle process per node holding mlx's libraries (about 150 MB resident, measured in
-docs/benchmarks.md). `EXO_SPARE_RUNNER=0` in the node's environment turns it off: runners then
+Cost: one idle process per node holding mlx's libraries (about 70 MB resident, 31 MB of it its
+own; docs/models.md). `EXO_SPARE_RUNNER=0` in the node's environment turns it off: runners then
 start on each placement as before.
 """
 
