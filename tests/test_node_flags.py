@@ -91,3 +91,14 @@ def test_max_connections_never_exceeds_the_descriptor_budget() -> None:
 def test_metrics_public_is_off_unless_asked() -> None:
     assert parse_args([]).metrics_public is False
     assert parse_args(["--metrics-public"]).metrics_public is True
+
+
+def test_a_bad_spare_runner_setting_stops_the_node_at_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EXO_SPARE_RUNNER", "sometimes")
+    with pytest.raises(SystemExit):
+        parse_args([])
+    assert "EXO_SPARE_RUNNER must be 1 or 0" in capsys.readouterr().err
+    monkeypatch.setenv("EXO_SPARE_RUNNER", "0")
+    parse_args([])

@@ -114,3 +114,66 @@ async def test_a_failed_download_stops_the_waiting_runner(tmp_path: Path, fails:
         assert "loading" not in statuses(events)
     finally:
         await worker.close()
+
+
+async def test_a_warm_spare_runner_becomes_the_stage_runner_and_is_replaced_once_the_node_is_idle(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "models" / MODEL
+    write_synthetic_model(folder, SMALL_SPEC, shards=2)
+    files_here = asyncio.Event()
+
+    async def prepare(model_id: str, assignment: ShardAssignment, downloading: Callable[[], None]) -> None:
+        downloading()
+        await files_here.wait()
+
+    def find_model(model_id: str) -> ModelInfo:
+        return read_model_info(folder, model_id)
+
+    events: list[Event] = []
+    worker = Worker(NODE, find_model, events.extend, prepare=prepare, spare_runner=True)
+    await worker.start()
+    try:
+        await worker.reconcile(State())
+        spare = worker._spare  # pyright: ignore[reportPrivateUsage]
+        assert spare is not None and spare.process is not None
+        spare_pid = spare.process.pid
+        await until(lambda: mlx_mapped(spare_pid), "the spare to import mlx")
+        await worker.reconcile(placed())
+        runner = worker.runners[INSTANCE]
+        assert runner.process is not None and runner.process.pid == spare_pid
+        await until(lambda: runner.status == "waiting", "the spare to say it started as the stage's runner")
+        assert spare.process is None  # no second spare while this stage waits for its files
+        await worker.reconcile(placed())
+        assert spare.process is None
+        spare.idle_seconds = 3600.0
+        files_here.set()
+        await until(lambda: runner.status == "ready", "the stage to load")
+        await worker.reconcile(placed())
+        assert spare.process is None  # not before the node has been idle for idle_seconds
+        spare.idle_seconds = 0.0
+        await worker.reconcile(placed())
+        replacement = spare.process
+        assert replacement is not None and replacement.pid != spare_pid
+    finally:
+        await worker.close()
+    assert replacement.returncode == 0  # told to stop by the end of its input, not killed
+
+
+async def test_a_spare_runner_exits_when_its_node_closes_its_input() -> None:
+    from exo.inference.runner import runner_command
+    from exo.inference.runner_options import SPARE_FLAG
+
+    process = await asyncio.create_subprocess_exec(
+        *runner_command("tcp://127.0.0.1:9", "spare"), SPARE_FLAG, stdin=asyncio.subprocess.DEVNULL
+    )
+    assert await asyncio.wait_for(process.wait(), 120) == 0
+
+
+@pytest.mark.parametrize("value", ["2", "maybe"])
+def test_a_bad_spare_runner_setting_is_refused(value: str) -> None:
+    from exo.node.spare_runner import spare_enabled
+
+    with pytest.raises(ValueError, match="EXO_SPARE_RUNNER must be 1 or 0"):
+        spare_enabled({"EXO_SPARE_RUNNER": value})
+    assert spare_enabled({}) and not spare_enabled({"EXO_SPARE_RUNNER": "off"})

@@ -34,6 +34,15 @@ def configure_huggingface_hub() -> None:
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per request otherwise
 
 
+def import_hub_client() -> None:
+    """Import huggingface_hub's client ahead of the first download (a node does it at start, in
+    a thread): ~0.2 s of CPU that a placement's download would otherwise pay on every node."""
+    configure_huggingface_hub()
+    import filelock  # noqa: F401  # pyright: ignore[reportUnusedImport]
+    import huggingface_hub.file_download  # noqa: F401  # pyright: ignore[reportUnusedImport]
+    from huggingface_hub import HfApi  # noqa: F401  # pyright: ignore[reportUnusedImport]
+
+
 DEFAULT_ENDPOINT = "https://huggingface.co"
 METADATA_TIMEOUT_SECONDS = 20.0
 

@@ -50,7 +50,7 @@ from exo.inference.protocol import (
     control_to_runner_decoder,
     encode,
 )
-from exo.inference.runner_options import RunnerOptions, parse_arguments, runner_command
+from exo.inference.runner_options import SPARE_FLAG, RunnerOptions, parse_arguments, runner_command
 
 if TYPE_CHECKING:
     from exo.inference.ring_watchdog import PassWatchdog
@@ -624,11 +624,18 @@ def import_loading_code() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = parse_arguments(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    spare = SPARE_FLAG in arguments
+    options = parse_arguments([each for each in arguments if each != SPARE_FLAG])
     blas = load_optimized_blas(options.threads)  # before anything imports mlx
     release_freed_buffers()
     import_model_code_only()
     import_loading_code()
+    if spare:
+        runner_id = sys.stdin.readline().strip()
+        if not runner_id:
+            return 0  # the node closed the spare's input: no stage came
+        options = msgspec.structs.replace(options, runner_id=runner_id)
     return Runner(options, blas).run()
 
 

@@ -18,6 +18,11 @@ DESCRIPTION = (
 )
 
 
+# A runner started with this flag is a node's warm spare (exo/node/spare_runner.py): it imports
+# what loading needs, then reads its runner id from stdin (end of input: it exits).
+SPARE_FLAG = "--spare"
+
+
 class RunnerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     control: str
     runner_id: str

@@ -26,7 +26,7 @@ from exo.core.events import (
 from exo.core.models import ModelFootprint, ModelInfo
 from exo.core.state import State
 from exo.inference.fetcher import ModelFetcher
-from exo.inference.hub import HubError, HubNotFound
+from exo.inference.hub import HubError, HubNotFound, import_hub_client
 from exo.inference.manifest import is_complete, read_manifest
 from exo.inference.models import describe_model, model_folder, split_hub_id
 from exo.node.cluster import ClusterMember
@@ -300,6 +300,7 @@ class HubModels:
     async def act_on_requests(self) -> None:
         """Carry out the downloads and removals the log asks of this node (and resume a whole-model
         download a restart cut short)."""
+        await asyncio.to_thread(import_hub_client)
         seen = -1
 
         def moved(state: State) -> bool:

@@ -54,6 +54,7 @@ from exo.node.generation import PipelineGenerator
 from exo.node.hub_services import HubModels
 from exo.node.link_probe import LinkProber
 from exo.node.replica import restore
+from exo.node.spare_runner import spare_enabled
 from exo.node.worker import RunnerLimits, Worker
 from exo.store import open_store
 from exo.store.base import StoreError
@@ -171,6 +172,10 @@ def parse_args(argv: list[str] | None = None) -> NodeConfig:
         host, _, port = peer.rpartition(":")
         if not host or not port.isdigit():
             parser.error(f"--peers: {peer!r} is not HOST:PORT")
+    try:
+        spare_enabled()  # the worker reads it later: a bad value stops the node here
+    except ValueError as error:
+        parser.error(str(error))
     return NodeConfig(
         node_id=args.node_id,
         data_dir=data_dir,
@@ -307,6 +312,7 @@ async def run_node(
             prepare=lambda model_id, shard, started: hub.prepare_stage(
                 model_id, shard.start_layer, shard.end_layer, started
             ),
+            spare_runner=spare_enabled(),
         )
         await worker.start()
         stack.push_async_callback(worker.close)

@@ -31,6 +31,9 @@ PEER_MODEL_SECONDS = 1.0
 PEER_WAIT_POLL_SECONDS = 0.1
 PEER_STALL_SECONDS = 20.0
 OWN_START_WAIT_SECONDS = 5.0
+# Every download thread waits for its own ModelDownloadStarted to be applied before its first
+# file (tens of ms after the start): polled finely, as each poll's lag delays the whole download.
+OWN_START_POLL_SECONDS = 0.01
 # A download installs config.json last (a folder is a model once it is there), so a peer could
 # copy it only after that whole download: a node writes it from the model's description (read
 # from the placing node, exo.inference.downloads), or, for a description without it, fetches it
@@ -164,7 +167,7 @@ class PeerFiles:
             download = self.member.state.downloads.get(self.member.node_id, {}).get(repo_id)
             if download is not None and download.status == "downloading" and path in download.files:
                 return
-            self.closing.wait(PEER_WAIT_POLL_SECONDS)
+            self.closing.wait(OWN_START_POLL_SECONDS)
 
     def _stalled(self, peer: str, repo_id: str, waiting_since: float) -> bool:
         """The node fetching for us sent no progress that moved for PEER_STALL_SECONDS."""

@@ -37,6 +37,7 @@ from exo.inference.protocol import (
 )
 from exo.inference.runner import runner_command
 from exo.inference.weights import WeightsDtype
+from exo.node.spare_runner import SpareRunner
 from exo.roles.worker_plan import LOCAL_TRANSITIONS, LocalStatus, StartRunner, StopRunner, plan
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class Worker:
         security: BusSecurity | None = None,
         runner_limits: RunnerLimits | None = None,
         prepare: PrepareStage | None = None,
+        spare_runner: bool = False,
     ) -> None:
         self.node_id = node_id
         self._prepare = prepare
@@ -121,6 +123,7 @@ class Worker:
         self.control_address = ""
         self._reader: asyncio.Task[None] | None = None
         self.dropped_control_frames = 0
+        self._spare = SpareRunner(self.runner_argv, self.runner_environment) if spare_runner else None
 
     async def start(self) -> None:
         self._control = self._context.socket(zmq.ROUTER)
@@ -131,6 +134,8 @@ class Worker:
 
     async def close(self) -> None:
         await asyncio.gather(*(self._stop(instance_id) for instance_id in list(self.runners)))
+        if self._spare is not None:
+            await self._spare.close()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -166,6 +171,11 @@ class Worker:
                     await self._stop(instance_id)
         self._form_rings(state)
         self._reannounce(state)
+        if self._spare is not None:
+            busy = any(
+                runner.status in ("starting", "waiting", "loading") for runner in self.runners.values()
+            )
+            await self._spare.keep(busy=busy)
 
     def _form_rings(self, state: State) -> None:
         """Hand each waiting tensor rank its ring once the log has every rank's address: the
@@ -222,9 +232,7 @@ class Worker:
         runner = LocalRunner(decision.instance_id, runner_id, None)
         self.runners[decision.instance_id] = runner
         try:
-            runner.process = await asyncio.create_subprocess_exec(
-                *self.runner_argv(runner_id), env=self.runner_environment
-            )
+            runner.process = await self._spawn(runner_id)
         except OSError as error:
             runner.move("failed")
             runner.failure = str(error)
@@ -272,15 +280,21 @@ class Worker:
         load = load_order(decision, model.path)
         runner = LocalRunner(decision.instance_id, runner_id, load)
         self.runners[decision.instance_id] = runner
-        argv = self.runner_argv(runner_id)
         self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "loading")])
         try:
-            runner.process = await asyncio.create_subprocess_exec(*argv, env=self.runner_environment)
+            runner.process = await self._spawn(runner_id)
         except OSError as error:
             runner.move("failed")
             self._report([RunnerStatusUpdated(decision.instance_id, self.node_id, "failed", str(error))])
             return
         runner.watcher = asyncio.create_task(self._watch(runner), name=f"worker-watch-{runner_id}")
+
+    async def _spawn(self, runner_id: str) -> asyncio.subprocess.Process:
+        """The warm spare (exo/node/spare_runner.py) when there is one, else a new runner."""
+        spare = await self._spare.take(runner_id) if self._spare is not None else None
+        if spare is not None:
+            return spare
+        return await asyncio.create_subprocess_exec(*self.runner_argv(runner_id), env=self.runner_environment)
 
     def runner_argv(self, runner_id: str) -> list[str]:
         return runner_command(
