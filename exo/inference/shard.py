@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
+from exo.inference.fuse import fuse_layers
 from exo.inference.models import layer_index, unsupported_reason, weight_files
 from exo.inference.vocab_shard import VocabShard
 from exo.inference.weights import Representation, hold_as_float32
@@ -244,6 +245,8 @@ def load_shard(
             shard_vocabulary(model, tied=tied, group=group)
     if representation == "float32":
         hold_as_float32(model)
+    if group is None:  # a tensor rank's linears are split per rank already (exo.inference.fuse)
+        fuse_layers(model.model.layers[spec.start_layer : spec.end_layer])
 
     inner = model.model
     embed_tokens = inner.embed_tokens if (spec.is_first or (spec.is_last and tied)) else None
