@@ -116,10 +116,7 @@ def _concatenated(modules: Sequence[nn.Module]) -> nn.Module | None:
     kernel = kind is qkernel.kernel_linear_class()
     if kind is not nn.QuantizedLinear and not kernel:
         return None
-    settings: set[tuple[int, int, str]] = {
-        (int(module.group_size), int(module.bits), str(getattr(module, "mode", "affine")))
-        for module in modules
-    }
+    settings = {_quantization(module) for module in modules}
     if len(settings) != 1 or any(module.get("biases") is None for module in modules):
         return None
     group_size, bits, mode = settings.pop()
@@ -140,6 +137,11 @@ def _concatenated(modules: Sequence[nn.Module]) -> nn.Module | None:
     if kernel:
         return qkernel.kernel_linear_class()(quantized)
     return quantized
+
+
+def _quantization(module: Any) -> tuple[int, int, str]:
+    """(group size, bits, mode) of a quantized layer of either kind."""
+    return int(module.group_size), int(module.bits), str(getattr(module, "mode", "affine"))
 
 
 def _quantization(module: Any) -> tuple[int, int, str]:
