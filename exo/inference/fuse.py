@@ -144,11 +144,6 @@ def _quantization(module: Any) -> tuple[int, int, str]:
     return int(module.group_size), int(module.bits), str(getattr(module, "mode", "affine"))
 
 
-def _quantization(module: Any) -> tuple[int, int, str]:
-    """(group size, bits, mode) of a quantized layer of either kind."""
-    return int(module.group_size), int(module.bits), str(getattr(module, "mode", "affine"))
-
-
 def _output_width(module: nn.Module) -> int:
     return int(module["weight"].shape[0])
 
