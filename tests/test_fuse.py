@@ -15,6 +15,7 @@ from typing import Any
 import mlx.core as mx
 import pytest
 from mlx import nn
+from mlx.utils import tree_flatten
 
 from exo.inference import qkernel
 from exo.inference.fuse import FusedLinear, FusedSlice, fuse_layers, fused_sum
@@ -157,3 +158,27 @@ def test_other_supported_families_compute_the_same_logits(architecture: str) -> 
     expected = model(inputs)
     assert fuse_layers(model.model.layers) == 4
     assert largest(model(inputs) - expected) <= FUSED_TOLERANCE * largest(expected)
+
+
+@pytest.mark.parametrize("name", ["llama", "q4"])
+def test_fusing_keeps_the_load_peak(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each group's source arrays are freed once concatenated: the load's peak grows by at most one
+    group's bytes (it grew by all of them while the checkpoint's dict outlived the load)."""
+    spec = ShardSpec(start_layer=0, end_layer=N_LAYERS, n_layers=N_LAYERS)
+    peaks: dict[str, int] = {}
+    for fuse in ("off", "on"):
+        monkeypatch.setenv("EXO_FUSE", fuse)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        shard = load_shard(checkpoint(name), spec, "float32")
+        peaks[fuse] = mx.get_peak_memory()
+        del shard
+    layer: Any = stages_of(checkpoint(name), 1)[0].layers[0]
+    largest_group = max(_bytes(layer[part]) for part in ("self_attn", "mlp"))
+    assert peaks["on"] <= peaks["off"] + largest_group
+
+
+def _bytes(module: Any) -> int:
+    arrays = tree_flatten(module.parameters())
+    assert isinstance(arrays, list)
+    return sum(array.nbytes for _, array in arrays)

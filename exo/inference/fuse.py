@@ -165,6 +165,9 @@ def fuse_layers(layers: Iterable[nn.Module]) -> int:
             if fused is None:
                 continue
             widths = [_output_width(module) for module in modules]
+            # Computed now, group by group: evaluated with the rest of the stage, every group's
+            # source arrays and its concatenation would be held at once (+65% peak at load).
+            mx.eval(fused.parameters())
             head = FusedLinear(fused, widths)
             setattr(parent, names[0], head)
             for index, name in enumerate(names[1:], 1):
