@@ -6,7 +6,8 @@ from bfloat16 (group 64, bfloat16 scales), loads each as a whole-model stage the
 (`load_shard(..., "float32")`: the 4-bit one keeps its linear layers packed for the kernel), and
 decodes greedily `--rows` sequences at once, rounds interleaved (every other one reversed). No HTTP,
 no scheduler: the products alone, plus MLX's graph. `--threads` sets MKL's threads and the kernel's
-(EXO_KERNEL_THREADS); `--dequantized` adds the 4-bit checkpoint dequantized to float32 (EXO_KERNEL=off).
+(EXO_KERNEL_THREADS); `--dequantized` adds the 4-bit checkpoint dequantized to float32 (EXO_KERNEL=off);
+`--unfused` adds both models without fused q/k/v and gate/up products (EXO_FUSE=off).
 Not part of `python -m bench`; figures in docs/benchmarks.md ("exo's CPU kernel, in process").
 """
 
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dequantized", action="store_true")
+    parser.add_argument(
+        "--unfused", action="store_true", help="add each model loaded with EXO_FUSE=off (exo.inference.fuse)"
+    )
     arguments = parser.parse_args(argv)
     os.environ["EXO_KERNEL_THREADS"] = str(arguments.threads)
     load_optimized_blas(arguments.threads)
@@ -51,14 +55,18 @@ def main(argv: list[str] | None = None) -> None:
         ),
     }
 
-    def load(name: str, *, kernel: bool) -> ShardModel:
+    def load(name: str, *, kernel: bool, fuse: bool = True) -> ShardModel:
         os.environ["EXO_KERNEL"] = "on" if kernel else "off"
+        os.environ["EXO_FUSE"] = "on" if fuse else "off"
         spec = ShardSpec(start_layer=0, end_layer=LAYERS, n_layers=LAYERS)
         return load_shard(paths[name], spec, "float32")
 
     setups = {"f32": load("f32", kernel=False), "q4_kernel": load("q4", kernel=True)}
     if arguments.dequantized:
         setups["q4_dequantized"] = load("q4", kernel=False)
+    if arguments.unfused:
+        setups["f32_unfused"] = load("f32", kernel=False, fuse=False)
+        setups["q4_kernel_unfused"] = load("q4", kernel=True, fuse=False)
 
     def decode(shard: ShardModel) -> float:
         cache = shard.make_cache()

@@ -156,8 +156,8 @@ def test_kernel_pipeline_gives_mlx_lm_quantized_greedy_tokens(
     model = tiny_format_models()[checkpoint]
     expected_model = upcast_reference(model)
     shards = stages_of(model, stages)
-    assert module_class(shards[0].layers[0], "mlp.up_proj") == "KernelLinear"
-    assert module_class(shards[0].layers[0], "self_attn.q_proj") == "KernelLinear"
+    assert module_class(shards[0].layers[0], "mlp.down_proj") == "KernelLinear"
+    assert module_class(shards[0].layers[0], "self_attn.q_proj.fused") == "KernelLinear"  # with k, v
     for prompt in PROMPTS:
         expected_tokens, expected_logits = reference_greedy(expected_model, prompt)
         tokens, logits = pipeline_greedy(shards, prompt)
@@ -182,7 +182,7 @@ def test_disabled_kernel_keeps_the_dequantized_path(monkeypatch: pytest.MonkeyPa
     with pytest.raises(qkernel.KernelBuildError, match="EXO_KERNEL=off"):
         qkernel.load_kernel(required=True)
     shards = stages_of(tiny_format_models()["q4"], 1)
-    assert module_class(shards[0].layers[0], "mlp.up_proj") == "Linear"
+    assert module_class(shards[0].layers[0], "mlp.down_proj") == "Linear"
 
 
 def test_build_without_a_toolchain_says_what_is_missing(
@@ -210,7 +210,7 @@ def test_models_without_quantized_layers_never_ask_for_the_kernel(monkeypatch: p
 
     monkeypatch.setattr(qkernel, "load_kernel", refuse)
     shards = stages_of(tiny_format_models()["bf16"], 1)
-    assert module_class(shards[0].layers[0], "mlp.up_proj") == "Linear"
+    assert module_class(shards[0].layers[0], "mlp.down_proj") == "Linear"
 
 
 def test_a_module_that_takes_no_mlx_arrays_or_computes_wrong_is_refused(kernel: Any) -> None:

@@ -128,7 +128,7 @@ def test_dequantized_pipeline_matches_mlx_lm_quantized_model(
     reference = upcast_reference(model)  # still quantized: only scales, biases and norms widen
     assert module_class(reference, "model.layers.0.mlp.up_proj") == "QuantizedLinear"
     shards = stages_of(model, stages)
-    assert module_class(shards[0].layers[0], "mlp.up_proj") == "Linear"
+    assert module_class(shards[0].layers[0], "mlp.down_proj") == "Linear"
     for prompt in PROMPTS:
         expected_tokens, expected_logits = reference_greedy(reference, prompt)
         tokens, logits = pipeline_greedy(shards, prompt)

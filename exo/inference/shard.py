@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
+from exo.inference.fuse import fuse_layers
 from exo.inference.models import layer_index, unsupported_reason, weight_files
 from exo.inference.vocab_shard import VocabShard
 from exo.inference.weights import Representation, hold_as_float32
@@ -225,6 +226,7 @@ def load_shard(
         loaded = mx.load(str(file))  # lazy: nothing is read until an array is evaluated
         assert isinstance(loaded, dict)
         weights.update(loaded)
+    del loaded  # its arrays must not outlive the model's: fusing replaces some (docs/inference.md)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     if config.get("quantization") is not None:
@@ -258,6 +260,8 @@ def load_shard(
             shard_vocabulary(model, tied=tied, group=group)
     if representation == "float32":
         hold_as_float32(model)
+    if group is None:  # a tensor rank's linears are split per rank already (exo.inference.fuse)
+        fuse_layers(model.model.layers[spec.start_layer : spec.end_layer])
 
     inner = model.model
     embed_tokens = inner.embed_tokens if (spec.is_first or (spec.is_last and tied)) else None
