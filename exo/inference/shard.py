@@ -226,7 +226,7 @@ def load_shard(
         loaded = mx.load(str(file))  # lazy: nothing is read until an array is evaluated
         assert isinstance(loaded, dict)
         weights.update(loaded)
-    del loaded  # its arrays must not outlive the model's: fusing replaces some (docs/inference.md)
+        del loaded  # its arrays must not outlive the model's: fusing replaces some (docs/inference.md)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     if config.get("quantization") is not None:
