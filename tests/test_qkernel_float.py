@@ -7,6 +7,9 @@ pipelines of float32 stages give mlx-lm's greedy tokens with logits within LOGIT
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -150,3 +153,33 @@ def test_float_kernel_pipeline_gives_mlx_lm_greedy_tokens(kernel: Any, stages: i
         assert tokens == expected_tokens
         for got, expected in zip(logits, expected_logits, strict=True):
             assert largest(got - expected) <= LOGITS_TOLERANCE * largest(expected)
+
+
+POOL_SCRIPT = """
+import mlx.core as mx
+from exo.inference import qkernel
+w = mx.random.normal((512, 1024))
+for step in range(100):
+    x = mx.random.normal((1 + step % 3, 1024))
+    got, expected = qkernel.float_gemv(x, w), x @ w.T
+    assert (mx.abs(got - expected).max() / mx.abs(expected).max()).item() < 1e-5, step
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("spin_us", ["0", "100000"])
+def test_pool_workers_that_sleep_or_spin_are_woken_for_every_product(kernel: Any, spin_us: str) -> None:
+    # A fresh process with a 2-thread pool: workers that sleep on the futex after every product
+    # (spin 0) must be woken for the next one, and spinning ones must see it; a lost wake-up
+    # hangs (the timeout fails the test).
+    environment = {**os.environ, "EXO_KERNEL_THREADS": "2", "EXO_KERNEL_SPIN_US": spin_us}
+    done = subprocess.run(
+        [sys.executable, "-c", POOL_SCRIPT],
+        check=False,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
