@@ -58,10 +58,15 @@ def main(argv: list[str] | None = None) -> None:
     def load(name: str, *, kernel: bool, fuse: bool = True) -> ShardModel:
         os.environ["EXO_KERNEL"] = "on" if kernel else "off"
         os.environ["EXO_FUSE"] = "on" if fuse else "off"
+        os.environ["EXO_KERNEL_FLOAT"] = "on"
         spec = ShardSpec(start_layer=0, end_layer=LAYERS, n_layers=LAYERS)
         return load_shard(paths[name], spec, "float32")
 
-    setups = {"f32": load("f32", kernel=False), "q4_kernel": load("q4", kernel=True)}
+    setups = {
+        "f32": load("f32", kernel=False),
+        "f32_kernel": load("f32", kernel=True),
+        "q4_kernel": load("q4", kernel=True),
+    }
     if arguments.dequantized:
         setups["q4_dequantized"] = load("q4", kernel=False)
     if arguments.unfused:

@@ -205,6 +205,9 @@ def test_building_ahead_reports_the_module_or_why_not(
 
 
 def test_models_without_quantized_layers_never_ask_for_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With its float32 product switched off (it is on by default: tests/test_qkernel_float.py).
+    monkeypatch.setenv("EXO_KERNEL_FLOAT", "off")
+
     def refuse(**_: object) -> None:
         raise AssertionError("the kernel was asked for")
 

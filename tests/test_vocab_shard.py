@@ -142,8 +142,9 @@ def test_two_ranks_gather_one_process_logits_for_every_head_representation() -> 
         (str(formats["q4"]), 6, "float32"),  # 4-bit, widened
         (str(formats["q8"]), 6, "float32"),  # 8-bit tied, widened
     ]
-    # A widened 4-bit head stays packed for exo's CPU kernel where it builds (KernelLinear).
-    heads = [{"Linear"}, {"Embedding"}, {"Linear", "KernelLinear"}, {"Embedding"}]
+    # A widened 4-bit head stays packed for exo's CPU kernel where it builds (KernelLinear); a
+    # float32 one decodes through the kernel's float32 product there (FloatKernelLinear).
+    heads = [{"Linear", "FloatKernelLinear"}, {"Embedding"}, {"Linear", "KernelLinear"}, {"Embedding"}]
     _check(2, cases, heads, [False, True, False, True])
 
 
@@ -159,4 +160,4 @@ def test_three_ranks_with_a_vocabulary_that_does_not_divide(tmp_path: Path) -> N
     config = json.loads((tied / "config.json").read_text())
     assert config["vocab_size"] % 3 != 0  # the last rank's slice is short
     cases = [(str(tied), 2, "float32"), (str(untied), 2, "float32")]
-    _check(3, cases, [{"Embedding"}, {"Linear"}], [True, False])
+    _check(3, cases, [{"Embedding"}, {"Linear", "FloatKernelLinear"}], [True, False])

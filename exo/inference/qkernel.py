@@ -9,8 +9,12 @@ for it (like torch.utils.cpp_extension.load); later processes load the cached mo
 compiler, or when the build fails, `load_kernel()` returns None, logs one line, and callers keep
 the pure-MLX path.
 
-`EXO_KERNEL=off` disables it; `EXO_KERNEL_CACHE` overrides the cache dir
-(default `$EXO_HOME/kernels`, `~/.exo/kernels`); `python -m exo.inference.qkernel` builds it ahead.
+The same module computes float32 linear layers' decode products over every core (MKL's few-row
+GEMV runs on one): `FloatKernelLinear`, used by every stage held as float32.
+
+`EXO_KERNEL=off` disables it (`EXO_KERNEL_FLOAT=off` only its float32 product); `EXO_KERNEL_CACHE`
+overrides the cache dir (default `$EXO_HOME/kernels`, `~/.exo/kernels`); `python -m
+exo.inference.qkernel` builds it ahead.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from filelock import FileLock
 
 if TYPE_CHECKING:
     import mlx.core as mx
+    from mlx import nn
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,10 @@ BUILD_TIMEOUT_S = 600.0
 # (1024x2816, 4-bit), the kernel takes 5.5 / 12 / 32 / 69 ms for 16 / 32 / 64 / 128 rows against
 # 12 / 14 / 23 / 36 ms dequantized; below ~32 rows the kernel wins.
 KERNEL_MAX_ROWS = 32
+# Float32 linear layers: up to this many rows (decode, a few streams) go through the kernel
+# module's float32 product, which streams the weight over every core; MKL's GEMV/GEMM for so few
+# rows runs on one (docs/inference.md). Prompt chunks keep MKL's GEMM.
+FLOAT_KERNEL_MAX_ROWS = 8
 
 
 class _State:
@@ -57,6 +66,7 @@ class _State:
     tried = False
     failure: str | None = None
     linear_class: type | None = None
+    float_linear_class: type | None = None
 
 
 _state = _State()
@@ -225,6 +235,12 @@ def dequantize_f32(
     return module.dequantize(w, scales, biases, group_size, bits)
 
 
+def float_gemv(x: mx.array, w: mx.array) -> mx.array:
+    """y = x @ w.T for float32 x (..., in) and w (out, in), over every core (few rows of x)."""
+    module: Any = _state.loaded if _state.loaded is not None else load_kernel(required=True)
+    return module.float_gemv(x, w)
+
+
 def kernel_expected() -> bool:
     """Whether a runner here will likely use the kernel (placement sizes packed layers then),
     decided without importing mlx: enabled, x86_64 with AVX2 (the fast path), and a toolchain or
@@ -296,6 +312,60 @@ def _define_kernel_linear() -> type:
             return y
 
     return KernelLinear
+
+
+def float_enabled() -> bool:
+    """Whether float32 linear layers use the kernel's float32 product (EXO_KERNEL_FLOAT=off: MKL
+    for every float32 product, and a model without quantized layers never builds the kernel)."""
+    return os.environ.get("EXO_KERNEL_FLOAT", "").lower() not in ("off", "0", "false", "no")
+
+
+def float_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, replacement) for the model's float32 `nn.Linear` layers (exactly that class: sharded
+    layers keep theirs), unless EXO_KERNEL_FLOAT=off (MKL for every float32 product)."""
+    from mlx import nn
+
+    if not float_enabled():
+        return []
+    float_linear = float_linear_class()
+    return [
+        (name, float_linear(module)) for name, module in model.named_modules() if type(module) is nn.Linear
+    ]
+
+
+def float_linear_class() -> type:
+    """nn.Module for a float32 linear layer whose decode products go through the kernel."""
+    if _state.float_linear_class is None:
+        _state.float_linear_class = _define_float_linear()
+    return _state.float_linear_class
+
+
+def _define_float_linear() -> type:
+    from mlx import nn
+
+    class FloatKernelLinear(nn.Module):
+        """nn.Linear (float32) computed by the kernel's float32 product for up to
+        FLOAT_KERNEL_MAX_ROWS rows of x, by MLX's matmul (MKL's GEMM) for more."""
+
+        def __init__(self, layer: nn.Linear) -> None:
+            super().__init__()
+            self.weight = layer.weight
+            if "bias" in layer:
+                self.bias = layer.bias
+            self.freeze()
+
+        def __call__(self, x: mx.array) -> mx.array:
+            import mlx.core as mx
+
+            weight = self["weight"]
+            if x.dtype == mx.float32 and x.size // max(x.shape[-1], 1) <= FLOAT_KERNEL_MAX_ROWS:
+                y = float_gemv(x, weight)
+                return y + self["bias"] if "bias" in self else y
+            if "bias" in self:
+                return mx.addmm(self["bias"], x, weight.T)
+            return x @ weight.T
+
+    return FloatKernelLinear
 
 
 def main() -> int:

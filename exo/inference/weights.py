@@ -54,7 +54,8 @@ def hold_as_float32(model: nn.Module, *, kernel: bool | None = None) -> nn.Modul
 
     With exo's CPU kernel (`kernel`: None uses it where it builds and has its AVX2 path), quantized
     linear layers it supports stay packed and compute in float32 through it (exo.inference.qkernel):
-    decode reads ~1/7 of float32's bytes. Embeddings are still dequantized.
+    decode reads ~1/7 of float32's bytes, and float32 linear layers decode through its float32
+    product (every core; MKL's few-row GEMV runs on one). Embeddings are still dequantized.
 
     The same replacement as mlx_lm.utils.dequantize_model, but computed in float32: that one keeps
     the scales' dtype (bfloat16 in Hub conversions) and rounds every weight to it.
@@ -66,9 +67,10 @@ def hold_as_float32(model: nn.Module, *, kernel: bool | None = None) -> nn.Modul
     from exo.inference import qkernel
 
     if kernel is None:
-        # Only a model with quantized linear layers needs the kernel (and its first-use build).
+        # Quantized linear layers need the kernel (and its first-use build); float32 ones use its
+        # float32 product unless EXO_KERNEL_FLOAT=off.
         quantized = any(isinstance(module, nn.QuantizedLinear) for _, module in model.named_modules())
-        loaded = qkernel.load_kernel() if quantized else None
+        loaded = qkernel.load_kernel() if quantized or qkernel.float_enabled() else None
         kernel = loaded is not None and loaded.isa() != "scalar"
     replaced: list[tuple[str, nn.Module]] = []
     packed: list[tuple[str, nn.Module]] = []
@@ -108,6 +110,10 @@ def hold_as_float32(model: nn.Module, *, kernel: bool | None = None) -> nn.Modul
     if replaced:
         model.update_modules(tree_unflatten(replaced))
     model.set_dtype(mx.float32, predicate=lambda dtype: mx.issubdtype(dtype, mx.floating))
+    if kernel:
+        # Float32 linear layers (the checkpoint's or dequantized above) decode through the
+        # kernel's float32 product over every core; exact nn.Linear only (not sharded layers).
+        packed += qkernel.float_linears(model)
     if packed:
         model.update_modules(tree_unflatten(packed))
     return model

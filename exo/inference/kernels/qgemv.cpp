@@ -15,9 +15,6 @@
 // float), and xp[j] carries the 2^-(bits*j) (exact). Per lane: y += s*(q.x) + b*sum(x); lanes
 // are summed once per output. Each block is unpacked once for up to 8 rows of x.
 #include <immintrin.h>
-#ifdef __linux__
-#include <sched.h>
-#endif
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
@@ -39,6 +36,9 @@
 
 namespace mx = mlx::core;
 namespace nb = nanobind;
+
+#include "pool.h"
+#include "sgemv.h"
 
 namespace {
 
@@ -216,23 +216,6 @@ bool force_scalar() {
   return v != nullptr && std::string(v) == "scalar";
 }
 
-int kernel_threads() {
-  // EXO_KERNEL_THREADS, else the cores this process may run on (a pinned runner gets its own):
-  // decode-shaped products are split over output rows. Measured on the 2-core VM: 2 threads
-  // gave 1.8-2.8x float32 decode against 1.0-2.7x with one (docs/benchmarks.md).
-  static const int threads = [] {
-    const char* v = std::getenv("EXO_KERNEL_THREADS");
-    int n = v ? std::atoi(v) : 0;
-#ifdef __linux__
-    cpu_set_t set;
-    if (n <= 0 && sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
-#endif
-    if (n <= 0) n = int(std::thread::hardware_concurrency());
-    return n < 1 ? 1 : (n > 16 ? 16 : n);
-  }();
-  return threads;
-}
-
 void run(Problem p) {
   const bool vector = has_avx2() && !force_scalar();
   thread_local std::vector<float> work;
@@ -242,6 +225,10 @@ void run(Problem p) {
     work.resize(size_t(p.rows) * p.in + size_t(p.rows) * words);
     float* xp = work.data();
     float* xw = xp + size_t(p.rows) * p.in;
+    // 2^-(bits*j) per value position (exact powers of two: x*2^-k rounds as std::ldexp, which
+    // cost ~30 us a call at 2816 inputs, a few % of a decode token over ~60 products).
+    float shift[8];
+    for (int j = 0; j < per_word; j++) shift[j] = std::ldexp(1.0f, -p.bits * j);
     for (int r = 0; r < p.rows; r++) {
       const float* src = p.x + long(r) * p.in;
       float* dst = xp + long(r) * p.in;
@@ -253,7 +240,7 @@ void run(Problem p) {
           sum += v;
           // The last value is shifted down, the others masked in place (see gemv_avx2_rows).
           dst[block * 8 * per_word + j * 8 + lane] =
-              j == per_word - 1 ? v : std::ldexp(v, -p.bits * j);
+              j == per_word - 1 ? v : v * shift[j];
         }
         xw[long(r) * words + word] = sum;
       }
@@ -269,17 +256,7 @@ void run(Problem p) {
     else
       gemv_avx2<8>(p, o0, o1);
   };
-  const int threads = std::min(kernel_threads(), std::max(1, p.out / 256));
-  if (threads == 1) {
-    part(0, p.out);
-    return;
-  }
-  std::vector<std::thread> pool;
-  const int chunk = (p.out + threads - 1) / threads;
-  for (int t = 1; t < threads; t++)
-    pool.emplace_back(part, std::min(p.out, t * chunk), std::min(p.out, (t + 1) * chunk));
-  part(0, std::min(p.out, chunk));
-  for (auto& t : pool) t.join();
+  exo_pool::split_outputs(p.out, 256, part);
 }
 
 // The whole weight as float32 (s*q + b, as mx.dequantize with float32 scales), for prefill-sized
@@ -312,13 +289,7 @@ void run_dequantize(const Problem& p) {
     else
       dequantize_rows<8>(p, o0, o1);
   };
-  const int threads = std::min(kernel_threads(), std::max(1, p.out / 256));
-  std::vector<std::thread> pool;
-  const int chunk = (p.out + threads - 1) / threads;
-  for (int t = 1; t < threads; t++)
-    pool.emplace_back(part, std::min(p.out, t * chunk), std::min(p.out, (t + 1) * chunk));
-  part(0, std::min(p.out, chunk));
-  for (auto& t : pool) t.join();
+  exo_pool::split_outputs(p.out, 256, part);
 }
 
 class QuantizedGemv : public mx::UnaryPrimitive {
@@ -477,5 +448,12 @@ NB_MODULE(_exo_qgemv, m) {
   m.def("dequantize", &dequantize_f32, nb::arg("w"), nb::arg("scales"), nb::arg("biases"),
         nb::arg("group_size"), nb::arg("bits"),
         "The float32 weight s*q + b (prefill-sized inputs multiply it with a float32 matmul).");
+  m.def(
+      "float_gemv",
+      [](const mx::array& x, const mx::array& w) {
+        return exo_sgemv::float_gemv(x, w, has_avx2() && !force_scalar());
+      },
+      nb::arg("x"), nb::arg("w"),
+      "y = x @ w.T for float32 x and w, over every core, for few rows of x (decode).");
   m.def("isa", []() -> std::string { return has_avx2() && !force_scalar() ? "avx2" : "scalar"; });
 }
