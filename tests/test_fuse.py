@@ -72,6 +72,17 @@ def test_fused_layer_keeps_the_original_kind() -> None:
     assert module_class(shard.layers[0], "mlp.up_proj") == "FusedSlice"
 
 
+def test_a_float32_stage_fuses_its_kernel_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float32 stage's linears decode through the kernel's float32 product where it builds; fusing
+    must keep that kind (a plain nn.Linear would put MKL's one-core product back)."""
+    monkeypatch.setenv("EXO_KERNEL_FLOAT", "on")
+    shard = stages_of(checkpoint("llama"), 1)[0]
+    kernel = qkernel.load_kernel() is not None
+    expected = "FloatKernelLinear" if kernel else "Linear"
+    assert module_class(shard.layers[0], "self_attn.q_proj.fused") == expected
+    assert module_class(shard.layers[0], "mlp.gate_proj.fused") == expected
+
+
 def test_a_slice_called_on_another_input_computes_its_own_product() -> None:
     mx.random.seed(3)
     parent = nn.Module()
@@ -126,7 +137,7 @@ def test_fusion_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EXO_FUSE", "off")
     layers: list[Any] = stages_of(checkpoint("llama"), 1)[0].layers
     assert fused_sum(layers) == 0
-    assert module_class(layers[0], "self_attn.q_proj") == "Linear"
+    assert module_class(layers[0], "self_attn.q_proj") in {"Linear", "FloatKernelLinear"}
 
 
 @pytest.mark.parametrize("architecture", ["qwen3"])  # mistral is llama's model in mlx-lm

@@ -129,13 +129,14 @@ def test_float32_stages_hold_kernel_linears_unless_switched_off(
 ) -> None:
     model = tiny_format_models()["bf16"]
     shards = stages_of(model, 1)
-    assert module_class(shards[0].layers[0], "mlp.up_proj") == "FloatKernelLinear"
-    assert module_class(shards[0].layers[0], "self_attn.q_proj") == "FloatKernelLinear"
+    # q/k/v and gate/up are fused (exo.inference.fuse): the fused product keeps the kernel's kind
+    assert module_class(shards[0].layers[0], "mlp.down_proj") == "FloatKernelLinear"
+    assert module_class(shards[0].layers[0], "self_attn.q_proj.fused") == "FloatKernelLinear"
     monkeypatch.setenv("EXO_KERNEL_FLOAT", "off")
-    assert module_class(stages_of(model, 1)[0].layers[0], "mlp.up_proj") == "Linear"
+    assert module_class(stages_of(model, 1)[0].layers[0], "mlp.down_proj") == "Linear"
     monkeypatch.delenv("EXO_KERNEL_FLOAT")
     monkeypatch.setenv("EXO_KERNEL", "off")
-    assert module_class(stages_of(model, 1)[0].layers[0], "mlp.up_proj") == "Linear"
+    assert module_class(stages_of(model, 1)[0].layers[0], "mlp.down_proj") == "Linear"
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3])

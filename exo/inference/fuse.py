@@ -104,7 +104,8 @@ def _concatenated(modules: Sequence[nn.Module]) -> nn.Module | None:
     def joined(name: str) -> mx.array:
         return mx.concatenate([module[name] for module in modules], axis=0)
 
-    if kind is nn.Linear:
+    float_kernel = kind is qkernel.float_linear_class()
+    if kind is nn.Linear or float_kernel:
         if len({module["weight"].dtype for module in modules}) != 1:
             return None
         weight = joined("weight")
@@ -112,7 +113,7 @@ def _concatenated(modules: Sequence[nn.Module]) -> nn.Module | None:
         fused.weight = weight
         if has_bias[0]:
             fused.bias = joined("bias")
-        return fused
+        return qkernel.float_linear_class()(fused) if float_kernel else fused
     kernel = kind is qkernel.kernel_linear_class()
     if kind is not nn.QuantizedLinear and not kernel:
         return None
