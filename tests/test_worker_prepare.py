@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -41,17 +41,13 @@ def statuses(events: list[Event]) -> list[str]:
     return [event.status for event in events if isinstance(event, RunnerStatusUpdated)]
 
 
-def mlx_mapped(pid: int) -> bool:
-    """The process has mlx's native library loaded (it imported mlx.core)."""
-    return "libmlx" in Path(f"/proc/{pid}/maps").read_text()
-
-
-async def test_the_runner_imports_mlx_while_the_files_download_and_loads_when_they_are_here(
-    tmp_path: Path,
-) -> None:
+def downloading_until(
+    tmp_path: Path, files_here: asyncio.Event
+) -> tuple[Callable[[str], ModelInfo], Callable[[str, ShardAssignment, Callable[[], None]], Awaitable[None]]]:
+    """A model on disk, and a download step that reports `downloading` and returns only once
+    `files_here` is set: the runner's wait for its files, held open by the test."""
     folder = tmp_path / "models" / MODEL
     write_synthetic_model(folder, SMALL_SPEC, shards=2)
-    files_here = asyncio.Event()
 
     async def prepare(model_id: str, assignment: ShardAssignment, downloading: Callable[[], None]) -> None:
         downloading()
@@ -60,6 +56,19 @@ async def test_the_runner_imports_mlx_while_the_files_download_and_loads_when_th
     def find_model(model_id: str) -> ModelInfo:
         return read_model_info(folder, model_id)
 
+    return find_model, prepare
+
+
+def mlx_mapped(pid: int) -> bool:
+    """The process has mlx's native library loaded (it imported mlx.core)."""
+    return "libmlx" in Path(f"/proc/{pid}/maps").read_text()
+
+
+async def test_the_runner_imports_mlx_while_the_files_download_and_loads_when_they_are_here(
+    tmp_path: Path,
+) -> None:
+    files_here = asyncio.Event()
+    find_model, prepare = downloading_until(tmp_path, files_here)
     events: list[Event] = []
     worker = Worker(NODE, find_model, events.extend, prepare=prepare)
     await worker.start()
@@ -119,17 +128,8 @@ async def test_a_failed_download_stops_the_waiting_runner(tmp_path: Path, fails:
 async def test_a_warm_spare_runner_becomes_the_stage_runner_and_is_replaced_once_the_node_is_idle(
     tmp_path: Path,
 ) -> None:
-    folder = tmp_path / "models" / MODEL
-    write_synthetic_model(folder, SMALL_SPEC, shards=2)
     files_here = asyncio.Event()
-
-    async def prepare(model_id: str, assignment: ShardAssignment, downloading: Callable[[], None]) -> None:
-        downloading()
-        await files_here.wait()
-
-    def find_model(model_id: str) -> ModelInfo:
-        return read_model_info(folder, model_id)
-
+    find_model, prepare = downloading_until(tmp_path, files_here)
     events: list[Event] = []
     worker = Worker(NODE, find_model, events.extend, prepare=prepare, spare_runner=True)
     await worker.start()

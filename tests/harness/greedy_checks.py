@@ -3,6 +3,7 @@ pipeline of shards and mlx-lm's own model, stepped token by token on the same pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,23 @@ def reference_greedy(model: Any, prompt: list[int]) -> tuple[list[int], list[mx.
         tokens.append(argmax(last))
         inputs = mx.array([[tokens[-1]]])
     return tokens, logits
+
+
+def assert_greedy_matches(
+    shards: list[ShardModel],
+    expected_for: Callable[[list[int]], tuple[list[int], list[mx.array]]],
+    tolerance: float,
+) -> None:
+    """The pipeline's greedy tokens equal `expected_for(prompt)`'s on every test prompt and each
+    step's logits are within `tolerance` of the largest expected logit; the expected tokens must
+    vary, or equality would mean little."""
+    for prompt in PROMPTS:
+        expected_tokens, expected_logits = expected_for(prompt)
+        tokens, logits = pipeline_greedy(shards, prompt)
+        assert len(set(expected_tokens)) > 3, "greedy output should vary for the test to mean much"
+        assert tokens == expected_tokens
+        for got, expected in zip(logits, expected_logits, strict=True):
+            assert largest(got - expected) <= tolerance * largest(expected)
 
 
 def upcast_reference(model: Path) -> Any:
