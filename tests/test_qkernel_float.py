@@ -18,6 +18,7 @@ import pytest
 from mlx import nn
 
 from exo.inference import qkernel
+from exo.inference.shard import ShardSpec, load_shard
 from tests.harness.greedy_checks import (
     assert_greedy_matches,
     largest,
@@ -26,7 +27,7 @@ from tests.harness.greedy_checks import (
     stages_of,
     upcast_reference,
 )
-from tests.harness.inference_helpers import tiny_format_models
+from tests.harness.inference_helpers import N_LAYERS, tiny_format_models
 
 PRODUCT_TOLERANCE = 1e-5
 LOGITS_TOLERANCE = 1e-4
@@ -147,6 +148,30 @@ def test_float_kernel_pipeline_gives_mlx_lm_greedy_tokens(kernel: Any, stages: i
     shards = stages_of(model, stages)
     assert module_class(shards[0].layers[0], "mlp.down_proj") == "FloatKernelLinear"
     assert_greedy_matches(shards, lambda prompt: reference_greedy(reference, prompt), LOGITS_TOLERANCE)
+
+
+def test_a_tensor_rank_computes_its_sharded_products_with_the_kernel(kernel: Any) -> None:
+    # mlx's sharded linears (model.shard) go through the kernel's product too; a group of one
+    # (mx.distributed.init() without a hostfile) runs the same layers, its all_sum the identity,
+    # so greedy tokens equal mlx-lm's on the same float32 weights (two ranks against mlx-lm's own
+    # tensor-parallel run: tests/test_tensor_ranks.py).
+    model = tiny_format_models()["bf16"]
+    spec = ShardSpec(start_layer=0, end_layer=N_LAYERS, n_layers=N_LAYERS)
+    shard = load_shard(model, spec, "float32", group=mx.distributed.init())
+    assert module_class(shard.layers[0], "self_attn.q_proj") == "FloatKernelLinear"
+    assert module_class(shard.layers[0], "mlp.down_proj") == "FloatKernelShardedToAll"
+    reference = upcast_reference(model)
+    assert_greedy_matches([shard], lambda prompt: reference_greedy(reference, prompt), LOGITS_TOLERANCE)
+
+
+def test_tensor_ranks_keep_mlx_sharded_linears_when_the_float_kernel_is_off(
+    kernel: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EXO_KERNEL_FLOAT", "off")
+    spec = ShardSpec(start_layer=0, end_layer=N_LAYERS, n_layers=N_LAYERS)
+    shard = load_shard(tiny_format_models()["bf16"], spec, "float32", group=mx.distributed.init())
+    assert module_class(shard.layers[0], "self_attn.q_proj") == "AllToShardedLinear"
+    assert module_class(shard.layers[0], "mlp.down_proj") == "ShardedToAllLinear"
 
 
 POOL_SCRIPT = """

@@ -65,6 +65,7 @@ def hold_as_float32(model: nn.Module, *, kernel: bool | None = None) -> nn.Modul
     from mlx.utils import tree_unflatten
 
     from exo.inference import qkernel
+    from exo.inference.sharded_kernel import sharded_float_linears
 
     if kernel is None:
         # Quantized linear layers need the kernel (and its first-use build); float32 ones use its
@@ -112,8 +113,8 @@ def hold_as_float32(model: nn.Module, *, kernel: bool | None = None) -> nn.Modul
     model.set_dtype(mx.float32, predicate=lambda dtype: mx.issubdtype(dtype, mx.floating))
     if kernel:
         # Float32 linear layers (the checkpoint's or dequantized above) decode through the
-        # kernel's float32 product over every core; exact nn.Linear only (not sharded layers).
-        packed += qkernel.float_linears(model)
+        # kernel's float32 product over every core, a tensor rank's sharded linears too.
+        packed += qkernel.float_linears(model) + sharded_float_linears(model)
     if packed:
         model.update_modules(tree_unflatten(packed))
     return model
