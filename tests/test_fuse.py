@@ -76,8 +76,8 @@ def test_a_float32_stage_fuses_its_kernel_products(monkeypatch: pytest.MonkeyPat
     """A float32 stage's linears decode through the kernel's float32 product where it builds; fusing
     must keep that kind (a plain nn.Linear would put MKL's one-core product back)."""
     monkeypatch.setenv("EXO_KERNEL_FLOAT", "on")
+    kernel = qkernel.load_kernel() is not None  # built first: a float32 load never waits for it
     shard = stages_of(checkpoint("llama"), 1)[0]
-    kernel = qkernel.load_kernel() is not None
     expected = "FloatKernelLinear" if kernel else "Linear"
     assert module_class(shard.layers[0], "self_attn.q_proj.fused") == expected
     assert module_class(shard.layers[0], "mlp.gate_proj.fused") == expected

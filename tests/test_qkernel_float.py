@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -172,6 +173,22 @@ def test_tensor_ranks_keep_mlx_sharded_linears_when_the_float_kernel_is_off(
     shard = load_shard(tiny_format_models()["bf16"], spec, "float32", group=mx.distributed.init())
     assert module_class(shard.layers[0], "self_attn.q_proj") == "AllToShardedLinear"
     assert module_class(shard.layers[0], "mlp.down_proj") == "ShardedToAllLinear"
+
+
+def test_a_float32_stage_never_waits_for_a_first_kernel_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fresh machine (no kernel built in the cache): a float32 stage loads at once with MKL's
+    # products and one background build starts, once per process; nothing is built on the load path.
+    monkeypatch.setattr(qkernel, "_state", qkernel._State())  # pyright: ignore[reportPrivateUsage]
+    monkeypatch.setenv("EXO_KERNEL_CACHE", str(tmp_path))
+    started: list[bool] = []
+    monkeypatch.setattr(qkernel, "_build_in_background", lambda: started.append(True))
+    model = tiny_format_models()["bf16"]
+    assert module_class(stages_of(model, 1)[0].layers[0], "mlp.down_proj") == "Linear"
+    assert module_class(stages_of(model, 2)[1].layers[0], "mlp.down_proj") == "Linear"
+    assert started == [True]
+    assert list(tmp_path.iterdir()) == []
 
 
 POOL_SCRIPT = """

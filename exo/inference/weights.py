@@ -71,7 +71,10 @@ def hold_as_float32(model: nn.Module, *, kernel: bool | None = None) -> nn.Modul
         # Quantized linear layers need the kernel (and its first-use build); float32 ones use its
         # float32 product unless EXO_KERNEL_FLOAT=off.
         quantized = any(isinstance(module, nn.QuantizedLinear) for _, module in model.named_modules())
-        loaded = qkernel.load_kernel() if quantized or qkernel.float_enabled() else None
+        if quantized:
+            loaded = qkernel.load_kernel()
+        else:  # the float32 product is a speed-up: never wait for a first build for it
+            loaded = qkernel.built_kernel() if qkernel.float_enabled() else None
         kernel = loaded is not None and loaded.isa() != "scalar"
     replaced: list[tuple[str, nn.Module]] = []
     packed: list[tuple[str, nn.Module]] = []
