@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import msgspec
-
+from bench.kernel_decode import LAYERS, write_decode_models
 from exo.inference.blas import load_optimized_blas
 
-LAYERS = 8
 PROMPT = [3, 50, 70, 90, 11]
 
 
@@ -58,16 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     from mlx import nn
 
     from exo.inference.shard import ShardModel, ShardSpec, load_shard
-    from exo.inference.synthetic import SyntheticModelSpec, write_synthetic_model
 
-    root = Path(tempfile.mkdtemp(prefix="exo-decode-split-"))
-    base = SyntheticModelSpec(layers=LAYERS, hidden=1024, intermediate=2816, heads=16, kv_heads=8, vocab=1024)
-    paths = {
-        "f32": write_synthetic_model(root / "f32", base),
-        "q4": write_synthetic_model(
-            root / "q4", msgspec.structs.replace(base, dtype="bfloat16", quantize_bits=4, group_size=64)
-        ),
-    }
+    paths = write_decode_models("exo-decode-split-")
     fuses = ["off", "on"] if arguments.fuse == "both" else [arguments.fuse]
     setups: dict[str, ShardModel] = {}
     for name, path in paths.items():

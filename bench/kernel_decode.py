@@ -28,6 +28,21 @@ LAYERS = 8
 PROMPT = [3, 50, 70, 90, 11]
 
 
+def write_decode_models(prefix: str) -> dict[str, Path]:
+    """The decode benches' 96M llama in a new temporary folder: float32 ("f32") and mlx-lm 4-bit
+    from bfloat16, group 64, as Hub conversions are ("q4"). Call after load_optimized_blas."""
+    from exo.inference.synthetic import SyntheticModelSpec, write_synthetic_model
+
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    base = SyntheticModelSpec(layers=LAYERS, hidden=1024, intermediate=2816, heads=16, kv_heads=8, vocab=1024)
+    return {
+        "f32": write_synthetic_model(root / "f32", base),
+        "q4": write_synthetic_model(
+            root / "q4", msgspec.structs.replace(base, dtype="bfloat16", quantize_bits=4, group_size=64)
+        ),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.kernel_decode", description=__doc__)
     parser.add_argument("--rows", type=int, default=1, help="sequences decoded together")
@@ -44,16 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     import mlx.core as mx
 
     from exo.inference.shard import ShardModel, ShardSpec, load_shard
-    from exo.inference.synthetic import SyntheticModelSpec, write_synthetic_model
 
-    root = Path(tempfile.mkdtemp(prefix="exo-kernel-decode-"))
-    base = SyntheticModelSpec(layers=LAYERS, hidden=1024, intermediate=2816, heads=16, kv_heads=8, vocab=1024)
-    paths = {
-        "f32": write_synthetic_model(root / "f32", base),
-        "q4": write_synthetic_model(
-            root / "q4", msgspec.structs.replace(base, dtype="bfloat16", quantize_bits=4, group_size=64)
-        ),
-    }
+    paths = write_decode_models("exo-kernel-decode-")
 
     def load(name: str, *, kernel: bool, fuse: bool = True) -> ShardModel:
         os.environ["EXO_KERNEL"] = "on" if kernel else "off"
