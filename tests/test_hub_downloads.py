@@ -17,7 +17,15 @@ from exo.inference.hub import (
     HubUnreachable,
     fetch_hub_model,
 )
-from exo.inference.manifest import HubFile, HubModel, is_complete, needed_files, read_manifest
+from exo.inference.manifest import (
+    HubFile,
+    HubModel,
+    Manifest,
+    is_complete,
+    needed_files,
+    read_manifest,
+    write_manifest,
+)
 from exo.inference.models import describe_model, get_model, list_models, read_model_info
 from exo.inference.peer_files import FileRange, NotServed, ProgressCallback, fetch_from_peers, read_chunk
 from tests.harness.hub_fixtures import publish, settings_for
@@ -74,6 +82,32 @@ def test_full_download_is_byte_identical_and_listed_under_the_repo_id(hub: Local
     served = hub.stats.bytes_served
     download_files(models_dir, model, needed_files(model), settings)
     assert hub.stats.bytes_served == served
+
+
+def test_a_verified_file_a_kill_left_unlisted_is_kept_and_a_bad_one_fetched_again(
+    hub: LocalHub, tmp_path: Path
+) -> None:
+    # A kill between a file's move into place and the manifest's write leaves it there unlisted:
+    # it was verified before the move, so it is kept (not written again) and listed; one that no
+    # longer has the Hub's sha256 is fetched again.
+    models_dir = tmp_path / "models"
+    settings = settings_for(hub.endpoint)
+    model = fetch_hub_model(REPO, None, settings, tmp_path / "scratch")
+    folder = download_files(models_dir, model, needed_files(model), settings)
+    manifest = read_manifest(folder)
+    assert manifest is not None
+    weights = sorted(path for path in manifest.held if path.endswith(".safetensors"))
+    kept, spoiled = weights[0], weights[1]
+    unlisted = [path for path in manifest.held if path not in (kept, spoiled)]
+    write_manifest(folder, Manifest(model, unlisted))
+    (folder / spoiled).write_bytes(b"x" * model.file(spoiled).size)
+    inode = (folder / kept).stat().st_ino
+    assert {each.path for each in missing_files(models_dir, model, needed_files(model))} == {spoiled}
+    download_files(models_dir, model, needed_files(model), settings)
+    assert (folder / kept).stat().st_ino == inode
+    assert (folder / spoiled).read_bytes() == (hub.root / REPO / spoiled).read_bytes()
+    after = read_manifest(folder)
+    assert after is not None and {kept, spoiled} <= set(after.held)
 
 
 def test_a_stage_fetches_only_the_weight_files_of_its_layers(hub: LocalHub, tmp_path: Path) -> None:

@@ -113,7 +113,21 @@ def missing_files(models_dir: Path, model: HubModel, files: list[HubFile]) -> li
                     held.add(path)
             except KeyError:
                 continue
+    held |= _installed_unlisted(target, files, held)
     return [hub_file for hub_file in files if hub_file.path not in held]
+
+
+def _installed_unlisted(target: Path, files: list[HubFile], held: set[str]) -> set[str]:
+    """Files a kill left in place between their move and the manifest's write: a file is moved
+    there only once verified, so one that still has the Hub's sha256 is kept, not fetched again."""
+    return {
+        hub_file.path
+        for hub_file in files
+        if hub_file.path not in held
+        and hub_file.path != "config.json"  # installed last: it marks a whole model
+        and (target / hub_file.path).is_file()
+        and verified(target / hub_file.path, hub_file)
+    }
 
 
 def download_files(
@@ -148,6 +162,7 @@ def download_files(
         )
 
     installer = _Installer(target, staging, model)
+    installer.held.update(hub_file.path for hub_file in files if hub_file not in missing)
 
     def fetch(hub_file: HubFile) -> None:
         if cancelled is not None and cancelled.is_set():
