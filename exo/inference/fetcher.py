@@ -163,7 +163,8 @@ class ModelFetcher:
         files = needed_files(model, layers)
         if support_only:
             files = [hub_file for hub_file in files if not is_weight_file(hub_file.path)]
-        missing = missing_files(self.models_dir, model, files)
+        # In a thread: a file a kill left unlisted is checked against its sha256 (downloads.py).
+        missing = await asyncio.to_thread(missing_files, self.models_dir, model, files)
         if not missing:
             return model_folder(self.models_dir, model_id)
         if on_download is not None:
