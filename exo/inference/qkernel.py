@@ -374,6 +374,14 @@ def float_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
+def decode_shaped(x: mx.array) -> bool:
+    """Whether the kernel's float32 product takes x (float32, at most FLOAT_KERNEL_MAX_ROWS rows);
+    more rows go to MLX's matmul (MKL's GEMM)."""
+    import mlx.core as mx
+
+    return x.dtype == mx.float32 and x.size // max(x.shape[-1], 1) <= FLOAT_KERNEL_MAX_ROWS
+
+
 def float_linear_class() -> type:
     """nn.Module for a float32 linear layer whose decode products go through the kernel."""
     if _state.float_linear_class is None:
@@ -399,7 +407,7 @@ def _define_float_linear() -> type:
             import mlx.core as mx
 
             weight = self["weight"]
-            if x.dtype == mx.float32 and x.size // max(x.shape[-1], 1) <= FLOAT_KERNEL_MAX_ROWS:
+            if decode_shaped(x):
                 y = float_gemv(x, weight)
                 return y + self["bias"] if "bias" in self else y
             if "bias" in self:

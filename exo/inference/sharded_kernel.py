@@ -68,10 +68,7 @@ def _define_sharded_to_all() -> type:
 
         def __call__(self, x: mx.array) -> mx.array:
             weight = self["weight"]
-            if x.dtype == mx.float32 and x.size // max(x.shape[-1], 1) <= qkernel.FLOAT_KERNEL_MAX_ROWS:
-                y = qkernel.float_gemv(x, weight)
-            else:
-                y = x @ weight.T
+            y = qkernel.float_gemv(x, weight) if qkernel.decode_shaped(x) else x @ weight.T
             y = mx.distributed.all_sum(y, group=self.group)
             return y + self["bias"] if "bias" in self else y
 
