@@ -17,7 +17,11 @@ import pytest
 from exo.inference.protocol import LoadShard, RingListening, RunnerFailed, RunnerStarted
 from exo.inference.ring_watchdog import (
     DEFAULT_PASS_TIMEOUT,
+    EXIT_RING_LOST,
+    EXIT_STALLED,
+    LOST_CHECK_AFTER,
     PassWatchdog,
+    abandoned_exit,
     pass_timeout_from_environment,
     ring_endpoints,
 )
@@ -53,6 +57,142 @@ def test_a_pass_past_the_bound_is_reported_then_cut_once() -> None:
     assert cuts == [1] and reasons == [watchdog.fired]
     assert watchdog.fired is not None and watchdog.fired.startswith("tensor rank stalled")
     assert "rank 2's forward pass did not finish within 0.2 s" in watchdog.fired
+
+
+def test_a_lost_peer_is_noticed_once_a_pass_ran_a_second_and_a_pass_still_stuck_is_abandoned() -> None:
+    abandoned: list[tuple[str, bool]] = []
+    cuts: list[int] = []
+    broken: list[str] = []
+    watchdog = PassWatchdog(
+        60.0,
+        0,
+        lambda: cuts.append(1) or 1,
+        lost=lambda: broken[0] if broken else None,
+        abandon=lambda reason, stalled: abandoned.append((reason, stalled)),
+        grace=1.0,
+    )
+    watchdog.begin(now=100.0)
+    broken.append("ring connection with 127.0.0.1:9 is CLOSE_WAIT (the peer closed it)")
+    assert not watchdog.poll(100.0 + LOST_CHECK_AFTER / 2)  # a young pass is never checked
+    assert watchdog.fired is None
+    assert not watchdog.poll(102.0)
+    assert watchdog.fired == f"tensor rank lost a peer: rank 0's {broken[0]}"
+    assert not watchdog.poll(102.9) and not abandoned  # MLX may still raise in the pass: a grace
+    assert watchdog.poll(103.1)
+    assert abandoned == [(watchdog.fired, False)] and not cuts  # nothing to cut: the peer is gone
+
+
+def test_a_pass_that_ends_after_the_ring_broke_is_not_abandoned() -> None:
+    abandoned: list[tuple[str, bool]] = []
+    watchdog = PassWatchdog(
+        60.0,
+        1,
+        lambda: 0,
+        lost=lambda: "1 of its 2 ring connections are gone",
+        abandon=lambda *a: abandoned.append(a),
+    )
+    watchdog.begin(now=0.0)
+    watchdog.poll(5.0)
+    assert watchdog.fired is not None and not watchdog.stalled
+    watchdog.end()  # MLX raised in the pass: the runner fails it and exits on its own
+    assert not watchdog.poll(60.0) and not abandoned
+
+
+def test_a_stalled_pass_still_stuck_after_the_cut_is_abandoned_as_a_stall() -> None:
+    abandoned: list[tuple[str, bool]] = []
+    reasons: list[str] = []
+    watchdog = PassWatchdog(
+        2.0,
+        1,
+        lambda: 2,
+        reasons.append,
+        lost=lambda: None,
+        abandon=lambda *a: abandoned.append(a),
+        grace=1.0,
+    )
+    watchdog.begin(now=0.0)
+    watchdog.poll(1.5)
+    assert watchdog.fired is None  # the ring is up and the pass is within its bound
+    watchdog.poll(2.5)
+    assert watchdog.stalled and reasons == [watchdog.fired]
+    assert watchdog.poll(3.6)
+    assert abandoned == [(watchdog.fired, True)]
+
+
+def test_the_worker_reads_an_abandoning_runners_exit_code() -> None:
+    assert abandoned_exit(EXIT_STALLED) == (
+        "a tensor rank's pass stayed stuck after its watchdog cut a frozen peer's ring",
+        "tensor_stall",  # the master re-places it, as for a stall the cut ended
+    )
+    stuck = abandoned_exit(EXIT_RING_LOST)
+    assert stuck is not None and "peer rank's process died" in stuck[0] and stuck[1] is None
+    assert abandoned_exit(1) is None and abandoned_exit(0) is None and abandoned_exit(-9) is None
+
+
+_DIES = textwrap.dedent(
+    """
+    import json, os, sys
+    import mlx.core as mx
+    from exo.inference.ring_watchdog import EXIT_RING_LOST, PassWatchdog, RingHealth, ring_endpoints
+    rank = int(os.environ["MLX_RANK"])
+    group = mx.distributed.init(strict=True, backend="ring")
+    x = mx.ones((4096,))
+    mx.eval(mx.distributed.all_sum(x, group=group))
+    if rank == 1:
+        for _ in range(3):
+            mx.eval(mx.distributed.all_sum(x, group=group))
+        os._exit(0)  # dies as a killed runner does: its ring sockets close
+    hosts = [entry[0] for entry in json.load(open(os.environ["MLX_HOSTFILE"]))]
+    own_port, peers = ring_endpoints(hosts, rank)
+    health = RingHealth(own_port, peers)
+    def abandon(reason, stalled):
+        print(json.dumps({"reason": reason, "stalled": stalled, "expected": health.expected}), flush=True)
+        os._exit(EXIT_RING_LOST)
+    watchdog = PassWatchdog(60.0, rank, lambda: 0, lost=health.lost, abandon=abandon)
+    watchdog.start()
+    y = x
+    for _ in range(200):  # a pass with many collectives queued, as a forward over many layers
+        y = mx.distributed.all_sum(y, group=group) * 0.5
+    watchdog.begin()
+    try:
+        mx.eval(y)
+        print(json.dumps({"outcome": "finished"}), flush=True)
+    except RuntimeError as error:
+        print(json.dumps({"outcome": str(error)}), flush=True)
+    """
+)
+
+
+def test_a_pass_left_stuck_by_a_dead_peer_is_abandoned_within_seconds() -> None:
+    """MLX's ring socket threads exit after failing the collective in flight, so the pass's later
+    all_sums wait forever (reproduced here without exo's runner): without the watchdog's ring
+    check rank 0 would hang until this test's timeout."""
+    with tempfile.TemporaryDirectory(prefix="exo-watchdog-") as folder:
+        hostfile = Path(folder) / "hosts.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(2)]))
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", _DIES],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env={**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)},
+            )
+            for rank in range(2)
+        ]
+        try:
+            output, errors = processes[0].communicate(timeout=60)
+        finally:
+            for process in processes:
+                process.kill()
+                process.wait()
+    report = json.loads(output.decode().strip().splitlines()[-1])
+    if "outcome" in report:  # MLX raised in the pass: no hang to abandon, which is fine too
+        assert report["outcome"] == "[ring] connection to a peer was lost", errors.decode()[-2000:]
+        assert processes[0].returncode == 0
+    else:
+        assert processes[0].returncode == EXIT_RING_LOST, errors.decode()[-2000:]
+        assert report["reason"].startswith("tensor rank lost a peer: rank 0's ring connection")
+        assert report["stalled"] is False and report["expected"] >= 1
 
 
 _RANK = textwrap.dedent(

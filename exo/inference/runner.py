@@ -20,7 +20,6 @@ import logging
 import os
 import resource
 import sys
-import threading
 import time
 import types
 from pathlib import Path
@@ -32,7 +31,7 @@ import zmq
 
 from exo.core.decoding import DECODE_ERRORS
 from exo.core.events import RunnerFailure
-from exo.core.security import BusSecurity, apply_curve
+from exo.core.security import apply_curve
 from exo.inference.blas import BlasInfo, load_optimized_blas
 from exo.inference.curve import security_from_environment, start_thread_authenticator
 from exo.inference.heap import release_freed_buffers
@@ -46,11 +45,11 @@ from exo.inference.protocol import (
     RunnerStats,
     ShardLoaded,
     Shutdown,
-    StageAlive,
     control_to_runner_decoder,
     encode,
 )
 from exo.inference.runner_options import SPARE_FLAG, RunnerOptions, parse_arguments, runner_command
+from exo.inference.stage_sockets import PushSockets, StageBeacon
 
 if TYPE_CHECKING:
     from exo.inference.ring_watchdog import PassWatchdog
@@ -69,94 +68,6 @@ TRANSITIONS: dict[Lifecycle, frozenset[Lifecycle]] = {
     "stopping": frozenset(),
 }
 MAX_FRAMES_PER_TURN = 256  # bound the receive drain so compute is never starved
-
-
-class PushSockets:
-    """PUSH sockets connected lazily, one per address; a send that cannot go out in time fails."""
-
-    def __init__(
-        self,
-        context: zmq.Context[zmq.Socket[bytes]],
-        send_timeout: float,
-        security: BusSecurity | None = None,
-    ) -> None:
-        self._context = context
-        self._sockets: dict[str, zmq.Socket[bytes]] = {}
-        self._timeout_ms = int(send_timeout * 1000)
-        self._security = security or BusSecurity()
-
-    def send(self, address: str, frames: tuple[Any, ...]) -> bool:
-        socket = self._sockets.get(address)
-        if socket is None:
-            socket = self._context.socket(zmq.PUSH)
-            socket.setsockopt(zmq.IMMEDIATE, 1)  # queue only to a live connection, so a dead peer shows
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.setsockopt(zmq.SNDHWM, 10_000)
-            apply_curve(socket, self._security, server=False)
-            try:
-                socket.connect(address)
-            except zmq.ZMQError:
-                socket.close()
-                return False
-            self._sockets[address] = socket
-        if not socket.poll(self._timeout_ms, zmq.POLLOUT):
-            return False
-        try:
-            for position, frame in enumerate(frames):
-                more = zmq.SNDMORE if position < len(frames) - 1 else 0
-                # the hidden state goes without a copy; headers are small enough to copy
-                socket.send(frame, more | zmq.NOBLOCK, copy=position == 0)
-        except zmq.ZMQError:  # Again when the peer vanished between poll and send
-            return False
-        return True
-
-    def close(self) -> None:
-        for socket in self._sockets.values():
-            socket.close(linger=0)
-        self._sockets.clear()
-
-
-class StageBeacon:
-    """A thread sending StageAlive to each requester with requests here, every interval, and at
-    once when a request arrives (so a requester knows every stage of its route within
-    milliseconds, and notices any of them dying)."""
-
-    def __init__(
-        self,
-        context: zmq.Context[zmq.Socket[bytes]],
-        address: str,
-        interval: float,
-        security: BusSecurity | None = None,
-    ) -> None:
-        self.address = address
-        self.interval = interval
-        self.requests_by_requester: dict[str, list[str]] = {}  # replaced whole by the main thread
-        self._sockets = PushSockets(
-            context, send_timeout=0.2, security=security
-        )  # time to connect, not to queue
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stage-heartbeat", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.interval)
-            self._wake.clear()
-            for reply_to, request_ids in self.requests_by_requester.items():
-                message = StageAlive(stage_address=self.address, request_ids=request_ids)
-                self._sockets.send(reply_to, (encode(message),))
-        self._sockets.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=5)
 
 
 def peak_resident_bytes() -> int:
@@ -284,6 +195,7 @@ class Runner:
         """Start the bound on a pass stuck in a collective (exo.inference.ring_watchdog)."""
         from exo.inference.ring_watchdog import (
             PassWatchdog,
+            RingHealth,
             cut_ring_connections,
             pass_timeout_from_environment,
             ring_endpoints,
@@ -297,8 +209,20 @@ class Runner:
                 self.stage.interrupted_because = reason
 
         cut = lambda: cut_ring_connections(own_port, peers)  # noqa: E731
-        self.watchdog = PassWatchdog(timeout, rank, cut, interrupted)
+        health = RingHealth(own_port, peers)
+        self.watchdog = PassWatchdog(timeout, rank, cut, interrupted, lost=health.lost, abandon=self.abandon)
         self.watchdog.start()
+
+    def abandon(self, reason: str, stalled: bool) -> None:
+        """From the watchdog's thread, for a pass MLX will never end (its ring's socket threads
+        gave up, ring_watchdog says why): tell the requesters, then exit with the code the worker
+        reads as this failure. The main thread is stuck inside MLX and owns the other sockets."""
+        from exo.inference.ring_watchdog import EXIT_RING_LOST, EXIT_STALLED
+
+        told = self.heartbeat.fail_requests(reason) if self.heartbeat is not None else 0
+        logger.error("abandoning a stuck pass (%d request(s) told): %s", told, reason)
+        logging.shutdown()
+        os._exit(EXIT_STALLED if stalled else EXIT_RING_LOST)
 
     def bind_activations(self) -> None:
         if self.activations is not None:

@@ -19,7 +19,7 @@ import zmq
 import zmq.asyncio
 
 from exo.core.decoding import DECODE_ERRORS
-from exo.core.events import Event, RunnerStatusUpdated, ShardAssignment
+from exo.core.events import Event, RunnerFailure, RunnerStatusUpdated, ShardAssignment
 from exo.core.models import ModelInfo
 from exo.core.security import CLUSTER_KEYS_ENVIRONMENT, BusSecurity
 from exo.core.state import Instance, State
@@ -35,6 +35,7 @@ from exo.inference.protocol import (
     control_from_runner_decoder,
     encode,
 )
+from exo.inference.ring_watchdog import abandoned_exit
 from exo.inference.runner import runner_command
 from exo.inference.weights import WeightsDtype
 from exo.node.spare_runner import SpareRunner
@@ -317,10 +318,13 @@ class Worker:
         if runner.status in ("stopping", "failed"):
             return
         reason = f"runner exited with code {code}"
+        kind: RunnerFailure | None = None
+        if (abandoned := abandoned_exit(code)) is not None:
+            reason, kind = f"{reason}: {abandoned[0]}", abandoned[1]
         runner.move("failed")
         runner.failure = reason
         logger.warning("runner %s: %s", runner.runner_id, reason)
-        self._report([RunnerStatusUpdated(runner.instance_id, self.node_id, "failed", reason)])
+        self._report([RunnerStatusUpdated(runner.instance_id, self.node_id, "failed", reason, failure=kind)])
 
     async def _stop(self, instance_id: str) -> None:
         runner = self.runners.get(instance_id)
