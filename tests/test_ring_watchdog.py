@@ -29,6 +29,21 @@ from tests.harness.cluster_harness import free_port, wait_until
 from tests.harness.inference_helpers import N_LAYERS, ControlServer, spawn_runner, stop_runners, tiny_models
 
 
+def two_ranks(script: str, folder: Path) -> list[subprocess.Popen[bytes]]:
+    """Rank 0 and rank 1 of a real mx.distributed ring on loopback, each running `script`."""
+    hostfile = folder / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(2)]))
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)},
+        )
+        for rank in range(2)
+    ]
+
+
 def test_the_bound_comes_from_the_environment_and_bad_values_are_refused() -> None:
     assert pass_timeout_from_environment({}) == DEFAULT_PASS_TIMEOUT
     assert pass_timeout_from_environment({"EXO_TENSOR_PASS_TIMEOUT": " "}) == DEFAULT_PASS_TIMEOUT
@@ -129,21 +144,30 @@ def test_the_worker_reads_an_abandoning_runners_exit_code() -> None:
     assert abandoned_exit(1) is None and abandoned_exit(0) is None and abandoned_exit(-9) is None
 
 
-_DIES = textwrap.dedent(
+# Each rank of a two-process ring (two_ranks): joined, its ring endpoints known, one all_sum done.
+_RING_START = textwrap.dedent(
     """
-    import json, os, sys
+    import json, os, signal
     import mlx.core as mx
-    from exo.inference.ring_watchdog import EXIT_RING_LOST, PassWatchdog, RingHealth, ring_endpoints
+    from exo.inference.ring_watchdog import (
+        EXIT_RING_LOST, PassWatchdog, RingHealth, cut_ring_connections, ring_endpoints,
+    )
     rank = int(os.environ["MLX_RANK"])
     group = mx.distributed.init(strict=True, backend="ring")
+    hosts = [entry[0] for entry in json.load(open(os.environ["MLX_HOSTFILE"]))]
+    own_port, peers = ring_endpoints(hosts, rank)
     x = mx.ones((4096,))
     mx.eval(mx.distributed.all_sum(x, group=group))
+    """
+)
+
+
+_DIES = _RING_START + textwrap.dedent(
+    """
     if rank == 1:
         for _ in range(3):
             mx.eval(mx.distributed.all_sum(x, group=group))
         os._exit(0)  # dies as a killed runner does: its ring sockets close
-    hosts = [entry[0] for entry in json.load(open(os.environ["MLX_HOSTFILE"]))]
-    own_port, peers = ring_endpoints(hosts, rank)
     health = RingHealth(own_port, peers)
     def abandon(reason, stalled):
         print(json.dumps({"reason": reason, "stalled": stalled, "expected": health.expected}), flush=True)
@@ -168,17 +192,7 @@ def test_a_pass_left_stuck_by_a_dead_peer_is_abandoned_within_seconds() -> None:
     all_sums wait forever (reproduced here without exo's runner): without the watchdog's ring
     check rank 0 would hang until this test's timeout."""
     with tempfile.TemporaryDirectory(prefix="exo-watchdog-") as folder:
-        hostfile = Path(folder) / "hosts.json"
-        hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(2)]))
-        processes = [
-            subprocess.Popen(
-                [sys.executable, "-c", _DIES],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env={**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)},
-            )
-            for rank in range(2)
-        ]
+        processes = two_ranks(_DIES, Path(folder))
         try:
             output, errors = processes[0].communicate(timeout=60)
         finally:
@@ -195,19 +209,10 @@ def test_a_pass_left_stuck_by_a_dead_peer_is_abandoned_within_seconds() -> None:
         assert report["stalled"] is False and report["expected"] >= 1
 
 
-_RANK = textwrap.dedent(
+_RANK = _RING_START + textwrap.dedent(
     """
-    import json, os, signal
-    import mlx.core as mx
-    from exo.inference.ring_watchdog import PassWatchdog, cut_ring_connections, ring_endpoints
-    rank = int(os.environ["MLX_RANK"])
-    group = mx.distributed.init(strict=True, backend="ring")
-    x = mx.ones((4096,))
-    mx.eval(mx.distributed.all_sum(x, group=group))
     if rank == 1:
         os.kill(os.getpid(), signal.SIGSTOP)  # frozen, its sockets open: no peer sees it go
-    hosts = [entry[0] for entry in json.load(open(os.environ["MLX_HOSTFILE"]))]
-    own_port, peers = ring_endpoints(hosts, rank)
     cut = []
     watchdog = PassWatchdog(1.0, rank, lambda: cut.append(cut_ring_connections(own_port, peers)) or cut[-1])
     watchdog.start()
@@ -226,17 +231,7 @@ _RANK = textwrap.dedent(
 
 def test_a_collective_blocked_on_a_stopped_peer_raises_once_the_watchdog_cuts_the_ring() -> None:
     with tempfile.TemporaryDirectory(prefix="exo-watchdog-") as folder:
-        hostfile = Path(folder) / "hosts.json"
-        hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(2)]))
-        processes = [
-            subprocess.Popen(
-                [sys.executable, "-c", _RANK],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env={**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)},
-            )
-            for rank in range(2)
-        ]
+        processes = two_ranks(_RANK, Path(folder))
         try:
             # Without the watchdog rank 0 would block in all_sum for ever: this would time out.
             output, errors = processes[0].communicate(timeout=120)
