@@ -125,7 +125,6 @@ def _installed_unlisted(target: Path, files: list[HubFile], held: set[str]) -> s
         for hub_file in files
         if hub_file.path not in held
         and hub_file.path != "config.json"  # installed last: it marks a whole model
-        and (target / hub_file.path).is_file()
         and verified(target / hub_file.path, hub_file)
     }
 

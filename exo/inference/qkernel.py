@@ -65,8 +65,6 @@ class _State:
     loaded: ModuleType | None = None
     tried = False
     failure: str | None = None
-    linear_class: type | None = None
-    float_linear_class: type | None = None
     background_build: bool = False
 
 
@@ -312,12 +310,11 @@ def _cpu_has_avx2() -> bool:
     return " avx2" in flags and " fma" in flags and " f16c" in flags
 
 
+@functools.cache
 def kernel_linear_class() -> type:
     """nn.Module for a quantized linear layer computed by the kernel (defined lazily: mlx is
     imported only by runners)."""
-    if _state.linear_class is None:
-        _state.linear_class = _define_kernel_linear()
-    return _state.linear_class
+    return _define_kernel_linear()
 
 
 def _define_kernel_linear() -> type:
@@ -382,11 +379,10 @@ def decode_shaped(x: mx.array) -> bool:
     return x.dtype == mx.float32 and x.size // max(x.shape[-1], 1) <= FLOAT_KERNEL_MAX_ROWS
 
 
+@functools.cache
 def float_linear_class() -> type:
     """nn.Module for a float32 linear layer whose decode products go through the kernel."""
-    if _state.float_linear_class is None:
-        _state.float_linear_class = _define_float_linear()
-    return _state.float_linear_class
+    return _define_float_linear()
 
 
 def _define_float_linear() -> type:

@@ -9,6 +9,7 @@ than MKL's GEMV; without this a tensor rank kept MKL while a one-node stage did 
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 from exo.inference import qkernel
@@ -16,13 +17,6 @@ from exo.inference import qkernel
 if TYPE_CHECKING:
     import mlx.core as mx
     from mlx import nn
-
-
-class _Classes:
-    sharded_to_all: type | None = None
-
-
-_classes = _Classes()
 
 
 def sharded_float_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -42,11 +36,10 @@ def sharded_float_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return replaced
 
 
+@functools.cache
 def sharded_to_all_class() -> type:
     """nn.Module computing a `ShardedToAllLinear` with the kernel's product before the all_sum."""
-    if _classes.sharded_to_all is None:
-        _classes.sharded_to_all = _define_sharded_to_all()
-    return _classes.sharded_to_all
+    return _define_sharded_to_all()
 
 
 def _define_sharded_to_all() -> type:

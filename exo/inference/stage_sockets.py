@@ -4,7 +4,6 @@ this stage holds (so a stage that dies is noticed in seconds)."""
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Any
 
@@ -12,8 +11,6 @@ import zmq
 
 from exo.core.security import BusSecurity, apply_curve
 from exo.inference.protocol import GenerationFailed, StageAlive, encode
-
-logger = logging.getLogger("exo.inference.stage_sockets")
 
 FINAL_NOTICE_SECONDS = 1.0  # how long a runner about to exit waits for its last notices to go out
 
